@@ -1,0 +1,34 @@
+"""sparse_tconv: any convolution as an explicit sparse matrix.
+
+``conv_matrix`` builds the CSR matrix W of an N-d, multi-channel convolution
+(PyTorch semantics); convolution is ``W @ x`` and transposed convolution
+``W.T @ y``.  ``ConvOperator`` and ``ConvTransposeOperator`` serve both as
+``scipy.sparse.linalg.LinearOperator`` objects with threaded products.
+"""
+
+from ._build import conv_matrix, conv_transpose_matrix
+from ._geometry import (
+    ConvMatrixSize,
+    conv_matrix_nnz,
+    conv_output_shape,
+    conv_transpose_matrix_nnz,
+    conv_transpose_output_shape,
+)
+from ._operator import ConvOperator, ConvTransposeOperator
+from ._parallel import get_num_threads, set_num_threads
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "conv_matrix",
+    "conv_transpose_matrix",
+    "conv_output_shape",
+    "conv_transpose_output_shape",
+    "conv_matrix_nnz",
+    "conv_transpose_matrix_nnz",
+    "ConvMatrixSize",
+    "ConvOperator",
+    "ConvTransposeOperator",
+    "get_num_threads",
+    "set_num_threads",
+]

@@ -1,0 +1,476 @@
+"""CSR construction of W (convolution) and W.T (transposed convolution).
+
+The matrix is written straight into its final ``indptr``/``indices``/``data``
+arrays, with no COO stage and no sort.  Rows are ordered (row channel, row
+position) and, within a row, entries are ordered (column channel, column
+position); every per-dimension map lists a row's columns in increasing order,
+so the rows come out sorted.
+
+Write plan: the rows of one row channel form the *pattern*; every row channel
+repeats it at an offset of ``nnz_pattern`` entries.  Each N-d product of
+per-dimension families (see :mod:`._indexmap`) is a set of rows that all have
+the same length and whose starting offsets are affine in the family indices,
+i.e. a strided view of ``indices``/``data`` of shape::
+
+    (groups, row channels per group, n_1, ..., n_N, column channels per group, m_1, ..., m_N)
+
+``indices`` over that view is a broadcast sum of a per-row base and a per-entry
+offset; ``data`` is the (tap-merged) kernel broadcast over the row positions.
+So a whole block is two numpy calls, whatever its size, and large blocks are
+cut along an outer axis and written from several threads.
+"""
+
+from __future__ import annotations
+
+import functools
+import itertools
+import math
+from dataclasses import dataclass
+
+import numpy as np
+import scipy.sparse as sp
+from numpy.lib.stride_tricks import as_strided
+
+from ._geometry import (
+    ConvGeometry,
+    _check_int,
+    _matrix_size,
+    as_weight,
+    conv_geometry,
+    conv_transpose_geometry,
+)
+from ._parallel import resolve_threads, run_parallel
+
+__all__ = ["conv_matrix", "conv_transpose_matrix", "build", "refill"]
+
+# Blocks smaller than this are written by one call; larger ones are cut into
+# chunks of about this size so that every thread gets work.
+_CHUNK = 1 << 20
+
+
+@dataclass(frozen=True)
+class _Block:
+    offset: int
+    shape: tuple[int, ...]
+    strides: tuple[int, ...]  # in elements
+    families: tuple
+
+
+@dataclass(frozen=True)
+class _Layout:
+    """Sizes of the matrix being built: rows (channel, position), columns likewise."""
+
+    groups: int
+    row_channels: int  # per group
+    col_channels: int  # per group
+    maps: tuple
+
+    @property
+    def ndim(self):
+        return len(self.maps)
+
+    @functools.cached_property
+    def nnz_pattern(self) -> int:
+        return self.col_channels * math.prod(m.total for m in self.maps)
+
+    @property
+    def n_row_channels(self) -> int:
+        return self.groups * self.row_channels
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        rows = self.n_row_channels * math.prod(m.n_rows for m in self.maps)
+        cols = self.groups * self.col_channels * math.prod(m.n_cols for m in self.maps)
+        return rows, cols
+
+
+def _layout(geom: ConvGeometry, transpose: bool) -> _Layout:
+    g = geom.groups
+    opg, cpg = geom.out_channels // g, geom.in_channels // g
+    if transpose:
+        return _Layout(g, cpg, opg, geom.transpose_maps)
+    return _Layout(g, opg, cpg, geom.forward_maps)
+
+
+def _kernel(weight: np.ndarray, geom: ConvGeometry, transpose: bool) -> np.ndarray:
+    """The weight as ``(groups, row channels, column channels, *k)``."""
+    g = geom.groups
+    w = weight.reshape(g, geom.out_channels // g, geom.in_channels // g, *geom.kernel_size)
+    return w.swapaxes(1, 2) if transpose else w
+
+
+def _blocks(layout: _Layout) -> list[_Block]:
+    """Offsets and strides of every family product (see the module docstring)."""
+    maps, n = layout.maps, layout.ndim
+    totals = [m.total for m in maps]
+    cc = layout.col_channels
+    blocks = []
+    for fams in itertools.product(*(m.families for m in maps)):
+        m = [len(f.cols) for f in fams]
+        offset, pos_strides = 0, []
+        for d, f in enumerate(fams):
+            scale = cc * math.prod(m[:d]) * math.prod(totals[d + 1 :])
+            row_offsets = maps[d].offsets
+            offset += scale * int(row_offsets[f.start])
+            step = int(row_offsets[f.start + f.step] - row_offsets[f.start]) if f.count > 1 else 0
+            pos_strides.append(scale * step)
+        shape = (layout.groups, layout.row_channels, *(f.count for f in fams), cc, *m)
+        strides = (
+            layout.row_channels * layout.nnz_pattern,
+            layout.nnz_pattern,
+            *pos_strides,
+            math.prod(m),
+            *(math.prod(m[d + 1 :]) for d in range(n)),
+        )
+        blocks.append(_Block(offset, shape, strides, fams))
+    return blocks
+
+
+def _indptr(layout: _Layout, dtype) -> np.ndarray:
+    row_lengths = functools.reduce(np.multiply.outer, [m.counts for m in layout.maps])
+    pattern_end = np.cumsum(layout.col_channels * row_lengths.ravel())
+    channels = layout.n_row_channels
+    indptr = np.empty(channels * len(pattern_end) + 1, dtype=dtype)
+    indptr[0] = 0
+    channel_start = np.arange(channels, dtype=np.int64)[:, None] * layout.nnz_pattern
+    np.add(channel_start, pattern_end, out=indptr[1:].reshape(channels, -1), casting="unsafe")
+    return indptr
+
+
+def _view(array: np.ndarray, block: _Block) -> np.ndarray:
+    item = array.itemsize
+    return as_strided(
+        array[block.offset :], block.shape, tuple(s * item for s in block.strides)
+    )
+
+
+def _index_operands(layout: _Layout, block: _Block, dtype):
+    """Per-row base and per-entry offset whose broadcast sum is the column index."""
+    n = layout.ndim
+    col_sizes = [m.n_cols for m in layout.maps]
+    col_strides = [math.prod(col_sizes[d + 1 :]) for d in range(n)]
+    channel_size = math.prod(col_sizes)
+    cc = layout.col_channels
+    # base[g, j_1..j_N] = g * cc * channel_size + sum_d j_d * col_step_d * col_stride_d
+    base = np.arange(layout.groups, dtype=np.int64).reshape((-1,) + (1,) * n) * (
+        cc * channel_size
+    )
+    # entry[c, e_1..e_N] = c * channel_size + sum_d cols_d[e_d] * col_stride_d
+    entry = np.arange(cc, dtype=np.int64).reshape((-1,) + (1,) * n) * channel_size
+    for d, f in enumerate(block.families):
+        shape = [1] * n
+        shape[d] = -1
+        base = base + (np.arange(f.count, dtype=np.int64) * (f.col_step * col_strides[d])).reshape(
+            [1] + shape
+        )
+        entry = entry + (f.cols * col_strides[d]).reshape([1] + shape)
+    base = base.reshape((layout.groups, 1) + base.shape[1:] + (1,) * (n + 1))
+    entry = entry.reshape((1,) * (n + 2) + entry.shape)
+    return base.astype(dtype), entry.astype(dtype)
+
+
+def _data_operand(kernel: np.ndarray, block: _Block) -> np.ndarray:
+    """The kernel restricted (and tap-merged) to this block's entries."""
+    n = len(block.families)
+    for d, f in enumerate(block.families):
+        kernel = np.take(kernel, f.taps, axis=3 + d)
+        if f.segments is not None:  # taps that land on one input element are summed
+            kernel = np.add.reduceat(kernel, f.segments, axis=3 + d)
+    g, r, c = kernel.shape[:3]
+    return kernel.reshape((g, r) + (1,) * n + (c,) + kernel.shape[3:])
+
+
+def _chunks(out, operands, n_outer, threads):
+    """Cut a block along its longest outer axis into pieces for the threads."""
+    parts = min(out.size // _CHUNK, 4 * threads) if threads > 1 else 1
+    axis = int(np.argmax(out.shape[:n_outer]))
+    parts = min(parts, out.shape[axis])
+    if parts <= 1:
+        return [(out, operands)]
+    bounds = np.linspace(0, out.shape[axis], parts + 1).astype(int)
+    pieces = []
+    for lo, hi in zip(bounds[:-1], bounds[1:]):
+        index = (slice(None),) * axis + (slice(lo, hi),)
+        pieces.append(
+            (out[index], tuple(op[index] if op.shape[axis] > 1 else op for op in operands))
+        )
+    return pieces
+
+
+def _write(job):
+    out, operands = job
+    if len(operands) == 2:
+        np.add(*operands, out=out)
+    else:
+        np.copyto(out, operands[0])
+
+
+def _fill(layout, blocks, indices, data, kernel, threads):
+    """Write every block of ``indices`` and/or ``data`` (either may be None)."""
+    n_outer = 2 + layout.ndim
+    jobs = []
+    for block in blocks:
+        if indices is not None:
+            ops = _index_operands(layout, block, indices.dtype)
+            jobs += _chunks(_view(indices, block), ops, n_outer, threads)
+        if data is not None:
+            ops = (_data_operand(kernel, block),)
+            jobs += _chunks(_view(data, block), ops, n_outer, threads)
+    # Big chunks first so that the round-robin deal stays balanced.
+    jobs.sort(key=lambda job: -job[0].size)
+    run_parallel(_write, jobs, threads)
+
+
+def _csr(data, indices, indptr, shape) -> sp.csr_array:
+    matrix = sp.csr_array((data, indices, indptr), shape=shape, copy=False)
+    matrix.has_canonical_format = True  # sorted, no duplicates: by construction
+    return matrix
+
+
+def build(geom: ConvGeometry, weight: np.ndarray, *, transpose: bool, threads: int):
+    """CSR of W (``transpose=False``) or W.T for a validated geometry."""
+    layout = _layout(geom, transpose)
+    size = _matrix_size(geom, weight.dtype, transpose)
+    indptr = _indptr(layout, size.index_dtype)
+    indices = np.empty(size.nnz, dtype=size.index_dtype)
+    data = np.empty(size.nnz, dtype=weight.dtype)
+    kernel = _kernel(weight, geom, transpose)
+    _fill(layout, _blocks(layout), indices, data, kernel, threads)
+    return _csr(data, indices, indptr, size.shape)
+
+
+def refill(geom: ConvGeometry, weight: np.ndarray, like, *, transpose: bool, threads: int):
+    """A matrix with the pattern of ``like`` (shared, not copied) and new values.
+
+    Only ``like.indices``, ``like.indptr`` and ``like.shape`` are read.
+    """
+    layout = _layout(geom, transpose)
+    data = np.empty(len(like.indices), dtype=weight.dtype)
+    _fill(layout, _blocks(layout), None, data, _kernel(weight, geom, transpose), threads)
+    return _csr(data, like.indices, like.indptr, like.shape)
+
+
+def _check_max_bytes(geom, dtype, transpose, max_bytes):
+    if max_bytes is None:
+        return
+    max_bytes = _check_int(max_bytes, "max_bytes")
+    size = _matrix_size(geom, dtype, transpose)
+    if size.nbytes > max_bytes:
+        raise MemoryError(
+            f"the matrix would need {size.nbytes} bytes (nnz={size.nnz}, shape={size.shape}, "
+            f"{size.dtype} values, {size.index_dtype} indices), more than max_bytes={max_bytes}"
+        )
+
+
+def conv_matrix(
+    weight,
+    input_shape,
+    *,
+    stride=1,
+    padding=0,
+    dilation=1,
+    groups=1,
+    padding_mode="zeros",
+    dtype=None,
+    max_bytes=None,
+) -> sp.csr_array:
+    """The sparse matrix W of an N-d, multi-channel convolution.
+
+    ``W @ x.ravel()`` equals ``torch.nn.functional.conv{N}d(x[None], weight, ...)``
+    raveled (with ``padding_mode`` applied the way ``torch.nn.ConvNd`` does).
+
+    Parameters
+    ----------
+    weight : array_like, shape (C_out, C_in // groups, k_1, ..., k_N)
+        PyTorch's Conv layout; N >= 1 spatial dimensions.  Real or complex;
+        integer weights are converted to float64.  Not modified.
+    input_shape : sequence of int
+        One sample, ``(C_in, L_1, ..., L_N)`` (no batch axis).
+    stride, dilation : int or sequence of N ints, optional
+        Positive.  Default 1.
+    padding : int, sequence, 'valid' or 'same', optional
+        An int (all sides), one int per dimension, one ``(before, after)`` pair
+        per dimension, ``'valid'`` (no padding) or ``'same'`` (PyTorch's split:
+        total ``dilation * (k - 1)``, the extra element after; stride 1 only).
+        Default 0.
+    groups : int, optional
+        Blocked connections; must divide ``C_in`` and ``C_out``.  Default 1.
+    padding_mode : {'zeros', 'reflect', 'replicate', 'circular'}, optional
+        How the padded input is extended.  Default ``'zeros'``.
+    dtype : dtype, optional
+        float32, float64, complex64 or complex128.  Default: that of
+        ``weight`` (float64 for integers).
+    max_bytes : int, optional
+        Raise :class:`MemoryError` before allocating if the matrix would need
+        more bytes than this (see :func:`conv_matrix_nnz`).
+
+    Returns
+    -------
+    scipy.sparse.csr_array, shape (C_out * prod(O), C_in * prod(L))
+        Canonical CSR (sorted indices, no duplicates).  Rows index the output
+        ``(C_out, O_1, ..., O_N)``, columns the input ``(C_in, L_1, ..., L_N)``,
+        both flattened in C order.  Indices are int32 when every index, nnz
+        and dimension fits, else int64.
+
+    Raises
+    ------
+    ValueError
+        Inconsistent shapes, non-positive stride, dilation or groups, negative
+        padding, unknown padding or mode, ``'same'`` with stride > 1, a
+        dilated kernel larger than the padded input, reflect padding not
+        smaller than the input, circular padding larger than the input.
+    TypeError
+        Non-numeric or boolean weights, non-integer arguments, unsupported dtype.
+    MemoryError
+        If ``max_bytes`` is exceeded.
+
+    See Also
+    --------
+    conv_transpose_matrix, conv_matrix_nnz, ConvOperator
+
+    Notes
+    -----
+    With ``g = o // (C_out / groups)`` the group of output channel ``o``,
+    entry ``W[(o, p), (g * C_in / groups + c, i)]`` is the sum of
+    ``weight[o, c, t]`` over the taps ``t`` with
+    ``pad(p * stride + t * dilation - lo) == i`` in every dimension, where
+    ``pad`` maps a padded coordinate onto the input (zeros: only coordinates
+    inside the input; reflect: mirror without repeating the edge; replicate:
+    clamp; circular: modulo).  With zero padding each entry comes from exactly
+    one tap.  Output size per dimension:
+    ``O = floor((L + lo + hi - dilation * (k - 1) - 1) / stride) + 1``.
+
+    The sparsity pattern depends only on the geometry (shapes, stride,
+    padding, dilation, groups, mode), never on the weight values: a zero
+    weight keeps its stored entry, so the pattern can be reused for new
+    weights (see :meth:`ConvOperator.with_weight`).
+
+    Examples
+    --------
+    A 3x3 input and a 2x2 kernel give the 4x9 matrix of a "valid" convolution:
+
+    >>> import numpy as np
+    >>> from sparse_tconv import conv_matrix
+    >>> K = np.array([[1.0, 2.0], [3.0, 4.0]])
+    >>> W = conv_matrix(K[None, None], (1, 3, 3))
+    >>> W.toarray()
+    array([[1., 2., 0., 3., 4., 0., 0., 0., 0.],
+           [0., 1., 2., 0., 3., 4., 0., 0., 0.],
+           [0., 0., 0., 1., 2., 0., 3., 4., 0.],
+           [0., 0., 0., 0., 1., 2., 0., 3., 4.]])
+    >>> X = np.arange(9.0).reshape(3, 3)
+    >>> (W @ X.ravel()).reshape(2, 2)
+    array([[27., 37.],
+           [57., 67.]])
+    """
+    w = as_weight(weight, dtype)
+    geom = conv_geometry(
+        w.shape,
+        input_shape,
+        stride=stride,
+        padding=padding,
+        dilation=dilation,
+        groups=groups,
+        padding_mode=padding_mode,
+    )
+    _check_max_bytes(geom, w.dtype, False, max_bytes)
+    return build(geom, w, transpose=False, threads=resolve_threads(None))
+
+
+def conv_transpose_matrix(
+    weight,
+    input_shape,
+    *,
+    stride=1,
+    padding=0,
+    output_padding=0,
+    dilation=1,
+    groups=1,
+    padding_mode="zeros",
+    dtype=None,
+    max_bytes=None,
+) -> sp.csr_array:
+    """The sparse matrix of an N-d transposed convolution.
+
+    ``M @ y.ravel()`` equals
+    ``torch.nn.functional.conv_transpose{N}d(y[None], weight, ...)`` raveled,
+    and ``M`` equals ``conv_matrix(weight, x_shape, ...).T`` (same shape,
+    pattern and values) with
+    ``x_shape = conv_transpose_output_shape(input_shape, weight.shape, ...)``.
+    It is built directly as CSR, not by converting the forward matrix.
+
+    Parameters
+    ----------
+    weight : array_like, shape (C_in, C_out // groups, k_1, ..., k_N)
+        PyTorch's ConvTranspose layout, which is the Conv layout of the
+        forward convolution being transposed.  Not modified.
+    input_shape : sequence of int
+        One sample of the transposed convolution's input, ``(C_in, O_1, ..., O_N)``.
+    stride, padding, dilation, groups, padding_mode, dtype, max_bytes
+        As for :func:`conv_matrix`, describing the forward convolution.
+        Beyond PyTorch, ``(before, after)`` padding pairs and the non-zero
+        padding modes are accepted: the result is then the exact transpose of
+        the forward convolution with that padding.
+    output_padding : int or sequence of N ints, optional
+        Extra size added after the output in each dimension, smaller than the
+        stride or the dilation there.  Among the input lengths that the
+        forward convolution maps onto the same ``O``, it picks the one wanted.
+
+    Returns
+    -------
+    scipy.sparse.csr_array, shape (C_out * prod(L), C_in * prod(O))
+        Canonical CSR.
+
+    Raises
+    ------
+    ValueError, TypeError, MemoryError
+        As for :func:`conv_matrix`; also ``output_padding`` not smaller than
+        stride or dilation, or an empty output.
+
+    See Also
+    --------
+    conv_matrix, conv_transpose_output_shape, ConvTransposeOperator
+
+    Notes
+    -----
+    Output size per dimension, with padding ``(lo, hi)`` and output padding ``a``:
+    ``L = (O - 1) * stride - lo - hi + dilation * (k - 1) + a + 1``.
+    Entry ``M[(c, i), (o, p)]`` is the entry ``W[(o, p), (c, i)]`` of the
+    forward matrix: input position ``p`` spreads ``weight[o, c, t] * y[o, p]``
+    onto output position ``i = p * stride + t * dilation - lo``.  When
+    ``output_padding >= stride`` (allowed if it is smaller than the dilation)
+    the forward convolution on ``L`` has more than ``O`` outputs and ``M`` is
+    the transpose of its first ``O`` rows per dimension, as in PyTorch.
+
+    Examples
+    --------
+    The basic 2x2 transposed convolution, and the same with stride 2:
+
+    >>> import numpy as np
+    >>> from sparse_tconv import conv_transpose_matrix
+    >>> X = np.array([[0.0, 1.0], [2.0, 3.0]])
+    >>> K = np.array([[0.0, 1.0], [2.0, 3.0]])
+    >>> (conv_transpose_matrix(K[None, None], (1, 2, 2)) @ X.ravel()).reshape(3, 3)
+    array([[ 0.,  0.,  1.],
+           [ 0.,  4.,  6.],
+           [ 4., 12.,  9.]])
+    >>> M = conv_transpose_matrix(K[None, None], (1, 2, 2), stride=2)
+    >>> (M @ X.ravel()).reshape(4, 4)
+    array([[0., 0., 0., 1.],
+           [0., 0., 2., 3.],
+           [0., 2., 0., 3.],
+           [4., 6., 6., 9.]])
+    """
+    w = as_weight(weight, dtype)
+    geom = conv_transpose_geometry(
+        w.shape,
+        input_shape,
+        stride=stride,
+        padding=padding,
+        output_padding=output_padding,
+        dilation=dilation,
+        groups=groups,
+        padding_mode=padding_mode,
+    )
+    _check_max_bytes(geom, w.dtype, True, max_bytes)
+    return build(geom, w, transpose=True, threads=resolve_threads(None))

@@ -1,0 +1,709 @@
+"""Argument normalisation, validation, output shapes and per-dimension index maps.
+
+Everything the builders and operators need to know about a convolution is
+normalised and validated here, once, into a frozen :class:`ConvGeometry`.
+The geometry always describes the *forward* convolution; a transposed
+convolution is the transpose of the forward convolution whose output is its
+input.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+import numbers
+from dataclasses import dataclass
+from typing import NamedTuple
+
+import numpy as np
+
+__all__ = [
+    "PADDING_MODES",
+    "ConvGeometry",
+    "ConvMatrixSize",
+    "conv_geometry",
+    "conv_transpose_geometry",
+    "conv_output_shape",
+    "conv_transpose_output_shape",
+    "conv_matrix_nnz",
+    "conv_transpose_matrix_nnz",
+    "as_weight",
+    "index_dtype",
+]
+
+PADDING_MODES = ("zeros", "reflect", "replicate", "circular")
+_SUPPORTED_DTYPES = tuple(
+    np.dtype(t) for t in (np.float32, np.float64, np.complex64, np.complex128)
+)
+_INT32_MAX = np.iinfo(np.int32).max
+
+
+# ---------------------------------------------------------------------------
+# Normalisation of single arguments
+# ---------------------------------------------------------------------------
+
+
+def _is_int(value) -> bool:
+    return isinstance(value, numbers.Integral) and not isinstance(value, (bool, np.bool_))
+
+
+def _check_int(value, name: str) -> int:
+    if not _is_int(value):
+        raise TypeError(f"{name} must be an int, got {name}={value!r}")
+    return int(value)
+
+
+def _normalize_tuple(value, ndim: int, name: str) -> tuple[int, ...]:
+    """Return ``value`` as a tuple of ``ndim`` ints (an int is repeated)."""
+    if _is_int(value):
+        return (int(value),) * ndim
+    if isinstance(value, (str, bytes)):
+        raise TypeError(f"{name} must be an int or a sequence of {ndim} ints, got {name}={value!r}")
+    try:
+        items = tuple(value)
+    except TypeError:
+        raise TypeError(
+            f"{name} must be an int or a sequence of {ndim} ints, got {name}={value!r}"
+        ) from None
+    if len(items) != ndim:
+        raise ValueError(
+            f"{name} must have one entry per spatial dimension ({ndim}), "
+            f"got {len(items)}: {name}={value!r}"
+        )
+    if not all(_is_int(v) for v in items):
+        raise TypeError(f"{name} must contain only ints, got {name}={value!r}")
+    return tuple(int(v) for v in items)
+
+
+def _normalize_shape(shape, name: str) -> tuple[int, ...]:
+    if isinstance(shape, (str, bytes)) or _is_int(shape):
+        raise TypeError(f"{name} must be a sequence of ints, got {name}={shape!r}")
+    try:
+        items = tuple(shape)
+    except TypeError:
+        raise TypeError(f"{name} must be a sequence of ints, got {name}={shape!r}") from None
+    if not all(_is_int(v) for v in items):
+        raise TypeError(f"{name} must contain only ints, got {name}={shape!r}")
+    items = tuple(int(v) for v in items)
+    if any(v <= 0 for v in items):
+        raise ValueError(f"{name} must contain only positive sizes, got {name}={items}")
+    return items
+
+
+def _normalize_padding(padding, ndim: int) -> tuple[tuple[int, int], ...] | str:
+    """Return ``((lo, hi), ...)`` per dimension, or the strings 'same'/'valid'."""
+    if isinstance(padding, str):
+        if padding in ("same", "valid"):
+            return padding
+        raise ValueError(
+            "padding must be an int, a sequence of ints or (before, after) pairs, "
+            f"'valid' or 'same', got padding={padding!r}"
+        )
+    if _is_int(padding):
+        pairs = ((int(padding), int(padding)),) * ndim
+    else:
+        try:
+            items = tuple(padding)
+        except TypeError:
+            raise TypeError(
+                "padding must be an int, a sequence of ints or (before, after) pairs, "
+                f"'valid' or 'same', got padding={padding!r}"
+            ) from None
+        if len(items) != ndim:
+            raise ValueError(
+                f"padding must have one entry per spatial dimension ({ndim}), "
+                f"got {len(items)}: padding={padding!r}"
+            )
+        pairs = []
+        for item in items:
+            if _is_int(item):
+                pairs.append((int(item), int(item)))
+                continue
+            try:
+                pair = tuple(item)
+            except TypeError:
+                pair = ()
+            if len(pair) != 2 or not all(_is_int(v) for v in pair):
+                raise TypeError(
+                    "each padding entry must be an int or a (before, after) pair of ints, "
+                    f"got {item!r} in padding={padding!r}"
+                )
+            pairs.append((int(pair[0]), int(pair[1])))
+        pairs = tuple(pairs)
+    if any(v < 0 for pair in pairs for v in pair):
+        raise ValueError(f"padding must be non-negative, got padding={padding!r}")
+    return pairs
+
+
+def _resolve_padding(padding, kernel, stride, dilation):
+    """Turn 'same'/'valid' into explicit ``(lo, hi)`` pairs (PyTorch's split)."""
+    if padding == "valid":
+        return ((0, 0),) * len(kernel)
+    if padding == "same":
+        if any(s != 1 for s in stride):
+            raise ValueError(
+                f"padding='same' is not supported for strided convolutions (stride={stride}); "
+                "pass explicit (before, after) pairs per dimension instead, e.g. "
+                "padding=((1, 2), (1, 2)), which also express TensorFlow/JAX 'SAME' exactly"
+            )
+        pairs = []
+        for k, d in zip(kernel, dilation):
+            total = d * (k - 1)
+            pairs.append((total // 2, total - total // 2))
+        return tuple(pairs)
+    return padding
+
+
+def _check_padding_mode(padding_mode) -> str:
+    if not isinstance(padding_mode, str) or padding_mode not in PADDING_MODES:
+        raise ValueError(
+            f"padding_mode must be one of {PADDING_MODES}, got padding_mode={padding_mode!r}"
+        )
+    return padding_mode
+
+
+def _check_groups(groups) -> int:
+    groups = _check_int(groups, "groups")
+    if groups <= 0:
+        raise ValueError(f"groups must be a positive integer, got groups={groups}")
+    return groups
+
+
+def _check_weight_shape(weight_shape) -> tuple[int, ...]:
+    shape = tuple(weight_shape)
+    if len(shape) < 3:
+        raise ValueError(
+            "weight must have at least 3 dimensions (out_channels, in_channels // groups, "
+            f"*kernel_size), got weight.shape={shape}"
+        )
+    return _normalize_shape(shape, "weight.shape")
+
+
+def _check_input_shape(input_shape, ndim: int) -> tuple[int, ...]:
+    shape = _normalize_shape(input_shape, "input_shape")
+    if len(shape) != ndim + 1:
+        raise ValueError(
+            f"input_shape must be (channels, *spatial) with {ndim} spatial dimensions to match "
+            f"a weight with {ndim} kernel dimensions, got input_shape={shape}"
+        )
+    return shape
+
+
+def as_weight(weight, dtype=None) -> np.ndarray:
+    """Return a private, read-only copy of ``weight`` in the result dtype.
+
+    Integer weights become float64 and float16 becomes float32; the result is
+    one of float32, float64, complex64, complex128.
+    """
+    arr = np.asarray(weight)
+    if arr.dtype == np.bool_:
+        raise TypeError("weight must be numeric, got a boolean weight (dtype=bool)")
+    if not np.issubdtype(arr.dtype, np.number):
+        raise TypeError(f"weight must be a numeric array, got weight.dtype={arr.dtype}")
+    if dtype is None:
+        if np.issubdtype(arr.dtype, np.integer):
+            target = np.dtype(np.float64)
+        elif arr.dtype == np.float16:
+            target = np.dtype(np.float32)
+        else:
+            target = arr.dtype
+        if target not in _SUPPORTED_DTYPES:
+            raise TypeError(
+                f"weight.dtype={arr.dtype} is not supported; use one of "
+                f"{[str(t) for t in _SUPPORTED_DTYPES]} (or pass dtype=)"
+            )
+    else:
+        try:
+            target = np.dtype(dtype)
+        except TypeError:
+            raise TypeError(f"dtype must be a numpy dtype, got dtype={dtype!r}") from None
+        if target not in _SUPPORTED_DTYPES:
+            raise TypeError(
+                f"dtype must be one of {[str(t) for t in _SUPPORTED_DTYPES]}, got dtype={target}"
+            )
+        if np.issubdtype(arr.dtype, np.complexfloating) and target.kind != "c":
+            raise TypeError(
+                f"cannot use dtype={target} for a complex weight (weight.dtype={arr.dtype}): "
+                "the imaginary part would be discarded"
+            )
+    out = np.array(arr, dtype=target, copy=True)
+    out.flags.writeable = False
+    return out
+
+
+def index_dtype(*sizes: int) -> np.dtype:
+    """int32 when every size fits in it, else int64."""
+    return np.dtype(np.int32) if max(sizes) <= _INT32_MAX else np.dtype(np.int64)
+
+
+# ---------------------------------------------------------------------------
+# The geometry
+# ---------------------------------------------------------------------------
+
+
+def _conv_out_size(L, k, s, d, lo, hi):
+    return (L + lo + hi - d * (k - 1) - 1) // s + 1
+
+
+@dataclass(frozen=True)
+class ConvGeometry:
+    """Normalised geometry of one forward convolution.
+
+    ``input_size`` (L) and ``output_size`` (O) are the forward convolution's
+    spatial sizes.  For a transposed convolution the geometry is that of the
+    forward convolution it transposes: its input is ``output_size`` and its
+    output ``input_size``.  ``output_size`` is stored, not derived, because a
+    transposed convolution with ``output_padding >= stride`` (allowed when
+    ``output_padding < dilation``) transposes only the first ``O`` outputs of
+    the forward convolution on ``L``.
+    """
+
+    in_channels: int
+    out_channels: int
+    groups: int
+    input_size: tuple[int, ...]
+    output_size: tuple[int, ...]
+    kernel_size: tuple[int, ...]
+    stride: tuple[int, ...]
+    dilation: tuple[int, ...]
+    padding: tuple[tuple[int, int], ...]
+    padding_mode: str
+    output_padding: tuple[int, ...]
+
+    @property
+    def ndim(self) -> int:
+        return len(self.kernel_size)
+
+    @property
+    def input_shape(self) -> tuple[int, ...]:
+        """Forward input shape ``(C_in, *L)``."""
+        return (self.in_channels, *self.input_size)
+
+    @property
+    def output_shape(self) -> tuple[int, ...]:
+        """Forward output shape ``(C_out, *O)``."""
+        return (self.out_channels, *self.output_size)
+
+    @property
+    def weight_shape(self) -> tuple[int, ...]:
+        return (self.out_channels, self.in_channels // self.groups, *self.kernel_size)
+
+    @property
+    def nnz(self) -> int:
+        """Exact number of stored entries of W (and of W.T)."""
+        per_dim = math.prod(m.total for m in self.forward_maps)
+        return self.out_channels * (self.in_channels // self.groups) * per_dim
+
+    def _dim_args(self, axis):
+        lo, hi = self.padding[axis]
+        return (
+            self.input_size[axis],
+            self.output_size[axis],
+            self.kernel_size[axis],
+            self.stride[axis],
+            self.dilation[axis],
+            lo,
+            hi,
+            self.padding_mode,
+        )
+
+    @functools.cached_property
+    def forward_maps(self):
+        """Per-dimension maps of W: rows are output positions, columns inputs."""
+        from ._indexmap import forward_dim_map
+
+        return tuple(forward_dim_map(*self._dim_args(a)) for a in range(self.ndim))
+
+    @functools.cached_property
+    def transpose_maps(self):
+        """Per-dimension maps of W.T: rows are input positions, columns outputs."""
+        from ._indexmap import transpose_dim_map
+
+        return tuple(transpose_dim_map(*self._dim_args(a)) for a in range(self.ndim))
+
+
+def _check_sizes_and_modes(L, k, s, d, pairs, mode, shape_name, shape):
+    for axis, (n, kk, dd, (lo, hi)) in enumerate(zip(L, k, d, pairs)):
+        if n + lo + hi < dd * (kk - 1) + 1:
+            raise ValueError(
+                f"the dilated kernel (size {dd * (kk - 1) + 1} in spatial dimension {axis}) is "
+                f"larger than the padded input ({n} + {lo} + {hi} = {n + lo + hi}): the output "
+                f"would be empty ({shape_name}={shape}, padding={pairs})"
+            )
+        if mode == "reflect" and (lo >= n or hi >= n):
+            raise ValueError(
+                f"reflect padding must be smaller than the input size in every dimension, got "
+                f"padding=({lo}, {hi}) for size {n} in spatial dimension {axis}"
+            )
+        if mode == "circular" and (lo > n or hi > n):
+            raise ValueError(
+                f"circular padding must not exceed the input size (it would wrap more than "
+                f"once), got padding=({lo}, {hi}) for size {n} in spatial dimension {axis}"
+            )
+
+
+def conv_geometry(
+    weight_shape,
+    input_shape,
+    *,
+    stride=1,
+    padding=0,
+    dilation=1,
+    groups=1,
+    padding_mode="zeros",
+) -> ConvGeometry:
+    """Validate the arguments of a forward convolution and normalise them."""
+    wshape = _check_weight_shape(weight_shape)
+    ndim = len(wshape) - 2
+    groups = _check_groups(groups)
+    c_out, cpg = wshape[0], wshape[1]
+    if c_out % groups:
+        raise ValueError(
+            f"groups must divide the output channels: weight.shape[0]={c_out} is not "
+            f"divisible by groups={groups}"
+        )
+    ishape = _check_input_shape(input_shape, ndim)
+    if ishape[0] != cpg * groups:
+        raise ValueError(
+            f"input_shape[0]={ishape[0]} channels do not match the weight: expected "
+            f"weight.shape[1] * groups = {cpg} * {groups} = {cpg * groups} "
+            f"(weight.shape={wshape}, input_shape={ishape})"
+        )
+    stride = _normalize_tuple(stride, ndim, "stride")
+    if any(v <= 0 for v in stride):
+        raise ValueError(f"stride must be positive, got stride={stride}")
+    dilation = _normalize_tuple(dilation, ndim, "dilation")
+    if any(v <= 0 for v in dilation):
+        raise ValueError(f"dilation must be positive, got dilation={dilation}")
+    pairs = _normalize_padding(padding, ndim)
+    mode = _check_padding_mode(padding_mode)
+    kernel = wshape[2:]
+    pairs = _resolve_padding(pairs, kernel, stride, dilation)
+    L = ishape[1:]
+    _check_sizes_and_modes(L, kernel, stride, dilation, pairs, mode, "input_shape", ishape)
+    O = tuple(
+        _conv_out_size(n, kk, s, d, lo, hi)
+        for n, kk, s, d, (lo, hi) in zip(L, kernel, stride, dilation, pairs)
+    )
+    return ConvGeometry(
+        in_channels=ishape[0],
+        out_channels=c_out,
+        groups=groups,
+        input_size=L,
+        output_size=O,
+        kernel_size=kernel,
+        stride=stride,
+        dilation=dilation,
+        padding=pairs,
+        padding_mode=mode,
+        output_padding=(0,) * ndim,
+    )
+
+
+def conv_transpose_geometry(
+    weight_shape,
+    input_shape,
+    *,
+    stride=1,
+    padding=0,
+    output_padding=0,
+    dilation=1,
+    groups=1,
+    padding_mode="zeros",
+) -> ConvGeometry:
+    """Validate the arguments of a transposed convolution.
+
+    ``weight_shape`` is PyTorch's ConvTranspose layout
+    ``(C_in, C_out // groups, *k)``, which is the Conv layout of the forward
+    convolution it transposes.  Returns that forward convolution's geometry.
+    """
+    wshape = _check_weight_shape(weight_shape)
+    ndim = len(wshape) - 2
+    groups = _check_groups(groups)
+    c_in_t, opg = wshape[0], wshape[1]
+    if c_in_t % groups:
+        raise ValueError(
+            f"groups must divide the input channels: weight.shape[0]={c_in_t} is not "
+            f"divisible by groups={groups}"
+        )
+    ishape = _check_input_shape(input_shape, ndim)
+    if ishape[0] != c_in_t:
+        raise ValueError(
+            f"input_shape[0]={ishape[0]} channels do not match the weight: a transposed "
+            f"convolution weight (in_channels, out_channels // groups, *kernel_size) expects "
+            f"weight.shape[0]={c_in_t} input channels (input_shape={ishape})"
+        )
+    stride = _normalize_tuple(stride, ndim, "stride")
+    if any(v <= 0 for v in stride):
+        raise ValueError(f"stride must be positive, got stride={stride}")
+    dilation = _normalize_tuple(dilation, ndim, "dilation")
+    if any(v <= 0 for v in dilation):
+        raise ValueError(f"dilation must be positive, got dilation={dilation}")
+    pairs = _normalize_padding(padding, ndim)
+    output_padding = _normalize_tuple(output_padding, ndim, "output_padding")
+    if any(v < 0 for v in output_padding):
+        raise ValueError(f"output_padding must be non-negative, got output_padding={output_padding}")
+    for axis, (a, s, d) in enumerate(zip(output_padding, stride, dilation)):
+        if a >= max(s, d):
+            raise ValueError(
+                "output_padding must be smaller than either stride or dilation, got "
+                f"output_padding={output_padding}, stride={stride}, dilation={dilation} "
+                f"(spatial dimension {axis})"
+            )
+    mode = _check_padding_mode(padding_mode)
+    kernel = wshape[2:]
+    pairs = _resolve_padding(pairs, kernel, stride, dilation)
+    O = ishape[1:]
+    L = tuple(
+        (o - 1) * s - lo - hi + d * (k - 1) + a + 1
+        for o, s, (lo, hi), d, k, a in zip(O, stride, pairs, dilation, kernel, output_padding)
+    )
+    if any(n <= 0 for n in L):
+        raise ValueError(
+            f"the transposed convolution output would be empty: size {L} from "
+            f"input_shape={ishape}, padding={pairs}, stride={stride}, dilation={dilation}, "
+            f"output_padding={output_padding}"
+        )
+    _check_sizes_and_modes(L, kernel, stride, dilation, pairs, mode, "output size", L)
+    return ConvGeometry(
+        in_channels=opg * groups,
+        out_channels=c_in_t,
+        groups=groups,
+        input_size=L,
+        output_size=O,
+        kernel_size=kernel,
+        stride=stride,
+        dilation=dilation,
+        padding=pairs,
+        padding_mode=mode,
+        output_padding=output_padding,
+    )
+
+
+# ---------------------------------------------------------------------------
+# Public shape and size functions
+# ---------------------------------------------------------------------------
+
+
+def conv_output_shape(
+    input_shape, weight_shape, *, stride=1, padding=0, dilation=1, groups=1
+) -> tuple[int, ...]:
+    """Output shape ``(C_out, *O)`` of a convolution, with PyTorch's formula.
+
+    Parameters
+    ----------
+    input_shape : sequence of int
+        One sample, ``(C_in, L_1, ..., L_N)``.
+    weight_shape : sequence of int
+        ``(C_out, C_in // groups, k_1, ..., k_N)``.
+    stride, padding, dilation, groups
+        As for :func:`conv_matrix`.
+
+    Returns
+    -------
+    tuple of int
+        ``(C_out, O_1, ..., O_N)``.
+
+    Raises
+    ------
+    ValueError, TypeError
+        For the invalid geometries listed in :func:`conv_matrix`.
+
+    Notes
+    -----
+    Per dimension, with padding ``(lo, hi)``::
+
+        O = floor((L + lo + hi - dilation * (k - 1) - 1) / stride) + 1
+
+    Examples
+    --------
+    >>> conv_output_shape((10, 16, 16), (20, 10, 5, 5), stride=3, padding=2)
+    (20, 6, 6)
+    """
+    geom = conv_geometry(
+        weight_shape, input_shape, stride=stride, padding=padding, dilation=dilation, groups=groups
+    )
+    return geom.output_shape
+
+
+def conv_transpose_output_shape(
+    input_shape, weight_shape, *, stride=1, padding=0, output_padding=0, dilation=1, groups=1
+) -> tuple[int, ...]:
+    """Output shape ``(C_out, *L)`` of a transposed convolution (PyTorch's formula).
+
+    Parameters
+    ----------
+    input_shape : sequence of int
+        One sample, ``(C_in, O_1, ..., O_N)``.
+    weight_shape : sequence of int
+        PyTorch's ConvTranspose layout ``(C_in, C_out // groups, k_1, ..., k_N)``.
+    stride, padding, output_padding, dilation, groups
+        As for :func:`conv_transpose_matrix`.
+
+    Returns
+    -------
+    tuple of int
+        ``(C_out, L_1, ..., L_N)``.
+
+    Notes
+    -----
+    Per dimension, with padding ``(lo, hi)`` and output padding ``a``::
+
+        L = (O - 1) * stride - lo - hi + dilation * (k - 1) + a + 1
+
+    Examples
+    --------
+    The shape round trip of a strided convolution and its transpose:
+
+    >>> conv_output_shape((10, 16, 16), (20, 10, 5, 5), stride=3, padding=2)
+    (20, 6, 6)
+    >>> conv_transpose_output_shape((20, 6, 6), (20, 10, 5, 5), stride=3, padding=2)
+    (10, 16, 16)
+
+    A 17x17 input gives 6x6 too; ``output_padding`` selects it:
+
+    >>> conv_transpose_output_shape((20, 6, 6), (20, 10, 5, 5), stride=3, padding=2,
+    ...                             output_padding=1)
+    (10, 17, 17)
+    """
+    geom = conv_transpose_geometry(
+        weight_shape,
+        input_shape,
+        stride=stride,
+        padding=padding,
+        output_padding=output_padding,
+        dilation=dilation,
+        groups=groups,
+    )
+    return geom.input_shape
+
+
+class ConvMatrixSize(NamedTuple):
+    """What a convolution matrix will cost, known before it is built."""
+
+    nnz: int
+    """Exact number of stored entries."""
+    nbytes: int
+    """Bytes of ``data`` + ``indices`` + ``indptr``."""
+    shape: tuple[int, int]
+    dtype: np.dtype
+    index_dtype: np.dtype
+
+
+def _matrix_size(geom: ConvGeometry, dtype, transpose: bool) -> ConvMatrixSize:
+    n_out = math.prod(geom.output_shape)
+    n_in = math.prod(geom.input_shape)
+    shape = (n_in, n_out) if transpose else (n_out, n_in)
+    nnz = geom.nnz
+    idx = index_dtype(nnz, *shape)
+    dtype = np.dtype(dtype)
+    nbytes = nnz * (dtype.itemsize + idx.itemsize) + (shape[0] + 1) * idx.itemsize
+    return ConvMatrixSize(nnz, nbytes, shape, dtype, idx)
+
+
+def _size_dtype(dtype):
+    # Validate dtype exactly as the builders do; float64 when not given.
+    return as_weight(np.zeros(0), dtype).dtype
+
+
+def conv_matrix_nnz(
+    weight_shape,
+    input_shape,
+    *,
+    stride=1,
+    padding=0,
+    dilation=1,
+    groups=1,
+    padding_mode="zeros",
+    dtype=None,
+) -> ConvMatrixSize:
+    """Exact nnz and bytes of :func:`conv_matrix`, without building it.
+
+    Costs O(sum of the spatial sizes) (times the kernel size for the boundary
+    rows of non-zero padding modes), whatever the size of the matrix.
+
+    Parameters
+    ----------
+    weight_shape : sequence of int
+        ``(C_out, C_in // groups, k_1, ..., k_N)``.
+    input_shape : sequence of int
+        ``(C_in, L_1, ..., L_N)``.
+    stride, padding, dilation, groups, padding_mode
+        As for :func:`conv_matrix`.
+    dtype : dtype, optional
+        Value dtype used for the byte count (default float64).
+
+    Returns
+    -------
+    ConvMatrixSize
+        ``(nnz, nbytes, shape, dtype, index_dtype)``.
+
+    Notes
+    -----
+    With zero padding each stored entry is one (output position, input channel
+    of the group, tap) triple whose input index falls inside the input, so
+
+        nnz = C_out * (C_in / groups) * prod_d P_d
+
+    where ``P_d`` counts the pairs ``(p, t)`` with
+    ``0 <= p * stride - lo + t * dilation < L`` in dimension ``d``.  Other
+    padding modes merge taps that land on the same input element.
+
+    Examples
+    --------
+    A 64 -> 64 channel 3x3 convolution on 56x56 with padding 1 has
+    ``3 * 56 - 2`` valid (position, tap) pairs per dimension:
+
+    >>> size = conv_matrix_nnz((64, 64, 3, 3), (64, 56, 56), padding=1)
+    >>> size.nnz == 64 * 64 * (3 * 56 - 2) ** 2
+    True
+    >>> size.nbytes  # float64 data + int32 indices + int32 indptr
+    1355235332
+    >>> size.index_dtype
+    dtype('int32')
+    """
+    geom = conv_geometry(
+        weight_shape,
+        input_shape,
+        stride=stride,
+        padding=padding,
+        dilation=dilation,
+        groups=groups,
+        padding_mode=padding_mode,
+    )
+    return _matrix_size(geom, _size_dtype(dtype), transpose=False)
+
+
+def conv_transpose_matrix_nnz(
+    weight_shape,
+    input_shape,
+    *,
+    stride=1,
+    padding=0,
+    output_padding=0,
+    dilation=1,
+    groups=1,
+    padding_mode="zeros",
+    dtype=None,
+) -> ConvMatrixSize:
+    """Exact nnz and bytes of :func:`conv_transpose_matrix`, without building it.
+
+    Same arguments as :func:`conv_transpose_matrix` (with ``weight_shape`` in
+    place of the weight); see :func:`conv_matrix_nnz`.
+
+    Examples
+    --------
+    >>> conv_transpose_matrix_nnz((1, 1, 2, 2), (1, 2, 2), stride=2).nnz
+    16
+    """
+    geom = conv_transpose_geometry(
+        weight_shape,
+        input_shape,
+        stride=stride,
+        padding=padding,
+        output_padding=output_padding,
+        dilation=dilation,
+        groups=groups,
+        padding_mode=padding_mode,
+    )
+    return _matrix_size(geom, _size_dtype(dtype), transpose=True)

@@ -1,0 +1,144 @@
+"""Thread settings and the persistent thread pool shared by builders and products.
+
+numpy's copy/ufunc loops and scipy's CSR kernels release the GIL, so plain
+Python threads use every core without any new dependency.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+from concurrent.futures import ThreadPoolExecutor, wait
+
+from ._geometry import _check_int
+
+__all__ = ["get_num_threads", "set_num_threads", "resolve_threads", "run_parallel"]
+
+ENV_VAR = "SPARSE_TCONV_NUM_THREADS"
+
+_setting: int | None = None
+_pool: ThreadPoolExecutor | None = None
+_pool_size = 0
+_lock = threading.Lock()
+
+
+def _cpu_count() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        return os.cpu_count() or 1
+
+
+def get_num_threads() -> int:
+    """Number of threads sparse_tconv uses when ``threads=None``.
+
+    Resolved in this order: the value given to :func:`set_num_threads`; the
+    environment variable ``SPARSE_TCONV_NUM_THREADS``; the number of CPUs this
+    process may run on.
+
+    Returns
+    -------
+    int
+        At least 1.
+
+    Raises
+    ------
+    ValueError
+        If ``SPARSE_TCONV_NUM_THREADS`` is set but is not a positive integer.
+
+    Examples
+    --------
+    >>> import sparse_tconv
+    >>> sparse_tconv.get_num_threads() >= 1
+    True
+    """
+    if _setting is not None:
+        return _setting
+    env = os.environ.get(ENV_VAR, "").strip()
+    if env:
+        try:
+            value = int(env)
+        except ValueError:
+            value = 0
+        if value < 1:
+            raise ValueError(f"{ENV_VAR} must be a positive integer, got {ENV_VAR}={env!r}")
+        return value
+    return _cpu_count()
+
+
+def set_num_threads(threads: int | None) -> None:
+    """Set the default number of threads (``None`` restores the default).
+
+    Applies to building matrices and to the products of operators created with
+    ``threads=None``.  Results do not depend on the number of threads: every
+    output row is computed by the same serial kernel.
+
+    Parameters
+    ----------
+    threads : int or None
+        A positive number of threads, or ``None`` to fall back to
+        ``SPARSE_TCONV_NUM_THREADS`` or the CPU count.
+
+    Raises
+    ------
+    TypeError, ValueError
+        If ``threads`` is not ``None`` or a positive int.
+
+    Examples
+    --------
+    >>> import sparse_tconv
+    >>> sparse_tconv.set_num_threads(1)
+    >>> sparse_tconv.get_num_threads()
+    1
+    >>> sparse_tconv.set_num_threads(None)
+    """
+    global _setting
+    _setting = None if threads is None else resolve_threads(threads)
+
+
+def resolve_threads(threads) -> int:
+    """Validate a ``threads=`` argument; ``None`` means :func:`get_num_threads`."""
+    if threads is None:
+        return get_num_threads()
+    threads = _check_int(threads, "threads")
+    if threads < 1:
+        raise ValueError(f"threads must be a positive integer or None, got threads={threads}")
+    return threads
+
+
+def _get_pool(threads: int) -> ThreadPoolExecutor:
+    global _pool, _pool_size
+    with _lock:
+        if _pool is None or _pool_size < threads:
+            old = _pool
+            _pool = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="sparse_tconv")
+            _pool_size = threads
+            if old is not None:
+                old.shutdown(wait=False)
+        return _pool
+
+
+def _run_all(func, items) -> None:
+    for item in items:
+        func(item)
+
+
+def run_parallel(func, items, threads: int) -> None:
+    """Call ``func(item)`` for every item, on at most ``threads`` threads.
+
+    Items are dealt round-robin into ``threads`` shares; the calling thread
+    runs the first share itself, pool workers the others.
+    """
+    items = list(items)
+    threads = min(threads, len(items))
+    if threads <= 1:
+        _run_all(func, items)
+        return
+    pool = _get_pool(threads - 1)
+    futures = [pool.submit(_run_all, func, items[i::threads]) for i in range(1, threads)]
+    try:
+        _run_all(func, items[0::threads])
+    finally:  # never return while a worker may still be writing
+        wait(futures)
+    for future in futures:
+        future.result()

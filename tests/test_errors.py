@@ -1,0 +1,142 @@
+"""Bad input: a clear ValueError/TypeError naming the argument and echoing the value."""
+
+import re
+
+import numpy as np
+import pytest
+
+import sparse_tconv
+from sparse_tconv import (
+    ConvOperator,
+    ConvTransposeOperator,
+    conv_matrix,
+    conv_matrix_nnz,
+    conv_output_shape,
+    conv_transpose_matrix,
+    conv_transpose_output_shape,
+)
+
+W2D = np.ones((4, 2, 3, 3))
+X2D = (2, 8, 8)
+
+
+@pytest.mark.parametrize("kwargs, error, match", [
+    (dict(weight=np.ones((3, 3))), ValueError,
+     r"weight must have at least 3 dimensions.*weight\.shape=\(3, 3\)"),
+    (dict(input_shape=(2, 8)), ValueError,
+     r"input_shape must be \(channels, \*spatial\) with 2 spatial dimensions.*input_shape=\(2, 8\)"),
+    (dict(input_shape=(3, 8, 8)), ValueError,
+     r"input_shape\[0\]=3 channels do not match.*2 \* 1 = 2"),
+    (dict(input_shape=(2, 0, 8)), ValueError, r"input_shape must contain only positive sizes"),
+    (dict(input_shape=(2, 8.0, 8)), TypeError, r"input_shape must contain only ints"),
+    (dict(groups=0), ValueError, r"groups must be a positive integer, got groups=0"),
+    (dict(groups=-2), ValueError, r"groups must be a positive integer, got groups=-2"),
+    (dict(groups=3), ValueError, r"weight\.shape\[0\]=4 is not divisible by groups=3"),
+    (dict(groups=2), ValueError, r"input_shape\[0\]=2 channels do not match.*2 \* 2 = 4"),
+    (dict(groups=1.0), TypeError, r"groups must be an int, got groups=1\.0"),
+    (dict(stride=0), ValueError, r"stride must be positive, got stride=\(0, 0\)"),
+    (dict(stride=(1, -1)), ValueError, r"stride must be positive, got stride=\(1, -1\)"),
+    (dict(stride=(1, 2, 3)), ValueError,
+     r"stride must have one entry per spatial dimension \(2\), got 3: stride=\(1, 2, 3\)"),
+    (dict(stride=1.5), TypeError, r"stride must be an int or a sequence of 2 ints, got stride=1\.5"),
+    (dict(stride=True), TypeError, r"stride=True"),
+    (dict(dilation=(0, 1)), ValueError, r"dilation must be positive, got dilation=\(0, 1\)"),
+    (dict(padding=-1), ValueError, r"padding must be non-negative, got padding=-1"),
+    (dict(padding=((1, -1), 0)), ValueError, r"padding must be non-negative"),
+    (dict(padding=(1, 1, 1)), ValueError,
+     r"padding must have one entry per spatial dimension \(2\), got 3"),
+    (dict(padding=((1, 2, 3), 0)), TypeError, r"\(before, after\) pair.*\(1, 2, 3\)"),
+    (dict(padding="full"), ValueError, r"'valid' or 'same', got padding='full'"),
+    (dict(padding_mode="symmetric"), ValueError,
+     r"padding_mode must be one of .*got padding_mode='symmetric'"),
+    (dict(padding="same", stride=2), ValueError,
+     r"padding='same' is not supported for strided convolutions \(stride=\(2, 2\)\).*"
+     r"\(before, after\) pairs"),
+    (dict(weight=np.ones((4, 2, 12, 3)), padding=1), ValueError,
+     r"dilated kernel \(size 12 in spatial dimension 0\) is larger than the padded input "
+     r"\(8 \+ 1 \+ 1 = 10\)"),
+    (dict(dilation=(5, 1)), ValueError, r"dilated kernel \(size 11"),
+    (dict(padding=8, padding_mode="reflect"), ValueError,
+     r"reflect padding must be smaller than the input size.*padding=\(8, 8\) for size 8"),
+    (dict(padding=9, padding_mode="circular"), ValueError,
+     r"circular padding must not exceed the input size.*padding=\(9, 9\) for size 8"),
+    (dict(weight=np.ones((4, 2, 3, 3), dtype=bool)), TypeError,
+     r"weight must be numeric, got a boolean weight"),
+    (dict(weight=np.full((4, 2, 3, 3), "a")), TypeError, r"weight must be a numeric array"),
+    (dict(weight=np.ones((4, 2, 3, 3), dtype=object)), TypeError,
+     r"weight must be a numeric array, got weight\.dtype=object"),
+    (dict(dtype=np.int32), TypeError, r"dtype must be one of .*got dtype=int32"),
+    (dict(weight=np.ones((4, 2, 3, 3), dtype=complex), dtype=np.float64), TypeError,
+     r"cannot use dtype=float64 for a complex weight"),
+    (dict(max_bytes="1GB"), TypeError, r"max_bytes must be an int, got max_bytes='1GB'"),
+])
+def test_conv_matrix_rejects(kwargs, error, match):
+    args = dict(weight=W2D, input_shape=X2D)
+    args.update(kwargs)
+    with pytest.raises(error, match=match):
+        conv_matrix(args.pop("weight"), args.pop("input_shape"), **args)
+
+
+@pytest.mark.parametrize("kwargs, error, match", [
+    (dict(output_padding=2, stride=2), ValueError,
+     r"output_padding must be smaller than either stride or dilation, got "
+     r"output_padding=\(2, 2\), stride=\(2, 2\), dilation=\(1, 1\)"),
+    (dict(output_padding=1), ValueError, r"output_padding must be smaller"),
+    (dict(output_padding=-1), ValueError, r"output_padding must be non-negative"),
+    (dict(input_shape=(3, 4, 4)), ValueError,
+     r"input_shape\[0\]=3 channels do not match.*weight\.shape\[0\]=4"),
+    (dict(groups=3), ValueError, r"weight\.shape\[0\]=4 is not divisible by groups=3"),
+    (dict(padding=5), ValueError, r"the transposed convolution output would be empty"),
+    (dict(padding=2, padding_mode="reflect"), ValueError,
+     r"reflect padding must be smaller.*padding=\(2, 2\) for size 2"),
+])
+def test_conv_transpose_matrix_rejects(kwargs, error, match):
+    args = dict(weight=W2D, input_shape=(4, 4, 4))
+    args.update(kwargs)
+    with pytest.raises(error, match=match):
+        conv_transpose_matrix(args.pop("weight"), args.pop("input_shape"), **args)
+
+
+def test_validation_comes_before_allocation():
+    # Geometries whose matrix could never be allocated: the argument error,
+    # not a MemoryError, must come out.
+    huge = (1, 10**6, 10**6)
+    with pytest.raises(ValueError, match="padding_mode"):
+        conv_matrix(np.ones((1, 1, 3, 3)), huge, padding_mode="bogus")
+    with pytest.raises(ValueError, match="output_padding"):
+        conv_transpose_matrix(np.ones((1, 1, 3, 3)), huge, output_padding=5)
+    # and the size is known without building anything
+    assert conv_matrix_nnz((1, 1, 3, 3), huge).nnz == 9 * (10**6 - 2) ** 2
+
+
+def test_shape_functions_validate_too():
+    with pytest.raises(ValueError, match="stride must be positive"):
+        conv_output_shape((2, 8), (3, 2, 3), stride=0)
+    with pytest.raises(ValueError, match="output_padding must be smaller"):
+        conv_transpose_output_shape((2, 8), (2, 3, 3), output_padding=1)
+
+
+def test_operator_arguments():
+    op = ConvOperator(W2D, X2D, padding=1)
+    with pytest.raises(ValueError, match=re.escape(
+            "x must have shape (2, 8, 8) (one sample) or (batch, *(2, 8, 8)), "
+            "got x.shape=(2, 8, 9)")):
+        op.conv(np.ones((2, 8, 9)))
+    with pytest.raises(ValueError, match=r"y must have shape \(4, 8, 8\)"):
+        op.conv_transpose(np.ones((3, 2, 4, 8, 8)))
+    with pytest.raises(ValueError, match=r"threads must be a positive integer or None, got threads=0"):
+        ConvOperator(W2D, X2D, threads=0)
+    with pytest.raises(TypeError, match=r"threads must be an int, got threads=2\.0"):
+        ConvTransposeOperator(W2D, (4, 4, 4), threads=2.0)
+    with pytest.raises(ValueError, match=r"weight must have the shape of this operator's weight "
+                                         r"\(4, 2, 3, 3\), got weight\.shape=\(4, 2, 3, 2\)"):
+        op.with_weight(np.ones((4, 2, 3, 2)))
+    with pytest.raises(ValueError, match="set_num_threads|threads must be"):
+        sparse_tconv.set_num_threads(-1)
+
+
+def test_bad_environment_variable(monkeypatch):
+    monkeypatch.setenv("SPARSE_TCONV_NUM_THREADS", "many")
+    with pytest.raises(ValueError, match="SPARSE_TCONV_NUM_THREADS must be a positive integer, "
+                                         "got SPARSE_TCONV_NUM_THREADS='many'"):
+        sparse_tconv.get_num_threads()

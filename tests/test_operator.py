@@ -1,0 +1,252 @@
+"""ConvOperator / ConvTransposeOperator: LinearOperator behaviour and exact products."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import scipy.sparse as sp
+from scipy.sparse.linalg import LinearOperator, aslinearoperator, lsqr
+
+import sparse_tconv
+from reference import random_array, reference_conv_matrix
+from sparse_tconv import (
+    ConvOperator,
+    ConvTransposeOperator,
+    conv_matrix,
+    conv_transpose_matrix,
+)
+from sparse_tconv import _operator
+
+DTYPES = [np.float32, np.float64, np.complex64, np.complex128]
+GEOMETRY = dict(stride=(2, 1), padding=[(1, 2), 1], dilation=(1, 2), groups=2)
+WEIGHT_SHAPE, INPUT_SHAPE = (4, 3, 3, 2), (6, 9, 8)
+
+
+def _operator_and_dense(dtype, seed=0, mode="zeros"):
+    rng = np.random.default_rng(seed)
+    weight = random_array(rng, WEIGHT_SHAPE, dtype)
+    op = ConvOperator(weight, INPUT_SHAPE, padding_mode=mode, **GEOMETRY)
+    dense, _, _ = reference_conv_matrix(weight, INPUT_SHAPE, GEOMETRY["stride"],
+                                        GEOMETRY["padding"], GEOMETRY["dilation"],
+                                        GEOMETRY["groups"], mode)
+    return rng, op, dense
+
+
+def _tol(dtype):
+    return 1e-4 if np.dtype(dtype) in (np.float32, np.complex64) else 1e-12
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_products_match_dense(dtype):
+    rng, op, dense = _operator_and_dense(dtype)
+    assert isinstance(op, LinearOperator)
+    assert op.shape == dense.shape and op.dtype == np.dtype(dtype)
+    x = random_array(rng, op.shape[1], dtype)
+    y = random_array(rng, op.shape[0], dtype)
+    X = random_array(rng, (op.shape[1], 3), dtype)
+    Y = random_array(rng, (op.shape[0], 3), dtype)
+    tol = dict(rtol=_tol(dtype), atol=_tol(dtype))
+    np.testing.assert_allclose(op.matvec(x), dense @ x, **tol)
+    np.testing.assert_allclose(op.rmatvec(y), dense.conj().T @ y, **tol)
+    np.testing.assert_allclose(op.matmat(X), dense @ X, **tol)
+    np.testing.assert_allclose(op.rmatmat(Y), dense.conj().T @ Y, **tol)
+    np.testing.assert_allclose(op @ x[:, None], (dense @ x)[:, None], **tol)
+    # float32 stays float32, complex64 stays complex64, in every product
+    for result in (op.matvec(x), op.rmatvec(y), op.matmat(X), op.rmatmat(Y),
+                   op.conv(x.reshape(INPUT_SHAPE)), op.conv_transpose(y.reshape(op.output_shape))):
+        assert result.dtype == np.dtype(dtype)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_transpose_and_adjoint_operators(dtype):
+    rng, op, dense = _operator_and_dense(dtype, seed=1, mode="reflect")
+    T, H = op.T, op.H
+    assert isinstance(T, ConvTransposeOperator) and isinstance(H, ConvTransposeOperator)
+    assert T.shape == H.shape == dense.T.shape
+    assert T.input_shape == op.output_shape and T.output_shape == op.input_shape
+    y = random_array(rng, op.shape[0], dtype)
+    np.testing.assert_allclose(T.matvec(y), dense.T @ y, rtol=_tol(dtype), atol=_tol(dtype))
+    np.testing.assert_allclose(H.matvec(y), dense.conj().T @ y, rtol=_tol(dtype),
+                               atol=_tol(dtype))
+    # .T is the plain transpose: its matrix is W.T, entry for entry
+    WT = op.matrix.T.tocsr()
+    for name in ("indptr", "indices", "data"):
+        np.testing.assert_array_equal(getattr(T.matrix, name), getattr(WT, name))
+    # .T.T is the forward convolution again, on the very same matrix
+    TT = T.T
+    assert isinstance(TT, ConvOperator) and TT.matrix is op.matrix
+    assert TT.input_shape == op.input_shape and TT.output_shape == op.output_shape
+    HH = H.H
+    x = random_array(rng, op.shape[1], dtype)
+    np.testing.assert_allclose(HH.matvec(x), op.matvec(x), rtol=_tol(dtype), atol=_tol(dtype))
+
+
+def test_conv_transpose_operator_T_is_the_forward_conv():
+    rng = np.random.default_rng(2)
+    weight = rng.standard_normal((4, 3, 3, 3))
+    kwargs = dict(stride=2, padding=1, output_padding=1)
+    top = ConvTransposeOperator(weight, (4, 5, 5), **kwargs)
+    assert top.output_shape == (3, 10, 10)
+    forward = conv_matrix(weight, (3, 10, 10), stride=2, padding=1)
+    for name in ("indptr", "indices", "data"):
+        np.testing.assert_array_equal(getattr(top.T.matrix, name), getattr(forward, name))
+    x = rng.standard_normal((3, 10, 10))
+    np.testing.assert_array_equal(top.conv(x), (forward @ x.ravel()).reshape(4, 5, 5))
+    assert top.output_padding == (1, 1)
+
+
+def test_shaped_batches_equal_single_samples():
+    rng, op, _ = _operator_and_dense(np.float64, seed=3)
+    batch = rng.standard_normal((5, *INPUT_SHAPE))
+    out = op.conv(batch)
+    assert out.shape == (5, *op.output_shape) and out.flags.c_contiguous
+    for b in range(5):
+        np.testing.assert_array_equal(out[b], op.conv(batch[b]))
+    back = op.conv_transpose(out)
+    assert back.shape == batch.shape
+    for b in range(5):
+        np.testing.assert_array_equal(back[b], op.conv_transpose(out[b]))
+
+
+@pytest.mark.parametrize("threads", [2, 3, 8])
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_threaded_products_are_bit_for_bit_serial(threads, dtype, monkeypatch):
+    monkeypatch.setattr(_operator, "_MIN_PARALLEL_NNZ", 0)  # thread even a small matrix
+    rng = np.random.default_rng(4)
+    weight = random_array(rng, (6, 3, 3, 3), dtype)
+    op = ConvOperator(weight, (3, 11, 12), padding=1, stride=(1, 2), threads=threads)
+    W, WT = op.matrix, op.transpose_matrix
+    x = random_array(rng, op.shape[1], dtype)
+    y = random_array(rng, op.shape[0], dtype)
+    X = random_array(rng, (op.shape[1], 4), dtype)
+    Y = np.asfortranarray(random_array(rng, (op.shape[0], 4), dtype))
+    np.testing.assert_array_equal(op.matvec(x), W @ x)
+    np.testing.assert_array_equal(op.matmat(X), W @ X)
+    np.testing.assert_array_equal(op.rmatvec(y), (WT @ y.conj()).conj())
+    np.testing.assert_array_equal(op.rmatmat(Y), (WT @ Y.conj()).conj())
+    np.testing.assert_array_equal(op.T.matvec(y), WT @ y)
+
+
+def test_threaded_product_on_a_real_size_matrix(restore_threads):
+    # Above the threading threshold, with the default thread count.
+    rng = np.random.default_rng(5)
+    op = ConvOperator(rng.standard_normal((16, 16, 3, 3)), (16, 32, 32), padding=1, threads=2)
+    assert op.matrix.nnz > _operator._MIN_PARALLEL_NNZ
+    x = rng.standard_normal(op.shape[1])
+    y = rng.standard_normal(op.shape[0])
+    np.testing.assert_array_equal(op.matvec(x), op.matrix @ x)
+    np.testing.assert_array_equal(op.rmatvec(y), op.matrix.T @ y)
+    X = rng.standard_normal((op.shape[1], 7))
+    np.testing.assert_array_equal(op.matmat(X), op.matrix @ X)
+
+
+def test_row_blocks_balance_nnz():
+    indptr = np.array([0, 10, 10, 11, 30, 31, 60])
+    blocks = _operator._row_blocks(indptr, 3)
+    assert blocks[0][0] == 0 and blocks[-1][1] == 6
+    assert all(a < b for a, b in blocks)
+    assert all(b1[1] == b2[0] for b1, b2 in zip(blocks, blocks[1:]))
+    assert len(_operator._row_blocks(indptr, 50)) <= 6  # never an empty block
+
+
+def test_threads_follow_the_global_setting(monkeypatch, restore_threads):
+    seen = []
+    monkeypatch.setattr(_operator, "_MIN_PARALLEL_NNZ", 0)
+    real = _operator.run_parallel
+    monkeypatch.setattr(_operator, "run_parallel",
+                        lambda f, items, threads: (seen.append(threads), real(f, items, threads)))
+    op = ConvOperator(np.ones((2, 2, 3)), (2, 50))
+    pinned = ConvOperator(np.ones((2, 2, 3)), (2, 50), threads=3)
+    x = np.ones(op.shape[1])
+    sparse_tconv.set_num_threads(4)
+    op.matvec(x)
+    pinned.matvec(x)
+    monkeypatch.setenv("SPARSE_TCONV_NUM_THREADS", "5")
+    sparse_tconv.set_num_threads(None)
+    op.matvec(x)
+    assert seen == [4, 3, 5]
+    assert op.threads is None and pinned.threads == 3
+
+
+def test_mixed_dtypes_fall_back_to_scipy():
+    rng = np.random.default_rng(6)
+    op = ConvOperator(rng.standard_normal((2, 2, 3)).astype(np.float32), (2, 9))
+    x64 = rng.standard_normal(op.shape[1])
+    result = op.matvec(x64)
+    assert result.dtype == np.float64  # as scipy: float32 matrix times float64 vector
+    np.testing.assert_array_equal(result, op.matrix @ x64)
+    for xi in (np.arange(op.shape[1], dtype=np.int16), np.arange(op.shape[1])):
+        expected = op.matrix @ xi  # int16 fits float32 exactly, int64 does not
+        assert op.matvec(xi).dtype == expected.dtype
+        np.testing.assert_array_equal(op.matvec(xi), expected)
+    xc = x64 + 1j
+    np.testing.assert_array_equal(op.rmatvec(op.matvec(xc)),
+                                  op.matrix.T @ (op.matrix @ xc))
+
+
+def test_without_scipy_private_kernels(monkeypatch):
+    monkeypatch.setattr(_operator, "_csr_matvec", None)
+    monkeypatch.setattr(_operator, "_csr_matvecs", None)
+    monkeypatch.setattr(_operator, "_MIN_PARALLEL_NNZ", 0)
+    rng = np.random.default_rng(7)
+    op = ConvOperator(rng.standard_normal((3, 2, 3)), (2, 10), threads=2)
+    x = rng.standard_normal(op.shape[1])
+    np.testing.assert_array_equal(op.matvec(x), op.matrix @ x)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_dot_product_identity(dtype):
+    # <W u, v> == <u, W^H v>, for real and complex operators
+    rng, op, _ = _operator_and_dense(dtype, seed=8, mode="circular")
+    u = random_array(rng, op.shape[1], dtype)
+    v = random_array(rng, op.shape[0], dtype)
+    lhs = np.vdot(v, op.matvec(u))
+    rhs = np.vdot(op.rmatvec(v), u)
+    assert abs(lhs - rhs) <= 1e3 * np.finfo(np.dtype(dtype)).eps * abs(lhs)
+
+
+@pytest.mark.parametrize("transposed", [False, True])
+def test_with_weight_shares_the_pattern(transposed):
+    rng = np.random.default_rng(9)
+    w1, w2 = rng.standard_normal((2, 4, 3, 3, 3))
+    kwargs = dict(stride=2, padding=1, padding_mode="zeros")
+    if transposed:
+        op = ConvTransposeOperator(w1, (4, 5, 5), output_padding=1, **kwargs)
+        fresh = conv_transpose_matrix(w2, (4, 5, 5), output_padding=1, **kwargs)
+        fresh_T = conv_matrix(w2, (3, 10, 10), **kwargs)
+    else:
+        op = ConvOperator(w1, (3, 10, 10), **kwargs)
+        fresh = conv_matrix(w2, (3, 10, 10), **kwargs)
+        fresh_T = conv_transpose_matrix(w2, (4, 5, 5), output_padding=1, **kwargs)
+    op.transpose_matrix  # build it, so that its pattern is shared too
+    new = op.with_weight(w2)
+    assert type(new) is type(op)
+    for name in ("indptr", "indices", "data"):
+        np.testing.assert_array_equal(getattr(new.matrix, name), getattr(fresh, name))
+        np.testing.assert_array_equal(getattr(new.transpose_matrix, name),
+                                      getattr(fresh_T, name))
+    for a, b in ((new.matrix, op.matrix), (new.transpose_matrix, op.transpose_matrix)):
+        assert np.shares_memory(a.indices, b.indices) and np.shares_memory(a.indptr, b.indptr)
+        assert not np.shares_memory(a.data, b.data)
+    np.testing.assert_array_equal(op.weight, w1)  # the old operator is untouched
+    assert new.with_weight(w1.astype(np.complex64)).dtype == np.complex64
+
+
+def test_weight_is_copied_and_read_only():
+    weight = np.ones((2, 1, 3))
+    op = ConvOperator(weight, (1, 5))
+    weight[:] = 5.0
+    assert op.weight.max() == 1.0 and not op.weight.flags.writeable
+    assert op.matrix.data.max() == 1.0
+
+
+def test_scipy_solvers_accept_the_operator():
+    rng = np.random.default_rng(10)
+    op = ConvOperator(rng.standard_normal((3, 2, 3, 3)), (2, 8, 8), padding=1)
+    b = rng.standard_normal(op.shape[0])
+    on_op = lsqr(op, b, atol=1e-12, btol=1e-12)[0]
+    on_matrix = lsqr(sp.csr_array(op.matrix), b, atol=1e-12, btol=1e-12)[0]
+    np.testing.assert_allclose(on_op, on_matrix, rtol=1e-8, atol=1e-10)
+    composed = aslinearoperator(op.T) @ op  # scipy composition keeps working
+    x = rng.standard_normal(op.shape[1])
+    np.testing.assert_allclose(composed.matvec(x), op.matrix.T @ (op.matrix @ x))

@@ -1,0 +1,103 @@
+"""Property-based tests over random geometries (hypothesis)."""
+
+from __future__ import annotations
+
+import numpy as np
+from hypothesis import given
+from hypothesis import strategies as st
+
+from reference import random_array, reference_conv_matrix
+from sparse_tconv import ConvOperator, conv_matrix, conv_matrix_nnz, conv_transpose_matrix
+
+MODES = ["zeros", "reflect", "replicate", "circular"]
+
+
+@st.composite
+def geometries(draw):
+    """A valid convolution: channels, groups, and per-dim size/kernel/stride/..."""
+    ndim = draw(st.integers(1, 3))
+    groups = draw(st.integers(1, 3))
+    cpg, opg = draw(st.integers(1, 2)), draw(st.integers(1, 2))
+    mode = draw(st.sampled_from(MODES))
+    max_size = {1: 12, 2: 7, 3: 5}[ndim]
+    size, kernel, stride, dilation, padding = [], [], [], [], []
+    for _ in range(ndim):
+        n = draw(st.integers(1, max_size))
+        if mode == "reflect":
+            pad_max = n - 1
+        elif mode == "circular":
+            pad_max = n
+        else:
+            pad_max = 4
+        lo = draw(st.integers(0, min(pad_max, 4)))
+        hi = draw(st.integers(0, min(pad_max, 4)))
+        d = draw(st.integers(1, 3))
+        span = n + lo + hi  # the dilated kernel must fit in the padded input
+        k = draw(st.integers(1, max(1, min(5, (span - 1) // d + 1))))
+        size.append(n)
+        kernel.append(k)
+        stride.append(draw(st.integers(1, 4)))
+        dilation.append(d)
+        padding.append((lo, hi))
+    return dict(
+        weight_shape=(groups * opg, cpg, *kernel),
+        input_shape=(groups * cpg, *size),
+        stride=tuple(stride),
+        padding=padding,
+        dilation=tuple(dilation),
+        groups=groups,
+        padding_mode=mode,
+    )
+
+
+def _kwargs(g):
+    return {k: g[k] for k in ("stride", "padding", "dilation", "groups", "padding_mode")}
+
+
+@given(geometries(), st.sampled_from([np.float64, np.complex128]), st.integers(0, 2**32 - 1))
+def test_matches_reference(g, dtype, seed):
+    rng = np.random.default_rng(seed)
+    weight = random_array(rng, g["weight_shape"], dtype)
+    W = conv_matrix(weight, g["input_shape"], **_kwargs(g))
+    dense, pattern, _ = reference_conv_matrix(
+        weight, g["input_shape"], g["stride"], g["padding"], g["dilation"], g["groups"],
+        g["padding_mode"],
+    )
+    np.testing.assert_allclose(W.toarray(), dense, rtol=1e-12, atol=1e-12)
+    assert W.nnz == pattern.sum() == conv_matrix_nnz(g["weight_shape"], g["input_shape"],
+                                                     **_kwargs(g)).nnz
+    rows = np.repeat(np.arange(W.shape[0]), np.diff(W.indptr))
+    assert np.all(pattern[rows, W.indices])  # every stored entry is structural
+    same_row = rows[1:] == rows[:-1]
+    assert np.all(np.diff(W.indices)[same_row] > 0)  # canonical
+
+
+@given(geometries(), st.integers(0, 2**32 - 1))
+def test_transpose_matrix_is_exact_transpose(g, seed):
+    rng = np.random.default_rng(seed)
+    weight = rng.standard_normal(g["weight_shape"])
+    W = conv_matrix(weight, g["input_shape"], **_kwargs(g))
+    op = ConvOperator(weight, g["input_shape"], **_kwargs(g))
+    out_shape = op.output_shape
+    output_padding = tuple(
+        n - ((o - 1) * s - lo - hi + d * (k - 1) + 1)
+        for n, o, s, (lo, hi), d, k in zip(g["input_shape"][1:], out_shape[1:], g["stride"],
+                                            g["padding"], g["dilation"], g["weight_shape"][2:])
+    )
+    M = conv_transpose_matrix(weight, out_shape, output_padding=output_padding, **_kwargs(g))
+    WT = W.T.tocsr()
+    assert M.shape == WT.shape
+    np.testing.assert_array_equal(M.indptr, WT.indptr)
+    np.testing.assert_array_equal(M.indices, WT.indices)
+    np.testing.assert_array_equal(M.data, WT.data)
+
+
+@given(geometries(), st.integers(0, 2**32 - 1))
+def test_adjoint_dot_product(g, seed):
+    rng = np.random.default_rng(seed)
+    weight = random_array(rng, g["weight_shape"], np.complex128)
+    op = ConvOperator(weight, g["input_shape"], **_kwargs(g))
+    u = random_array(rng, op.shape[1], np.complex128)
+    v = random_array(rng, op.shape[0], np.complex128)
+    lhs, rhs = np.vdot(v, op.matvec(u)), np.vdot(op.rmatvec(v), u)
+    assert abs(lhs - rhs) <= 1e-12 * max(1.0, abs(lhs))
