@@ -57,7 +57,10 @@ def csr_product(matrix: sp.csr_array, x: np.ndarray, threads: int) -> np.ndarray
     ):
         return matrix @ x
     x = np.ascontiguousarray(x)
-    out = np.zeros((matrix.shape[0],) + x.shape[1:], dtype=matrix.dtype)
+    # np.empty, zeroed by each thread on its own rows: the pages are touched
+    # in parallel (np.zeros would fault them in one by one inside the kernel,
+    # and without numpy's huge-page hint).
+    out = np.empty((matrix.shape[0],) + x.shape[1:], dtype=matrix.dtype)
     indptr, indices, data = matrix.indptr, matrix.indices, matrix.data
     n_cols = matrix.shape[1]
 
@@ -65,6 +68,7 @@ def csr_product(matrix: sp.csr_array, x: np.ndarray, threads: int) -> np.ndarray
 
         def multiply(rows):
             a, b = rows
+            out[a:b] = 0  # the kernel adds into its output
             _csr_matvec(b - a, n_cols, indptr[a : b + 1], indices, data, x, out[a:b])
 
     else:
@@ -73,6 +77,7 @@ def csr_product(matrix: sp.csr_array, x: np.ndarray, threads: int) -> np.ndarray
 
         def multiply(rows):
             a, b = rows
+            out[a:b] = 0
             _csr_matvecs(
                 b - a, n_cols, n_vecs, indptr[a : b + 1], indices, data, flat_x, out[a:b].ravel()
             )
@@ -108,10 +113,13 @@ class _ConvOperatorBase(LinearOperator):
         self._threads = threads
         self._tmatrix = None
         if transpose_factory is None:
+            # No reference to self here: a cycle would keep the matrices alive
+            # after the operator is dropped, until the cyclic GC runs.
+            transposed = self._transposed
 
             def transpose_factory():
                 return build(
-                    geometry, weight, transpose=not self._transposed, threads=self._n_threads()
+                    geometry, weight, transpose=not transposed, threads=resolve_threads(threads)
                 )
 
         self._transpose_factory = transpose_factory

@@ -250,3 +250,25 @@ def test_scipy_solvers_accept_the_operator():
     composed = aslinearoperator(op.T) @ op  # scipy composition keeps working
     x = rng.standard_normal(op.shape[1])
     np.testing.assert_allclose(composed.matvec(x), op.matrix.T @ (op.matrix @ x))
+
+
+def test_dropped_operators_free_their_matrices_at_once():
+    # No reference cycles: the matrices go when the last reference does,
+    # without waiting for the cyclic garbage collector.
+    import gc
+    import weakref
+
+    rng = np.random.default_rng(11)
+    op = ConvOperator(rng.standard_normal((2, 2, 3)), (2, 9))
+    derived = [op.with_weight(rng.standard_normal((2, 2, 3))), op.T, op.H, op.T.T]
+    derived[0].transpose_matrix
+    gc.disable()
+    try:
+        refs = [weakref.ref(d) for d in derived]
+        del derived
+        assert all(r() is None for r in refs)
+        ref = weakref.ref(op)
+        del op
+        assert ref() is None
+    finally:
+        gc.enable()

@@ -1,0 +1,381 @@
+"""The measurement engine: build and product timings against their physical bounds.
+
+Run ``python -m sparse_tconv.benchmark`` (``--help`` for options).  Every
+figure is a ratio measured within one run, since shared machines are noisy:
+the build against the number of stored entries, the threaded products against
+scipy's serial product on the same matrix, the batched product against one
+product, the pattern reuse against a fresh build, and every product against
+the memory-bandwidth bound measured in the same run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import math
+import sys
+import time
+import tracemalloc
+from dataclasses import asdict, dataclass, field
+
+import numpy as np
+
+from ._build import build, conv_matrix, conv_transpose_matrix
+from ._operator import ConvOperator, ConvTransposeOperator
+from ._parallel import resolve_threads, run_parallel
+
+__all__ = [
+    "Config",
+    "CONFIGS",
+    "QUICK_CONFIGS",
+    "TARGETS",
+    "measure_bandwidth",
+    "measure_fresh_write",
+    "best_time",
+    "run_config",
+    "main",
+]
+
+
+@dataclass(frozen=True)
+class Config:
+    """One geometry to measure: a convolution, or a transposed one."""
+
+    name: str
+    description: str
+    weight_shape: tuple
+    input_shape: tuple
+    kwargs: dict = field(default_factory=dict)
+    transposed: bool = False
+    batch: int = 0  # also time matmat on this many columns
+
+    def operator(self, weight, threads=None):
+        cls = ConvTransposeOperator if self.transposed else ConvOperator
+        return cls(weight, self.input_shape, threads=threads, **self.kwargs)
+
+    def build(self, weight):
+        builder = conv_transpose_matrix if self.transposed else conv_matrix
+        return builder(weight, self.input_shape, **self.kwargs)
+
+
+# The configurations of the performance issue, (a) being the chapter's example.
+CONFIGS = [
+    Config("a", "chapter: 10x16x16, 10->20, k5 p2 s3", (20, 10, 5, 5), (10, 16, 16),
+           dict(padding=2, stride=3)),
+    Config("b", "3x224x224, 3->64, k7 s2 p3", (64, 3, 7, 7), (3, 224, 224),
+           dict(stride=2, padding=3)),
+    Config("c", "64x56x56, 64->64, k3 p1 (+ batch 32)", (64, 64, 3, 3), (64, 56, 56),
+           dict(padding=1), batch=32),
+    Config("d", "1x512x512, 1->1, k9 p4", (1, 1, 9, 9), (1, 512, 512), dict(padding=4)),
+    Config("e", "1-D 1x1,000,000, k31 p15", (1, 1, 31), (1, 1_000_000), dict(padding=15)),
+    Config("f", "3-D 1x64x64x64, k3 p1", (1, 1, 3, 3, 3), (1, 64, 64, 64), dict(padding=1)),
+    Config("g", "transposed 64x28x28, 64->32, k4 s2 p1", (64, 32, 4, 4), (64, 28, 28),
+           dict(stride=2, padding=1), transposed=True),
+]
+
+# Small versions of the same shapes, for a smoke run in seconds.
+QUICK_CONFIGS = [
+    Config("a", CONFIGS[0].description, (20, 10, 5, 5), (10, 16, 16), dict(padding=2, stride=3)),
+    Config("b", "3x64x64, 3->16, k7 s2 p3", (16, 3, 7, 7), (3, 64, 64), dict(stride=2, padding=3)),
+    Config("c", "16x24x24, 16->16, k3 p1 (+ batch 8)", (16, 16, 3, 3), (16, 24, 24),
+           dict(padding=1), batch=8),
+    Config("e", "1-D 1x50,000, k31 p15", (1, 1, 31), (1, 50_000), dict(padding=15)),
+    Config("g", "transposed 16x14x14, 16->8, k4 s2 p1", (16, 8, 4, 4), (16, 14, 14),
+           dict(stride=2, padding=1), transposed=True),
+]
+
+# The targets of the performance issue: (figure, comparison, bound, configs it applies to).
+TARGETS = [
+    ("build_ns_per_entry", "<=", 4.0, "bcdg"),
+    ("matvec_speedup", ">=", 1.8, "bcdefg"),
+    ("rmatvec_speedup", ">=", 1.8, "bcdefg"),
+    ("rmatvec_over_matvec", "<=", 1.1, "bcdefg"),
+    ("batch_over_matvec", "<=", 8.0, "c"),
+    ("rebuild_speedup", ">=", 3.0, "bcdefg"),
+    ("build_peak_over_matrix", "<=", 1.2, "bcdefg"),
+]
+
+
+def best_time(func, repeat: int = 5, min_time: float = 0.05) -> float:
+    """Best wall time of ``func()`` in seconds, over ``repeat`` rounds.
+
+    A round calls ``func`` enough times to last ``min_time``, so that very
+    short calls are not dominated by the timer.
+    """
+    func()  # warm up: first-touch page faults, lazy imports
+    number = 1
+    start = time.perf_counter()
+    func()
+    once = time.perf_counter() - start
+    if once < min_time:
+        number = max(1, int(min_time / max(once, 1e-9)))
+    best = math.inf
+    for _ in range(repeat):
+        start = time.perf_counter()
+        for _ in range(number):
+            func()
+        best = min(best, (time.perf_counter() - start) / number)
+    return best
+
+
+def measure_bandwidth(threads: int, nbytes: int = 1 << 30, repeat: int = 5) -> float:
+    """Read bandwidth in bytes/s: ``max`` over a large float64 array on ``threads`` threads.
+
+    ``max`` is vectorised with no chain of dependent additions (a plain sum
+    is limited by its add latency well below the memory speed on this kind
+    of machine), so it runs at the memory's read speed: the bound for a sparse
+    product, which reads each stored entry once.
+    """
+    chunks = np.array_split(np.ones(nbytes // 8), threads)
+    return nbytes / best_time(lambda: run_parallel(np.max, chunks, threads), repeat)
+
+
+def _settle(seconds: float) -> None:
+    """Let freed memory go back to the hypervisor before a 'cold' measurement.
+
+    On these virtual machines the guest reports freed pages to the host
+    (virtio-balloon free page reporting, after about two seconds); touching
+    them again costs a host-side page fault, about 1 ns per byte, where
+    reusing memory still held costs about 0.05.
+    """
+    gc.collect()
+    time.sleep(seconds)
+
+
+def measure_fresh_write(
+    threads: int, nbytes: int = 1 << 30, repeat: int = 5, cold: bool = False, settle: float = 3.0
+) -> float:
+    """Bytes/s written into newly allocated memory, page faults included.
+
+    Building a matrix writes every byte of it into new memory, so
+    ``matrix bytes / this`` is the floor of a build.  ``cold=True`` measures
+    memory the guest has handed back to the host (see :func:`_settle`), once.
+    """
+    n = nbytes // 8
+
+    def write():
+        array = np.empty(n)
+        run_parallel(lambda part: part.fill(1.0), np.array_split(array, threads), threads)
+
+    if cold:
+        _settle(settle)
+        start = time.perf_counter()
+        write()
+        return nbytes / (time.perf_counter() - start)
+    return nbytes / best_time(write, repeat, min_time=0)
+
+
+def _peak_build_bytes(config: Config, weight) -> tuple[int, int]:
+    """Peak traced bytes while building, and the finished matrix's bytes."""
+    gc.collect()
+    tracemalloc.start()
+    try:
+        tracemalloc.reset_peak()
+        matrix = config.build(weight)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    size = matrix.data.nbytes + matrix.indices.nbytes + matrix.indptr.nbytes
+    return peak, size
+
+
+def run_config(
+    config: Config,
+    *,
+    threads: int,
+    bandwidth: float,
+    write_bandwidth: float,
+    repeat: int,
+    cold_settle: float = 0.0,
+) -> dict:
+    """Every figure for one configuration (times in seconds, ratios as floats).
+
+    Timings are the best of ``repeat`` back-to-back calls, so a build reuses
+    the memory the previous one freed ("warm").  With ``cold_settle`` > 0 one
+    more build runs after that many seconds idle, on memory the hypervisor
+    has taken back ("cold").
+    """
+    rng = np.random.default_rng(0)
+    weight = rng.standard_normal(config.weight_shape)
+    new_weight = rng.standard_normal(config.weight_shape)
+    op = config.operator(weight, threads=threads)
+    W = op.matrix
+    nnz = W.nnz
+    matrix_bytes = W.data.nbytes + W.indices.nbytes + W.indptr.nbytes
+    x = rng.standard_normal(W.shape[1])
+    y = rng.standard_normal(W.shape[0])
+    r = dict(config=config.name, description=config.description, threads=threads, nnz=nnz,
+             shape=list(W.shape), matrix_bytes=matrix_bytes)
+
+    r["build_s"] = best_time(lambda: config.build(weight), repeat, min_time=0)
+    r["build_ns_per_entry"] = r["build_s"] / nnz * 1e9
+    r["transpose_build_s"] = best_time(
+        lambda: build(op._geometry, op.weight, transpose=not op._transposed, threads=threads),
+        repeat,
+        min_time=0,
+    )
+    r["rebuild_s"] = best_time(lambda: op.with_weight(new_weight), repeat, min_time=0)
+    r["rebuild_speedup"] = r["build_s"] / r["rebuild_s"]
+    # Floors: a build writes the whole matrix, a rebuild only the values, into
+    # new memory; their ratio bounds what pattern reuse can gain.
+    r["build_floor_s"] = matrix_bytes / write_bandwidth
+    r["rebuild_floor_s"] = W.data.nbytes / write_bandwidth
+    r["rebuild_speedup_bound"] = r["build_s"] / r["rebuild_floor_s"]
+    peak, size = _peak_build_bytes(config, weight)
+    r["build_peak_over_matrix"] = peak / size
+    if cold_settle:
+        _settle(cold_settle)
+        start = time.perf_counter()
+        config.build(weight)
+        r["cold_build_s"] = time.perf_counter() - start
+        r["cold_build_ns_per_entry"] = r["cold_build_s"] / nnz * 1e9
+
+    r["scipy_matvec_s"] = best_time(lambda: W @ x, repeat)
+    r["matvec_s"] = best_time(lambda: op.matvec(x), repeat)
+    op.transpose_matrix  # built once, outside the timing
+    r["scipy_transpose_matvec_s"] = best_time(lambda: W.T @ y, repeat)
+    r["rmatvec_s"] = best_time(lambda: op.rmatvec(y), repeat)
+    r["matvec_speedup"] = r["scipy_matvec_s"] / r["matvec_s"]
+    r["rmatvec_speedup"] = r["scipy_matvec_s"] / r["rmatvec_s"]
+    r["rmatvec_over_matvec"] = r["rmatvec_s"] / r["matvec_s"]
+    # The product reads data + indices + indptr, reads x, writes y.
+    moved = matrix_bytes + x.nbytes + y.nbytes
+    r["bound_s"] = moved / bandwidth
+    r["matvec_fraction_of_bound"] = r["bound_s"] / r["matvec_s"]
+
+    if config.batch:
+        X = rng.standard_normal((W.shape[1], config.batch))
+        r["batch"] = config.batch
+        r["matmat_s"] = best_time(lambda: op.matmat(X), repeat)
+        r["batch_over_matvec"] = r["matmat_s"] / r["matvec_s"]
+        XF = np.asfortranarray(X)
+        r["matmat_fortran_input_s"] = best_time(lambda: op.matmat(XF), repeat)
+        r["separate_matvecs_s"] = best_time(
+            lambda: [op.matvec(XF[:, j]) for j in range(config.batch)], max(1, repeat // 2)
+        )
+        batch = rng.standard_normal((config.batch, *op.input_shape))
+        r["conv_batch_s"] = best_time(lambda: op.conv(batch), repeat)
+    del op, W
+    gc.collect()
+    return r
+
+
+def _verdicts(results: list[dict]) -> list[dict]:
+    rows = []
+    for figure, cmp, bound, applies in TARGETS:
+        for r in results:
+            if r["config"] not in applies or figure not in r:
+                continue
+            value = r[figure]
+            met = value <= bound if cmp == "<=" else value >= bound
+            rows.append(dict(config=r["config"], figure=figure, value=value, target=f"{cmp} {bound}",
+                             ratio_to_target=value / bound, met=met))
+    return rows
+
+
+def _format(results, verdicts, machine) -> str:
+    lines = [
+        f"read bandwidth: {machine['bandwidth_1']/1e9:.1f} GB/s on 1 thread, "
+        f"{machine['bandwidth_all']/1e9:.1f} GB/s on {machine['threads']} threads; "
+        f"writing fresh memory {machine['fresh_write_all']/1e9:.1f} GB/s",
+        "",
+        f"{'cfg':<4}{'nnz':>12}{'MB':>8}{'build ns/e':>11}{'of floor':>9}{'peak/mat':>9}"
+        f"{'rebuild x':>10}{'(bound)':>8}"
+        f"{'scipy ms':>10}{'Wx ms':>8}{'WTy ms':>8}{'Wx x':>6}{'WTy x':>6}{'WTy/Wx':>7}"
+        f"{'of bound':>9}",
+    ]
+    for r in results:
+        lines.append(
+            f"{r['config']:<4}{r['nnz']:>12,}{r['matrix_bytes']/1e6:>8.0f}"
+            f"{r['build_ns_per_entry']:>11.2f}{r['build_floor_s']/r['build_s']:>9.2f}"
+            f"{r['build_peak_over_matrix']:>9.2f}{r['rebuild_speedup']:>10.2f}"
+            f"{r['rebuild_speedup_bound']:>8.2f}{r['scipy_matvec_s']*1e3:>10.2f}"
+            f"{r['matvec_s']*1e3:>8.2f}{r['rmatvec_s']*1e3:>8.2f}{r['matvec_speedup']:>6.2f}"
+            f"{r['rmatvec_speedup']:>6.2f}{r['rmatvec_over_matvec']:>7.2f}"
+            f"{r['matvec_fraction_of_bound']:>9.2f}"
+        )
+    for r in results:
+        if "matmat_s" in r:
+            lines.append(
+                f"\nbatch of {r['batch']} on ({r['config']}): matmat {r['matmat_s']*1e3:.1f} ms = "
+                f"{r['batch_over_matvec']:.2f}x one matvec; Fortran-ordered input "
+                f"{r['matmat_fortran_input_s']*1e3:.1f} ms; {r['batch']} separate matvecs "
+                f"{r['separate_matvecs_s']*1e3:.1f} ms; op.conv(batch) {r['conv_batch_s']*1e3:.1f} ms"
+            )
+    if "fresh_write_cold" in machine:
+        lines.append(
+            f"\ncold memory (after {machine['cold_settle_s']:.0f} s idle the hypervisor has taken "
+            "freed pages back): "
+            f"writing {machine['fresh_write_cold']/1e9:.2f} GB/s, i.e. "
+            f"{12e9/machine['fresh_write_cold']:.1f} ns per float64+int32 entry at best"
+        )
+        for r in results:
+            if "cold_build_ns_per_entry" in r:
+                lines.append(f"  ({r['config']}) cold build {r['cold_build_ns_per_entry']:.2f} ns/entry "
+                             f"(warm {r['build_ns_per_entry']:.2f})")
+    lines.append("\ntargets:")
+    for v in verdicts:
+        lines.append(
+            f"  ({v['config']}) {v['figure']:<24} {v['value']:8.2f}  target {v['target']:<7}"
+            f" ratio {v['ratio_to_target']:.2f}  {'met' if v['met'] else 'NOT MET'}"
+        )
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    """Command-line entry point; returns the exit status."""
+    parser = argparse.ArgumentParser(
+        prog="python -m sparse_tconv.benchmark",
+        description="Measure build and product speed against scipy and the bandwidth bound.",
+    )
+    parser.add_argument("--quick", action="store_true", help="small configurations, seconds")
+    parser.add_argument("--config", action="append", metavar="NAME",
+                        help="run only these configurations (repeatable)")
+    parser.add_argument("--threads", type=int, default=None, help="threads (default: all)")
+    parser.add_argument("--repeat", type=int, default=None, help="rounds per timing")
+    parser.add_argument("--json", metavar="PATH", help="write every raw figure as JSON")
+    parser.add_argument("--no-cold", action="store_true",
+                        help="skip the cold-memory build figures (3 s idle each)")
+    args = parser.parse_args(argv)
+    configs = QUICK_CONFIGS if args.quick else CONFIGS
+    if args.config:
+        known = {c.name for c in configs}
+        unknown = sorted(set(args.config) - known)
+        if unknown:
+            parser.error(f"unknown configuration(s) {unknown}; choose from {sorted(known)}")
+        configs = [c for c in configs if c.name in args.config]
+    try:
+        threads = resolve_threads(args.threads)
+    except (TypeError, ValueError) as exc:
+        parser.error(str(exc))
+    repeat = args.repeat or (2 if args.quick else 5)
+    size = (64 << 20) if args.quick else (1 << 30)
+    machine = dict(
+        threads=threads,
+        bandwidth_1=measure_bandwidth(1, size, repeat),
+        bandwidth_all=measure_bandwidth(threads, size, repeat),
+        fresh_write_all=measure_fresh_write(threads, size, repeat),
+        date=time.strftime("%Y-%m-%d"),
+    )
+    cold_settle = 0.0 if (args.quick or args.no_cold) else 3.0
+    if cold_settle:
+        machine["cold_settle_s"] = cold_settle
+        machine["fresh_write_cold"] = measure_fresh_write(threads, size, cold=True,
+                                                          settle=cold_settle)
+    results = []
+    for i, config in enumerate(configs, 1):
+        print(f"[{i}/{len(configs)}] {config.name}: {config.description}", file=sys.stderr)
+        results.append(run_config(config, threads=threads, bandwidth=machine["bandwidth_all"],
+                                  write_bandwidth=machine["fresh_write_all"], repeat=repeat,
+                                  cold_settle=cold_settle))
+    verdicts = _verdicts(results)
+    print(_format(results, verdicts, machine))
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(dict(machine=machine, results=results, targets=verdicts), f, indent=1)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
