@@ -41,7 +41,7 @@ from ._geometry import (
 )
 from ._parallel import resolve_threads, run_parallel
 
-__all__ = ["conv_matrix", "conv_transpose_matrix", "build", "refill"]
+__all__ = ["conv_matrix", "conv_transpose_matrix", "validate", "build", "refill"]
 
 # Blocks smaller than this are written by one call; larger ones are cut into
 # chunks of about this size so that every thread gets work.
@@ -250,16 +250,28 @@ def refill(geom: ConvGeometry, weight: np.ndarray, like, *, transpose: bool, thr
     return _csr(data, like.indices, like.indptr, like.shape)
 
 
-def _check_max_bytes(geom, dtype, transpose, max_bytes):
-    if max_bytes is None:
-        return
-    max_bytes = _check_int(max_bytes, "max_bytes")
-    size = _matrix_size(geom, dtype, transpose)
-    if size.nbytes > max_bytes:
-        raise MemoryError(
-            f"the matrix would need {size.nbytes} bytes (nnz={size.nnz}, shape={size.shape}, "
-            f"{size.dtype} values, {size.index_dtype} indices), more than max_bytes={max_bytes}"
-        )
+def validate(weight, input_shape, *, transpose: bool, dtype=None, **geometry):
+    """The private weight copy and the geometry, every argument checked.
+
+    ``transpose=True`` reads the arguments of a transposed convolution.
+    """
+    w = as_weight(weight, dtype)
+    make = conv_transpose_geometry if transpose else conv_geometry
+    return w, make(w.shape, input_shape, **geometry)
+
+
+def _validated_build(weight, input_shape, *, transpose, dtype, max_bytes, **geometry):
+    w, geom = validate(weight, input_shape, transpose=transpose, dtype=dtype, **geometry)
+    if max_bytes is not None:
+        max_bytes = _check_int(max_bytes, "max_bytes")
+        size = _matrix_size(geom, w.dtype, transpose)
+        if size.nbytes > max_bytes:
+            raise MemoryError(
+                f"the matrix would need {size.nbytes} bytes (nnz={size.nnz}, "
+                f"shape={size.shape}, {size.dtype} values, {size.index_dtype} indices), "
+                f"more than max_bytes={max_bytes}"
+            )
+    return build(geom, w, transpose=transpose, threads=resolve_threads(None))
 
 
 def conv_matrix(
@@ -363,18 +375,18 @@ def conv_matrix(
     array([[27., 37.],
            [57., 67.]])
     """
-    w = as_weight(weight, dtype)
-    geom = conv_geometry(
-        w.shape,
+    return _validated_build(
+        weight,
         input_shape,
+        transpose=False,
+        dtype=dtype,
+        max_bytes=max_bytes,
         stride=stride,
         padding=padding,
         dilation=dilation,
         groups=groups,
         padding_mode=padding_mode,
     )
-    _check_max_bytes(geom, w.dtype, False, max_bytes)
-    return build(geom, w, transpose=False, threads=resolve_threads(None))
 
 
 def conv_transpose_matrix(
@@ -461,10 +473,12 @@ def conv_transpose_matrix(
            [0., 2., 0., 3.],
            [4., 6., 6., 9.]])
     """
-    w = as_weight(weight, dtype)
-    geom = conv_transpose_geometry(
-        w.shape,
+    return _validated_build(
+        weight,
         input_shape,
+        transpose=True,
+        dtype=dtype,
+        max_bytes=max_bytes,
         stride=stride,
         padding=padding,
         output_padding=output_padding,
@@ -472,5 +486,3 @@ def conv_transpose_matrix(
         groups=groups,
         padding_mode=padding_mode,
     )
-    _check_max_bytes(geom, w.dtype, True, max_bytes)
-    return build(geom, w, transpose=True, threads=resolve_threads(None))

@@ -169,14 +169,22 @@ def _check_groups(groups) -> int:
     return groups
 
 
-def _check_weight_shape(weight_shape) -> tuple[int, ...]:
+def _check_weight_and_groups(weight_shape, groups, channels: str):
+    """The weight shape and groups; ``weight.shape[0]`` counts the ``channels`` channels."""
     shape = tuple(weight_shape)
     if len(shape) < 3:
         raise ValueError(
             "weight must have at least 3 dimensions (out_channels, in_channels // groups, "
             f"*kernel_size), got weight.shape={shape}"
         )
-    return _normalize_shape(shape, "weight.shape")
+    shape = _normalize_shape(shape, "weight.shape")
+    groups = _check_groups(groups)
+    if shape[0] % groups:
+        raise ValueError(
+            f"groups must divide the {channels} channels: weight.shape[0]={shape[0]} is not "
+            f"divisible by groups={groups}"
+        )
+    return shape, groups
 
 
 def _check_input_shape(input_shape, ndim: int) -> tuple[int, ...]:
@@ -322,6 +330,20 @@ class ConvGeometry:
         return tuple(transpose_dim_map(*self._dim_args(a)) for a in range(self.ndim))
 
 
+def _normalize_window(kernel, stride, padding, dilation, padding_mode):
+    """Validated ``(stride, dilation, ((lo, hi), ...), padding_mode)``."""
+    ndim = len(kernel)
+    stride = _normalize_tuple(stride, ndim, "stride")
+    if any(v <= 0 for v in stride):
+        raise ValueError(f"stride must be positive, got stride={stride}")
+    dilation = _normalize_tuple(dilation, ndim, "dilation")
+    if any(v <= 0 for v in dilation):
+        raise ValueError(f"dilation must be positive, got dilation={dilation}")
+    pairs = _normalize_padding(padding, ndim)
+    mode = _check_padding_mode(padding_mode)
+    return stride, dilation, _resolve_padding(pairs, kernel, stride, dilation), mode
+
+
 def _check_sizes_and_modes(L, k, s, d, pairs, mode, shape_name, shape):
     for axis, (n, kk, dd, (lo, hi)) in enumerate(zip(L, k, d, pairs)):
         if n + lo + hi < dd * (kk - 1) + 1:
@@ -353,15 +375,9 @@ def conv_geometry(
     padding_mode="zeros",
 ) -> ConvGeometry:
     """Validate the arguments of a forward convolution and normalise them."""
-    wshape = _check_weight_shape(weight_shape)
+    wshape, groups = _check_weight_and_groups(weight_shape, groups, "output")
     ndim = len(wshape) - 2
-    groups = _check_groups(groups)
     c_out, cpg = wshape[0], wshape[1]
-    if c_out % groups:
-        raise ValueError(
-            f"groups must divide the output channels: weight.shape[0]={c_out} is not "
-            f"divisible by groups={groups}"
-        )
     ishape = _check_input_shape(input_shape, ndim)
     if ishape[0] != cpg * groups:
         raise ValueError(
@@ -369,16 +385,9 @@ def conv_geometry(
             f"weight.shape[1] * groups = {cpg} * {groups} = {cpg * groups} "
             f"(weight.shape={wshape}, input_shape={ishape})"
         )
-    stride = _normalize_tuple(stride, ndim, "stride")
-    if any(v <= 0 for v in stride):
-        raise ValueError(f"stride must be positive, got stride={stride}")
-    dilation = _normalize_tuple(dilation, ndim, "dilation")
-    if any(v <= 0 for v in dilation):
-        raise ValueError(f"dilation must be positive, got dilation={dilation}")
-    pairs = _normalize_padding(padding, ndim)
-    mode = _check_padding_mode(padding_mode)
     kernel = wshape[2:]
-    pairs = _resolve_padding(pairs, kernel, stride, dilation)
+    stride, dilation, pairs, mode = _normalize_window(kernel, stride, padding, dilation,
+                                                      padding_mode)
     L = ishape[1:]
     _check_sizes_and_modes(L, kernel, stride, dilation, pairs, mode, "input_shape", ishape)
     O = tuple(
@@ -417,15 +426,9 @@ def conv_transpose_geometry(
     ``(C_in, C_out // groups, *k)``, which is the Conv layout of the forward
     convolution it transposes.  Returns that forward convolution's geometry.
     """
-    wshape = _check_weight_shape(weight_shape)
+    wshape, groups = _check_weight_and_groups(weight_shape, groups, "input")
     ndim = len(wshape) - 2
-    groups = _check_groups(groups)
     c_in_t, opg = wshape[0], wshape[1]
-    if c_in_t % groups:
-        raise ValueError(
-            f"groups must divide the input channels: weight.shape[0]={c_in_t} is not "
-            f"divisible by groups={groups}"
-        )
     ishape = _check_input_shape(input_shape, ndim)
     if ishape[0] != c_in_t:
         raise ValueError(
@@ -433,13 +436,9 @@ def conv_transpose_geometry(
             f"convolution weight (in_channels, out_channels // groups, *kernel_size) expects "
             f"weight.shape[0]={c_in_t} input channels (input_shape={ishape})"
         )
-    stride = _normalize_tuple(stride, ndim, "stride")
-    if any(v <= 0 for v in stride):
-        raise ValueError(f"stride must be positive, got stride={stride}")
-    dilation = _normalize_tuple(dilation, ndim, "dilation")
-    if any(v <= 0 for v in dilation):
-        raise ValueError(f"dilation must be positive, got dilation={dilation}")
-    pairs = _normalize_padding(padding, ndim)
+    kernel = wshape[2:]
+    stride, dilation, pairs, mode = _normalize_window(kernel, stride, padding, dilation,
+                                                      padding_mode)
     output_padding = _normalize_tuple(output_padding, ndim, "output_padding")
     if any(v < 0 for v in output_padding):
         raise ValueError(f"output_padding must be non-negative, got output_padding={output_padding}")
@@ -450,9 +449,6 @@ def conv_transpose_geometry(
                 f"output_padding={output_padding}, stride={stride}, dilation={dilation} "
                 f"(spatial dimension {axis})"
             )
-    mode = _check_padding_mode(padding_mode)
-    kernel = wshape[2:]
-    pairs = _resolve_padding(pairs, kernel, stride, dilation)
     O = ishape[1:]
     L = tuple(
         (o - 1) * s - lo - hi + d * (k - 1) + a + 1

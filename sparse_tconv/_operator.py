@@ -15,8 +15,8 @@ import numpy as np
 import scipy.sparse as sp
 from scipy.sparse.linalg import LinearOperator
 
-from ._build import build, refill
-from ._geometry import as_weight, conv_geometry, conv_transpose_geometry
+from ._build import build, refill, validate
+from ._geometry import as_weight
 from ._parallel import resolve_threads, run_parallel
 
 try:  # scipy's serial CSR kernels; private, so fall back to ``matrix @ x``.
@@ -99,6 +99,13 @@ class _ConvOperatorBase(LinearOperator):
     _transposed: bool
 
     # -- construction -----------------------------------------------------
+
+    def _build(self, weight, input_shape, dtype, threads, **geometry):
+        """Validate the constructor's arguments and build the matrix."""
+        w, geom = validate(weight, input_shape, transpose=self._transposed, dtype=dtype,
+                           **geometry)
+        matrix = build(geom, w, transpose=self._transposed, threads=resolve_threads(threads))
+        self._setup(geom, w, matrix, threads)
 
     @classmethod
     def _from_parts(cls, geometry, weight, matrix, threads, transpose_factory=None):
@@ -440,19 +447,17 @@ class ConvOperator(_ConvOperatorBase):
         dtype=None,
         threads=None,
     ):
-        w = as_weight(weight, dtype)
-        geometry = conv_geometry(
-            w.shape,
+        self._build(
+            weight,
             input_shape,
+            dtype,
+            threads,
             stride=stride,
             padding=padding,
             dilation=dilation,
             groups=groups,
             padding_mode=padding_mode,
         )
-        n_threads = resolve_threads(threads)
-        matrix = build(geometry, w, transpose=False, threads=n_threads)
-        self._setup(geometry, w, matrix, threads)
 
 
 class ConvTransposeOperator(_ConvOperatorBase):
@@ -524,10 +529,11 @@ class ConvTransposeOperator(_ConvOperatorBase):
         dtype=None,
         threads=None,
     ):
-        w = as_weight(weight, dtype)
-        geometry = conv_transpose_geometry(
-            w.shape,
+        self._build(
+            weight,
             input_shape,
+            dtype,
+            threads,
             stride=stride,
             padding=padding,
             output_padding=output_padding,
@@ -535,9 +541,6 @@ class ConvTransposeOperator(_ConvOperatorBase):
             groups=groups,
             padding_mode=padding_mode,
         )
-        n_threads = resolve_threads(threads)
-        matrix = build(geometry, w, transpose=True, threads=n_threads)
-        self._setup(geometry, w, matrix, threads)
 
     @property
     def output_padding(self) -> tuple[int, ...]:

@@ -8,7 +8,7 @@ import sparse_tconv
 # "ci" keeps the property tests to a few seconds; "dev" explores further:
 #   HYPOTHESIS_PROFILE=dev pytest tests/test_properties.py
 settings.register_profile(
-    "ci", max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow]
+    "ci", max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow]
 )
 settings.register_profile(
     "dev", max_examples=1000, deadline=None, suppress_health_check=[HealthCheck.too_slow]

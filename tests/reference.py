@@ -22,6 +22,10 @@ def padded_indices(size: int, before: int, after: int, mode: str) -> np.ndarray:
     return np.pad(np.arange(size), (before, after), mode=NUMPY_PAD_MODE[mode], **kwargs)
 
 
+def _per_dim(value, ndim):
+    return [value] * ndim if isinstance(value, int) else list(value)
+
+
 def _pairs(padding, ndim):
     if isinstance(padding, int):
         return [(padding, padding)] * ndim
@@ -40,8 +44,7 @@ def reference_conv_matrix(
     c_out, cpg, *kernel = weight.shape
     c_in, *size = input_shape
     ndim = len(kernel)
-    stride = [stride] * ndim if isinstance(stride, int) else list(stride)
-    dilation = [dilation] * ndim if isinstance(dilation, int) else list(dilation)
+    stride, dilation = _per_dim(stride, ndim), _per_dim(dilation, ndim)
     pads = _pairs(padding, ndim)
     index = [padded_indices(size[d], *pads[d], mode) for d in range(ndim)]
     out = [
@@ -78,9 +81,8 @@ def reference_conv_transpose_matrix(
     c_in, opg, *kernel = weight.shape
     _, *size_in = input_shape
     ndim = len(kernel)
-    stride = [stride] * ndim if isinstance(stride, int) else list(stride)
-    dilation = [dilation] * ndim if isinstance(dilation, int) else list(dilation)
-    output_padding = [output_padding] * ndim if isinstance(output_padding, int) else list(output_padding)
+    stride, dilation = _per_dim(stride, ndim), _per_dim(dilation, ndim)
+    output_padding = _per_dim(output_padding, ndim)
     pads = _pairs(padding, ndim)
     size_out = [
         (size_in[d] - 1) * stride[d] - sum(pads[d]) + dilation[d] * (kernel[d] - 1)
@@ -118,7 +120,7 @@ def torch_conv(x, weight, stride, padding, dilation, groups, mode="zeros"):
         if mode == "zeros":
             return conv(xt, wt, None, stride, padding, dilation, groups)[0].numpy()
         kernel = weight.shape[2:]
-        dil = [dilation] * ndim if isinstance(dilation, int) else dilation
+        dil = _per_dim(dilation, ndim)
         totals = [d * (k - 1) for k, d in zip(kernel, dil)] if padding == "same" else [0] * ndim
         padding = [(t // 2, t - t // 2) for t in totals]
     pads = _pairs(padding, ndim)
