@@ -58,7 +58,7 @@ class _Block:
 
 @dataclass(frozen=True)
 class _Layout:
-    """Sizes of the matrix being built: rows (channel, position), columns likewise."""
+    """Channel blocks and per-dimension maps of the matrix being built."""
 
     groups: int
     row_channels: int  # per group
@@ -76,12 +76,6 @@ class _Layout:
     @property
     def n_row_channels(self) -> int:
         return self.groups * self.row_channels
-
-    @property
-    def shape(self) -> tuple[int, int]:
-        rows = self.n_row_channels * math.prod(m.n_rows for m in self.maps)
-        cols = self.groups * self.col_channels * math.prod(m.n_cols for m in self.maps)
-        return rows, cols
 
 
 def _layout(geom: ConvGeometry, transpose: bool) -> _Layout:

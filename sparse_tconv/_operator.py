@@ -147,10 +147,14 @@ class _ConvOperatorBase(LinearOperator):
         """The CSR matrix of the transpose, built on first use and kept.
 
         Built directly from the geometry (as fast as the matrix itself), it
-        takes as many bytes as :attr:`matrix`.  It makes ``rmatvec``,
-        ``rmatmat``, ``.T``, ``.H`` and the transposed products as fast as
-        the forward product, where scipy's ``matrix.T @ y`` would run a
-        serial CSC kernel.
+        takes as many bytes as :attr:`matrix`.  ``rmatvec``, ``rmatmat``,
+        ``.T``, ``.H`` and the transposed products run on it with the same
+        threaded row-block kernel as the forward product, where scipy's
+        ``matrix.T @ y`` would run a serial CSC kernel.  Its products give
+        the same bits as scipy's ``matrix.T @ y``.  For most geometries they
+        are about as fast as the forward product; a layer with few input and
+        many output channels is the exception (each row of W.T then gathers
+        from every output-channel plane, which misses the cache).
         """
         if self._tmatrix is None:
             self._tmatrix = self._transpose_factory()
