@@ -90,6 +90,9 @@ def test_transpose_matrix_is_exact_transpose(g, seed):
     np.testing.assert_array_equal(M.indptr, WT.indptr)
     np.testing.assert_array_equal(M.indices, WT.indices)
     np.testing.assert_array_equal(M.data, WT.data)
+    # and its products are scipy's transposed (CSC) product, bit for bit
+    v = rng.standard_normal(W.shape[0])
+    np.testing.assert_array_equal(op.rmatvec(v), W.T @ v)
 
 
 @given(geometries(), st.integers(0, 2**32 - 1))
