@@ -10,6 +10,7 @@ so they are only for small geometries.
 from __future__ import annotations
 
 import itertools
+import zlib
 
 import numpy as np
 
@@ -153,3 +154,8 @@ def random_array(rng, shape, dtype):
 def tolerance(dtype) -> float:
     """Relative tolerance of a sum of a few hundred products in ``dtype``."""
     return 2e-4 if np.dtype(dtype) in (np.float32, np.complex64) else 1e-10
+
+
+def seed_of(*parts) -> int:
+    """A reproducible seed from a test's parameters (``hash`` of str is salted per run)."""
+    return zlib.crc32(repr(parts).encode())
