@@ -16,6 +16,7 @@ from ._geometry import (
 )
 from ._operator import ConvOperator, ConvTransposeOperator
 from ._parallel import get_num_threads, set_num_threads
+from ._torch import from_torch, to_torch
 
 __version__ = "0.1.0"
 
@@ -31,4 +32,6 @@ __all__ = [
     "ConvTransposeOperator",
     "get_num_threads",
     "set_num_threads",
+    "from_torch",
+    "to_torch",
 ]
