@@ -1,0 +1,31 @@
+"""Products with W: matvec, rmatvec (the transposed convolution) and matmat, per thread count."""
+
+import numpy as np
+
+from .common import GEOMETRIES, make, n_cpus
+
+
+class Products:
+    params = [list(GEOMETRIES), [1, 2]]
+    param_names = ["geometry", "threads"]
+    timeout = 120
+
+    def setup(self, geometry, threads):
+        if threads > n_cpus():
+            raise NotImplementedError("more threads than CPUs")
+        _, self.op, self.x, self.y = make(geometry, threads=threads)
+        self.op.transpose_matrix  # built here, not inside time_rmatvec
+        self.X = np.random.default_rng(7).standard_normal((self.op.shape[1], 8))
+
+    def time_matvec(self, geometry, threads):
+        self.op.matvec(self.x)
+
+    def time_rmatvec(self, geometry, threads):
+        self.op.rmatvec(self.y)
+
+    def time_matmat(self, geometry, threads):
+        self.op.matmat(self.X)
+
+    def time_scipy_matvec(self, geometry, threads):
+        # scipy's own serial product on the same matrix: the baseline of the speed-up.
+        self.op.matrix @ self.x

@@ -1,0 +1,272 @@
+"""The ``sparse-tconv`` command (also ``python -m sparse_tconv``).
+
+``bench`` compares the CSR product with direct kernels and peers, ``matrix``
+builds (and saves) W for a geometry given on the command line, ``crossover``
+maps where each method is fastest, ``perf`` runs the performance figures of
+:mod:`sparse_tconv.benchmark`.  User errors print one line and exit with 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+from . import _compare, benchmark
+from ._build import conv_matrix, conv_transpose_matrix
+from ._geometry import conv_matrix_nnz, conv_transpose_matrix_nnz
+from ._parallel import resolve_threads
+
+__all__ = ["main"]
+
+_PROG = "sparse-tconv"
+
+
+class UsageError(Exception):
+    """A bad command line: reported in one line, exit status 2."""
+
+
+def _ints(text: str, name: str) -> tuple[int, ...]:
+    try:
+        values = tuple(int(v) for v in text.split(","))
+    except ValueError:
+        raise UsageError(f"{name} must be comma-separated integers, got {text!r}") from None
+    return values
+
+
+def _int_or_tuple(text: str, name: str):
+    values = _ints(text, name)
+    return values[0] if len(values) == 1 else values
+
+
+def _padding(text: str):
+    """'same', 'valid', '2', '1,2' (per dimension) or '0:1,1:2' ((before, after) per dimension)."""
+    if text in ("same", "valid"):
+        return text
+    if ":" in text:
+        pairs = []
+        for part in text.split(","):
+            pair = _ints(part.replace(":", ","), "--padding")
+            if len(pair) != 2:
+                raise UsageError(f"--padding pairs are before:after, got {part!r}")
+            pairs.append(pair)
+        return tuple(pairs)
+    return _int_or_tuple(text, "--padding")
+
+
+def _add_geometry(parser: argparse.ArgumentParser, required: bool) -> None:
+    g = parser.add_argument_group("geometry (PyTorch's conventions)")
+    g.add_argument("--weight-shape", required=required, metavar="O,I,K...",
+                   help="weight shape, e.g. 64,3,7,7 (Conv layout; ConvTranspose layout "
+                        "with --transposed)")
+    g.add_argument("--input-shape", required=required, metavar="C,L...",
+                   help="one input sample, e.g. 3,224,224")
+    g.add_argument("--stride", default="1", metavar="S[,S...]")
+    g.add_argument("--padding", default="0",
+                   help="P, P1,P2,..., before:after pairs (0:1,1:2), 'same' or 'valid'")
+    g.add_argument("--dilation", default="1", metavar="D[,D...]")
+    g.add_argument("--groups", type=int, default=1)
+    g.add_argument("--padding-mode", default="zeros",
+                   choices=["zeros", "reflect", "replicate", "circular"])
+    g.add_argument("--transposed", action="store_true", help="a transposed convolution")
+    g.add_argument("--output-padding", default="0", metavar="A[,A...]",
+                   help="transposed convolution only")
+
+
+def _geometry(args) -> benchmark.Config:
+    kwargs = dict(
+        stride=_int_or_tuple(args.stride, "--stride"),
+        padding=_padding(args.padding),
+        dilation=_int_or_tuple(args.dilation, "--dilation"),
+        groups=args.groups,
+        padding_mode=args.padding_mode,
+    )
+    if args.transposed:
+        kwargs["output_padding"] = _int_or_tuple(args.output_padding, "--output-padding")
+    elif args.output_padding != "0":
+        raise UsageError("--output-padding applies to --transposed convolutions only")
+    weight_shape = _ints(args.weight_shape, "--weight-shape")
+    input_shape = _ints(args.input_shape, "--input-shape")
+    config = benchmark.Config("cli", f"weight {weight_shape}, input {input_shape}", weight_shape,
+                              input_shape, kwargs, transposed=args.transposed,
+                              batch=getattr(args, "batch", None) or 8)
+    _compare.predicted_size(config)  # validates every argument, allocates nothing
+    return config
+
+
+def _threads(args) -> int:
+    return resolve_threads(args.threads)
+
+
+def _write_json(path, payload) -> None:
+    Path(path).write_text(json.dumps(payload, indent=1))
+
+
+# --- bench -----------------------------------------------------------------------------------
+
+def _bench(args) -> int:
+    threads = _threads(args)
+    if args.weight_shape or args.input_shape:
+        if not (args.weight_shape and args.input_shape):
+            raise UsageError("give both --weight-shape and --input-shape")
+        configs = [_geometry(args)]
+    else:
+        configs = _compare.BENCH_QUICK_CONFIGS if args.quick else _compare.BENCH_CONFIGS
+        if args.config:
+            known = [c.name for c in configs]
+            unknown = sorted(set(args.config) - set(known))
+            if unknown:
+                raise UsageError(f"unknown configuration(s) {unknown}; choose from {known}")
+            configs = [c for c in configs if c.name in args.config]
+        if args.batch is not None:
+            configs = [dataclasses.replace(c, batch=args.batch) for c in configs]
+    repeat = args.repeat or (1 if args.quick else 3)
+    peers, notes = _compare.available_peers() if not args.no_peers else ({}, ["peers skipped"])
+    machine = _compare.machine_figures(threads, args.quick, repeat)
+    progress = _compare.Progress(3 * len(configs))
+    results = [
+        _compare.compare_config(c, threads=threads, bandwidth=machine["bandwidth_all"],
+                                repeat=repeat, peers=peers, progress=progress)
+        for c in configs
+    ]
+    print(_compare.format_comparison(results, machine, notes))
+    if args.json:
+        _write_json(args.json, dict(machine=machine, results=results, notes=notes))
+    if args.plot:
+        _compare.plot_comparison(results, args.plot,
+                                 f"sparse-tconv bench, {machine['date']}, {threads} threads")
+    return 0
+
+
+# --- matrix ----------------------------------------------------------------------------------
+
+def _matrix(args) -> int:
+    config = _geometry(args)
+    dtype = np.dtype(args.dtype)
+    size_of = conv_transpose_matrix_nnz if config.transposed else conv_matrix_nnz
+    size = size_of(config.weight_shape, config.input_shape, dtype=dtype, **config.kwargs)
+    print(f"predicted: shape {size.shape}, nnz {size.nnz:,}, {size.nbytes:,} bytes "
+          f"({size.dtype} values, {size.index_dtype} indices)")
+    if args.save and Path(args.save).suffix not in (".npz", ".mtx"):
+        raise UsageError(f"--save must end in .npz or .mtx, got {args.save!r}")
+    weight = np.random.default_rng(args.seed).standard_normal(config.weight_shape).astype(dtype)
+    builder = conv_transpose_matrix if config.transposed else conv_matrix
+    start = time.perf_counter()
+    W = builder(weight, config.input_shape, max_bytes=args.max_bytes, **config.kwargs)
+    seconds = time.perf_counter() - start
+    nbytes = W.data.nbytes + W.indices.nbytes + W.indptr.nbytes
+    print(f"built:     shape {W.shape}, nnz {W.nnz:,}, {nbytes:,} bytes in {seconds*1e3:.1f} ms "
+          f"({seconds / max(W.nnz, 1) * 1e9:.2f} ns per entry)")
+    if args.save:
+        _save(W, args.save)
+        print(f"saved:     {args.save}")
+    return 0
+
+
+def _save(W, path: str) -> None:
+    import scipy.io
+    import scipy.sparse as sp
+
+    if path.endswith(".npz"):
+        sp.save_npz(path, W)
+    else:
+        scipy.io.mmwrite(path, W)
+
+
+# --- crossover -------------------------------------------------------------------------------
+
+def _crossover(args) -> int:
+    threads = _threads(args)
+    grid = _compare.crossover_grid(args.quick)
+    for key in ("channels", "kernels", "images"):
+        value = getattr(args, key)
+        if value:
+            grid[key] = list(_ints(value, f"--{key}"))
+    repeat = args.repeat or (1 if args.quick else 3)
+    machine = dict(threads=threads, date=time.strftime("%Y-%m-%d"))
+    n_cells = len(grid["channels"]) * len(grid["kernels"]) * len(grid["images"])
+    cells = _compare.run_crossover(grid, threads=threads, repeat=repeat,
+                                   max_nnz=args.max_nnz, progress=_compare.Progress(n_cells))
+    print(_compare.format_crossover(cells, machine))
+    _compare.plot_crossover(cells, args.plot,
+                            f"fastest 2-D convolution, {machine['date']}, {threads} threads")
+    print(f"map written to {args.plot}")
+    if args.json:
+        _write_json(args.json, dict(machine=machine, grid=grid, cells=cells))
+    return 0
+
+
+# --- parser ----------------------------------------------------------------------------------
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog=_PROG, description=__doc__.split("\n\n")[0])
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    bench = sub.add_parser("bench", help="CSR product vs direct kernels and peers")
+    bench.add_argument("--quick", action="store_true", help="small configurations, seconds")
+    bench.add_argument("--config", action="append", metavar="NAME",
+                       help="run only these built-in configurations (repeatable)")
+    bench.add_argument("--no-peers", action="store_true", help="skip PyTorch and PyLops")
+    bench.add_argument("--batch", type=int, default=None,
+                       help="columns of the batched product (default 8)")
+    _add_common(bench)
+    bench.add_argument("--plot", metavar="PATH", help="write a PNG bar chart")
+    _add_geometry(bench, required=False)
+
+    matrix = sub.add_parser("matrix", help="build W for a geometry, optionally save it")
+    _add_geometry(matrix, required=True)
+    matrix.add_argument("--dtype", default="float64",
+                        choices=["float32", "float64", "complex64", "complex128"])
+    matrix.add_argument("--seed", type=int, default=0, help="seed of the random weights")
+    matrix.add_argument("--max-bytes", type=int, default=None,
+                        help="refuse to build a matrix larger than this")
+    matrix.add_argument("--save", metavar="PATH", help="write W as .npz (scipy) or .mtx")
+
+    cross = sub.add_parser("crossover", help="map where CSR, direct and FFT kernels win")
+    cross.add_argument("--quick", action="store_true", help="a 2x2 grid, seconds")
+    cross.add_argument("--channels", metavar="C,...", help="channel counts (in = out)")
+    cross.add_argument("--kernels", metavar="K,...", help="kernel sizes")
+    cross.add_argument("--images", metavar="N,...", help="image sizes (N x N)")
+    cross.add_argument("--max-nnz", type=int, default=150_000_000,
+                       help="skip building matrices larger than this")
+    cross.add_argument("--plot", metavar="PATH", default="crossover.png",
+                       help="where to write the heat map (default crossover.png)")
+    _add_common(cross)
+
+    sub.add_parser("perf", help="the performance figures (python -m sparse_tconv.benchmark)",
+                   add_help=False)
+    return parser
+
+
+def _add_common(parser) -> None:
+    parser.add_argument("--threads", type=int, default=None, help="threads (default: all)")
+    parser.add_argument("--repeat", type=int, default=None, help="rounds per timing")
+    parser.add_argument("--json", metavar="PATH", help="write every raw figure as JSON")
+
+
+_COMMANDS = {"bench": _bench, "matrix": _matrix, "crossover": _crossover}
+
+
+def main(argv=None) -> int:
+    """Run the command line; returns the exit status."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["perf"]:
+        return benchmark.main(argv[1:])
+    parser = _parser()
+    args = parser.parse_args(argv)
+    try:
+        return _COMMANDS[args.command](args)
+    except (UsageError, ValueError, TypeError) as exc:
+        print(f"{_PROG} {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+    except MemoryError as exc:
+        print(f"{_PROG} {args.command}: {exc}", file=sys.stderr)
+        return 1
+    except OSError as exc:
+        print(f"{_PROG} {args.command}: error: {exc}", file=sys.stderr)
+        return 1

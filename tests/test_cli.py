@@ -1,0 +1,199 @@
+"""The ``sparse-tconv`` command: every sub-command runs, writes what it says, and
+rejects bad arguments with one line and a non-zero exit (no timing assertions)."""
+
+import json
+import re
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import scipy.io
+import scipy.sparse as sp
+
+from sparse_tconv import conv_matrix, conv_matrix_nnz, conv_transpose_matrix
+from sparse_tconv._cli import main
+
+
+def test_bench_quick_writes_json_and_plot(tmp_path, capsys):
+    pytest.importorskip("matplotlib")
+    js, png = tmp_path / "bench.json", tmp_path / "bench.png"
+    assert main(["bench", "--quick", "--config", "a", "--config", "g", "--repeat", "1",
+                 "--json", str(js), "--plot", str(png)]) == 0
+    report = json.loads(js.read_text())
+    by_name = {r["config"]: r for r in report["results"]}
+    assert set(by_name) == {"a", "g"}
+    a = by_name["a"]
+    assert a["nnz"] == conv_matrix_nnz((20, 10, 5, 5), (10, 16, 16), stride=3, padding=2).nnz
+    for method in ("build", "csr", "csr_transpose", "csr_batch_per_column", "naive", "fast", "fft"):
+        assert a["times"][method] > 0
+        assert a["vs_csr"][method] == pytest.approx(a["times"][method] / a["times"]["csr"])
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    out = capsys.readouterr().out
+    assert "Direct kernels and peers" in out and "of bound" in out
+
+
+def test_bench_peer_columns_follow_what_is_installed(tmp_path, monkeypatch, capsys):
+    import sparse_tconv._compare as compare
+
+    real_import = compare._import
+    monkeypatch.setattr(compare, "_import",
+                        lambda name: None if name == "pylops" else real_import(name))
+    js = tmp_path / "bench.json"
+    assert main(["bench", "--quick", "--config", "d", "--repeat", "1", "--json", str(js)]) == 0
+    report = json.loads(js.read_text())
+    assert any("pylops not installed" in note for note in report["notes"])
+    times = report["results"][0]["times"]
+    assert "pylops_fft" not in times
+    try:
+        import torch  # noqa: F401
+    except ImportError:
+        assert not any(k.startswith("torch") for k in times)
+    else:
+        assert {"torch_f64_1t", "torch_f32_1t"} <= set(times)
+    assert "note: pylops not installed" in capsys.readouterr().out
+
+
+def test_pylops_peer_computes_the_same_convolution():
+    pytest.importorskip("pylops")
+    from sparse_tconv._compare import pylops_operator
+    from sparse_tconv.benchmark import Config
+
+    for config in (Config("d", "", (1, 1, 5, 5), (1, 20, 17), dict(padding=2)),
+                   Config("e", "", (1, 1, 7), (1, 40), dict(padding=3)),
+                   Config("f", "", (1, 1, 3, 3, 3), (1, 6, 5, 4), dict(padding=1))):
+        rng = np.random.default_rng(0)
+        weight = rng.standard_normal(config.weight_shape)
+        x = rng.standard_normal(config.input_shape)
+        expected = conv_matrix(weight, config.input_shape, **config.kwargs) @ x.ravel()
+        np.testing.assert_allclose(pylops_operator(config, weight).matvec(x.ravel()), expected,
+                                   rtol=1e-10, atol=1e-10)
+
+
+def test_bench_geometry_from_the_command_line(tmp_path):
+    js = tmp_path / "bench.json"
+    assert main(["bench", "--weight-shape", "4,2,3", "--input-shape", "2,50", "--stride", "2",
+                 "--padding", "1:2", "--repeat", "1", "--no-peers", "--json", str(js)]) == 0
+    (r,) = json.loads(js.read_text())["results"]
+    assert r["nnz"] == conv_matrix_nnz((4, 2, 3), (2, 50), stride=2, padding=[(1, 2)]).nnz
+
+
+@pytest.mark.parametrize("suffix", [".npz", ".mtx"])
+def test_matrix_saves_the_matrix_it_reports(tmp_path, capsys, suffix):
+    path = tmp_path / f"W{suffix}"
+    args = ["matrix", "--weight-shape", "3,2,3,3", "--input-shape", "2,7,6", "--padding", "same",
+            "--padding-mode", "reflect", "--seed", "4", "--save", str(path)]
+    assert main(args) == 0
+    weight = np.random.default_rng(4).standard_normal((3, 2, 3, 3))
+    expected = conv_matrix(weight, (2, 7, 6), padding="same", padding_mode="reflect")
+    saved = sp.load_npz(path) if suffix == ".npz" else scipy.io.mmread(path)
+    assert saved.shape == expected.shape
+    np.testing.assert_array_equal(sp.csr_array(saved).toarray(), expected.toarray())
+    out = capsys.readouterr().out
+    assert f"nnz {expected.nnz:,}" in out.splitlines()[0]  # predicted before building
+    assert out.splitlines()[0].startswith("predicted:")
+
+
+def test_matrix_transposed_with_output_padding(tmp_path):
+    path = tmp_path / "WT.npz"
+    assert main(["matrix", "--weight-shape", "4,2,3,3", "--input-shape", "4,5,5", "--transposed",
+                 "--stride", "2", "--output-padding", "1", "--dtype", "float32",
+                 "--save", str(path)]) == 0
+    weight = np.random.default_rng(0).standard_normal((4, 2, 3, 3)).astype(np.float32)
+    expected = conv_transpose_matrix(weight, (4, 5, 5), stride=2, output_padding=1)
+    saved = sp.load_npz(path)
+    assert saved.dtype == np.float32
+    np.testing.assert_array_equal(saved.toarray(), expected.toarray())
+
+
+def test_crossover_quick_writes_the_map(tmp_path, capsys):
+    pytest.importorskip("matplotlib")
+    png, js = tmp_path / "map.png", tmp_path / "map.json"
+    assert main(["crossover", "--quick", "--repeat", "1", "--plot", str(png), "--json",
+                 str(js)]) == 0
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    cells = json.loads(js.read_text())["cells"]
+    assert len(cells) == 2 * 2 * 1
+    for cell in cells:
+        times = cell["times"]
+        fastest = min(("csr", "fast", "fft"), key=times.get)
+        assert cell["winner"] == fastest
+        assert cell["nnz"] == conv_matrix_nnz(
+            (cell["channels"],) * 2 + (cell["kernel"],) * 2,
+            (cell["channels"], cell["image"], cell["image"]),
+            padding=(cell["kernel"] - 1) // 2,
+        ).nnz
+    assert "winner" in capsys.readouterr().out
+
+
+def test_crossover_skips_matrices_over_the_budget(tmp_path):
+    pytest.importorskip("matplotlib")
+    js = tmp_path / "map.json"
+    assert main(["crossover", "--channels", "2", "--kernels", "3", "--images", "8",
+                 "--max-nnz", "10", "--repeat", "1", "--plot", str(tmp_path / "m.png"),
+                 "--json", str(js)]) == 0
+    (cell,) = json.loads(js.read_text())["cells"]
+    assert "csr" not in cell["times"] and cell["winner"] in ("fast", "fft")
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["matrix", "--weight-shape", "3,2,3,3", "--input-shape", "5,7,7"],
+         r"input_shape\[0\]=5 channels do not match"),
+        (["matrix", "--weight-shape", "3,x", "--input-shape", "2,7"],
+         r"--weight-shape must be comma-separated integers, got '3,x'"),
+        (["matrix", "--weight-shape", "3,2,3", "--input-shape", "2,7", "--padding", "1:2:3"],
+         r"--padding pairs are before:after, got '1:2:3'"),
+        (["matrix", "--weight-shape", "3,2,3", "--input-shape", "2,7", "--save", "W.txt"],
+         r"--save must end in .npz or .mtx, got 'W.txt'"),
+        (["matrix", "--weight-shape", "3,2,3", "--input-shape", "2,7", "--output-padding", "1"],
+         r"--output-padding applies to --transposed"),
+        (["matrix", "--weight-shape", "3,2,3", "--input-shape", "2,7", "--stride", "2",
+          "--padding", "same"], r"padding='same'"),
+        (["bench", "--config", "zz", "--quick"], r"unknown configuration\(s\) \['zz'\]"),
+        (["bench", "--weight-shape", "3,2,3"], r"give both --weight-shape and --input-shape"),
+        (["crossover", "--channels", "a"], r"--channels must be comma-separated integers"),
+        (["bench", "--threads", "0", "--quick"], r"threads must be a positive integer"),
+    ],
+)
+def test_user_errors_are_one_line_with_exit_2(capsys, args, message):
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    assert len(err.strip().splitlines()) == 1
+
+    assert re.search(message, err)
+
+
+def test_max_bytes_refuses_before_building(capsys):
+    assert main(["matrix", "--weight-shape", "8,8,3,3", "--input-shape", "8,64,64",
+                 "--max-bytes", "1000"]) == 1
+    err = capsys.readouterr().err
+    assert "more than max_bytes=1000" in err and "Traceback" not in err
+
+
+@pytest.mark.parametrize("args", [[], ["frobnicate"], ["matrix"]])
+def test_argparse_errors_exit_2(capsys, args):
+    with pytest.raises(SystemExit) as exc:
+        main(args)
+    assert exc.value.code == 2
+    assert "usage: sparse-tconv" in capsys.readouterr().err
+
+
+def test_python_dash_m_runs_the_same_command(tmp_path):
+    result = subprocess.run(
+        [sys.executable, "-m", "sparse_tconv", "matrix", "--weight-shape", "2,1,3",
+         "--input-shape", "1,9"],
+        capture_output=True, text=True, check=False,
+    )
+    assert result.returncode == 0, result.stderr
+    nnz = conv_matrix_nnz((2, 1, 3), (1, 9)).nnz
+    assert f"nnz {nnz:,}" in result.stdout
+
+
+def test_perf_forwards_to_the_benchmark_engine(capsys):
+    with pytest.raises(SystemExit) as exc:
+        main(["perf", "--config", "zz", "--quick"])
+    assert exc.value.code == 2
+    assert "unknown configuration(s) ['zz']" in capsys.readouterr().err
