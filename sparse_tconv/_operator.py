@@ -285,13 +285,13 @@ class _ConvOperatorBase(LinearOperator):
 
         Parameters
         ----------
-        x : array_like, shape (C_in, *L) or (B, C_in, *L)
+        x : array_like, shape (C_in, L_1, ..., L_N) or (B, C_in, L_1, ..., L_N)
             The forward convolution's input (``C_in, *L`` is
             ``ConvOperator.input_shape``, ``ConvTransposeOperator.output_shape``).
 
         Returns
         -------
-        ndarray, shape (C_out, *O) or (B, C_out, *O)
+        ndarray, shape (C_out, O_1, ..., O_N) or (B, C_out, O_1, ..., O_N)
 
         Raises
         ------
@@ -306,12 +306,12 @@ class _ConvOperatorBase(LinearOperator):
 
         Parameters
         ----------
-        y : array_like, shape (C_out, *O) or (B, C_out, *O)
+        y : array_like, shape (C_out, O_1, ..., O_N) or (B, C_out, O_1, ..., O_N)
             The forward convolution's output shape.
 
         Returns
         -------
-        ndarray, shape (C_in, *L) or (B, C_in, *L)
+        ndarray, shape (C_in, L_1, ..., L_N) or (B, C_in, L_1, ..., L_N)
             Plain transpose (no conjugation), as ``conv_transpose{N}d``.
 
         Raises
