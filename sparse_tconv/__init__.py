@@ -4,6 +4,10 @@
 (PyTorch semantics); convolution is ``W @ x`` and transposed convolution
 ``W.T @ y``.  ``ConvOperator`` and ``ConvTransposeOperator`` serve both as
 ``scipy.sparse.linalg.LinearOperator`` objects with threaded products.
+
+Submodules: :mod:`sparse_tconv.direct` (direct convolution kernels),
+:mod:`sparse_tconv.spectral` (singular values, norms, Gram matrices,
+composition), :mod:`sparse_tconv.testing` (dot test, reference check).
 """
 
 from ._build import conv_matrix, conv_transpose_matrix
@@ -17,6 +21,9 @@ from ._geometry import (
 from ._operator import ConvOperator, ConvTransposeOperator
 from ._parallel import get_num_threads, set_num_threads
 from ._torch import from_torch, to_torch
+
+# Public submodules: direct convolution kernels, spectra and norms, test helpers.
+from . import direct, spectral, testing  # noqa: E402  (after the names they use)
 
 __version__ = "0.1.0"
 

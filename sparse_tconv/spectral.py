@@ -1,0 +1,807 @@
+"""Spectra of convolution matrices: singular values, operator norms, Gram matrices.
+
+- :func:`conv_singular_values`: every singular value of a circular-padding
+  convolution, exactly, from small per-frequency blocks (no matrix is built).
+- :func:`operator_norm`: the spectral norm ``||W||_2`` of any convolution
+  (any padding mode and stride) or matrix, by ARPACK, power iteration, or a
+  guaranteed upper bound by Gram iteration.
+- :func:`gram_matrix` and :func:`column_norms`: ``W^H W`` as canonical CSR
+  and the Euclidean norms of W's columns (Jacobi preconditioning).
+- :func:`compose`: the product of two convolution matrices (stacked layers,
+  or a convolution followed by its transpose) as one canonical CSR matrix.
+
+Operators are :class:`~sparse_tconv.ConvOperator` /
+:class:`~sparse_tconv.ConvTransposeOperator` (their ``matrix``), scipy
+sparse matrices or arrays, or dense 2-D ndarrays.
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+import warnings
+
+import numpy as np
+import scipy.sparse as sp
+from scipy.sparse.linalg import LinearOperator, aslinearoperator, svds
+
+from ._geometry import as_weight, conv_geometry
+from ._operator import ConvOperator, ConvTransposeOperator
+
+try:  # scipy's symbolic pass of a sparse product (exact nnz, O(rows) memory)
+    from scipy.sparse._sparsetools import csr_matmat_maxnnz as _csr_matmat_maxnnz
+except ImportError:  # pragma: no cover - depends on the scipy release
+    _csr_matmat_maxnnz = None
+
+__all__ = [
+    "conv_singular_values",
+    "operator_norm",
+    "gram_matrix",
+    "column_norms",
+    "compose",
+]
+
+_CONV_OPERATORS = (ConvOperator, ConvTransposeOperator)
+_METHODS = ("svds", "power", "gram")
+# Gram iteration switches to dense arithmetic once a product is this full.
+_DENSE_FRACTION = 0.25
+
+
+# ---------------------------------------------------------------------------
+# Argument handling
+# ---------------------------------------------------------------------------
+
+
+def _explicit_matrix(obj, name: str):
+    """``(matrix, sample shapes or None)`` of an operator or matrix argument.
+
+    The matrix is a CSR array, or a dense 2-D ndarray for a dense input.
+    """
+    if isinstance(obj, _CONV_OPERATORS):
+        return obj.matrix, (obj.input_shape, obj.output_shape)
+    if sp.issparse(obj):
+        if obj.ndim != 2:
+            raise ValueError(f"{name} must be 2-D, got {name}.shape={obj.shape}")
+        return sp.csr_array(obj), None
+    if isinstance(obj, np.ndarray):
+        if obj.ndim != 2:
+            raise ValueError(f"{name} must be 2-D, got an array with {name}.shape={obj.shape}")
+        if not np.issubdtype(obj.dtype, np.number) or obj.dtype == np.bool_:
+            raise TypeError(f"{name} must be numeric, got {name}.dtype={obj.dtype}")
+        return obj, None
+    if isinstance(obj, LinearOperator):
+        raise TypeError(
+            f"{name} must be an explicit matrix (ConvOperator, ConvTransposeOperator, scipy "
+            f"sparse matrix or 2-D ndarray), got a matrix-free {type(obj).__name__}"
+        )
+    raise TypeError(
+        f"{name} must be a ConvOperator, ConvTransposeOperator, scipy sparse matrix or 2-D "
+        f"ndarray, got {name} of type {type(obj).__name__}"
+    )
+
+
+def _as_csr(matrix) -> sp.csr_array:
+    return matrix if sp.issparse(matrix) else sp.csr_array(matrix)
+
+
+def _canonical(matrix) -> sp.csr_array:
+    """CSR with sorted indices and no duplicates (sorted in place if needed)."""
+    out = sp.csr_array(matrix)
+    out.sum_duplicates()  # sorts the indices too; a no-op when already canonical
+    return out
+
+
+def _conj(matrix: sp.csr_array) -> sp.csr_array:
+    if not np.iscomplexobj(matrix.data):
+        return matrix
+    out = sp.csr_array((matrix.data.conj(), matrix.indices, matrix.indptr), shape=matrix.shape)
+    out.has_canonical_format = matrix.has_canonical_format
+    return out
+
+
+def _adjoint_csr(obj, matrix: sp.csr_array) -> sp.csr_array:
+    """``matrix^H`` as CSR, from the operator's ready-built transpose when it has one."""
+    if isinstance(obj, _CONV_OPERATORS):
+        return _conj(obj.transpose_matrix)
+    return _conj(matrix.T.tocsr())
+
+
+def _check_positive_int(value, name: str, *, allow_zero: bool = False) -> int:
+    if not isinstance(value, numbers.Integral) or isinstance(value, (bool, np.bool_)):
+        raise TypeError(f"{name} must be an int, got {name}={value!r}")
+    value = int(value)
+    if value < (0 if allow_zero else 1):
+        kind = "non-negative" if allow_zero else "positive"
+        raise ValueError(f"{name} must be a {kind} int, got {name}={value}")
+    return value
+
+
+def _check_tol(value, name: str) -> float:
+    if not isinstance(value, numbers.Real) or isinstance(value, (bool, np.bool_)):
+        raise TypeError(f"{name} must be a real number, got {name}={value!r}")
+    value = float(value)
+    if not (np.isfinite(value) and value >= 0):
+        raise ValueError(f"{name} must be non-negative and finite, got {name}={value!r}")
+    return value
+
+
+def _generator(rng) -> np.random.Generator:
+    try:
+        return np.random.default_rng(0 if rng is None else rng)
+    except (TypeError, ValueError):
+        raise TypeError(
+            f"rng must be an int seed, a numpy.random.Generator or None, got rng={rng!r}"
+        ) from None
+
+
+# ---------------------------------------------------------------------------
+# Exact singular values of circular convolutions
+# ---------------------------------------------------------------------------
+
+
+def conv_singular_values(
+    weight,
+    input_shape,
+    *,
+    stride=1,
+    padding="same",
+    dilation=1,
+    groups=1,
+    padding_mode="circular",
+) -> np.ndarray:
+    """Every singular value of a circular-padding convolution, exactly, by FFT.
+
+    The singular values of ``W = conv_matrix(weight, input_shape, ...,
+    padding_mode='circular')`` are computed from ``prod(L / stride)`` small
+    blocks (one per spatial frequency) without building W (Sedghi, Gupta &
+    Long, "The Singular Values of Convolutional Layers", ICLR 2019), extended
+    to strides by a polyphase decomposition and to groups and dilation.
+
+    Parameters
+    ----------
+    weight : array_like, shape (C_out, C_in // groups, k_1, ..., k_N)
+        PyTorch's Conv layout; real or complex.
+    input_shape : sequence of int
+        One sample, ``(C_in, L_1, ..., L_N)``.
+    stride : int or sequence of int, optional
+        As for :func:`~sparse_tconv.conv_matrix`.  Default 1.
+    padding : int, sequence, 'same' or 'valid', optional
+        As for :func:`~sparse_tconv.conv_matrix`.  Default ``'same'``
+        (stride 1 only; pass explicit ``(before, after)`` pairs with a stride).
+    dilation, groups : int or sequence of int, optional
+        As for :func:`~sparse_tconv.conv_matrix`.  Default 1.
+    padding_mode : str, optional
+        Default ``'circular'``, the only mode with this structure; another
+        mode is accepted only where no padding is read (zero padding).
+
+    Returns
+    -------
+    ndarray of float64, shape (min(W.shape),)
+        The singular values of W sorted in descending order, with
+        multiplicity, as ``numpy.linalg.svd(W, compute_uv=False)`` returns
+        them (computed in double precision whatever the weight's dtype).
+
+    Raises
+    ------
+    ValueError, TypeError
+        Invalid arguments, as for :func:`~sparse_tconv.conv_matrix`.
+    NotImplementedError
+        If the geometry is not a (subsampled) circulant: padding read in a
+        mode other than ``'circular'``, or, in some dimension, a stride that
+        does not divide the input size ``L`` or an output size other than
+        ``L / stride`` (that is, ``lo + hi`` outside
+        ``[d (k - 1) - s + 1, d (k - 1)]``).  Use :func:`operator_norm` for
+        the largest singular value of any geometry, or a dense SVD of
+        ``conv_matrix(...).toarray()`` for small sizes.
+
+    See Also
+    --------
+    operator_norm : The largest singular value, for any geometry.
+    sparse_tconv.conv_matrix : The matrix W whose singular values these are.
+
+    Notes
+    -----
+    Per dimension, with stride ``s``, dilation ``d``, padding ``(lo, hi)``,
+    input size ``L = s M`` and output size ``M``, tap ``t`` reads the input
+    at ``(p s + t d - lo) mod L``.  Write ``t d - lo = q(t) s + r(t)`` with
+    ``0 <= r(t) < s`` and split the input into its ``s^N`` polyphase
+    components ``x_{c,r}[m] = x[c, m s + r]`` on the ``M`` grid.  Then
+
+    ``y[o, p] = sum_c sum_t w[o, c, t] x_{c, r(t)}[(p + q(t)) mod M]``
+
+    is a multi-channel circular correlation on the ``M`` grid with
+    ``C_in s^N`` input channels.  The unitary DFT on that grid (a unitary
+    change of basis on both sides, as is the polyphase permutation)
+    block-diagonalises it: for each frequency ``f`` the ``C_out x C_in s^N``
+    block is
+
+    ``B(f)[o, (c, r)] = sum_{t : r(t) = r} w[o, c, t] exp(2 pi i sum_n f_n q_n(t) / M_n)``,
+
+    and the singular values of W are the union over the ``prod(M)``
+    frequencies of the singular values of ``B(f)``.  With groups, ``B(f)``
+    is block diagonal (one ``C_out/groups x (C_in/groups) s^N`` block per
+    group), and each block is decomposed separately.  For stride 1,
+    ``B(f) = sum_t w[:, :, t] exp(2 pi i f (t d - lo) / L)``: the N-d DFT of
+    the kernel with its taps at dilated positions, zero-padded to the input
+    size; the padding offset ``lo`` (the cross-correlation's circular shift)
+    only multiplies it by the unimodular factor ``exp(-2 pi i f lo / L)``,
+    which leaves the singular values unchanged.  Multiple taps that land on
+    one input element (a dilated kernel longer than the input) add up.
+
+    Cost: one FFT of the ``C_out x C_in/groups x s^N x M`` polyphase kernel
+    and ``groups * prod(M)`` SVDs of ``C_out/groups x (C_in/groups) s^N``
+    matrices; the blocks take ``16 * C_out * (C_in/groups) * prod(L)`` bytes.
+
+    Examples
+    --------
+    A single-channel circular 3-tap average has the singular values
+    ``|1 + 2 cos(2 pi f / L)| / 3`` (here ``L = 4``):
+
+    >>> import numpy as np
+    >>> from sparse_tconv.spectral import conv_singular_values
+    >>> conv_singular_values(np.ones((1, 1, 3)) / 3, (1, 4)).round(4)
+    array([1.    , 0.3333, 0.3333, 0.3333])
+
+    They are those of the built matrix, for a strided multi-channel layer too:
+
+    >>> from sparse_tconv import conv_matrix
+    >>> rng = np.random.default_rng(0)
+    >>> w = rng.standard_normal((3, 2, 3, 3))
+    >>> s = conv_singular_values(w, (2, 6, 8), stride=2, padding=1)
+    >>> W = conv_matrix(w, (2, 6, 8), stride=2, padding=1, padding_mode="circular")
+    >>> np.allclose(s, np.linalg.svd(W.toarray(), compute_uv=False))
+    True
+    """
+    w = as_weight(weight)
+    geom = conv_geometry(
+        w.shape,
+        input_shape,
+        stride=stride,
+        padding=padding,
+        dilation=dilation,
+        groups=groups,
+        padding_mode=padding_mode,
+    )
+    padded = any(v > 0 for pair in geom.padding for v in pair)
+    if padded and geom.padding_mode != "circular":
+        raise NotImplementedError(
+            f"exact singular values need circular padding, got padding_mode="
+            f"{geom.padding_mode!r} with padding={geom.padding}: the operator is not "
+            "circulant; use operator_norm() for its spectral norm"
+        )
+    for axis, (L, O, s) in enumerate(zip(geom.input_size, geom.output_size, geom.stride)):
+        if L % s or O * s != L:
+            raise NotImplementedError(
+                f"exact singular values need a (subsampled) circulant: in every spatial "
+                f"dimension the stride must divide the input size and the output size must "
+                f"be input size / stride; spatial dimension {axis} has input size {L}, "
+                f"stride {s}, output size {O} (input_shape={geom.input_shape}, "
+                f"padding={geom.padding}, kernel_size={geom.kernel_size}, "
+                f"dilation={geom.dilation}); use operator_norm() for the spectral norm of "
+                "this geometry"
+            )
+
+    n = geom.ndim
+    g = geom.groups
+    c_out, cpg = geom.out_channels, geom.in_channels // g
+    opg = c_out // g
+    S, M = geom.stride, geom.output_size
+    # Polyphase kernel A[o, c, r_1..r_N, m_1..m_N]; taps that land together add up.
+    phases, shifts = [], []
+    for k, s, d, (lo, _), m in zip(geom.kernel_size, S, geom.dilation, geom.padding, M):
+        offset = np.arange(k) * d - lo
+        phases.append(offset % s)
+        shifts.append((offset // s) % m)
+    work = np.complex128 if np.iscomplexobj(w) else np.float64
+    A = np.zeros((c_out, cpg, *S, *M), dtype=work)
+    # Phase and shift of every tap of the N-d kernel, on the kernel's grid.
+    grids = np.meshgrid(*[np.arange(k) for k in geom.kernel_size], indexing="ij")
+    index = (
+        slice(None),
+        slice(None),
+        *(phases[a][grids[a]] for a in range(n)),
+        *(shifts[a][grids[a]] for a in range(n)),
+    )
+    np.add.at(A, index, w.astype(work))
+    blocks = np.fft.fftn(A, axes=tuple(range(2 + n, 2 + 2 * n)))
+    # fftn uses exp(-2 pi i ...): it gives B(-f), the same set of blocks.
+    n_freq, n_phase = math.prod(M), math.prod(S)
+    blocks = blocks.reshape(g, opg, cpg * n_phase, n_freq).transpose(0, 3, 1, 2)
+    values = np.linalg.svd(blocks, compute_uv=False).ravel()
+    return np.ascontiguousarray(np.sort(values)[::-1])
+
+
+# ---------------------------------------------------------------------------
+# Operator norm
+# ---------------------------------------------------------------------------
+
+
+def _norm_operand(obj):
+    """``(LinearOperator or None, explicit matrix or None)`` for operator_norm."""
+    if isinstance(obj, _CONV_OPERATORS):
+        return obj, obj.matrix
+    if sp.issparse(obj) or isinstance(obj, np.ndarray):
+        matrix, _ = _explicit_matrix(obj, "op")
+        return aslinearoperator(matrix), matrix
+    if isinstance(obj, LinearOperator):
+        return obj, None
+    raise TypeError(
+        "op must be a ConvOperator, ConvTransposeOperator, LinearOperator, scipy sparse "
+        f"matrix or 2-D ndarray, got op of type {type(obj).__name__}"
+    )
+
+
+def _vector_dtype(dtype) -> np.dtype:
+    dtype = np.dtype(dtype)
+    return dtype if dtype.kind in "fc" else np.dtype(np.float64)
+
+
+def _start_vector(gen, size, dtype):
+    x = gen.standard_normal(size)
+    if dtype.kind == "c":
+        x = x + 1j * gen.standard_normal(size)
+    return (x / np.linalg.norm(x)).astype(dtype)
+
+
+def _rank_one_norm(A: LinearOperator) -> float:
+    """The norm of an operator with one row or one column: that row/column's norm."""
+    m, n = A.shape
+    dtype = _vector_dtype(A.dtype)
+    if n == 1:
+        return float(np.linalg.norm(A.matvec(np.ones(1, dtype=dtype))))
+    return float(np.linalg.norm(A.rmatvec(np.ones(1, dtype=dtype))))
+
+
+def _norm_svds(A, tol, maxiter, gen):
+    if min(A.shape) == 1:
+        return _rank_one_norm(A)
+    dtype = _vector_dtype(A.dtype)
+    v0 = _start_vector(gen, min(A.shape), dtype)
+    # ARPACK fails on a zero operator ("starting vector is zero"): look first.
+    first = A.matvec if A.shape[0] >= A.shape[1] else A.rmatvec
+    if not np.any(first(v0)):
+        return 0.0  # A v0 = 0 for a random v0: A is zero (almost surely)
+    s = svds(A, k=1, tol=tol, maxiter=maxiter, v0=v0, return_singular_vectors=False)
+    return float(s[0])
+
+
+def _norm_power(A, tol, maxiter, gen):
+    m, n = A.shape
+    dtype = _vector_dtype(A.dtype)
+    # Iterate on the smaller Gram matrix: A^H A (n x n) or A A^H (m x m).
+    if n <= m:
+        first, second = A.matvec, A.rmatvec
+    else:
+        first, second = A.rmatvec, A.matvec
+    x = _start_vector(gen, min(m, n), dtype)
+    estimate, change = 0.0, np.inf
+    for _ in range(maxiter):
+        y = second(first(x))  # G x, with G the Gram matrix; ||x|| = 1
+        norm_y = float(np.linalg.norm(y))
+        if norm_y == 0.0:
+            return 0.0  # only when G x = 0 for a random x: A is zero
+        new = math.sqrt(norm_y)  # sqrt(||G x||) <= sqrt(lambda_max(G)) = ||A||
+        change = abs(new - estimate)
+        estimate = new
+        x = y / norm_y
+        if change <= tol * estimate:
+            return estimate
+    warnings.warn(
+        f"power iteration stopped after maxiter={maxiter} iterations with relative change "
+        f"{change / estimate:.2e} > tol={tol:.2e}; the estimate {estimate!r} is a lower bound "
+        "of the norm (raise maxiter, or use method='svds')",
+        RuntimeWarning,
+        stacklevel=3,
+    )
+    return estimate
+
+
+def _product_nnz(a: sp.csr_array, b: sp.csr_array) -> int:
+    """Stored entries of ``a @ b`` before cancellation, in O(rows) memory."""
+    if _csr_matmat_maxnnz is not None:
+        idx = np.int64
+        return int(
+            _csr_matmat_maxnnz(
+                a.shape[0],
+                b.shape[1],
+                a.indptr.astype(idx),
+                a.indices.astype(idx),
+                b.indptr.astype(idx),
+                b.indices.astype(idx),
+            )
+        )
+    # pragma: no cover - upper bound: every multiply-add makes a new entry
+    rows_b = np.diff(b.indptr).astype(np.int64)
+    cols_a = np.bincount(a.indices, minlength=a.shape[1]).astype(np.int64)
+    return int(min(int(cols_a @ rows_b), a.shape[0] * b.shape[1]))
+
+
+def _norm_gram(matrix, iterations, max_nnz):
+    # Double precision throughout, so that rounding cannot undercut the bound.
+    if sp.issparse(matrix):
+        dtype = np.complex128 if np.iscomplexobj(matrix.data) else np.float64
+        G = sp.csr_array(matrix, dtype=dtype, copy=True)
+        G.sum_duplicates()
+    else:
+        dtype = np.complex128 if np.iscomplexobj(matrix) else np.float64
+        G = np.array(matrix, dtype=dtype)
+    # G = H_j / c_j with log c_j tracked; H_1 = W, H_{j+1} = H_j^H H_j.
+    log_scale, done = 0.0, 0
+    for _ in range(iterations):
+        f = float(np.linalg.norm(G.data if sp.issparse(G) else G))
+        if f == 0.0:
+            return 0.0
+        # G^H G, or G G^H when smaller (same non-zero spectrum; equal once Hermitian).
+        small_side = G.shape[1] <= G.shape[0]
+        if sp.issparse(G):
+            scaled = G * (1.0 / f)  # G itself stays as is if this step is not taken
+            H = scaled.conj().T.tocsr()
+            left, right = (H, scaled) if small_side else (scaled, H)
+            if max_nnz is not None:
+                nnz = _product_nnz(left, right)
+                if nnz > max_nnz:
+                    warnings.warn(
+                        f"Gram iteration stopped after {done} of {iterations} steps: the "
+                        f"next product would store {nnz} entries, more than max_nnz={max_nnz}; "
+                        "the bound returned is valid but looser",
+                        RuntimeWarning,
+                        stacklevel=3,
+                    )
+                    break
+            G = left @ right
+            if G.nnz > _DENSE_FRACTION * G.shape[0] * G.shape[1]:
+                G = G.toarray()
+        else:
+            G = G / f
+            G = G.conj().T @ G if small_side else G @ G.conj().T
+        log_scale = 2.0 * (log_scale + math.log(f))
+        done += 1
+    frob = float(np.linalg.norm(G.data if sp.issparse(G) else G))
+    if frob == 0.0:
+        return 0.0
+    return math.exp((log_scale + math.log(frob)) / 2.0**done)
+
+
+def operator_norm(
+    op,
+    *,
+    method="svds",
+    tol=None,
+    maxiter=None,
+    iterations=6,
+    max_nnz=1 << 24,
+    rng=None,
+) -> float:
+    """The spectral norm ``||W||_2`` (largest singular value) of a convolution or matrix.
+
+    Three methods: an accurate value (ARPACK), a lower bound (power
+    iteration) and a guaranteed upper bound (Gram iteration), each for any
+    padding mode, stride and geometry.
+
+    Parameters
+    ----------
+    op : ConvOperator, ConvTransposeOperator, LinearOperator, sparse matrix or ndarray
+        The operator.  A convolution operator's products run on its threads;
+        ``method='gram'`` uses its explicit ``matrix`` (a matrix-free
+        LinearOperator is accepted by ``'svds'`` and ``'power'`` only).
+    method : {'svds', 'power', 'gram'}, optional
+        ``'svds'`` (default): ARPACK (``scipy.sparse.linalg.svds``, ``k=1``),
+        accurate to ``tol``.  ``'power'``: power iteration on ``W^H W``; a
+        lower bound that increases to the norm.  ``'gram'``: an upper bound
+        by Gram iteration on the explicit sparse matrix (see Notes).
+    tol : float, optional
+        ``'svds'``: ARPACK's relative tolerance (default 0: machine
+        precision).  ``'power'``: stop when the estimate changes by at most
+        ``tol`` relative (default ``1e-8``; ``100 * eps``, about ``1.2e-5``, for
+        a single-precision operator).  Not used by ``'gram'``.
+    maxiter : int, optional
+        ``'svds'``: ARPACK's limit (default: scipy's).  ``'power'``: the
+        number of products with ``W^H W`` (default 1000).
+    iterations : int, optional
+        ``'gram'``: the number of Gram steps ``t`` (default 6; 0 gives the
+        Frobenius norm).
+    max_nnz : int or None, optional
+        ``'gram'``: a step whose product would store more than this many
+        entries (counted exactly beforehand by scipy's symbolic pass) is not
+        taken; the iteration stops with a :class:`RuntimeWarning` and the
+        (looser) bound reached so far.  Default ``2**24`` (200 to 270 MB of
+        double-precision values and indices); ``None``: no limit.
+    rng : int, numpy.random.Generator or None, optional
+        Seed or generator of the starting vector (``'svds'``, ``'power'``).
+        Default ``None``: the fixed seed 0, so results reproduce.
+
+    Returns
+    -------
+    float
+        The norm (``'svds'``), a lower bound (``'power'``) or an upper bound
+        (``'gram'``).
+
+    Raises
+    ------
+    ValueError
+        Unknown ``method``; negative ``tol``, ``iterations`` or non-positive
+        ``maxiter``/``max_nnz``; an operator that is not 2-D.
+    TypeError
+        An unsupported ``op`` (or a matrix-free operator with ``'gram'``), or
+        an argument of the wrong type.
+    scipy.sparse.linalg.ArpackNoConvergence
+        If ARPACK does not converge within ``maxiter``.
+
+    Warns
+    -----
+    RuntimeWarning
+        ``'power'`` reached ``maxiter`` before ``tol``; ``'gram'`` stopped
+        early because of ``max_nnz``.
+
+    See Also
+    --------
+    conv_singular_values : All singular values, exactly, for circular padding.
+
+    Notes
+    -----
+    ``'power'`` iterates ``x <- G x / ||G x||`` with ``G = W^H W`` (or
+    ``W W^H``, whichever is smaller) from a random unit ``x`` and returns
+    ``sqrt(||G x||)``, which never exceeds ``sigma_max(W)``; it converges
+    like ``(sigma_2 / sigma_1)^(2 k)``, slowly when the top singular values
+    are close, as they often are for convolutions.
+
+    ``'gram'`` (Delattre, Barthelemy, Araujo & Allauzen, "Efficient Bound of
+    Lipschitz Constant for Convolutional Layers by Gram Iteration", ICML
+    2023) sets ``G_1 = W``, ``G_{j+1} = G_j^H G_j`` and uses
+    ``sigma_max(W)^(2^t) = sigma_max(G_{t+1}) <= ||G_{t+1}||_F``, so
+
+    ``sigma_max(W) <= ||G_{t+1}||_F^(1 / 2^t)``.
+
+    To avoid overflow each ``G_j`` is divided by its Frobenius norm ``f_j``
+    before squaring and the scale is carried in logarithms:
+    ``log c_{j+1} = 2 (log c_j + log f_j)``, ``log c_1 = 0``, and the bound is
+    ``exp((log c_{t+1} + log ||G~_{t+1}||_F) / 2^t)``.  The bound decreases
+    with ``t`` towards ``sigma_max``; it exceeds it by at most a factor
+    ``rank(W)^(1 / 2^(t+1))``.  Arithmetic is double precision.  The first
+    step uses ``W W^H`` when it is smaller than ``W^H W`` (same non-zero
+    spectrum).  On a sparse matrix each step about doubles the kernel's
+    support (fill-in): the number of entries grows by up to ``2^N`` per step
+    until the matrix is dense, hence ``max_nnz``.  A product fuller than
+    1/4 continues in dense arithmetic.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from sparse_tconv import ConvOperator
+    >>> from sparse_tconv.spectral import operator_norm
+    >>> rng = np.random.default_rng(0)
+    >>> op = ConvOperator(rng.standard_normal((4, 3, 3, 3)), (3, 8, 8), padding=1)
+    >>> exact = np.linalg.norm(op.matrix.toarray(), 2)
+    >>> bool(np.isclose(operator_norm(op), exact))
+    True
+    >>> bool(np.isclose(operator_norm(op, method="power", maxiter=5000), exact, rtol=1e-3))
+    True
+    >>> bool(exact <= operator_norm(op, method="gram") <= 1.1 * exact)
+    True
+    """
+    if not isinstance(method, str) or method not in _METHODS:
+        raise ValueError(f"method must be one of {_METHODS}, got method={method!r}")
+    # Every argument is checked, whichever method uses it.
+    if tol is not None:
+        tol = _check_tol(tol, "tol")
+    if maxiter is not None:
+        maxiter = _check_positive_int(maxiter, "maxiter")
+    iterations = _check_positive_int(iterations, "iterations", allow_zero=True)
+    if max_nnz is not None:
+        max_nnz = _check_positive_int(max_nnz, "max_nnz")
+    gen = _generator(rng)
+    A, matrix = _norm_operand(op)
+    if method == "gram":
+        if matrix is None:
+            raise TypeError(
+                "method='gram' needs an explicit matrix (ConvOperator, ConvTransposeOperator, "
+                f"scipy sparse matrix or ndarray), got a matrix-free {type(op).__name__}"
+            )
+        return _norm_gram(matrix, iterations, max_nnz)
+    if method == "svds":
+        return _norm_svds(A, 0.0 if tol is None else tol, maxiter, gen)
+    if tol is None:  # what the operator's precision can resolve
+        tol = max(1e-8, 100 * float(np.finfo(_vector_dtype(A.dtype)).eps))
+    return _norm_power(A, tol, 1000 if maxiter is None else maxiter, gen)
+
+
+# ---------------------------------------------------------------------------
+# Gram matrix, column norms, composition
+# ---------------------------------------------------------------------------
+
+
+def gram_matrix(op) -> sp.csr_array:
+    """The Gram matrix ``W^H W`` as a canonical sparse matrix.
+
+    The matrix of the normal equations ``W^H W x = W^H y``, explicit, for
+    direct solvers, preconditioners or inspection.
+
+    Parameters
+    ----------
+    op : ConvOperator, ConvTransposeOperator, sparse matrix or 2-D ndarray
+        W: the operator's ``matrix`` (for a ConvTransposeOperator, the
+        transposed convolution's matrix), or the matrix itself.
+
+    Returns
+    -------
+    scipy.sparse.csr_array, shape (n, n)
+        ``W^H W`` (``n = W.shape[1]``), Hermitian, in W's dtype; canonical
+        CSR (sorted indices, no duplicates).
+
+    Raises
+    ------
+    TypeError
+        If ``op`` is not one of the accepted types (a matrix-free
+        LinearOperator has no explicit Gram matrix).
+    ValueError
+        If ``op`` is not 2-D.
+
+    See Also
+    --------
+    column_norms : The square roots of its diagonal, without forming it.
+    compose : ``W^T W`` (no conjugation) and other products of two matrices.
+
+    Notes
+    -----
+    ``G[j, l] = sum_i conj(W[i, j]) W[i, l]``, computed as the sparse product
+    ``conj(W.T) @ W``, using a convolution operator's directly built
+    ``transpose_matrix``.  For a convolution, ``G`` is the matrix of the
+    transposed convolution applied after the convolution (with conjugated
+    weights when complex): a convolution-like operator with a kernel of
+    about twice the extent; entries whose sum cancels to exactly zero are not
+    stored.  The product is scipy's (serial).
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from sparse_tconv import ConvOperator
+    >>> from sparse_tconv.spectral import gram_matrix
+    >>> op = ConvOperator(np.array([[[1.0, 2.0]]]), (1, 3))
+    >>> op.matrix.toarray()
+    array([[1., 2., 0.],
+           [0., 1., 2.]])
+    >>> gram_matrix(op).toarray()
+    array([[1., 2., 0.],
+           [2., 5., 2.],
+           [0., 2., 4.]])
+    """
+    matrix, _ = _explicit_matrix(op, "op")
+    matrix = _as_csr(matrix)
+    return _canonical(_adjoint_csr(op, matrix) @ matrix)
+
+
+def column_norms(op) -> np.ndarray:
+    """The Euclidean norms of the columns of W, ``sqrt(diag(W^H W))``.
+
+    The diagonal of the normal equations, for Jacobi preconditioning or
+    column scaling of least-squares problems.
+
+    Parameters
+    ----------
+    op : ConvOperator, ConvTransposeOperator, sparse matrix or 2-D ndarray
+        W, as for :func:`gram_matrix`.
+
+    Returns
+    -------
+    ndarray, shape (n,)
+        ``norms[j] = sqrt(sum_i |W[i, j]|^2)``, in the real dtype of W's
+        precision (float32 for float32/complex64, else float64); accumulated
+        in double precision.
+
+    Raises
+    ------
+    TypeError, ValueError
+        As for :func:`gram_matrix`.
+
+    See Also
+    --------
+    gram_matrix : The whole of ``W^H W``.
+
+    Notes
+    -----
+    One pass over W's stored entries, without forming ``W^H W``.  For Jacobi
+    preconditioning of the normal equations ``W^H W x = W^H y`` use
+    ``M = diag(1 / norms**2)`` (e.g. ``cg(..., M=M)``), or solve the least
+    squares problem for ``z`` on the column-scaled operator
+    ``W diag(1 / norms)`` and set ``x = z / norms``; columns that are
+    entirely zero have norm 0 and need a guard.  For a convolution with zero
+    padding, columns near the border have smaller norms than interior ones.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from sparse_tconv import ConvOperator
+    >>> from sparse_tconv.spectral import column_norms
+    >>> op = ConvOperator(np.array([[[3.0, 4.0]]]), (1, 3))
+    >>> column_norms(op)
+    array([3., 5., 4.])
+    """
+    matrix, _ = _explicit_matrix(op, "op")
+    if sp.issparse(matrix):
+        if not matrix.has_canonical_format:  # duplicates must be summed before squaring
+            matrix = matrix.copy()
+            matrix.sum_duplicates()
+        data, dtype = matrix.data, matrix.dtype
+        squares = (data.real.astype(np.float64) ** 2)
+        if np.iscomplexobj(data):
+            squares += data.imag.astype(np.float64) ** 2
+        sums = np.bincount(matrix.indices, weights=squares, minlength=matrix.shape[1])
+    else:
+        dtype = matrix.dtype
+        sums = np.sum(np.abs(matrix.astype(np.complex128 if np.iscomplexobj(matrix)
+                                           else np.float64)) ** 2, axis=0)
+    real = np.float32 if dtype in (np.float32, np.complex64) else np.float64
+    return np.sqrt(sums).astype(real)
+
+
+def compose(outer, inner) -> sp.csr_array:
+    """The matrix of ``inner`` followed by ``outer``, ``outer.matrix @ inner.matrix``.
+
+    Two stacked layers become one matrix; a convolution followed by its
+    transpose is ``compose(op.T, op)``, which is ``W^T W``.
+
+    Parameters
+    ----------
+    outer, inner : ConvOperator, ConvTransposeOperator, sparse matrix or 2-D ndarray
+        The operators, applied ``inner`` first.
+
+    Returns
+    -------
+    scipy.sparse.csr_array, shape (outer.shape[0], inner.shape[1])
+        Canonical CSR (sorted indices, no duplicates), in the result dtype of
+        the two matrices.
+
+    Raises
+    ------
+    ValueError
+        If ``inner``'s output size is not ``outer``'s input size
+        (``inner.shape[0] != outer.shape[1]``), or, for two convolution
+        operators, if ``inner.output_shape != outer.input_shape`` (pass
+        ``.matrix`` to compose across a reshape); the message gives both
+        shapes.  If either is not 2-D.
+    TypeError
+        If either is not one of the accepted types.
+
+    See Also
+    --------
+    gram_matrix : ``W^H W`` (conjugated), for the normal equations.
+
+    Notes
+    -----
+    ``C[i, j] = sum_l outer[i, l] inner[l, j]``, the sparse product (no
+    conjugation), computed by scipy (serial); entries whose sum cancels to
+    exactly zero are not stored.  ``C @ x == outer @ (inner @ x)``.  The
+    product of two convolutions is itself a convolution-like operator whose
+    receptive field is the composition of both (stride ``s_1 s_2``, kernel
+    extent ``d_1 (k_1 - 1) + s_1 d_2 (k_2 - 1) + 1``, away from the border),
+    so it stays sparse.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from sparse_tconv import ConvOperator
+    >>> from sparse_tconv.spectral import compose
+    >>> rng = np.random.default_rng(0)
+    >>> first = ConvOperator(rng.standard_normal((4, 2, 3, 3)), (2, 8, 8), stride=2, padding=1)
+    >>> second = ConvOperator(rng.standard_normal((3, 4, 3, 3)), first.output_shape, padding=1)
+    >>> C = compose(second, first)
+    >>> C.shape
+    (48, 128)
+    >>> x = rng.standard_normal(128)
+    >>> np.allclose(C @ x, second.matvec(first.matvec(x)))
+    True
+    """
+    a, a_shapes = _explicit_matrix(outer, "outer")
+    b, b_shapes = _explicit_matrix(inner, "inner")
+    if a.shape[1] != b.shape[0]:
+        raise ValueError(
+            f"cannot compose: inner's output size {b.shape[0]} (inner.shape={b.shape}) is not "
+            f"outer's input size {a.shape[1]} (outer.shape={a.shape})"
+        )
+    if a_shapes is not None and b_shapes is not None and a_shapes[0] != b_shapes[1]:
+        raise ValueError(
+            f"cannot compose: inner.output_shape={b_shapes[1]} is not "
+            f"outer.input_shape={a_shapes[0]} (same size, different layout; pass the "
+            "operators' .matrix to compose across a reshape)"
+        )
+    return _canonical(_as_csr(a) @ _as_csr(b))
