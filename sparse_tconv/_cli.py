@@ -125,7 +125,7 @@ def _bench(args) -> int:
             configs = [c for c in configs if c.name in args.config]
         if args.batch is not None:
             configs = [dataclasses.replace(c, batch=args.batch) for c in configs]
-    repeat = args.repeat or (1 if args.quick else 3)
+    repeat = args.repeat or (1 if args.quick else 5)
     peers, notes = _compare.available_peers() if not args.no_peers else ({}, ["peers skipped"])
     machine = _compare.machine_figures(threads, args.quick, repeat)
     progress = _compare.Progress(3 * len(configs))

@@ -271,7 +271,7 @@ def format_comparison(results: list[dict], machine: dict, notes: list[str]) -> s
         lines.append(f"  ({r['config']}) {r['description']}")
     lines.append("\nof bound: (matrix + x + y bytes) / read bandwidth over the W@x time; "
                  "naive: Python loop over output positions (small sizes only); fast: im2col "
-                 "as a strided view + tensordot; fft: scipy.fft; torch_f64_1t: "
+                 "as a strided view + matmul; fft: scipy.fft; torch_f64_1t: "
                  "torch.nn.functional on 1 thread, float64; '-': not applicable or skipped")
     lines += [f"note: {n}" for n in notes]
     return "\n".join(lines)
@@ -294,7 +294,7 @@ def plot_comparison(results: list[dict], path, title: str = "") -> None:
     """Bar chart: every method's time over the CSR product's, per configuration (log scale)."""
     plt = _pyplot()
     methods = ["csr_transpose", "csr_serial"] + [m for m in _peer_columns(results)]
-    fig, ax = plt.subplots(figsize=(10, 0.5 + 0.45 * len(results) * 1.6))
+    fig, ax = plt.subplots(figsize=(11.5, 1.0 + 0.75 * len(results)))
     height = 0.8 / len(methods)
     cmap = plt.get_cmap("tab20")
     for j, m in enumerate(methods):
@@ -308,7 +308,7 @@ def plot_comparison(results: list[dict], path, title: str = "") -> None:
     ax.invert_yaxis()
     ax.set_xlabel("time / threaded CSR W @ x  (left of 1: faster than the matrix product)")
     ax.set_title(title or "sparse-tconv bench")
-    ax.legend(fontsize=7, loc="lower right")
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -373,13 +373,13 @@ def run_crossover(grid: dict, *, threads: int, repeat: int, max_nnz: int = 150_0
 
 def format_crossover(cells: list[dict], machine: dict) -> str:
     lines = [f"{machine['date']}, {machine['threads']} threads, float64, 2-D C->C, padding 'same'",
-             f"{'image':>6}{'C':>4}{'k':>4}{'nnz':>14}{'CSR ms':>10}{'fast ms':>10}{'fft ms':>10}"
+             f"{'image':>6}{'C':>4}{'k':>4}{'nnz':>17}{'CSR ms':>10}{'fast ms':>10}{'fft ms':>10}"
              f"{'winner':>8}{'by':>7}{'CSR/best direct':>17}"]
     for c in cells:
         t = c["times"]
         csr = f"{t['csr']*1e3:10.3f}" if "csr" in t else f"{'too big':>10}"
         ratio = f"{c['csr_over_best_direct']:17.2f}" if "csr" in t else f"{'-':>17}"
-        lines.append(f"{c['image']:>6}{c['channels']:>4}{c['kernel']:>4}{c['nnz']:>14,}{csr}"
+        lines.append(f"{c['image']:>6}{c['channels']:>4}{c['kernel']:>4}{c['nnz']:>17,}{csr}"
                      f"{t['fast']*1e3:10.3f}{t['fft']*1e3:10.3f}{c['winner']:>8}"
                      f"{c['factor']:>6.1f}x{ratio}")
     lines.append("by: runner-up time over the winner's; CSR/best direct < 1: the matrix product "
