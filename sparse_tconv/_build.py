@@ -22,6 +22,7 @@ cut along an outer axis and written from several threads.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import itertools
 import math
@@ -38,10 +39,20 @@ from ._geometry import (
     as_weight,
     conv_geometry,
     conv_transpose_geometry,
+    index_dtype,
 )
 from ._parallel import resolve_threads, run_parallel
 
-__all__ = ["conv_matrix", "conv_transpose_matrix", "validate", "build", "refill"]
+__all__ = [
+    "conv_matrix",
+    "conv_transpose_matrix",
+    "validate",
+    "build",
+    "refill",
+    "build_rows",
+    "row_offsets",
+    "balanced_row_ranges",
+]
 
 # Blocks smaller than this are written by one call; larger ones are cut into
 # chunks of about this size so that every thread gets work.
@@ -480,3 +491,335 @@ def conv_transpose_matrix(
         groups=groups,
         padding_mode=padding_mode,
     )
+
+
+# ---------------------------------------------------------------------------
+# Row ranges: rows [row_start, row_stop) of W (or W.T) on their own
+# ---------------------------------------------------------------------------
+#
+# Rows are the C-order flattening of the grid (group, row channel of the group,
+# position_1, ..., position_N).  A contiguous range of that flattening is a
+# union of at most 2 * (N + 2) - 1 boxes (products of one index range per
+# axis), listed in row order.  Restricting every per-dimension family to a
+# box's range on its axis gives another arithmetic progression (start and
+# first columns shifted), so each box is written by the same strided views as
+# the whole matrix, at the same offsets minus the offset of ``row_start``.
+
+
+@dataclass(frozen=True)
+class _BoxBlock(_Block):
+    """A family product restricted to a box: also its group and row-channel ranges."""
+
+    group_range: tuple[int, int] = (0, 0)
+    channel_range: tuple[int, int] = (0, 0)
+
+
+def _row_grid(layout: _Layout) -> tuple[int, ...]:
+    return (layout.groups, layout.row_channels, *(m.n_rows for m in layout.maps))
+
+
+def _boxes(start: int, stop: int, sizes) -> list[tuple[tuple[int, int], ...]]:
+    """Cut the flat C-order range [start, stop) of a grid into boxes, in row order.
+
+    Each box is one ``(lo, hi)`` index range per axis of ``sizes``.
+    """
+    out = []
+    last = len(sizes) - 1
+
+    def cut(a, b, axis, prefix):
+        if a >= b:
+            return
+        if axis == last:
+            out.append(prefix + ((a, b),))
+            return
+        inner = math.prod(sizes[axis + 1 :])
+        ia, ra = divmod(a, inner)
+        ib, rb = divmod(b, inner)
+        if ia == ib:
+            cut(ra, rb, axis + 1, prefix + ((ia, ia + 1),))
+            return
+        if ra:
+            cut(ra, inner, axis + 1, prefix + ((ia, ia + 1),))
+            ia += 1
+        if ib > ia:
+            out.append(prefix + ((ia, ib),) + tuple((0, n) for n in sizes[axis + 1 :]))
+        if rb:
+            cut(0, rb, axis + 1, prefix + ((ib, ib + 1),))
+
+    cut(start, stop, 0, ())
+    return out
+
+
+def _restrict(family, lo: int, hi: int):
+    """The rows of ``family`` inside [lo, hi), as a family, or None if there are none."""
+    step = family.step
+    j0 = max(0, -((family.start - lo) // step))  # ceil((lo - start) / step)
+    j1 = min(family.count, -((family.start - hi) // step))
+    if j1 <= j0:
+        return None
+    if j0 == 0 and j1 == family.count:
+        return family
+    return dataclasses.replace(
+        family,
+        start=family.start + j0 * step,
+        count=j1 - j0,
+        cols=family.cols + j0 * family.col_step,
+    )
+
+
+def _box_blocks(layout: _Layout, box, origin: int) -> list[_BoxBlock]:
+    """The strided views (offsets relative to ``origin``) that write one box."""
+    (g0, g1), (r0, r1), *ranges = box
+    maps, n = layout.maps, layout.ndim
+    per_dim = []
+    for m, (lo, hi) in zip(maps, ranges):
+        fams = [f for f in (_restrict(f, lo, hi) for f in m.families) if f is not None]
+        if not fams:
+            return []
+        per_dim.append(fams)
+    totals = [m.total for m in maps]
+    cc = layout.col_channels
+    channel_offset = (g0 * layout.row_channels + r0) * layout.nnz_pattern - origin
+    blocks = []
+    for fams in itertools.product(*per_dim):
+        m = [len(f.cols) for f in fams]
+        offset, pos_strides = channel_offset, []
+        for d, f in enumerate(fams):
+            scale = cc * math.prod(m[:d]) * math.prod(totals[d + 1 :])
+            row_offsets_d = maps[d].offsets
+            offset += scale * int(row_offsets_d[f.start])
+            step = (
+                int(row_offsets_d[f.start + f.step] - row_offsets_d[f.start]) if f.count > 1 else 0
+            )
+            pos_strides.append(scale * step)
+        shape = (g1 - g0, r1 - r0, *(f.count for f in fams), cc, *m)
+        strides = (
+            layout.row_channels * layout.nnz_pattern,
+            layout.nnz_pattern,
+            *pos_strides,
+            math.prod(m),
+            *(math.prod(m[d + 1 :]) for d in range(n)),
+        )
+        blocks.append(_BoxBlock(offset, shape, strides, fams, (g0, g1), (r0, r1)))
+    return blocks
+
+
+def _box_indptr(layout: _Layout, boxes, dtype) -> np.ndarray:
+    """Row pointers of the rows of ``boxes`` (in order), starting at 0."""
+    pieces = []
+    for (g0, g1), (r0, r1), *ranges in boxes:
+        lengths = functools.reduce(
+            np.multiply.outer, [m.counts[lo:hi] for m, (lo, hi) in zip(layout.maps, ranges)]
+        )
+        lengths = np.ravel(lengths) * layout.col_channels
+        pieces.append(np.tile(lengths, (g1 - g0) * (r1 - r0)))
+    lengths = np.concatenate(pieces) if pieces else np.zeros(0, dtype=np.int64)
+    indptr = np.zeros(len(lengths) + 1, dtype=dtype)
+    np.cumsum(lengths, out=indptr[1:], dtype=dtype)
+    return indptr
+
+
+def _fill_boxes(layout, blocks, indices, data, kernel, threads):
+    """Write every restricted block of ``indices`` and ``data``."""
+    n_outer = 2 + layout.ndim
+    group_size = layout.col_channels * math.prod(m.n_cols for m in layout.maps)
+    jobs = []
+    for block in blocks:
+        g0, g1 = block.group_range
+        r0, r1 = block.channel_range
+        base, entry = _index_operands(
+            dataclasses.replace(layout, groups=g1 - g0), block, np.dtype(np.int64)
+        )
+        base = (base + g0 * group_size).astype(indices.dtype)
+        jobs += _chunks(_view(indices, block), (base, entry.astype(indices.dtype)), n_outer,
+                        threads)
+        ops = (_data_operand(kernel[g0:g1, r0:r1], block),)
+        jobs += _chunks(_view(data, block), ops, n_outer, threads)
+    jobs.sort(key=lambda job: -job[0].size)
+    run_parallel(_write, jobs, threads)
+
+
+def _n_rows(layout: _Layout) -> int:
+    return math.prod(_row_grid(layout))
+
+
+def _check_row(value, name: str, n_rows: int) -> int:
+    value = _check_int(value, name)
+    if not 0 <= value <= n_rows:
+        raise ValueError(
+            f"{name} must be in [0, {n_rows}] (the number of rows), got {name}={value}"
+        )
+    return value
+
+
+def row_offsets(geom: ConvGeometry, rows, *, transpose: bool) -> np.ndarray:
+    """``indptr[rows]`` of W (or W.T) without building anything.
+
+    Costs O(N) per requested row (N spatial dimensions), independent of the
+    size of the matrix.
+
+    Parameters
+    ----------
+    geom : ConvGeometry
+        A validated geometry.
+    rows : int or array_like of int
+        Row indices in ``[0, n_rows]`` (``n_rows`` gives ``nnz``).
+    transpose : bool
+        Rows of W.T instead of W.
+
+    Returns
+    -------
+    ndarray of int64
+        The row pointers, shaped like ``rows``.
+
+    Raises
+    ------
+    ValueError
+        If a row index is outside ``[0, n_rows]``.
+    """
+    layout = _layout(geom, transpose)
+    rows = np.asarray(rows)
+    if rows.dtype.kind not in "iu":
+        raise TypeError(f"rows must be integers, got rows.dtype={rows.dtype}")
+    rows = rows.astype(np.int64)
+    n_rows = _n_rows(layout)
+    if rows.size and (rows.min() < 0 or rows.max() > n_rows):
+        raise ValueError(
+            f"rows must lie in [0, {n_rows}] (the number of rows), got values in "
+            f"[{rows.min()}, {rows.max()}]"
+        )
+    maps = layout.maps
+    sizes = [m.n_rows for m in maps]
+    totals = [m.total for m in maps]
+    channel, rest = np.divmod(rows, math.prod(sizes))
+    out = channel * layout.nnz_pattern
+    leading = np.full(rows.shape, layout.col_channels, dtype=np.int64)
+    for d, m in enumerate(maps):
+        # rows before (p_1, ..., p_N) inside one row channel's pattern: those
+        # with equal p_1..p_{d-1} and a smaller p_d, summed over d.
+        p, rest = np.divmod(rest, math.prod(sizes[d + 1 :]))
+        out = out + leading * m.offsets[p] * math.prod(totals[d + 1 :])
+        leading = leading * m.counts[p]
+    return out
+
+
+def balanced_row_ranges(geom: ConvGeometry, parts: int, *, transpose: bool):
+    """Cut the rows of W (or W.T) into at most ``parts`` ranges of about equal nnz.
+
+    The cuts are ``searchsorted(indptr, nnz * i / parts)`` (the rule of the
+    threaded products), found by bisection on :func:`row_offsets`, so the
+    cost is O(parts * N * log(n_rows)) and nothing is built.
+
+    Parameters
+    ----------
+    geom : ConvGeometry
+        A validated geometry.
+    parts : int
+        The number of ranges wanted, at least 1.
+    transpose : bool
+        Rows of W.T instead of W.
+
+    Returns
+    -------
+    list of (int, int)
+        Non-empty, contiguous ``(row_start, row_stop)`` ranges covering every
+        row in order; fewer than ``parts`` when there are fewer rows (or when
+        single rows hold more than ``nnz / parts`` entries).
+
+    Raises
+    ------
+    TypeError, ValueError
+        If ``parts`` is not a positive int.
+    """
+    parts = _check_int(parts, "parts")
+    if parts < 1:
+        raise ValueError(f"parts must be a positive integer, got parts={parts}")
+    layout = _layout(geom, transpose)
+    n_rows = _n_rows(layout)
+    nnz = layout.n_row_channels * layout.nnz_pattern
+    targets = nnz * np.arange(1, parts, dtype=np.int64) // parts
+    lo = np.zeros(len(targets), dtype=np.int64)
+    hi = np.full(len(targets), n_rows, dtype=np.int64)
+    while (lo < hi).any():  # the first row whose offset reaches the target
+        mid = (lo + hi) // 2
+        below = row_offsets(geom, mid, transpose=transpose) < targets
+        lo = np.where(below, mid + 1, lo)
+        hi = np.where(below, hi, mid)
+    cuts = [0, *lo.tolist(), n_rows]
+    return [(a, b) for a, b in zip(cuts[:-1], cuts[1:]) if b > a]
+
+
+def build_rows(
+    geom: ConvGeometry,
+    weight: np.ndarray,
+    row_start: int,
+    row_stop: int,
+    *,
+    transpose: bool,
+    threads: int,
+) -> sp.csr_array:
+    """CSR of rows ``[row_start, row_stop)`` of W (``transpose=False``) or W.T.
+
+    Equal to ``build(geom, weight, ...)[row_start:row_stop]``: same shape
+    ``(row_stop - row_start, n_cols)``, same ``indptr`` (starting at 0),
+    ``indices`` and ``data``, bit for bit, in canonical format.  Time and
+    memory are O(rows + nnz of the range) (plus the per-dimension maps of the
+    geometry, which every build shares): nothing outside the range is built.
+
+    Parameters
+    ----------
+    geom : ConvGeometry
+        A validated geometry (see :func:`validate`).
+    weight : ndarray
+        The validated weight (see :func:`validate`); its dtype is the dtype
+        of ``data``.
+    row_start, row_stop : int
+        ``0 <= row_start <= row_stop <= n_rows``.
+    transpose : bool
+        Rows of W.T instead of W.
+    threads : int
+        Threads used to write the entries.
+
+    Returns
+    -------
+    scipy.sparse.csr_array, shape (row_stop - row_start, n_cols)
+        Index dtype chosen from the block's own nnz, rows and columns
+        (int32 when they fit, as for the whole matrix).
+
+    Raises
+    ------
+    TypeError, ValueError
+        If a row bound is not an int in range, or ``row_start > row_stop``.
+
+    Notes
+    -----
+    The rows are the C-order flattening of (group, row channel of the group,
+    position_1, ..., position_N); the range is cut into at most
+    ``2 * (N + 2) - 1`` boxes (one index range per axis), and every
+    per-dimension family is intersected with its axis' range: an arithmetic
+    progression of rows meets a range in another progression, whose first
+    columns are shifted by ``col_step`` per skipped row.  Each box is then
+    written by the same strided views as the whole matrix, at the whole
+    matrix's offsets minus ``indptr[row_start]``.
+    """
+    layout = _layout(geom, transpose)
+    n_rows = _n_rows(layout)
+    row_start = _check_row(row_start, "row_start", n_rows)
+    row_stop = _check_row(row_stop, "row_stop", n_rows)
+    if row_start > row_stop:
+        raise ValueError(
+            f"row_start must not exceed row_stop, got row_start={row_start}, row_stop={row_stop}"
+        )
+    n_cols = _matrix_size(geom, weight.dtype, transpose).shape[1]
+    origin, end = row_offsets(geom, [row_start, row_stop], transpose=transpose).tolist()
+    nnz = end - origin
+    shape = (row_stop - row_start, n_cols)
+    idx = index_dtype(nnz, *shape)
+    boxes = _boxes(row_start, row_stop, _row_grid(layout))
+    indptr = _box_indptr(layout, boxes, idx)
+    indices = np.empty(nnz, dtype=idx)
+    data = np.empty(nnz, dtype=weight.dtype)
+    if nnz:
+        blocks = [b for box in boxes for b in _box_blocks(layout, box, origin)]
+        _fill_boxes(layout, blocks, indices, data, _kernel(weight, geom, transpose), threads)
+    return _csr(data, indices, indptr, shape)

@@ -135,12 +135,37 @@ def _bench(args) -> int:
         for c in configs
     ]
     print(_compare.format_comparison(results, machine, notes))
+    distributed = _distributed_figures(args, threads)
     if args.json:
-        _write_json(args.json, dict(machine=machine, results=results, notes=notes))
+        _write_json(args.json, dict(machine=machine, results=results, notes=notes,
+                                    distributed=distributed))
     if args.plot:
         _compare.plot_comparison(results, args.plot,
                                  f"sparse-tconv bench, {machine['date']}, {threads} threads")
     return 0
+
+
+def _distributed_figures(args, threads):
+    """Distributed vs local products on one geometry, when dask is installed."""
+    if args.no_distributed or (args.quick and not args.distributed):
+        return None
+    if _compare._import("distributed") is None:
+        if args.distributed:
+            raise UsageError("--distributed needs dask: pip install 'sparse-tconv[dask]'")
+        print("\nnote: dask not installed: the distributed comparison is omitted "
+              "(pip install 'sparse-tconv[dask]' to add it)")
+        return None
+    from ._distributed_bench import bench_distributed, format_distributed
+
+    if args.quick:
+        shapes, kwargs = ((16, 16, 3, 3), (16, 32, 32)), dict(padding=1)
+    else:
+        shapes, kwargs = ((64, 64, 3, 3), (64, 56, 56)), dict(padding=1)
+    print(f"\ndistributed (dask LocalCluster, 2 workers x 1 thread) vs local ({threads} threads), "
+          f"weight {shapes[0]}, input {shapes[1]}, padding 1; medians:", flush=True)
+    result = bench_distributed(*shapes, threads=threads, repeats=args.repeat or 5, **kwargs)
+    print(format_distributed(result))
+    return result
 
 
 # --- matrix ----------------------------------------------------------------------------------
@@ -212,6 +237,10 @@ def _parser() -> argparse.ArgumentParser:
     bench.add_argument("--config", action="append", metavar="NAME",
                        help="run only these built-in configurations (repeatable)")
     bench.add_argument("--no-peers", action="store_true", help="skip PyTorch and PyLops")
+    bench.add_argument("--distributed", action="store_true",
+                       help="also with --quick: time the dask operator (needs the dask extra)")
+    bench.add_argument("--no-distributed", action="store_true",
+                       help="skip the dask comparison (run by default when dask is installed)")
     bench.add_argument("--batch", type=int, default=None,
                        help="columns of the batched product (default 8)")
     _add_common(bench)

@@ -197,3 +197,29 @@ def test_perf_forwards_to_the_benchmark_engine(capsys):
         main(["perf", "--config", "zz", "--quick"])
     assert exc.value.code == 2
     assert "unknown configuration(s) ['zz']" in capsys.readouterr().err
+
+
+def test_bench_distributed_section(tmp_path, capsys):
+    pytest.importorskip("distributed")
+    js = tmp_path / "bench.json"
+    assert main(["bench", "--quick", "--config", "a", "--repeat", "1", "--no-peers",
+                 "--distributed", "--json", str(js)]) == 0
+    figures = json.loads(js.read_text())["distributed"]
+    assert figures["nnz"] == conv_matrix_nnz((16, 16, 3, 3), (16, 32, 32), padding=1).nnz
+    # x goes out once and y comes back once per matvec.
+    assert figures["sent"] >= 16 * 32 * 32 * 8 and figures["received"] >= 16 * 32 * 32 * 8
+    assert "distributed (dask LocalCluster" in capsys.readouterr().out
+
+
+def test_bench_without_dask_says_so(tmp_path, monkeypatch, capsys):
+    import sparse_tconv._compare as compare
+
+    real_import = compare._import
+    monkeypatch.setattr(compare, "_import",
+                        lambda name: None if name == "distributed" else real_import(name))
+    assert main(["bench", "--weight-shape", "2,1,3", "--input-shape", "1,20", "--repeat", "1",
+                 "--no-peers"]) == 0
+    assert "note: dask not installed" in capsys.readouterr().out
+    assert main(["bench", "--quick", "--distributed", "--config", "a", "--repeat", "1",
+                 "--no-peers"]) == 2
+    assert "--distributed needs dask" in capsys.readouterr().err
