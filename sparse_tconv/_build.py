@@ -75,6 +75,9 @@ class _Layout:
     row_channels: int  # per group
     col_channels: int  # per group
     maps: tuple
+    # Columns numbered position-major, (position, channel), instead of
+    # (channel, position): see ``build``.
+    channels_last: bool = False
 
     @property
     def ndim(self):
@@ -89,12 +92,12 @@ class _Layout:
         return self.groups * self.row_channels
 
 
-def _layout(geom: ConvGeometry, transpose: bool) -> _Layout:
+def _layout(geom: ConvGeometry, transpose: bool, channels_last: bool = False) -> _Layout:
     g = geom.groups
     opg, cpg = geom.out_channels // g, geom.in_channels // g
     if transpose:
-        return _Layout(g, cpg, opg, geom.transpose_maps)
-    return _Layout(g, opg, cpg, geom.forward_maps)
+        return _Layout(g, cpg, opg, geom.transpose_maps, channels_last)
+    return _Layout(g, opg, cpg, geom.forward_maps, channels_last)
 
 
 def _kernel(weight: np.ndarray, geom: ConvGeometry, transpose: bool) -> np.ndarray:
@@ -120,12 +123,15 @@ def _blocks(layout: _Layout) -> list[_Block]:
             step = int(row_offsets[f.start + f.step] - row_offsets[f.start]) if f.count > 1 else 0
             pos_strides.append(scale * step)
         shape = (layout.groups, layout.row_channels, *(f.count for f in fams), cc, *m)
+        if layout.channels_last:  # a row's entries in (e_1..e_N, c) order
+            entry_strides = (1, *(cc * math.prod(m[d + 1 :]) for d in range(n)))
+        else:  # in (c, e_1..e_N) order
+            entry_strides = (math.prod(m), *(math.prod(m[d + 1 :]) for d in range(n)))
         strides = (
             layout.row_channels * layout.nnz_pattern,
             layout.nnz_pattern,
             *pos_strides,
-            math.prod(m),
-            *(math.prod(m[d + 1 :]) for d in range(n)),
+            *entry_strides,
         )
         blocks.append(_Block(offset, shape, strides, fams))
     return blocks
@@ -156,12 +162,16 @@ def _index_operands(layout: _Layout, block: _Block, dtype):
     col_strides = [math.prod(col_sizes[d + 1 :]) for d in range(n)]
     channel_size = math.prod(col_sizes)
     cc = layout.col_channels
-    # base[g, j_1..j_N] = g * cc * channel_size + sum_d j_d * col_step_d * col_stride_d
-    base = np.arange(layout.groups, dtype=np.int64).reshape((-1,) + (1,) * n) * (
-        cc * channel_size
-    )
-    # entry[c, e_1..e_N] = c * channel_size + sum_d cols_d[e_d] * col_stride_d
-    entry = np.arange(cc, dtype=np.int64).reshape((-1,) + (1,) * n) * channel_size
+    if layout.channels_last:
+        # Column (position, channel): one position spans every channel.
+        col_strides = [s * layout.groups * cc for s in col_strides]
+        group_stride, channel_stride = cc, 1
+    else:
+        group_stride, channel_stride = cc * channel_size, channel_size
+    # base[g, j_1..j_N] = g * group_stride + sum_d j_d * col_step_d * col_stride_d
+    base = np.arange(layout.groups, dtype=np.int64).reshape((-1,) + (1,) * n) * group_stride
+    # entry[c, e_1..e_N] = c * channel_stride + sum_d cols_d[e_d] * col_stride_d
+    entry = np.arange(cc, dtype=np.int64).reshape((-1,) + (1,) * n) * channel_stride
     for d, f in enumerate(block.families):
         shape = [1] * n
         shape[d] = -1
@@ -232,9 +242,20 @@ def _csr(data, indices, indptr, shape) -> sp.csr_array:
     return matrix
 
 
-def build(geom: ConvGeometry, weight: np.ndarray, *, transpose: bool, threads: int):
-    """CSR of W (``transpose=False``) or W.T for a validated geometry."""
-    layout = _layout(geom, transpose)
+def build(
+    geom: ConvGeometry, weight: np.ndarray, *, transpose: bool, threads: int,
+    channels_last: bool = False,
+):
+    """CSR of W (``transpose=False``) or W.T for a validated geometry.
+
+    ``channels_last=True`` numbers the columns position-major: column
+    ``(c, q)`` (channel ``c`` of ``C``, flat position ``q``) becomes
+    ``q * C + c``, and rows stay sorted in that numbering.  The operators use
+    it for the transposed products, where a row then reads every channel of a
+    few neighbouring positions at once instead of one element from each of
+    ``C`` distant planes.
+    """
+    layout = _layout(geom, transpose, channels_last)
     size = _matrix_size(geom, weight.dtype, transpose)
     indptr = _indptr(layout, size.index_dtype)
     indices = np.empty(size.nnz, dtype=size.index_dtype)
@@ -244,12 +265,16 @@ def build(geom: ConvGeometry, weight: np.ndarray, *, transpose: bool, threads: i
     return _csr(data, indices, indptr, size.shape)
 
 
-def refill(geom: ConvGeometry, weight: np.ndarray, like, *, transpose: bool, threads: int):
+def refill(
+    geom: ConvGeometry, weight: np.ndarray, like, *, transpose: bool, threads: int,
+    channels_last: bool = False,
+):
     """A matrix with the pattern of ``like`` (shared, not copied) and new values.
 
-    Only ``like.indices``, ``like.indptr`` and ``like.shape`` are read.
+    Only ``like.indices``, ``like.indptr`` and ``like.shape`` are read;
+    ``channels_last`` must be what ``like`` was built with.
     """
-    layout = _layout(geom, transpose)
+    layout = _layout(geom, transpose, channels_last)
     data = np.empty(len(like.indices), dtype=weight.dtype)
     _fill(layout, _blocks(layout), None, data, _kernel(weight, geom, transpose), threads)
     return _csr(data, like.indices, like.indptr, like.shape)

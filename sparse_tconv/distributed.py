@@ -260,7 +260,9 @@ class DistributedConvOperator(LinearOperator):
         partial vectors are summed on the workers, in a tree; the cluster
         holds the matrix once.  ``'transpose'``: row blocks of the transposed
         matrix are built too (twice the memory) and the adjoint runs like
-        ``matvec``, bit-for-bit equal to the local operator's ``rmatvec``.
+        ``matvec``, bit-for-bit equal to scipy's serial product with the
+        transposed matrix (the local operator sums in another order when the
+        output has several channels; see :class:`~sparse_tconv.ConvOperator`).
     stride, padding, dilation, groups, padding_mode, dtype
         As for :func:`~sparse_tconv.conv_matrix`.
     output_padding : int or sequence of int, optional
@@ -324,8 +326,8 @@ class DistributedConvOperator(LinearOperator):
     *Results.*  ``matvec``/``matmat`` (and the adjoint with
     ``adjoint='transpose'``) compute each output row with scipy's serial
     CSR kernel on the row's own entries, in the order of the whole matrix,
-    so they are bit-for-bit equal to ``W @ x`` and to the local operators,
-    whatever ``n_blocks``.  With ``adjoint='reduce'`` the adjoint is a sum of
+    so they are bit-for-bit equal to scipy's ``W @ x`` (``W.T @ y``) and to
+    the local ``matvec``, whatever ``n_blocks``.  With ``adjoint='reduce'`` the adjoint is a sum of
     ``n_blocks`` partial vectors in a fixed tree: equal to the local result
     to rounding (not bit-for-bit), and reproducible for a given ``n_blocks``.
 

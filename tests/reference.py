@@ -13,6 +13,7 @@ import itertools
 import zlib
 
 import numpy as np
+import scipy.sparse as sp
 
 NUMPY_PAD_MODE = {"zeros": "constant", "reflect": "reflect", "replicate": "edge", "circular": "wrap"}
 
@@ -159,3 +160,29 @@ def tolerance(dtype) -> float:
 def seed_of(*parts) -> int:
     """A reproducible seed from a test's parameters (``hash`` of str is salted per run)."""
     return zlib.crc32(repr(parts).encode())
+
+
+def to_position_major(v: np.ndarray, channels: int) -> np.ndarray:
+    """Reorder the first axis of ``v`` from (channel, position) to (position, channel)."""
+    return v.reshape((channels, -1) + v.shape[1:]).swapaxes(0, 1).reshape(v.shape)
+
+
+def position_major(matrix, channels: int) -> sp.csr_array:
+    """``matrix`` with columns renumbered (channel, position) -> (position, channel).
+
+    Built with scipy only (relabel, then sort each row), as an oracle for the
+    operators' transposed products, which run on such a matrix.
+    """
+    matrix = sp.csr_array(matrix)
+    positions = matrix.shape[1] // channels
+    old = matrix.indices.astype(np.int64)
+    new = (old % positions) * channels + old // positions
+    out = sp.csr_array((matrix.data.copy(), new, matrix.indptr.copy()), shape=matrix.shape)
+    out.has_sorted_indices = False
+    out.sort_indices()
+    return out
+
+
+def transposed_product(W, y: np.ndarray, channels: int) -> np.ndarray:
+    """``W.T @ y`` summed in the operators' order: serial scipy on the position-major W.T."""
+    return position_major(W.T.tocsr(), channels) @ to_position_major(y, channels)

@@ -9,6 +9,7 @@ import pytest
 import scipy.sparse as sp
 
 from reference import (
+    position_major,
     random_array,
     reference_conv_matrix,
     reference_conv_transpose_matrix,
@@ -23,6 +24,7 @@ from sparse_tconv import (
     conv_transpose_matrix_nnz,
     conv_transpose_output_shape,
 )
+from sparse_tconv._build import build, refill, validate
 
 MODES = ["zeros", "reflect", "replicate", "circular"]
 DTYPES = [np.float32, np.float64, np.complex64, np.complex128]
@@ -161,6 +163,27 @@ def test_conv_transpose_matrix_is_the_transpose(case, mode, dtype):
     size = conv_transpose_matrix_nnz(case.weight_shape, y_shape, output_padding=output_padding,
                                      padding_mode=mode, **case.kwargs())
     assert size.nnz == M.nnz and size.shape == M.shape
+
+
+@pytest.mark.parametrize("transpose", [False, True])
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("case", CASES, ids=lambda c: c.name)
+def test_position_major_columns(case, mode, transpose):
+    # build(..., channels_last=True) is the matrix with its columns renumbered
+    # (channel, position) -> (position, channel), rows sorted: scipy's relabel+sort.
+    rng = np.random.default_rng(_seed("cl", case.name, mode, transpose))
+    weight = rng.standard_normal(case.weight_shape)
+    w, geom = validate(weight, case.input_shape, transpose=False, padding_mode=mode,
+                       **case.kwargs())
+    plain = build(geom, w, transpose=transpose, threads=2)
+    fast = build(geom, w, transpose=transpose, threads=2, channels_last=True)
+    channels = geom.out_channels if transpose else geom.in_channels
+    expected = position_major(plain, channels)
+    for name in ("indptr", "indices", "data"):
+        np.testing.assert_array_equal(getattr(fast, name), getattr(expected, name))
+    _assert_canonical(fast)
+    again = refill(geom, 2 * w, fast, transpose=transpose, threads=1, channels_last=True)
+    np.testing.assert_array_equal(again.data, 2 * fast.data)
 
 
 @pytest.mark.parametrize("mode", MODES)

@@ -16,7 +16,7 @@ import pytest
 
 distributed = pytest.importorskip("distributed")
 
-from scipy.sparse.linalg import LinearOperator, cg, lsqr  # noqa: E402
+from scipy.sparse.linalg import LinearOperator, aslinearoperator, cg, lsqr  # noqa: E402
 
 from reference import random_array, seed_of  # noqa: E402
 from sparse_tconv import ConvOperator, ConvTransposeOperator, conv_matrix_nnz  # noqa: E402
@@ -113,8 +113,11 @@ def test_adjoint_through_transposed_blocks_is_bit_equal(two_workers, dtype, tran
         y = random_array(rng, op.shape[0], dtype)
         Y = random_array(rng, (op.shape[0], 2), dtype)
         x = random_array(rng, op.shape[1], dtype)
-        assert op.rmatvec(y).tobytes() == local.rmatvec(y).tobytes()
-        assert op.rmatmat(Y).tobytes() == local.rmatmat(Y).tobytes()
+        # scipy's serial product with the transposed matrix, conjugated around
+        WT = local.transpose_matrix
+        assert op.rmatvec(y).tobytes() == np.conj(WT @ np.conj(y)).tobytes()
+        assert op.rmatmat(Y).tobytes() == np.conj(WT @ np.conj(Y)).tobytes()
+        np.testing.assert_allclose(op.rmatvec(y), local.rmatvec(y), rtol=1e-5, atol=1e-5)
         assert op.matvec(x).tobytes() == local.matvec(x).tobytes()
         # .T is scipy's transposed operator: the plain transpose, also for complex
         assert op.T.matvec(y).tobytes() == local.T.matvec(y).tobytes()
@@ -256,11 +259,14 @@ def test_worker_killed_during_a_product_of_lsqr(two_workers, adjoint):
                                  client=two_workers, n_blocks=4, adjoint=adjoint) as op:
         killing = _KillingOperator(op, two_workers, kill_at=4)
         x = lsqr(killing, b, atol=0, btol=0, iter_lim=20)[0]
-        reference = lsqr(local, b, atol=0, btol=0, iter_lim=20)[0]
+        # scipy's serial products with W and W.T: what adjoint="transpose" computes
+        serial = aslinearoperator(local.matrix)
+        reference = lsqr(serial if adjoint == "transpose" else local, b, atol=0, btol=0,
+                         iter_lim=20)[0]
         assert killing.killed is not None
         holders = two_workers.who_has(list(op.futures))
         assert all(hs and killing.killed not in hs for hs in holders.values())  # rebuilt
-        if adjoint == "transpose":  # every product is bit-equal to the local one
+        if adjoint == "transpose":  # every product is bit-equal to scipy's
             assert x.tobytes() == reference.tobytes()
         else:
             np.testing.assert_allclose(x, reference, rtol=1e-8, atol=1e-10)

@@ -8,7 +8,7 @@ import scipy.sparse as sp
 from scipy.sparse.linalg import LinearOperator, aslinearoperator, lsqr
 
 import sparse_tconv
-from reference import random_array, reference_conv_matrix
+from reference import random_array, reference_conv_matrix, transposed_product
 from sparse_tconv import (
     ConvOperator,
     ConvTransposeOperator,
@@ -91,7 +91,10 @@ def test_conv_transpose_operator_T_is_the_forward_conv():
     for name in ("indptr", "indices", "data"):
         np.testing.assert_array_equal(getattr(top.T.matrix, name), getattr(forward, name))
     x = rng.standard_normal((3, 10, 10))
-    np.testing.assert_array_equal(top.conv(x), (forward @ x.ravel()).reshape(4, 5, 5))
+    y = top.conv(x)
+    np.testing.assert_allclose(y, (forward @ x.ravel()).reshape(4, 5, 5), rtol=1e-13, atol=1e-13)
+    # summed in the order of the position-major transpose of top.matrix, bit for bit
+    np.testing.assert_array_equal(y.ravel(), transposed_product(top.matrix, x.ravel(), 3))
     assert top.output_padding == (1, 1)
 
 
@@ -122,8 +125,11 @@ def test_threaded_products_are_bit_for_bit_serial(threads, dtype, monkeypatch):
     Y = np.asfortranarray(random_array(rng, (op.shape[0], 4), dtype))
     np.testing.assert_array_equal(op.matvec(x), W @ x)
     np.testing.assert_array_equal(op.matmat(X), W @ X)
-    np.testing.assert_array_equal(op.rmatvec(y), (WT @ y.conj()).conj())
-    np.testing.assert_array_equal(op.rmatmat(Y), (WT @ Y.conj()).conj())
+    # The transposed products run on W.T with position-major columns (6 channels).
+    np.testing.assert_array_equal(op.rmatvec(y), transposed_product(W, y.conj(), 6).conj())
+    np.testing.assert_array_equal(op.rmatmat(Y), transposed_product(W, Y.conj(), 6).conj())
+    np.testing.assert_allclose(op.rmatvec(y), (WT @ y.conj()).conj(), rtol=_tol(dtype),
+                               atol=_tol(dtype))
     np.testing.assert_array_equal(op.T.matvec(y), WT @ y)
 
 
@@ -135,7 +141,7 @@ def test_threaded_product_on_a_real_size_matrix(restore_threads):
     x = rng.standard_normal(op.shape[1])
     y = rng.standard_normal(op.shape[0])
     np.testing.assert_array_equal(op.matvec(x), op.matrix @ x)
-    np.testing.assert_array_equal(op.rmatvec(y), op.matrix.T @ y)
+    np.testing.assert_array_equal(op.rmatvec(y), transposed_product(op.matrix, y, 16))
     X = rng.standard_normal((op.shape[1], 7))
     np.testing.assert_array_equal(op.matmat(X), op.matrix @ X)
 
@@ -180,8 +186,10 @@ def test_mixed_dtypes_fall_back_to_scipy():
         assert op.matvec(xi).dtype == expected.dtype
         np.testing.assert_array_equal(op.matvec(xi), expected)
     xc = x64 + 1j
-    np.testing.assert_array_equal(op.rmatvec(op.matvec(xc)),
-                                  op.matrix.T @ (op.matrix @ xc))
+    # a complex vector widens: scipy's serial products on both sides
+    np.testing.assert_array_equal(op.matvec(xc), op.matrix @ xc)
+    y = op.matrix @ xc
+    np.testing.assert_allclose(op.rmatvec(y), op.matrix.T @ y, rtol=1e-6)
 
 
 def test_without_scipy_private_kernels(monkeypatch):
@@ -218,8 +226,14 @@ def test_with_weight_shares_the_pattern(transposed):
         op = ConvOperator(w1, (3, 10, 10), **kwargs)
         fresh = conv_matrix(w2, (3, 10, 10), **kwargs)
         fresh_T = conv_transpose_matrix(w2, (4, 5, 5), output_padding=1, **kwargs)
-    op.transpose_matrix  # build it, so that its pattern is shared too
+    op.transpose_matrix  # build both transposes, so that their patterns are shared too
+    y = rng.standard_normal(op.shape[0])
+    op.rmatvec(y)
     new = op.with_weight(w2)
+    fresh_op = type(op)(w2, op.input_shape, output_padding=1, **kwargs) if transposed else \
+        ConvOperator(w2, op.input_shape, **kwargs)
+    np.testing.assert_array_equal(new.rmatvec(y), fresh_op.rmatvec(y))
+    assert np.shares_memory(new._backward_matrix().indices, op._backward_matrix().indices)
     assert type(new) is type(op)
     for name in ("indptr", "indices", "data"):
         np.testing.assert_array_equal(getattr(new.matrix, name), getattr(fresh, name))
