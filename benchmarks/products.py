@@ -14,7 +14,7 @@ class Products:
         if threads > n_cpus():
             raise NotImplementedError("more threads than CPUs")
         _, self.op, self.x, self.y = make(geometry, threads=threads)
-        self.op.transpose_matrix  # built here, not inside time_rmatvec
+        self.op.rmatvec(self.y)  # builds the transposed matrix here, not inside time_rmatvec
         self.X = np.random.default_rng(7).standard_normal((self.op.shape[1], 8))
 
     def time_matvec(self, geometry, threads):

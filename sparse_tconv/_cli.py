@@ -44,6 +44,17 @@ def _int_or_tuple(text: str, name: str):
     return values[0] if len(values) == 1 else values
 
 
+def _positive_int(text: str) -> int:
+    """argparse type: an int >= 1 (argparse names the option in its message)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {value}")
+    return value
+
+
 def _padding(text: str):
     """'same', 'valid', '2', '1,2' (per dimension) or '0:1,1:2' ((before, after) per dimension)."""
     if text in ("same", "valid"):
@@ -88,7 +99,7 @@ def _geometry(args) -> benchmark.Config:
     )
     if args.transposed:
         kwargs["output_padding"] = _int_or_tuple(args.output_padding, "--output-padding")
-    elif args.output_padding != "0":
+    elif any(_ints(args.output_padding, "--output-padding")):
         raise UsageError("--output-padding applies to --transposed convolutions only")
     weight_shape = _ints(args.weight_shape, "--weight-shape")
     input_shape = _ints(args.input_shape, "--input-shape")
@@ -111,9 +122,13 @@ def _write_json(path, payload) -> None:
 
 def _bench(args) -> int:
     threads = _threads(args)
+    if args.plot:
+        _compare._pyplot()  # matplotlib missing: say so now, not after the run
     if args.weight_shape or args.input_shape:
         if not (args.weight_shape and args.input_shape):
             raise UsageError("give both --weight-shape and --input-shape")
+        if args.config:
+            raise UsageError("give either --config or a geometry (--weight-shape ...), not both")
         configs = [_geometry(args)]
     else:
         configs = _compare.BENCH_QUICK_CONFIGS if args.quick else _compare.BENCH_CONFIGS
@@ -125,7 +140,7 @@ def _bench(args) -> int:
             configs = [c for c in configs if c.name in args.config]
         if args.batch is not None:
             configs = [dataclasses.replace(c, batch=args.batch) for c in configs]
-    repeat = args.repeat or (1 if args.quick else 5)
+    repeat = args.repeat if args.repeat is not None else (1 if args.quick else 5)
     peers, notes = _compare.available_peers() if not args.no_peers else ({}, ["peers skipped"])
     machine = _compare.machine_figures(threads, args.quick, repeat)
     progress = _compare.Progress(3 * len(configs))
@@ -135,7 +150,7 @@ def _bench(args) -> int:
         for c in configs
     ]
     print(_compare.format_comparison(results, machine, notes))
-    distributed = _distributed_figures(args, threads)
+    distributed = _distributed_figures(args, threads, configs)
     if args.json:
         _write_json(args.json, dict(machine=machine, results=results, notes=notes,
                                     distributed=distributed))
@@ -145,8 +160,12 @@ def _bench(args) -> int:
     return 0
 
 
-def _distributed_figures(args, threads):
-    """Distributed vs local products on one geometry, when dask is installed."""
+def _distributed_figures(args, threads, configs):
+    """Distributed vs local products on one geometry, when dask is installed.
+
+    The geometry given on the command line (a convolution, not a transposed
+    one), else a 64->64 layer (16->16 with --quick).
+    """
     if args.no_distributed or (args.quick and not args.distributed):
         return None
     if _compare._import("distributed") is None:
@@ -157,13 +176,16 @@ def _distributed_figures(args, threads):
         return None
     from ._distributed_bench import bench_distributed, format_distributed
 
-    if args.quick:
+    (given,) = configs if configs[0].name == "cli" else (None,)
+    if given is not None and not given.transposed:
+        shapes, kwargs = (given.weight_shape, given.input_shape), given.kwargs
+    elif args.quick:
         shapes, kwargs = ((16, 16, 3, 3), (16, 32, 32)), dict(padding=1)
     else:
         shapes, kwargs = ((64, 64, 3, 3), (64, 56, 56)), dict(padding=1)
     print(f"\ndistributed (dask LocalCluster, 2 workers x 1 thread) vs local ({threads} threads), "
-          f"weight {shapes[0]}, input {shapes[1]}, padding 1; medians:", flush=True)
-    result = bench_distributed(*shapes, threads=threads, repeats=args.repeat or 5, **kwargs)
+          f"weight {shapes[0]}, input {shapes[1]}, {kwargs}; medians:", flush=True)
+    result = bench_distributed(*shapes, threads=threads, repeats=args.repeat if args.repeat is not None else 5, **kwargs)
     print(format_distributed(result))
     return result
 
@@ -179,6 +201,8 @@ def _matrix(args) -> int:
           f"({size.dtype} values, {size.index_dtype} indices)")
     if args.save and Path(args.save).suffix not in (".npz", ".mtx"):
         raise UsageError(f"--save must end in .npz or .mtx, got {args.save!r}")
+    if args.save and not Path(args.save).resolve().parent.is_dir():
+        raise UsageError(f"--save: the folder of {args.save!r} does not exist")
     weight = np.random.default_rng(args.seed).standard_normal(config.weight_shape).astype(dtype)
     builder = conv_transpose_matrix if config.transposed else conv_matrix
     start = time.perf_counter()
@@ -207,12 +231,13 @@ def _save(W, path: str) -> None:
 
 def _crossover(args) -> int:
     threads = _threads(args)
+    _compare._pyplot()  # matplotlib missing: say so now, not after the run
     grid = _compare.crossover_grid(args.quick)
     for key in ("channels", "kernels", "images"):
         value = getattr(args, key)
         if value:
             grid[key] = list(_ints(value, f"--{key}"))
-    repeat = args.repeat or (1 if args.quick else 3)
+    repeat = args.repeat if args.repeat is not None else (1 if args.quick else 3)
     machine = dict(threads=threads, date=time.strftime("%Y-%m-%d"))
     n_cells = len(grid["channels"]) * len(grid["kernels"]) * len(grid["images"])
     cells = _compare.run_crossover(grid, threads=threads, repeat=repeat,
@@ -241,7 +266,7 @@ def _parser() -> argparse.ArgumentParser:
                        help="also with --quick: time the dask operator (needs the dask extra)")
     bench.add_argument("--no-distributed", action="store_true",
                        help="skip the dask comparison (run by default when dask is installed)")
-    bench.add_argument("--batch", type=int, default=None,
+    bench.add_argument("--batch", type=_positive_int, default=None,
                        help="columns of the batched product (default 8)")
     _add_common(bench)
     bench.add_argument("--plot", metavar="PATH", help="write a PNG bar chart")
@@ -252,7 +277,7 @@ def _parser() -> argparse.ArgumentParser:
     matrix.add_argument("--dtype", default="float64",
                         choices=["float32", "float64", "complex64", "complex128"])
     matrix.add_argument("--seed", type=int, default=0, help="seed of the random weights")
-    matrix.add_argument("--max-bytes", type=int, default=None,
+    matrix.add_argument("--max-bytes", type=_positive_int, default=None,
                         help="refuse to build a matrix larger than this")
     matrix.add_argument("--save", metavar="PATH", help="write W as .npz (scipy) or .mtx")
 
@@ -261,7 +286,7 @@ def _parser() -> argparse.ArgumentParser:
     cross.add_argument("--channels", metavar="C,...", help="channel counts (in = out)")
     cross.add_argument("--kernels", metavar="K,...", help="kernel sizes")
     cross.add_argument("--images", metavar="N,...", help="image sizes (N x N)")
-    cross.add_argument("--max-nnz", type=int, default=150_000_000,
+    cross.add_argument("--max-nnz", type=_positive_int, default=150_000_000,
                        help="skip building matrices larger than this")
     cross.add_argument("--plot", metavar="PATH", default="crossover.png",
                        help="where to write the heat map (default crossover.png)")
@@ -274,7 +299,7 @@ def _parser() -> argparse.ArgumentParser:
 
 def _add_common(parser) -> None:
     parser.add_argument("--threads", type=int, default=None, help="threads (default: all)")
-    parser.add_argument("--repeat", type=int, default=None, help="rounds per timing")
+    parser.add_argument("--repeat", type=_positive_int, default=None, help="rounds per timing")
     parser.add_argument("--json", metavar="PATH", help="write every raw figure as JSON")
 
 
@@ -290,7 +315,7 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     try:
         return _COMMANDS[args.command](args)
-    except (UsageError, ValueError, TypeError) as exc:
+    except (UsageError, ValueError, TypeError, ImportError) as exc:
         print(f"{_PROG} {args.command}: error: {exc}", file=sys.stderr)
         return 2
     except MemoryError as exc:

@@ -19,7 +19,8 @@ from contextlib import contextmanager
 import numpy as np
 
 from . import direct
-from ._geometry import conv_matrix_nnz, conv_transpose_matrix_nnz
+from ._build import conv_matrix
+from ._geometry import _normalize_padding, conv_matrix_nnz, conv_transpose_matrix_nnz
 from .benchmark import CONFIGS, Config, best_time, measure_bandwidth
 
 __all__ = [
@@ -105,20 +106,28 @@ def available_peers() -> tuple[dict, list[str]]:
     return found, notes
 
 
+def _torch_padding(padding, ndim: int):
+    """PyTorch's form of a padding: a string, or one int per dimension; None if it has none."""
+    pairs = _normalize_padding(padding, ndim)
+    if isinstance(pairs, str):
+        return pairs
+    if any(lo != hi for lo, hi in pairs):
+        return None  # torch.nn.functional pads symmetrically only
+    return tuple(lo for lo, _ in pairs)
+
+
 def _torch_kernel(torch, config: Config, weight, x, dtype):
+    """``torch.nn.functional.conv{N}d`` (or the transposed one) on this geometry, if it has one."""
     import torch.nn.functional as F
 
     ndim = len(config.weight_shape) - 2
     kwargs = dict(config.kwargs)
-    padding_mode = kwargs.pop("padding_mode", "zeros")
-    if padding_mode != "zeros":
+    if kwargs.pop("padding_mode", "zeros") != "zeros" or ndim > 3:
         return None
-    if config.transposed:
-        func = getattr(F, f"conv_transpose{ndim}d")
-    else:
-        func = getattr(F, f"conv{ndim}d")
-    if ndim > 3:
+    kwargs["padding"] = _torch_padding(kwargs.get("padding", 0), ndim)
+    if kwargs["padding"] is None or (config.transposed and isinstance(kwargs["padding"], str)):
         return None
+    func = getattr(F, f"conv_transpose{ndim}d" if config.transposed else f"conv{ndim}d")
     w = torch.from_numpy(weight.astype(dtype))
     t = torch.from_numpy(x.astype(dtype))[None]
     return lambda: func(t, w, **kwargs)
@@ -181,7 +190,7 @@ def compare_config(config: Config, *, threads: int, bandwidth: float, repeat: in
     times["build"] = best_time(lambda: config.build(weight), repeat, min_time=0)
     times["csr"] = best_time(lambda: op.matvec(x.ravel()), repeat)
     times["csr_serial"] = best_time(lambda: W @ x.ravel(), repeat)
-    op.transpose_matrix  # built once, outside the timing
+    op.rmatvec(y)  # builds the transposed products' matrix once, outside the timing
     times["csr_transpose"] = best_time(lambda: op.rmatvec(y), repeat)
     batch = config.batch or 8
     X = rng.standard_normal((W.shape[1], batch))
@@ -329,7 +338,7 @@ def crossover_grid(quick: bool = False) -> dict:
 def _crossover_cell(C, k, n, *, threads, repeat, max_nnz, rng):
     weight = rng.standard_normal((C, C, k, k))
     x = rng.standard_normal((C, n, n))
-    kwargs = dict(padding=(k - 1) // 2)
+    kwargs = dict(padding="same")
     times = {}
     nnz = conv_matrix_nnz(weight.shape, x.shape, **kwargs).nnz
     if nnz <= max_nnz:
@@ -338,7 +347,8 @@ def _crossover_cell(C, k, n, *, threads, repeat, max_nnz, rng):
         op = ConvOperator(weight, x.shape, threads=threads, **kwargs)
         flat = x.ravel()
         times["csr"] = best_time(lambda: op.matvec(flat), repeat)
-        times["csr_build"] = best_time(lambda: op.with_weight(weight), 1, min_time=0)
+        times["csr_build"] = best_time(lambda: conv_matrix(weight, x.shape, **kwargs), 1,
+                                       min_time=0)
         del op
     for method in ("fast", "fft"):
         times[method] = best_time(lambda: direct.conv(x, weight, method=method, **kwargs), repeat)

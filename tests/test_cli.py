@@ -27,7 +27,6 @@ def test_bench_quick_writes_json_and_plot(tmp_path, capsys):
     assert a["nnz"] == conv_matrix_nnz((20, 10, 5, 5), (10, 16, 16), stride=3, padding=2).nnz
     for method in ("build", "csr", "csr_transpose", "csr_batch_per_column", "naive", "fast", "fft"):
         assert a["times"][method] > 0
-        assert a["vs_csr"][method] == pytest.approx(a["times"][method] / a["times"]["csr"])
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     out = capsys.readouterr().out
     assert "Direct kernels and peers" in out and "of bound" in out
@@ -115,13 +114,10 @@ def test_crossover_quick_writes_the_map(tmp_path, capsys):
     cells = json.loads(js.read_text())["cells"]
     assert len(cells) == 2 * 2 * 1
     for cell in cells:
-        times = cell["times"]
-        fastest = min(("csr", "fast", "fft"), key=times.get)
-        assert cell["winner"] == fastest
         assert cell["nnz"] == conv_matrix_nnz(
             (cell["channels"],) * 2 + (cell["kernel"],) * 2,
             (cell["channels"], cell["image"], cell["image"]),
-            padding=(cell["kernel"] - 1) // 2,
+            padding="same",
         ).nnz
     assert "winner" in capsys.readouterr().out
 
@@ -155,6 +151,12 @@ def test_crossover_skips_matrices_over_the_budget(tmp_path):
         (["bench", "--weight-shape", "3,2,3"], r"give both --weight-shape and --input-shape"),
         (["crossover", "--channels", "a"], r"--channels must be comma-separated integers"),
         (["bench", "--threads", "0", "--quick"], r"threads must be a positive integer"),
+        (["bench", "--weight-shape", "2,1,3", "--input-shape", "1,9", "--config", "a"],
+         r"either --config or a geometry"),
+        (["matrix", "--weight-shape", "2,1,3", "--input-shape", "1,9", "--save", "/no/such/W.npz"],
+         r"--save: the folder of '/no/such/W.npz' does not exist"),
+        (["matrix", "--weight-shape", "2,1,3", "--input-shape", "1,9", "--output-padding", "0,1"],
+         r"--output-padding applies to --transposed"),
     ],
 )
 def test_user_errors_are_one_line_with_exit_2(capsys, args, message):
@@ -173,7 +175,8 @@ def test_max_bytes_refuses_before_building(capsys):
     assert "more than max_bytes=1000" in err and "Traceback" not in err
 
 
-@pytest.mark.parametrize("args", [[], ["frobnicate"], ["matrix"]])
+@pytest.mark.parametrize("args", [[], ["frobnicate"], ["matrix"], ["bench", "--repeat", "-1"],
+                                  ["bench", "--batch", "0"], ["crossover", "--max-nnz", "x"]])
 def test_argparse_errors_exit_2(capsys, args):
     with pytest.raises(SystemExit) as exc:
         main(args)
@@ -223,3 +226,25 @@ def test_bench_without_dask_says_so(tmp_path, monkeypatch, capsys):
     assert main(["bench", "--quick", "--distributed", "--config", "a", "--repeat", "1",
                  "--no-peers"]) == 2
     assert "--distributed needs dask" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("geometry", [
+    # (before, after) pairs torch cannot take, and a 4-d convolution it has no function for
+    ["--weight-shape", "2,1,3,3", "--input-shape", "1,9,8", "--padding", "0:1,1:2"],
+    ["--weight-shape", "1,1,2,2,2,2", "--input-shape", "1,4,4,4,4"],
+])
+def test_bench_peers_skip_what_they_cannot_compute(tmp_path, geometry):
+    torch = pytest.importorskip("torch")  # noqa: F841
+    js = tmp_path / "bench.json"
+    assert main(["bench", *geometry, "--repeat", "1", "--no-distributed", "--json", str(js)]) == 0
+    (r,) = json.loads(js.read_text())["results"]
+    assert not any(k.startswith("torch") for k in r["times"]) and r["times"]["fast"] > 0
+
+
+def test_bench_torch_columns_with_symmetric_pairs(tmp_path):
+    pytest.importorskip("torch")
+    js = tmp_path / "bench.json"
+    assert main(["bench", "--weight-shape", "2,1,3,3", "--input-shape", "1,9,8", "--padding",
+                 "1:1,2:2", "--repeat", "1", "--no-distributed", "--json", str(js)]) == 0
+    (r,) = json.loads(js.read_text())["results"]
+    assert {"torch_f64_1t", "torch_f32_1t"} <= set(r["times"])

@@ -8,7 +8,14 @@ from dataclasses import dataclass, field
 import numpy as np
 import pytest
 
-from reference import random_array, tolerance, torch_conv, torch_conv_transpose
+from reference import (
+    random_array,
+    reference_conv_matrix,
+    reference_conv_transpose_matrix,
+    tolerance,
+    torch_conv,
+    torch_conv_transpose,
+)
 from sparse_tconv import conv_matrix, conv_transpose_matrix
 from sparse_tconv import direct
 from sparse_tconv.direct import METHODS, conv, conv_transpose
@@ -240,11 +247,14 @@ def test_result_dtype(method, x_dtype, w_dtype):
     # Integer weights are validated to float64, like the builders do.
     w_result = np.float64 if np.issubdtype(w_dtype, np.integer) else w_dtype
     expected_dtype = np.result_type(x_dtype, w_result)
-    for function in (conv, conv_transpose):
+    wc = weight.astype(np.complex128)
+    # dense matrices from the loop definitions in tests/reference.py
+    forward = reference_conv_matrix(wc, (2, 6, 5), 1, 1, 1, 1)[0]
+    transposed = reference_conv_transpose_matrix(wc, (2, 6, 5), 1, 1, 0, 1, 1)[0]
+    for function, dense in ((conv, forward), (conv_transpose, transposed)):
         out = function(x, weight, method=method, padding=1)
         assert out.dtype == expected_dtype
-        reference = function(x.astype(np.complex128), weight.astype(np.complex128),
-                             method="naive", padding=1)
+        reference = (dense @ x.astype(np.complex128).ravel()).reshape(out.shape)
         _check(out, reference, expected_dtype)
 
 
