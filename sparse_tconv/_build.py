@@ -35,6 +35,7 @@ from numpy.lib.stride_tricks import as_strided
 from ._geometry import (
     ConvGeometry,
     _check_int,
+    _check_positive_int,
     _matrix_size,
     as_weight,
     conv_geometry,
@@ -756,9 +757,7 @@ def balanced_row_ranges(geom: ConvGeometry, parts: int, *, transpose: bool):
     TypeError, ValueError
         If ``parts`` is not a positive int.
     """
-    parts = _check_int(parts, "parts")
-    if parts < 1:
-        raise ValueError(f"parts must be a positive integer, got parts={parts}")
+    parts = _check_positive_int(parts, "parts")
     layout = _layout(geom, transpose)
     n_rows = _n_rows(layout)
     nnz = layout.n_row_channels * layout.nnz_pattern

@@ -12,7 +12,7 @@ import time
 
 import numpy as np
 
-from ._geometry import _check_int
+from ._geometry import _check_positive_int
 
 __all__ = ["bench_distributed", "format_distributed"]
 
@@ -95,9 +95,7 @@ def bench_distributed(
     from .distributed import DistributedConvOperator, _import_distributed
 
     distributed = _import_distributed()
-    repeats = _check_int(repeats, "repeats")
-    if repeats < 1:
-        raise ValueError(f"repeats must be a positive integer, got repeats={repeats}")
+    repeats = _check_positive_int(repeats, "repeats")
     own = None
     if client is None:
         cluster = distributed.LocalCluster(

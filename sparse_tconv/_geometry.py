@@ -53,6 +53,13 @@ def _check_int(value, name: str) -> int:
     return int(value)
 
 
+def _check_positive_int(value, name: str) -> int:
+    value = _check_int(value, name)
+    if value < 1:
+        raise ValueError(f"{name} must be a positive integer, got {name}={value}")
+    return value
+
+
 def _normalize_tuple(value, ndim: int, name: str) -> tuple[int, ...]:
     """Return ``value`` as a tuple of ``ndim`` ints (an int is repeated)."""
     if _is_int(value):
@@ -163,10 +170,7 @@ def _check_padding_mode(padding_mode) -> str:
 
 
 def _check_groups(groups) -> int:
-    groups = _check_int(groups, "groups")
-    if groups <= 0:
-        raise ValueError(f"groups must be a positive integer, got groups={groups}")
-    return groups
+    return _check_positive_int(groups, "groups")
 
 
 def _check_weight_and_groups(weight_shape, groups, channels: str):

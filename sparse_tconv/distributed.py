@@ -27,7 +27,7 @@ import numpy as np
 from scipy.sparse.linalg import LinearOperator
 
 from ._build import balanced_row_ranges, build_rows, row_offsets, validate
-from ._geometry import _INT32_MAX, _check_int, _matrix_size, index_dtype
+from ._geometry import _INT32_MAX, _check_positive_int, _matrix_size, index_dtype
 from ._parallel import run_parallel
 
 __all__ = ["DistributedConvOperator", "RowBlock", "ADJOINT_METHODS"]
@@ -392,9 +392,7 @@ class DistributedConvOperator(LinearOperator):
                 f"(got output_padding={output_padding!r} with transpose=False)"
             )
         if n_blocks is not None:
-            n_blocks = _check_int(n_blocks, "n_blocks")
-            if n_blocks < 1:
-                raise ValueError(f"n_blocks must be a positive integer, got n_blocks={n_blocks}")
+            n_blocks = _check_positive_int(n_blocks, "n_blocks")
         w, geom = validate(weight, input_shape, transpose=transpose, dtype=dtype, **geometry)
         client = _resolve_client(client)
         workers = _workers(client)
@@ -646,9 +644,7 @@ class DistributedConvOperator(LinearOperator):
         TypeError, ValueError
             If ``n_vectors`` is not a positive int.
         """
-        n_vectors = _check_int(n_vectors, "n_vectors")
-        if n_vectors < 1:
-            raise ValueError(f"n_vectors must be a positive integer, got n_vectors={n_vectors}")
+        n_vectors = _check_positive_int(n_vectors, "n_vectors")
         item = self.dtype.itemsize * n_vectors
         n_in, n_out = (self.shape[0], self.shape[1]) if adjoint else (self.shape[1], self.shape[0])
         n_workers = len(self._client.scheduler_info(n_workers=-1)["workers"])

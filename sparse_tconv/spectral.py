@@ -25,7 +25,7 @@ import numpy as np
 import scipy.sparse as sp
 from scipy.sparse.linalg import LinearOperator, aslinearoperator, svds
 
-from ._geometry import as_weight, conv_geometry
+from ._geometry import _check_int, as_weight, conv_geometry
 from ._operator import ConvOperator, ConvTransposeOperator
 
 try:  # scipy's symbolic pass of a sparse product (exact nnz, O(rows) memory)
@@ -107,9 +107,7 @@ def _adjoint_csr(obj, matrix: sp.csr_array) -> sp.csr_array:
 
 
 def _check_positive_int(value, name: str, *, allow_zero: bool = False) -> int:
-    if not isinstance(value, numbers.Integral) or isinstance(value, (bool, np.bool_)):
-        raise TypeError(f"{name} must be an int, got {name}={value!r}")
-    value = int(value)
+    value = _check_int(value, name)
     if value < (0 if allow_zero else 1):
         kind = "non-negative" if allow_zero else "positive"
         raise ValueError(f"{name} must be a {kind} int, got {name}={value}")
