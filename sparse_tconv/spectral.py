@@ -27,6 +27,7 @@ from scipy.sparse.linalg import LinearOperator, aslinearoperator, svds
 
 from ._geometry import _check_int, as_weight, conv_geometry
 from ._operator import ConvOperator, ConvTransposeOperator
+from ._random import gaussian, generator, work_dtype
 
 try:  # scipy's symbolic pass of a sparse product (exact nnz, O(rows) memory)
     from scipy.sparse._sparsetools import csr_matmat_maxnnz as _csr_matmat_maxnnz
@@ -121,15 +122,6 @@ def _check_tol(value, name: str) -> float:
     if not (np.isfinite(value) and value >= 0):
         raise ValueError(f"{name} must be non-negative and finite, got {name}={value!r}")
     return value
-
-
-def _generator(rng) -> np.random.Generator:
-    try:
-        return np.random.default_rng(0 if rng is None else rng)
-    except (TypeError, ValueError):
-        raise TypeError(
-            f"rng must be an int seed, a numpy.random.Generator or None, got rng={rng!r}"
-        ) from None
 
 
 # ---------------------------------------------------------------------------
@@ -329,22 +321,15 @@ def _norm_operand(obj):
     )
 
 
-def _vector_dtype(dtype) -> np.dtype:
-    dtype = np.dtype(dtype)
-    return dtype if dtype.kind in "fc" else np.dtype(np.float64)
-
-
 def _start_vector(gen, size, dtype):
-    x = gen.standard_normal(size)
-    if dtype.kind == "c":
-        x = x + 1j * gen.standard_normal(size)
+    x = gaussian(gen, size, dtype)
     return (x / np.linalg.norm(x)).astype(dtype)
 
 
 def _rank_one_norm(A: LinearOperator) -> float:
     """The norm of an operator with one row or one column: that row/column's norm."""
     m, n = A.shape
-    dtype = _vector_dtype(A.dtype)
+    dtype = work_dtype(A.dtype)
     if n == 1:
         return float(np.linalg.norm(A.matvec(np.ones(1, dtype=dtype))))
     return float(np.linalg.norm(A.rmatvec(np.ones(1, dtype=dtype))))
@@ -353,7 +338,7 @@ def _rank_one_norm(A: LinearOperator) -> float:
 def _norm_svds(A, tol, maxiter, gen):
     if min(A.shape) == 1:
         return _rank_one_norm(A)
-    dtype = _vector_dtype(A.dtype)
+    dtype = work_dtype(A.dtype)
     v0 = _start_vector(gen, min(A.shape), dtype)
     # ARPACK fails on a zero operator ("starting vector is zero"): look first.
     first = A.matvec if A.shape[0] >= A.shape[1] else A.rmatvec
@@ -365,7 +350,7 @@ def _norm_svds(A, tol, maxiter, gen):
 
 def _norm_power(A, tol, maxiter, gen):
     m, n = A.shape
-    dtype = _vector_dtype(A.dtype)
+    dtype = work_dtype(A.dtype)
     # Iterate on the smaller Gram matrix: A^H A (n x n) or A A^H (m x m).
     if n <= m:
         first, second = A.matvec, A.rmatvec
@@ -587,7 +572,7 @@ def operator_norm(
     iterations = _check_positive_int(iterations, "iterations", allow_zero=True)
     if max_nnz is not None:
         max_nnz = _check_positive_int(max_nnz, "max_nnz")
-    gen = _generator(rng)
+    gen = generator(rng)
     A, matrix = _norm_operand(op)
     if method == "gram":
         if matrix is None:
@@ -599,7 +584,7 @@ def operator_norm(
     if method == "svds":
         return _norm_svds(A, 0.0 if tol is None else tol, maxiter, gen)
     if tol is None:  # what the operator's precision can resolve
-        tol = max(1e-8, 100 * float(np.finfo(_vector_dtype(A.dtype)).eps))
+        tol = max(1e-8, 100 * float(np.finfo(work_dtype(A.dtype)).eps))
     return _norm_power(A, tol, 1000 if maxiter is None else maxiter, gen)
 
 

@@ -15,6 +15,8 @@ import numpy as np
 import scipy.sparse as sp
 from scipy.sparse.linalg import LinearOperator, aslinearoperator
 
+from ._random import gaussian, generator, work_dtype
+
 __all__ = ["dottest", "assert_conv_matches_reference"]
 
 
@@ -31,17 +33,8 @@ def _as_operator(op) -> LinearOperator:
     )
 
 
-def _work_dtype(dtype) -> np.dtype:
-    """The dtype of the random vectors: the operator's, or float64 if not inexact."""
-    dtype = np.dtype(dtype)
-    return dtype if dtype.kind in "fc" else np.dtype(np.float64)
-
-
 def _random_vector(rng: np.random.Generator, size: int, dtype: np.dtype) -> np.ndarray:
-    values = rng.standard_normal(size)
-    if dtype.kind == "c":
-        values = values + 1j * rng.standard_normal(size)
-    return values.astype(dtype)
+    return gaussian(rng, size, dtype).astype(dtype)
 
 
 def dottest(op, *, rtol=None, rng=None):
@@ -130,7 +123,7 @@ def dottest(op, *, rtol=None, rng=None):
     AssertionError: dot test failed: <A u, v> = ... != <u, A^H v> = ...
     """
     A = _as_operator(op)
-    dtype = _work_dtype(A.dtype)
+    dtype = work_dtype(A.dtype)
     eps = float(np.finfo(dtype).eps)
     if rtol is None:
         rtol = 100 * eps
@@ -140,14 +133,7 @@ def dottest(op, *, rtol=None, rng=None):
         rtol = float(rtol)
         if not (np.isfinite(rtol) and rtol > 0):
             raise ValueError(f"rtol must be positive and finite, got rtol={rtol!r}")
-    if rng is None:
-        rng = 0
-    try:
-        gen = np.random.default_rng(rng)
-    except (TypeError, ValueError):
-        raise TypeError(
-            f"rng must be an int seed, a numpy.random.Generator or None, got rng={rng!r}"
-        ) from None
+    gen = generator(rng)
 
     m, n = A.shape
     u = _random_vector(gen, n, dtype)
@@ -234,8 +220,8 @@ def assert_conv_matches_reference(
     builder = conv_transpose_matrix if transpose else conv_matrix
     W = builder(weight, input_shape, **geometry)
     w, geom = validate(weight, input_shape, transpose=transpose, **geometry)
-    gen = np.random.default_rng(0 if rng is None else rng)
-    dtype = _work_dtype(W.dtype)
+    gen = generator(rng)
+    dtype = work_dtype(W.dtype)
     samples = _random_vector(gen, batch * W.shape[1], dtype).reshape(batch, *input_shape)
     got = (W @ samples.reshape(batch, -1).T).T
     if transpose:
