@@ -255,10 +255,10 @@ class _ConvOperatorBase(LinearOperator):
     # -- products ---------------------------------------------------------
 
     def _matvec(self, x):
-        return csr_product(self._matrix, np.asarray(x).ravel(), self._n_threads())
+        return self._forward_product(np.asarray(x).ravel())
 
     def _matmat(self, X):
-        return csr_product(self._matrix, np.asarray(X), self._n_threads())
+        return self._forward_product(np.asarray(X))
 
     def _adjoint_product(self, y):
         # W^H y = conj(W^T conj(y)); for a real matrix simply W^T y.
