@@ -2,7 +2,7 @@
 
 import numpy as np
 
-from .common import GEOMETRIES, builder, make
+from .common import GEOMETRIES, builder, make, operator_builder
 
 
 class Build:
@@ -13,6 +13,7 @@ class Build:
     def setup(self, geometry):
         self.weight, self.op, _, _ = make(geometry)
         self.build = builder(geometry)
+        self.new_operator = operator_builder(geometry)
         self.new_weight = np.random.default_rng(5).standard_normal(self.weight.shape)
 
     def time_build(self, geometry):
@@ -20,6 +21,10 @@ class Build:
 
     def peakmem_build(self, geometry):
         self.build(self.weight)
+
+    def time_operator(self, geometry):
+        # what an operator builds for its products: dense channel blocks or the CSR
+        self.new_operator(self.weight)
 
     def time_with_weight(self, geometry):
         self.op.with_weight(self.new_weight)

@@ -48,3 +48,9 @@ def builder(name):
     weight_shape, input_shape, kwargs, transposed = GEOMETRIES[name]
     build = sparse_tconv.conv_transpose_matrix if transposed else sparse_tconv.conv_matrix
     return lambda weight: build(weight, input_shape, **kwargs)
+
+
+def operator_builder(name):
+    weight_shape, input_shape, kwargs, transposed = GEOMETRIES[name]
+    cls = sparse_tconv.ConvTransposeOperator if transposed else sparse_tconv.ConvOperator
+    return lambda weight: cls(weight, input_shape, **kwargs)

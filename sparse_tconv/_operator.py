@@ -1,29 +1,40 @@
 """Convolution and transposed convolution as scipy LinearOperators.
 
-Products are threaded over row blocks of the CSR matrix, balanced by nnz.
-Each block is multiplied by scipy's own serial CSR kernel (which releases the
-GIL) writing into its slice of the output, so every output row is computed by
-exactly the code, and in exactly the order, of ``matrix @ x``: the threaded
-result is bit-for-bit the serial one, whatever the number of threads.
+The products do not run on the canonical CSR matrix when the layer has dense
+channel blocks (zeros padding, more than one channel per group on some side):
+they run on W as a BSR matrix with rows and columns numbered position-major,
+``(position, channel)`` (:mod:`._bsr`), which stores one index per block
+instead of one per entry (8 bytes per float64 entry instead of 12) and reads
+every channel of a few neighbouring positions per block row.  The transposed
+products use the BSR of W.T, built on first use.  The canonical CSR matrices
+(:attr:`matrix`, :attr:`transpose_matrix`) are then built only when asked for.
 
-The transposed products (``rmatvec``, ``rmatmat``, ``conv_transpose`` of a
-convolution, ``conv`` of a transposed one) run the same way on the transpose
-with its columns numbered position-major, ``(position, channel)``: each row
-then reads every channel of a few neighbouring positions, where the
+Otherwise (other padding modes, one channel per group) the products run on
+the CSR matrix, threaded over row blocks balanced by nnz: each block is
+multiplied by scipy's own serial CSR kernel (which releases the GIL) writing
+into its slice of the output, so every output row is computed by exactly the
+code, and in exactly the order, of ``matrix @ x``.  The transposed products
+run the same way on the transpose with its columns numbered position-major:
+each row then reads every channel of a few neighbouring positions, where the
 channel-major transpose reads one element from each of ``C`` distant planes
 (as many memory streams as channels; 2x slower on a 3->64 layer).
+
+Either way a product's result does not depend on the number of threads.
 """
 
 from __future__ import annotations
 
+import math
 from types import SimpleNamespace
 
 import numpy as np
 import scipy.sparse as sp
 from scipy.sparse.linalg import LinearOperator
 
+from ._bsr import block_pattern, bsr_product, fill_blocks, to_position_major, uses_blocks
 from ._build import build, refill, validate
 from ._geometry import as_weight
+from . import _parallel
 from ._parallel import resolve_threads, run_parallel
 
 try:  # scipy's serial CSR kernels; private, so fall back to ``matrix @ x``.
@@ -34,8 +45,6 @@ except ImportError:  # pragma: no cover - depends on the scipy release
 
 __all__ = ["ConvOperator", "ConvTransposeOperator", "csr_product"]
 
-# Below this many stored entries a product is faster on one thread.
-_MIN_PARALLEL_NNZ = 1 << 16
 
 
 def _row_blocks(indptr: np.ndarray, parts: int) -> list[tuple[int, int]]:
@@ -59,7 +68,7 @@ def csr_product(matrix: sp.csr_array, x: np.ndarray, threads: int) -> np.ndarray
     if (
         threads <= 1
         or x.dtype != matrix.dtype
-        or matrix.nnz < _MIN_PARALLEL_NNZ
+        or matrix.nnz < _parallel.MIN_PARALLEL_NNZ
         or _csr_matvec is None
     ):
         return matrix @ x
@@ -100,54 +109,100 @@ def _conj_sharing(matrix: sp.csr_array) -> sp.csr_array:
     return out
 
 
+class _Lazy:
+    """A value built by ``factory`` on first use and kept.
+
+    Operators that share a matrix (an operator and its ``.T``) hold the same
+    ``_Lazy``, so whichever builds it first builds it for both.
+    """
+
+    __slots__ = ("_value", "_factory")
+
+    def __init__(self, factory=None, value=None):
+        self._value, self._factory = value, factory
+
+    def get(self):
+        if self._value is None:
+            self._value = self._factory()
+            self._factory = None
+        return self._value
+
+    @property
+    def built(self):
+        """The value if built, else ``None``."""
+        return self._value
+
+
 class _ConvOperatorBase(LinearOperator):
-    """Shared machinery; ``_transposed`` says whether ``matrix`` is W or W.T."""
+    """Shared machinery; ``_transposed`` says whether ``matrix`` is W or W.T.
+
+    Four matrices, each built on first use (and shared with ``.T``):
+    ``_matrix_slot`` and ``_tmatrix_slot``, the canonical CSR of this
+    operator's matrix and of its transpose; ``_forward_slot`` and
+    ``_backward_slot``, the forms the products run on.  With dense channel
+    blocks (:func:`~._bsr.uses_blocks`) those are ``(pattern, BSR)`` pairs,
+    position-major, and the canonical CSR is only built when asked for;
+    otherwise the forward form is the canonical CSR itself and the backward
+    one the transpose with position-major columns.
+    """
 
     _transposed: bool
 
     # -- construction -----------------------------------------------------
 
     def _build(self, weight, input_shape, dtype, threads, **geometry):
-        """Validate the constructor's arguments and build the matrix."""
+        """Validate the constructor's arguments and build the product form."""
         w, geom = validate(weight, input_shape, transpose=self._transposed, dtype=dtype,
                            **geometry)
-        matrix = build(geom, w, transpose=self._transposed, threads=resolve_threads(threads))
-        self._setup(geom, w, matrix, threads)
+        self._setup(geom, w, threads)
+        # Built now, not on first use: construction is where the cost is expected.
+        self._forward_slot.get()
 
     @classmethod
-    def _from_parts(cls, geometry, weight, matrix, threads, transpose_factory=None,
-                    backward_factory=None):
+    def _from_slots(cls, geometry, weight, threads, **slots):
         op = cls.__new__(cls)
-        op._setup(geometry, weight, matrix, threads, transpose_factory, backward_factory)
+        op._setup(geometry, weight, threads, **slots)
         return op
 
-    def _setup(self, geometry, weight, matrix, threads, transpose_factory=None,
-                backward_factory=None):
+    def _setup(self, geometry, weight, threads, matrix=None, tmatrix=None, forward=None,
+               backward=None):
         self._geometry = geometry
         self._weight = weight
-        self._matrix = matrix
         self._threads = threads
-        self._tmatrix = None
-        self._bmatrix = None
+        self._blocked = uses_blocks(geometry)
         # No reference to self in the factories: a cycle would keep the
         # matrices alive after the operator is dropped, until the cyclic GC runs.
-        transposed = self._transposed
-        if transpose_factory is None:
+        direction = self._transposed
 
-            def transpose_factory():
-                return build(
-                    geometry, weight, transpose=not transposed, threads=resolve_threads(threads)
-                )
+        def build_csr(transpose, channels_last=False):
+            return lambda: build(geometry, weight, transpose=transpose,
+                                 threads=resolve_threads(threads), channels_last=channels_last)
 
-        if backward_factory is None:
+        def build_blocks(transpose):
+            def factory():
+                pattern = block_pattern(geometry, transpose=transpose,
+                                        threads=resolve_threads(threads))
+                return pattern, fill_blocks(pattern, geometry, weight, transpose=transpose,
+                                            threads=resolve_threads(threads))
 
-            def backward_factory():
-                return build(geometry, weight, transpose=not transposed,
-                             threads=resolve_threads(threads), channels_last=True)
+            return factory
 
-        self._transpose_factory = transpose_factory
-        self._backward_factory = backward_factory
-        super().__init__(dtype=matrix.dtype, shape=matrix.shape)
+        self._matrix_slot = matrix or _Lazy(build_csr(direction))
+        self._tmatrix_slot = tmatrix or _Lazy(build_csr(not direction))
+        if self._blocked:
+            self._forward_slot = forward or _Lazy(build_blocks(direction))
+            self._backward_slot = backward or _Lazy(build_blocks(not direction))
+        else:
+            self._forward_slot = forward or self._matrix_slot
+            if backward is None:
+                # With one output channel position-major is the canonical order.
+                tslot = self._tmatrix_slot
+                one_channel = self.output_shape[0] == 1
+                backward = _Lazy(tslot.get if one_channel else
+                                 build_csr(not direction, channels_last=True))
+            self._backward_slot = backward
+        rows, cols = math.prod(self.output_shape), math.prod(self.input_shape)
+        super().__init__(dtype=weight.dtype, shape=(rows, cols))
 
     def _n_threads(self) -> int:
         return resolve_threads(self._threads)
@@ -156,56 +211,45 @@ class _ConvOperatorBase(LinearOperator):
 
     @property
     def matrix(self) -> sp.csr_array:
-        """The CSR matrix this operator applies (not a copy)."""
-        return self._matrix
+        """The canonical CSR matrix of this operator (not a copy).
+
+        That of :func:`conv_matrix` (or :func:`conv_transpose_matrix`).  When
+        the products run on dense channel blocks (see Notes of the class) it
+        is built on first use and kept.
+        """
+        return self._matrix_slot.get()
 
     @property
     def transpose_matrix(self) -> sp.csr_array:
-        """The CSR matrix of the transpose, built on first use and kept.
+        """The canonical CSR matrix of the transpose, built on first use and kept.
 
-        Built directly from the geometry (as fast as the matrix itself), it
-        takes as many bytes as :attr:`matrix`; ``.T`` and ``.H`` use it as
-        their :attr:`matrix`.  The transposed products of this operator
-        (``rmatvec``, ``rmatmat``, and :meth:`conv_transpose` or
-        :meth:`conv` for the other direction) use the same matrix with its
-        columns numbered position-major (see Notes of the class), built on
-        first use too; when the output has one channel the two are one and
-        the same array.
+        Built directly from the geometry (as fast as :attr:`matrix`), it takes
+        as many bytes; it is the :attr:`matrix` of ``.T`` and ``.H``.
         """
-        if self._tmatrix is None:
-            if self._bmatrix is not None and self._single_output_channel():
-                self._tmatrix = self._bmatrix
-            else:
-                self._tmatrix = self._transpose_factory()
-            self._transpose_factory = None
-        return self._tmatrix
+        return self._tmatrix_slot.get()
 
-    def _single_output_channel(self) -> bool:
-        return self.output_shape[0] == 1
+    def _forward_nbytes(self) -> int:
+        """Bytes of the matrix ``matvec`` reads (what bounds its speed)."""
+        form = self._forward_slot.get()
+        matrix = form[1] if self._blocked else form
+        return matrix.data.nbytes + matrix.indices.nbytes + matrix.indptr.nbytes
 
-    def _backward_matrix(self) -> sp.csr_array:
-        """The transpose with position-major columns (the plain one for one channel)."""
-        if self._bmatrix is None:
-            if self._single_output_channel():
-                self._bmatrix = self.transpose_matrix
-            else:
-                self._bmatrix = self._backward_factory()
-            self._backward_factory = None
-        return self._bmatrix
+    def _forward_product(self, x: np.ndarray) -> np.ndarray:
+        """This operator's matrix times a 1-D ``x`` or a 2-D block of columns."""
+        if self._blocked:
+            return bsr_product(self._forward_slot.get()[1], x, self._n_threads(), self.groups)
+        return csr_product(self._forward_slot.get(), x, self._n_threads())
 
     def _backward_product(self, y: np.ndarray) -> np.ndarray:
         """``matrix.T @ y`` for a 1-D ``y`` or a 2-D block of columns.
 
         ``y`` is reordered position-major (a copy of ``y``, small next to the
-        matrix) to match the columns of :meth:`_backward_matrix`.
+        matrix) to match the columns of the backward form.
         """
-        channels = self.output_shape[0]
-        if channels > 1:
-            y = y.reshape((channels, -1) + y.shape[1:]).swapaxes(0, 1).reshape(y.shape)
-        return csr_product(self._backward_matrix(), y, self._n_threads())
-
-    def _forward_product(self, x: np.ndarray) -> np.ndarray:
-        return csr_product(self._matrix, x, self._n_threads())
+        if self._blocked:
+            return bsr_product(self._backward_slot.get()[1], y, self._n_threads(), self.groups)
+        y = to_position_major(y, self.output_shape[0])
+        return csr_product(self._backward_slot.get(), y, self._n_threads())
 
     # -- geometry ---------------------------------------------------------
 
@@ -262,7 +306,7 @@ class _ConvOperatorBase(LinearOperator):
 
     def _adjoint_product(self, y):
         # W^H y = conj(W^T conj(y)); for a real matrix simply W^T y.
-        if np.iscomplexobj(self._matrix.data):
+        if np.iscomplexobj(self._weight):
             return np.conj(self._backward_product(np.conj(y)))
         return self._backward_product(y)
 
@@ -276,30 +320,31 @@ class _ConvOperatorBase(LinearOperator):
         return ConvOperator if self._transposed else ConvTransposeOperator
 
     def _transpose_op(self):
-        matrix = self._matrix
-        return self._other_class()._from_parts(
-            self._geometry,
-            self._weight,
-            self.transpose_matrix,
-            self._threads,
-            transpose_factory=lambda: matrix,
-        )
+        other = self._other_class()
+        if self._blocked:  # the two block forms swap roles
+            return other._from_slots(self._geometry, self._weight, self._threads,
+                                     matrix=self._tmatrix_slot, tmatrix=self._matrix_slot,
+                                     forward=self._backward_slot, backward=self._forward_slot)
+        return other._from_slots(self._geometry, self._weight, self._threads,
+                                 matrix=self._tmatrix_slot, tmatrix=self._matrix_slot)
 
     def _transpose(self):
         return self._transpose_op()
 
     def _adjoint(self):
-        if not np.iscomplexobj(self._matrix.data):
+        if not np.iscomplexobj(self._weight):
             return self._transpose_op()
-        matrix = self._matrix
         weight = np.conj(self._weight)
         weight.flags.writeable = False
-        return self._other_class()._from_parts(
+        mslot, tslot = self._matrix_slot, self._tmatrix_slot
+        # The canonical matrices share their index arrays; product forms are
+        # built from the conjugated weight on first use.
+        return self._other_class()._from_slots(
             self._geometry,
             weight,
-            _conj_sharing(self.transpose_matrix),
             self._threads,
-            transpose_factory=lambda: _conj_sharing(matrix),
+            matrix=_Lazy(lambda: _conj_sharing(tslot.get())),
+            tmatrix=_Lazy(lambda: _conj_sharing(mslot.get())),
         )
 
     # -- shaped application -----------------------------------------------
@@ -365,9 +410,11 @@ class _ConvOperatorBase(LinearOperator):
     def with_weight(self, weight, *, dtype=None):
         """A new operator for new weights of the same shape and geometry.
 
-        The index arrays (``indices``, ``indptr``) are shared with this
-        operator's matrices (and transposed matrix, if built); only the values
-        are computed.
+        The index arrays (``indices``, ``indptr``) of every matrix this
+        operator has built (the forms its products run on, and ``matrix`` or
+        ``transpose_matrix`` if asked for) are shared; only the values are
+        computed: now for the forward product's matrix, on first use for the
+        others.
 
         Parameters
         ----------
@@ -391,27 +438,46 @@ class _ConvOperatorBase(LinearOperator):
                 f"weight must have the shape of this operator's weight {self._weight.shape}, "
                 f"got weight.shape={w.shape}"
             )
-        g, setting = self._geometry, self._threads
-        matrix = refill(g, w, self._matrix, transpose=self._transposed, threads=self._n_threads())
-        transposed = not self._transposed
-        # Share the patterns of the transposed matrices already built, keeping
-        # their index arrays only, not the old values.
-        factories = {}
-        for name, built, channels_last in (("transpose_factory", self._tmatrix, False),
-                                           ("backward_factory", self._bmatrix, True)):
-            if built is not None:
-                factories[name] = _refill_factory(g, w, built, transposed, setting, channels_last)
-        return type(self)._from_parts(g, w, matrix, setting, **factories)
+        g, setting, direction = self._geometry, self._threads, self._transposed
+        # Share the patterns already built, keeping their index arrays only,
+        # not the old values.
+        slots = dict(
+            matrix=_refill_slot(self._matrix_slot, g, w, direction, setting, False),
+            tmatrix=_refill_slot(self._tmatrix_slot, g, w, not direction, setting, False),
+        )
+        if self._blocked:
+            slots["forward"] = _refill_blocks_slot(self._forward_slot, g, w, direction, setting)
+            slots["backward"] = _refill_blocks_slot(self._backward_slot, g, w, not direction,
+                                                    setting)
+        elif self.output_shape[0] > 1:  # else the backward form is the transpose itself
+            slots["backward"] = _refill_slot(self._backward_slot, g, w, not direction, setting,
+                                             True)
+        op = type(self)._from_slots(g, w, setting, **slots)
+        op._forward_slot.get()  # the new values are computed now, as by the constructor
+        return op
 
 
-def _refill_factory(geometry, weight, like, transpose, threads, channels_last):
+def _refill_slot(slot, geometry, weight, transpose, threads, channels_last):
+    """A lazy CSR with the pattern of ``slot``'s matrix if built, else ``None``."""
+    like = slot.built
+    if like is None:
+        return None
     pattern = SimpleNamespace(indices=like.indices, indptr=like.indptr, shape=like.shape)
 
     def factory():
         return refill(geometry, weight, pattern, transpose=transpose,
                       threads=resolve_threads(threads), channels_last=channels_last)
 
-    return factory
+    return _Lazy(factory)
+
+
+def _refill_blocks_slot(slot, geometry, weight, transpose, threads):
+    """A lazy block form with the pattern of ``slot``'s if built, else ``None``."""
+    if slot.built is None:
+        return None
+    pattern = slot.built[0]
+    return _Lazy(lambda: (pattern, fill_blocks(pattern, geometry, weight, transpose=transpose,
+                                               threads=resolve_threads(threads))))
 
 
 class ConvOperator(_ConvOperatorBase):
@@ -434,7 +500,8 @@ class ConvOperator(_ConvOperatorBase):
     Attributes
     ----------
     matrix : scipy.sparse.csr_array
-        W, as :func:`conv_matrix` builds it.
+        W, as :func:`conv_matrix` builds it (built on first use when the
+        products run on dense channel blocks, see Notes).
     transpose_matrix : scipy.sparse.csr_array
         W.T, built directly on first use (same bytes as ``matrix``).
     input_shape, output_shape : tuple of int
@@ -459,23 +526,36 @@ class ConvOperator(_ConvOperatorBase):
     adjoint ``W^H = conj(W).T``; ``.T`` is the transposed convolution (a
     :class:`ConvTransposeOperator` whose ``matrix`` is ``W.T``) and ``.H``
     the adjoint; ``op.T.T`` has the forward geometry again.  All four products
-    run on ``threads`` threads over row blocks of equal nnz, and their results
-    do not depend on the number of threads.  ``matvec``/``matmat`` are
-    bit-for-bit scipy's serial ``matrix @ x``.  ``rmatvec``/``rmatmat`` (and
-    :meth:`conv_transpose`) run on a second matrix, W.T with its columns
-    numbered (position, channel), built on first use from the geometry and
-    kept (as many bytes as ``matrix``; the same array as
-    ``transpose_matrix`` when the output has one channel): each row then
-    reads neighbouring memory instead of one element from each of ``C_out``
-    planes.  They equal scipy's ``matrix.T @ y`` to rounding (bit for bit with
-    one output channel).  ``.T``/``.H`` use ``transpose_matrix``, the
-    canonical W.T, for their ``matvec``.  A product whose input needs a wider
-    dtype than the matrix (a float64 vector with a float32 matrix, a complex
-    vector with a real matrix) uses scipy's serial product.
+    run on ``threads`` threads and their results do not depend on the number
+    of threads.
 
-    ``matmat`` reads the matrix once for all the columns (scipy's
-    ``csr_matvecs`` on a C-ordered block), which costs far less per column
-    than separate ``matvec`` calls.
+    *Dense channel blocks.*  With zeros padding and more than one channel per
+    group on some side, the entries linking one output position to one input
+    position form a dense ``(C_out/groups) x (C_in/groups)`` block per group
+    (one kernel tap's weights).  The operator then stores W as a BSR matrix of
+    these blocks, rows and columns numbered (position, channel), built at
+    construction (8 bytes per float64 entry plus one index per block, against
+    12 for the CSR matrix) and multiplies through it; the transposed products
+    use the BSR matrix of W.T, built on first use (as many bytes again).
+    ``matrix`` and ``transpose_matrix`` are built only when asked for.  A
+    ``matvec`` is scipy's serial BSR kernel over block-row ranges (bit for bit
+    scipy's ``blocks @ x`` on the reordered vector), a ``matmat`` a sum of
+    dense products per block row (numpy ``matmul``: BLAS); both equal
+    ``matrix @ x`` to rounding, and a batch equals its columns multiplied one
+    by one to rounding.
+
+    *CSR.*  Otherwise ``matvec``/``matmat`` are bit-for-bit scipy's serial
+    ``matrix @ x`` (``csr_matvecs`` reads the matrix once for all the columns
+    of a C-ordered block).  ``rmatvec``/``rmatmat`` (and
+    :meth:`conv_transpose`) run on W.T with its columns numbered (position,
+    channel), built on first use and kept (as many bytes as ``matrix``; the
+    same array as ``transpose_matrix`` when the output has one channel), and
+    equal scipy's ``matrix.T @ y`` to rounding (bit for bit with one output
+    channel).
+
+    A product whose input needs a wider dtype than the matrix (a float64
+    vector with a float32 matrix, a complex vector with a real matrix) uses
+    scipy's serial product.
 
     Examples
     --------
@@ -539,7 +619,9 @@ class ConvTransposeOperator(_ConvOperatorBase):
     Attributes
     ----------
     matrix : scipy.sparse.csr_array
-        The matrix of :func:`conv_transpose_matrix`.
+        The matrix of :func:`conv_transpose_matrix` (built on first use when
+        the products run on dense channel blocks, see
+        :class:`ConvOperator`).
     transpose_matrix : scipy.sparse.csr_array
         The forward convolution's matrix, built on first use.
     input_shape, output_shape : tuple of int

@@ -8,14 +8,14 @@ import scipy.sparse as sp
 from scipy.sparse.linalg import LinearOperator, aslinearoperator, lsqr
 
 import sparse_tconv
-from reference import random_array, reference_conv_matrix, transposed_product
+from reference import block_product, random_array, reference_conv_matrix, transposed_product
 from sparse_tconv import (
     ConvOperator,
     ConvTransposeOperator,
     conv_matrix,
     conv_transpose_matrix,
 )
-from sparse_tconv import _operator
+from sparse_tconv import _bsr, _operator, _parallel
 
 DTYPES = [np.float32, np.float64, np.complex64, np.complex128]
 GEOMETRY = dict(stride=(2, 1), padding=[(1, 2), 1], dilation=(1, 2), groups=2)
@@ -103,21 +103,57 @@ def test_shaped_batches_equal_single_samples():
     batch = rng.standard_normal((5, *INPUT_SHAPE))
     out = op.conv(batch)
     assert out.shape == (5, *op.output_shape) and out.flags.c_contiguous
+    # A batch runs as one matmat (dense products per block row), a sample as
+    # one matvec (scipy's BSR kernel): equal to rounding.
     for b in range(5):
-        np.testing.assert_array_equal(out[b], op.conv(batch[b]))
+        np.testing.assert_allclose(out[b], op.conv(batch[b]), rtol=1e-13, atol=1e-13)
     back = op.conv_transpose(out)
     assert back.shape == batch.shape
     for b in range(5):
-        np.testing.assert_array_equal(back[b], op.conv_transpose(out[b]))
+        np.testing.assert_allclose(back[b], op.conv_transpose(out[b]), rtol=1e-13, atol=1e-13)
+
+
+@pytest.fixture
+def thread_small(monkeypatch):
+    """Thread even a small matrix, on both product paths."""
+    monkeypatch.setattr(_parallel, "MIN_PARALLEL_NNZ", 0)
 
 
 @pytest.mark.parametrize("threads", [2, 3, 8])
 @pytest.mark.parametrize("dtype", DTYPES)
-def test_threaded_products_are_bit_for_bit_serial(threads, dtype, monkeypatch):
-    monkeypatch.setattr(_operator, "_MIN_PARALLEL_NNZ", 0)  # thread even a small matrix
+def test_threaded_block_products_are_bit_for_bit_serial(threads, dtype, thread_small):
+    # Zeros padding, 3 -> 6 channels: the products run on dense channel blocks.
     rng = np.random.default_rng(4)
     weight = random_array(rng, (6, 3, 3, 3), dtype)
     op = ConvOperator(weight, (3, 11, 12), padding=1, stride=(1, 2), threads=threads)
+    serial = ConvOperator(weight, (3, 11, 12), padding=1, stride=(1, 2), threads=1)
+    W, WT = op.matrix, op.transpose_matrix
+    x = random_array(rng, op.shape[1], dtype)
+    y = random_array(rng, op.shape[0], dtype)
+    X = random_array(rng, (op.shape[1], 4), dtype)
+    Y = np.asfortranarray(random_array(rng, (op.shape[0], 4), dtype))
+    # matvec: scipy's serial BSR kernel on the position-major blocks, bit for bit
+    np.testing.assert_array_equal(op.matvec(x), block_product(W, x, 6, 3))
+    np.testing.assert_array_equal(op.rmatvec(y), block_product(WT, y.conj(), 3, 6).conj())
+    np.testing.assert_array_equal(op.T.matvec(y), block_product(WT, y, 3, 6))
+    # matmat: dense products per block row; the canonical CSR's to rounding, and
+    # the same bits whatever the number of threads
+    tol = dict(rtol=_tol(dtype), atol=_tol(dtype))
+    np.testing.assert_allclose(op.matmat(X), W @ X, **tol)
+    np.testing.assert_allclose(op.rmatmat(Y), (WT @ Y.conj()).conj(), **tol)
+    np.testing.assert_array_equal(op.matmat(X), serial.matmat(X))
+    np.testing.assert_array_equal(op.rmatmat(Y), serial.rmatmat(Y))
+    np.testing.assert_allclose(op.matvec(x), W @ x, **tol)
+
+
+@pytest.mark.parametrize("threads", [2, 3, 8])
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_threaded_csr_products_are_bit_for_bit_serial(threads, dtype, thread_small):
+    # Reflect padding folds taps together: the products run on the CSR matrices.
+    rng = np.random.default_rng(4)
+    weight = random_array(rng, (6, 3, 3, 3), dtype)
+    op = ConvOperator(weight, (3, 11, 12), padding=1, stride=(1, 2), padding_mode="reflect",
+                      threads=threads)
     W, WT = op.matrix, op.transpose_matrix
     x = random_array(rng, op.shape[1], dtype)
     y = random_array(rng, op.shape[0], dtype)
@@ -137,13 +173,15 @@ def test_threaded_product_on_a_real_size_matrix(restore_threads):
     # Above the threading threshold, with the default thread count.
     rng = np.random.default_rng(5)
     op = ConvOperator(rng.standard_normal((16, 16, 3, 3)), (16, 32, 32), padding=1, threads=2)
-    assert op.matrix.nnz > _operator._MIN_PARALLEL_NNZ
+    serial = ConvOperator(op.weight, (16, 32, 32), padding=1, threads=1)
+    assert op.matrix.nnz > _parallel.MIN_PARALLEL_NNZ
     x = rng.standard_normal(op.shape[1])
     y = rng.standard_normal(op.shape[0])
-    np.testing.assert_array_equal(op.matvec(x), op.matrix @ x)
-    np.testing.assert_array_equal(op.rmatvec(y), transposed_product(op.matrix, y, 16))
+    np.testing.assert_array_equal(op.matvec(x), block_product(op.matrix, x, 16, 16))
+    np.testing.assert_array_equal(op.rmatvec(y), block_product(op.transpose_matrix, y, 16, 16))
     X = rng.standard_normal((op.shape[1], 7))
-    np.testing.assert_array_equal(op.matmat(X), op.matrix @ X)
+    np.testing.assert_allclose(op.matmat(X), op.matrix @ X, rtol=1e-12, atol=1e-12)
+    np.testing.assert_array_equal(op.matmat(X), serial.matmat(X))
 
 
 def test_row_blocks_balance_nnz():
@@ -157,12 +195,14 @@ def test_row_blocks_balance_nnz():
 
 def test_threads_follow_the_global_setting(monkeypatch, restore_threads):
     seen = []
-    monkeypatch.setattr(_operator, "_MIN_PARALLEL_NNZ", 0)
-    real = _operator.run_parallel
-    monkeypatch.setattr(_operator, "run_parallel",
-                        lambda f, items, threads: (seen.append(threads), real(f, items, threads)))
+    monkeypatch.setattr(_parallel, "MIN_PARALLEL_NNZ", 0)
     op = ConvOperator(np.ones((2, 2, 3)), (2, 50))
     pinned = ConvOperator(np.ones((2, 2, 3)), (2, 50), threads=3)
+    for module in (_operator, _bsr):  # the CSR and the block products
+        real = module.run_parallel
+        monkeypatch.setattr(module, "run_parallel",
+                            lambda f, items, threads, real=real: (seen.append(threads),
+                                                                  real(f, items, threads)))
     x = np.ones(op.shape[1])
     sparse_tconv.set_num_threads(4)
     op.matvec(x)
@@ -180,14 +220,16 @@ def test_mixed_dtypes_fall_back_to_scipy():
     x64 = rng.standard_normal(op.shape[1])
     result = op.matvec(x64)
     assert result.dtype == np.float64  # as scipy: float32 matrix times float64 vector
-    np.testing.assert_array_equal(result, op.matrix @ x64)
+    # scipy's serial product on the operator's (block) form
+    np.testing.assert_array_equal(result, block_product(op.matrix, x64, 2, 2))
+    np.testing.assert_allclose(result, op.matrix @ x64, rtol=1e-6)
     for xi in (np.arange(op.shape[1], dtype=np.int16), np.arange(op.shape[1])):
         expected = op.matrix @ xi  # int16 fits float32 exactly, int64 does not
         assert op.matvec(xi).dtype == expected.dtype
-        np.testing.assert_array_equal(op.matvec(xi), expected)
+        np.testing.assert_array_equal(op.matvec(xi), block_product(op.matrix, xi, 2, 2))
     xc = x64 + 1j
     # a complex vector widens: scipy's serial products on both sides
-    np.testing.assert_array_equal(op.matvec(xc), op.matrix @ xc)
+    np.testing.assert_array_equal(op.matvec(xc), block_product(op.matrix, xc, 2, 2))
     y = op.matrix @ xc
     assert op.rmatvec(y).dtype == np.complex128
     np.testing.assert_allclose(op.rmatvec(y), op.matrix.T @ y, rtol=1e-13)
@@ -196,11 +238,15 @@ def test_mixed_dtypes_fall_back_to_scipy():
 def test_without_scipy_private_kernels(monkeypatch):
     monkeypatch.setattr(_operator, "_csr_matvec", None)
     monkeypatch.setattr(_operator, "_csr_matvecs", None)
-    monkeypatch.setattr(_operator, "_MIN_PARALLEL_NNZ", 0)
+    monkeypatch.setattr(_bsr, "_bsr_matvec", None)
+    monkeypatch.setattr(_parallel, "MIN_PARALLEL_NNZ", 0)
     rng = np.random.default_rng(7)
-    op = ConvOperator(rng.standard_normal((3, 2, 3)), (2, 10), threads=2)
-    x = rng.standard_normal(op.shape[1])
-    np.testing.assert_array_equal(op.matvec(x), op.matrix @ x)
+    for mode in ("zeros", "circular"):  # the block and the CSR products
+        op = ConvOperator(rng.standard_normal((3, 2, 3)), (2, 10), padding_mode=mode,
+                          threads=2)
+        x = rng.standard_normal(op.shape[1])
+        expected = block_product(op.matrix, x, 3, 2) if mode == "zeros" else op.matrix @ x
+        np.testing.assert_array_equal(op.matvec(x), expected)
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -227,14 +273,18 @@ def test_with_weight_shares_the_pattern(transposed):
         op = ConvOperator(w1, (3, 10, 10), **kwargs)
         fresh = conv_matrix(w2, (3, 10, 10), **kwargs)
         fresh_T = conv_transpose_matrix(w2, (4, 5, 5), output_padding=1, **kwargs)
-    op.transpose_matrix  # build both transposes, so that their patterns are shared too
+    # build every matrix, so that all their patterns are shared
+    op.matrix, op.transpose_matrix
     y = rng.standard_normal(op.shape[0])
     op.rmatvec(y)
     new = op.with_weight(w2)
     fresh_op = type(op)(w2, op.input_shape, output_padding=1, **kwargs) if transposed else \
         ConvOperator(w2, op.input_shape, **kwargs)
     np.testing.assert_array_equal(new.rmatvec(y), fresh_op.rmatvec(y))
-    assert np.shares_memory(new._backward_matrix().indices, op._backward_matrix().indices)
+    for slot in ("_forward_slot", "_backward_slot"):  # (pattern, BSR) pairs
+        new_blocks, old_blocks = getattr(new, slot).get()[1], getattr(op, slot).get()[1]
+        assert np.shares_memory(new_blocks.indices, old_blocks.indices)
+        assert not np.shares_memory(new_blocks.data, old_blocks.data)
     assert type(new) is type(op)
     for name in ("indptr", "indices", "data"):
         np.testing.assert_array_equal(getattr(new.matrix, name), getattr(fresh, name))

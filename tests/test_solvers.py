@@ -20,7 +20,7 @@ import scipy.sparse as sp
 from scipy.sparse.linalg import cg, gmres, lsmr, lsqr, spsolve, splu
 
 from sparse_tconv import ConvOperator, ConvTransposeOperator
-from sparse_tconv import _operator
+from sparse_tconv import _bsr, _operator, _parallel
 from sparse_tconv.spectral import compose
 from sparse_tconv.testing import dottest
 
@@ -302,18 +302,22 @@ def test_splu_and_spsolve_on_a_small_invertible_convolution():
 def product_log(monkeypatch):
     """Record every csr_product call, and every entry into its threaded branch."""
     log = {"products": [], "threaded": []}
-    real_product, real_parallel = _operator.csr_product, _operator.run_parallel
+    for name in ("csr_product", "bsr_product"):  # CSR and dense-block products
+        real_product = getattr(_operator, name)
 
-    def counting_product(matrix, x, threads):
-        log["products"].append((matrix.nnz, threads, x.dtype == matrix.dtype))
-        return real_product(matrix, x, threads)
+        def counting_product(matrix, x, threads, *rest, real_product=real_product):
+            log["products"].append((matrix.nnz, threads, x.dtype == matrix.dtype))
+            return real_product(matrix, x, threads, *rest)
 
-    def counting_parallel(func, items, threads):
-        log["threaded"].append(threads)
-        return real_parallel(func, items, threads)
+        monkeypatch.setattr(_operator, name, counting_product)
+    for module in (_operator, _bsr):
+        real_parallel = module.run_parallel
 
-    monkeypatch.setattr(_operator, "csr_product", counting_product)
-    monkeypatch.setattr(_operator, "run_parallel", counting_parallel)
+        def counting_parallel(func, items, threads, real_parallel=real_parallel):
+            log["threaded"].append(threads)
+            return real_parallel(func, items, threads)
+
+        monkeypatch.setattr(module, "run_parallel", counting_parallel)
     return log
 
 
@@ -323,8 +327,8 @@ def _threaded_problem():
     rng = np.random.default_rng(4)
     weight = near_identity_weight(rng, 8, 0.05)
     op = ConvOperator(weight, (8, 32, 32), padding=1, threads=2)
-    assert op.matrix.nnz >= _operator._MIN_PARALLEL_NNZ
-    assert op.transpose_matrix.nnz >= _operator._MIN_PARALLEL_NNZ
+    assert op.matrix.nnz >= _parallel.MIN_PARALLEL_NNZ
+    assert op.transpose_matrix.nnz >= _parallel.MIN_PARALLEL_NNZ
     truth = rng.standard_normal(op.input_shape)
     y = torch.nn.functional.conv2d(torch.from_numpy(truth[None]), torch.from_numpy(weight),
                                    padding=1)[0].numpy().ravel()
@@ -334,6 +338,9 @@ def _threaded_problem():
 @pytest.mark.parametrize("solver", ["lsqr", "lsmr", "cg", "gmres"])
 def test_solver_iterations_take_the_threaded_path(solver, product_log):
     op, truth, y = _threaded_problem()
+    op.rmatvec(y)  # build the transposed products' matrix (a threaded fill) first
+    product_log["products"].clear()
+    product_log["threaded"].clear()
     if solver in ("lsqr", "lsmr"):
         x, istop, itn = least_squares(solver, op, y)
         assert istop in (1, 2)
@@ -354,7 +361,7 @@ def test_solver_iterations_take_the_threaded_path(solver, product_log):
     products = product_log["products"]
     assert len(products) >= max(min_products, 5)
     # Every product ran on 2 threads, on a matrix big enough, in the matrix's dtype ...
-    assert all(nnz >= _operator._MIN_PARALLEL_NNZ and threads == 2 and same_dtype
+    assert all(nnz >= _parallel.MIN_PARALLEL_NNZ and threads == 2 and same_dtype
                for nnz, threads, same_dtype in products)
     # ... and entered the threaded branch (one run_parallel per product).
     assert product_log["threaded"] == [2] * len(products)

@@ -1,0 +1,295 @@
+"""The operators' product form: W as dense channel blocks (BSR), position-major.
+
+With zeros padding, W's entries for output position ``p`` and input position
+``q`` form one dense block ``(C_out/groups) x (C_in/groups)`` per group: the
+weight of the one kernel tap that links ``p`` to ``q`` (no two taps reach the
+same ``q`` from the same ``p``).  Numbering rows ``(p, channel)`` and
+columns ``(q, channel)`` makes each block contiguous, so W is a BSR matrix
+whose block pattern is that of the single-channel convolution.  Against the
+CSR matrix it stores one index per block instead of one per entry (8 bytes
+per entry in float64 instead of 12: two thirds of the memory traffic of a
+product, which is bandwidth bound), and a ``matvec`` reads a few
+neighbouring positions of every channel per block row.
+
+A block row of W multiplied by a block of columns is a sum of small dense
+products, which :func:`bsr_product` hands to numpy's ``matmul`` (BLAS): that
+is what makes a batch cost far less per column than separate products.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import numpy as np
+import scipy.sparse as sp
+
+from ._build import build
+from ._geometry import ConvGeometry
+from . import _parallel
+from ._parallel import run_parallel
+
+try:  # scipy's serial BSR kernel; private, so fall back to ``matrix @ x``.
+    from scipy.sparse._sparsetools import bsr_matvec as _bsr_matvec
+except ImportError:  # pragma: no cover - depends on the scipy release
+    _bsr_matvec = None
+
+__all__ = [
+    "BlockPattern",
+    "block_shape",
+    "uses_blocks",
+    "block_pattern",
+    "fill_blocks",
+    "bsr_product",
+    "to_position_major",
+    "from_position_major",
+]
+
+# Stored bytes of the blocks one ``matmul`` call of a batched product reads:
+# the blocks, their columns of x and the partial products stay in cache.
+_BATCH_CHUNK_BYTES = 1 << 22
+
+
+@dataclasses.dataclass(frozen=True)
+class BlockPattern:
+    """Where each block of the BSR matrix sits, and which weight block it holds.
+
+    ``source[b]`` numbers block ``b``'s weight block among the
+    ``groups * taps`` of :func:`_weight_blocks`; ``indptr``/``indices`` are
+    the BSR arrays (block rows ``(p, group)``, block columns ``(q, group)``).
+    """
+
+    indptr: np.ndarray
+    indices: np.ndarray
+    source: np.ndarray
+    shape: tuple[int, int]
+    blocksize: tuple[int, int]
+
+
+def block_shape(geom: ConvGeometry, transpose: bool) -> tuple[int, int]:
+    """``(rows, columns)`` of one block: channels per group of output and input."""
+    r, c = geom.out_channels // geom.groups, geom.in_channels // geom.groups
+    return (c, r) if transpose else (r, c)
+
+
+def uses_blocks(geom: ConvGeometry) -> bool:
+    """Whether the operators multiply through the BSR form.
+
+    Only with zeros padding (the other modes fold several taps onto one
+    input position) and blocks of more than one entry (one-entry blocks are
+    the CSR matrix again, with one more reordering per product).
+    """
+    r, c = block_shape(geom, False)
+    return geom.padding_mode == "zeros" and r * c > 1
+
+
+def _weight_blocks(geom: ConvGeometry, weight: np.ndarray, transpose: bool) -> np.ndarray:
+    """The weight as ``(groups * taps, R, C)`` contiguous blocks.
+
+    ``weight`` is in the forward convolution's layout ``(C_out, C_in/g, *k)``
+    (a transposed convolution's weight is that array, see ``_build``).
+    """
+    g, taps = geom.groups, math.prod(geom.kernel_size)
+    r, c = geom.out_channels // g, geom.in_channels // g
+    blocks = weight.reshape(g, r, c, taps)
+    blocks = blocks.transpose(0, 3, 2, 1) if transpose else blocks.transpose(0, 3, 1, 2)
+    return np.ascontiguousarray(blocks).reshape(g * taps, *block_shape(geom, transpose))
+
+
+def block_pattern(geom: ConvGeometry, *, transpose: bool, threads: int) -> BlockPattern:
+    """The BSR pattern of W (or W.T), from the single-channel matrix.
+
+    The single-channel matrix is built with the tap numbers ``1..taps`` as
+    its weight, so each stored value names the tap of its block (exactly:
+    small integers in float64, no two taps summed under zeros padding).
+    Costs O(number of blocks), ``1 / (R * C)`` of the entries.
+    """
+    taps = math.prod(geom.kernel_size)
+    single = dataclasses.replace(geom, in_channels=1, out_channels=1, groups=1)
+    tap_numbers = np.arange(1, taps + 1, dtype=np.float64).reshape((1, 1, *geom.kernel_size))
+    s = build(single, tap_numbers, transpose=transpose, threads=threads)
+    tap = s.data.astype(np.intp) - 1
+    g = geom.groups
+    r, c = block_shape(geom, transpose)
+    shape = (s.shape[0] * g * r, s.shape[1] * g * c)
+    if g == 1:
+        return BlockPattern(s.indptr, s.indices, tap, shape, (r, c))
+    # Block row (p, group) holds the blocks of row p of the single-channel
+    # matrix, in group ``group``'s column block and weight.
+    per_row = np.repeat(np.diff(s.indptr), g)
+    indptr = np.zeros(len(per_row) + 1, dtype=s.indptr.dtype)
+    np.cumsum(per_row, out=indptr[1:])
+    first = np.repeat(np.repeat(s.indptr[:-1], g), per_row)
+    entry = np.arange(indptr[-1], dtype=np.intp) - np.repeat(indptr[:-1], per_row) + first
+    group = np.repeat(np.tile(np.arange(g, dtype=np.intp), s.shape[0]), per_row)
+    indices = (s.indices[entry] * g + group).astype(s.indices.dtype)
+    return BlockPattern(indptr, indices, group * taps + tap[entry], shape, (r, c))
+
+
+def fill_blocks(
+    pattern: BlockPattern, geom: ConvGeometry, weight: np.ndarray, *, transpose: bool,
+    threads: int = 1,
+) -> sp.bsr_array:
+    """The BSR matrix of ``pattern`` with the blocks of ``weight``.
+
+    The index arrays are the pattern's (shared, not copied); the values are
+    one gather of the weight blocks, written once, by ``threads`` threads
+    into ``np.empty`` (each thread faults in its own pages).
+    """
+    blocks = _weight_blocks(geom, weight, transpose)
+    data = np.empty((len(pattern.source), *blocks.shape[1:]), dtype=blocks.dtype)
+    ranges = _block_row_ranges(np.arange(len(data) + 1), threads)
+
+    def gather(part):
+        a, b = part
+        # mode="clip": no bounds check pass (the sources are valid by construction)
+        np.take(blocks, pattern.source[a:b], axis=0, mode="clip", out=data[a:b])
+
+    if threads > 1 and data.size >= _parallel.MIN_PARALLEL_NNZ:
+        run_parallel(gather, ranges, threads)
+    else:
+        gather((0, len(data)))
+    matrix = sp.bsr_array((data, pattern.indices, pattern.indptr), shape=pattern.shape,
+                          blocksize=pattern.blocksize, copy=False)
+    matrix.has_canonical_format = True  # sorted, no duplicates: by construction
+    return matrix
+
+
+def to_position_major(v: np.ndarray, channels: int) -> np.ndarray:
+    """Reorder rows from ``(channel, position)`` to ``(position, channel)`` (a copy)."""
+    if channels == 1:
+        return np.ascontiguousarray(v)
+    rest = v.shape[1:]
+    return np.ascontiguousarray(v.reshape((channels, -1) + rest).swapaxes(0, 1)).reshape(v.shape)
+
+
+def from_position_major(v: np.ndarray, channels: int) -> np.ndarray:
+    """Inverse of :func:`to_position_major`."""
+    if channels == 1:
+        return v
+    rest = v.shape[1:]
+    return np.ascontiguousarray(v.reshape((-1, channels) + rest).swapaxes(0, 1)).reshape(v.shape)
+
+
+def _block_row_ranges(indptr: np.ndarray, parts: int) -> list[tuple[int, int]]:
+    """Contiguous block-row ranges of about equal stored blocks."""
+    n_rows = len(indptr) - 1
+    targets = int(indptr[-1]) * np.arange(1, parts, dtype=np.int64) // parts
+    cuts = [0, *np.searchsorted(indptr, targets).tolist(), n_rows]
+    return [(a, b) for a, b in zip(cuts[:-1], cuts[1:]) if b > a]
+
+
+def bsr_product(matrix: sp.bsr_array, x: np.ndarray, threads: int, groups: int = 1) -> np.ndarray:
+    """``W @ x`` for the block form ``matrix`` of W, with ``x`` and the result channel-major.
+
+    ``x`` is 1-D or 2-D (a block of columns), its rows numbered like W's
+    columns, ``(channel, position)``; ``matrix`` is W position-major, as
+    :func:`fill_blocks` makes it, with ``groups`` groups.
+
+    1-D: ``x`` is reordered position-major (a copy, small next to the
+    matrix) and multiplied by scipy's serial BSR kernel on block-row ranges
+    balanced by blocks: bit for bit ``matrix @ x`` whatever the number of
+    threads.  2-D: each block row is a sum of dense products (numpy
+    ``matmul``, i.e. BLAS), gathered from and written to the channel-major
+    arrays directly; it equals ``matrix @ x`` to rounding and does not
+    depend on the number of threads either (each block row is summed by the
+    same code in the same order).  A product whose ``x`` needs a wider dtype
+    than the matrix is scipy's.
+    """
+    r, c = matrix.blocksize
+    in_channels, out_channels = groups * c, groups * r
+    if x.dtype != matrix.dtype and np.can_cast(x.dtype, matrix.dtype, casting="safe"):
+        x = x.astype(matrix.dtype)
+    if x.dtype != matrix.dtype or _bsr_matvec is None:
+        y = matrix @ to_position_major(x, in_channels)
+        return from_position_major(y, out_channels)
+    if matrix.nnz < _parallel.MIN_PARALLEL_NNZ:
+        threads = 1
+    if x.ndim == 2 and x.shape[1] > 1:
+        return _block_matmat(matrix, np.ascontiguousarray(x), threads, groups)
+    y = _block_matvec(matrix, to_position_major(x.reshape(-1), in_channels), threads)
+    return from_position_major(y, out_channels).reshape((-1,) + x.shape[1:])
+
+
+def _block_matvec(matrix, x, threads):
+    r, c = matrix.blocksize
+    indptr, indices, data = matrix.indptr, matrix.indices, matrix.data.reshape(-1)
+    n_block_cols = matrix.shape[1] // c
+    # np.empty, zeroed by each thread on its own rows (pages touched in parallel).
+    out = np.empty(matrix.shape[0], dtype=matrix.dtype)
+
+    def multiply(rows):
+        a, b = rows
+        part = out[a * r : b * r]
+        part[:] = 0  # the kernel adds into its output
+        _bsr_matvec(b - a, n_block_cols, r, c, indptr[a : b + 1], indices, data, x, part)
+
+    ranges = _block_row_ranges(indptr, threads)
+    if threads <= 1:
+        for rows in ranges:
+            multiply(rows)
+    else:
+        run_parallel(multiply, ranges, threads)
+    return out
+
+
+def _uniform_chunks(indptr, rows, max_blocks):
+    """Split block rows ``rows = (a, b)`` into ranges of equally long rows.
+
+    Each range holds at most ``max_blocks`` blocks (at least one row).  A
+    convolution has few distinct row lengths (one per border case), in long
+    runs, so the ranges stay large.
+    """
+    a, end = rows
+    lengths = np.diff(indptr[a : end + 1])
+    changes = np.flatnonzero(lengths[1:] != lengths[:-1]) + 1 + a
+    for run_start, run_stop in zip([a, *changes.tolist()], [*changes.tolist(), end]):
+        per_row = int(lengths[run_start - a])
+        step = max(1, max_blocks // per_row) if per_row else run_stop - run_start
+        for first in range(run_start, run_stop, step):
+            yield first, min(first + step, run_stop)
+
+
+def _block_matmat(matrix, x, threads, groups):
+    r, c = matrix.blocksize
+    n_vecs = x.shape[1]
+    indptr, indices, data = matrix.indptr, matrix.indices, matrix.data
+    n_block_rows = len(indptr) - 1
+    # Column block (q, g) of x is channels g*c..(g+1)*c at position q: a
+    # strided view, gathered by np.take without reordering x first.
+    x_blocks = x.reshape(groups, c, -1, n_vecs).transpose(0, 2, 1, 3)  # (g, q, c, vecs)
+    if groups == 1:
+        # Block row p is rows (channel, p) of the channel-major result: sum
+        # straight into a strided view of it.
+        result = np.empty((r, n_block_rows, n_vecs), dtype=matrix.dtype)
+        out = result.transpose(1, 0, 2)
+    else:
+        out = np.empty((n_block_rows, r, n_vecs), dtype=matrix.dtype)
+    # a block, its gathered columns of x and its product
+    per_block = (r * c + c * n_vecs + r * n_vecs) * data.itemsize
+    blocks_per_call = max(1, _BATCH_CHUNK_BYTES // per_block)
+
+    def gather(columns):
+        if groups == 1:
+            return x_blocks[0][columns]  # (np.take would copy the strided view whole)
+        return x_blocks[columns % groups, columns // groups]
+
+    def multiply(rows):
+        for a, b in _uniform_chunks(indptr, rows, blocks_per_call):
+            start, stop = indptr[a], indptr[b]
+            products = np.matmul(data[start:stop], gather(indices[start:stop]))
+            # Every row of the chunk has the same number of blocks (zero gives
+            # zeros), so a reshape lines them up: a sum over one axis, in block
+            # order, ten times faster than np.add.reduceat on segments.
+            products = products.reshape(b - a, -1, r, n_vecs)
+            np.sum(products, axis=1, out=out[a:b])
+
+    ranges = _block_row_ranges(indptr, threads)
+    if threads <= 1:
+        for rows in ranges:
+            multiply(rows)
+    else:
+        run_parallel(multiply, ranges, threads)
+    if groups == 1:
+        return result.reshape(-1, n_vecs)
+    return from_position_major(out.reshape(-1, n_vecs), groups * r)
