@@ -19,6 +19,10 @@ each row then reads every channel of a few neighbouring positions, where the
 channel-major transpose reads one element from each of ``C`` distant planes
 (as many memory streams as channels; 2x slower on a 3->64 layer).
 
+With one channel, stride 1 and an output the input's size, the products run
+on W and W.T by diagonals (:mod:`._dia`, scipy's DIA format: no index
+arrays), bit for bit the CSR products.
+
 Either way a product's result does not depend on the number of threads.
 """
 
@@ -33,6 +37,7 @@ from scipy.sparse.linalg import LinearOperator
 
 from ._bsr import block_pattern, bsr_product, fill_blocks, to_position_major, uses_blocks
 from ._build import build, refill, validate
+from ._dia import build_diagonals, dia_product, uses_diagonals
 from ._geometry import as_weight
 from . import _parallel
 from ._parallel import resolve_threads, run_parallel
@@ -109,6 +114,15 @@ def _conj_sharing(matrix: sp.csr_array) -> sp.csr_array:
     return out
 
 
+def _product_form(geometry) -> str:
+    """Which matrices the products run on (see :class:`_ConvOperatorBase`)."""
+    if uses_blocks(geometry):
+        return "blocks"
+    if uses_diagonals(geometry):
+        return "diagonals"
+    return "csr"
+
+
 class _Lazy:
     """A value built by ``factory`` on first use and kept.
 
@@ -141,9 +155,11 @@ class _ConvOperatorBase(LinearOperator):
     operator's matrix and of its transpose; ``_forward_slot`` and
     ``_backward_slot``, the forms the products run on.  With dense channel
     blocks (:func:`~._bsr.uses_blocks`) those are ``(pattern, BSR)`` pairs,
-    position-major, and the canonical CSR is only built when asked for;
-    otherwise the forward form is the canonical CSR itself and the backward
-    one the transpose with position-major columns.
+    position-major; for one channel and stride 1 (:func:`~._dia.uses_diagonals`)
+    DIA matrices; in both cases the canonical CSR is only built when asked
+    for.  Otherwise the forward form is the canonical CSR itself and the
+    backward one the transpose with position-major columns.  ``_form`` says
+    which: ``"blocks"``, ``"diagonals"`` or ``"csr"``.
     """
 
     _transposed: bool
@@ -169,7 +185,7 @@ class _ConvOperatorBase(LinearOperator):
         self._geometry = geometry
         self._weight = weight
         self._threads = threads
-        self._blocked = uses_blocks(geometry)
+        self._form = _product_form(geometry)
         # No reference to self in the factories: a cycle would keep the
         # matrices alive after the operator is dropped, until the cyclic GC runs.
         direction = self._transposed
@@ -189,9 +205,16 @@ class _ConvOperatorBase(LinearOperator):
 
         self._matrix_slot = matrix or _Lazy(build_csr(direction))
         self._tmatrix_slot = tmatrix or _Lazy(build_csr(not direction))
-        if self._blocked:
+        if self._form == "blocks":
             self._forward_slot = forward or _Lazy(build_blocks(direction))
             self._backward_slot = backward or _Lazy(build_blocks(not direction))
+        elif self._form == "diagonals":
+            self._forward_slot = forward or _Lazy(
+                lambda: build_diagonals(geometry, weight, transpose=direction,
+                                        threads=resolve_threads(threads)))
+            self._backward_slot = backward or _Lazy(
+                lambda: build_diagonals(geometry, weight, transpose=not direction,
+                                        threads=resolve_threads(threads)))
         else:
             self._forward_slot = forward or self._matrix_slot
             if backward is None:
@@ -231,13 +254,17 @@ class _ConvOperatorBase(LinearOperator):
     def _forward_nbytes(self) -> int:
         """Bytes of the matrix ``matvec`` reads (what bounds its speed)."""
         form = self._forward_slot.get()
-        matrix = form[1] if self._blocked else form
+        if self._form == "diagonals":
+            return form.data.nbytes + form.offsets.nbytes
+        matrix = form[1] if self._form == "blocks" else form
         return matrix.data.nbytes + matrix.indices.nbytes + matrix.indptr.nbytes
 
     def _forward_product(self, x: np.ndarray) -> np.ndarray:
         """This operator's matrix times a 1-D ``x`` or a 2-D block of columns."""
-        if self._blocked:
+        if self._form == "blocks":
             return bsr_product(self._forward_slot.get()[1], x, self._n_threads(), self.groups)
+        if self._form == "diagonals":
+            return dia_product(self._forward_slot.get(), x, self._n_threads())
         return csr_product(self._forward_slot.get(), x, self._n_threads())
 
     def _backward_product(self, y: np.ndarray) -> np.ndarray:
@@ -246,8 +273,10 @@ class _ConvOperatorBase(LinearOperator):
         ``y`` is reordered position-major (a copy of ``y``, small next to the
         matrix) to match the columns of the backward form.
         """
-        if self._blocked:
+        if self._form == "blocks":
             return bsr_product(self._backward_slot.get()[1], y, self._n_threads(), self.groups)
+        if self._form == "diagonals":
+            return dia_product(self._backward_slot.get(), y, self._n_threads())
         y = to_position_major(y, self.output_shape[0])
         return csr_product(self._backward_slot.get(), y, self._n_threads())
 
@@ -321,7 +350,7 @@ class _ConvOperatorBase(LinearOperator):
 
     def _transpose_op(self):
         other = self._other_class()
-        if self._blocked:  # the two block forms swap roles
+        if self._form != "csr":  # the two product forms swap roles
             return other._from_slots(self._geometry, self._weight, self._threads,
                                      matrix=self._tmatrix_slot, tmatrix=self._matrix_slot,
                                      forward=self._backward_slot, backward=self._forward_slot)
@@ -445,10 +474,12 @@ class _ConvOperatorBase(LinearOperator):
             matrix=_refill_slot(self._matrix_slot, g, w, direction, setting, False),
             tmatrix=_refill_slot(self._tmatrix_slot, g, w, not direction, setting, False),
         )
-        if self._blocked:
+        if self._form == "blocks":
             slots["forward"] = _refill_blocks_slot(self._forward_slot, g, w, direction, setting)
             slots["backward"] = _refill_blocks_slot(self._backward_slot, g, w, not direction,
                                                     setting)
+        elif self._form == "diagonals":
+            pass  # no index arrays to share: the defaults compute the diagonals anew
         elif self.output_shape[0] > 1:  # else the backward form is the transpose itself
             slots["backward"] = _refill_slot(self._backward_slot, g, w, not direction, setting,
                                              True)
@@ -543,6 +574,16 @@ class ConvOperator(_ConvOperatorBase):
     dense products per block row (numpy ``matmul``: BLAS); both equal
     ``matrix @ x`` to rounding, and a batch equals its columns multiplied one
     by one to rounding.
+
+    *Diagonals.*  With one channel, stride 1, zeros padding and an output as
+    large as the input (``'same'``-like padding, every dilated kernel shorter
+    than its dimension), each kernel tap is one diagonal of W: the operator
+    stores W and W.T as scipy DIA matrices (8 bytes per value, with explicit
+    zeros where a tap falls into the padding, no index) and multiplies with
+    scipy's serial DIA kernel on one row range per thread, one column at a
+    time for ``matmat``.  The results are bit for bit scipy's CSR products
+    with ``matrix``/``transpose_matrix`` for finite inputs (a non-finite input
+    element also reaches, times zero, the rows whose padding covers it).
 
     *CSR.*  Otherwise ``matvec``/``matmat`` are bit-for-bit scipy's serial
     ``matrix @ x`` (``csr_matvecs`` reads the matrix once for all the columns

@@ -175,7 +175,7 @@ def measure_block_gemm_rate(op, n_vecs: int, threads: int, blocks: int = 256) ->
     below: ``2 * nnz * n_vecs / rate`` seconds.  For an operator without
     dense channel blocks the blocks are 1x1.
     """
-    r, c = op._forward_slot.get()[1].blocksize if op._blocked else (1, 1)
+    r, c = op._forward_slot.get()[1].blocksize if op._form == "blocks" else (1, 1)
     rng = np.random.default_rng(1)
     a = [rng.standard_normal((blocks, r, c)) for _ in range(threads)]
     b = [rng.standard_normal((blocks, c, n_vecs)) for _ in range(threads)]
@@ -262,6 +262,7 @@ def run_config(
     # when it has them, 8 bytes per float64 entry instead of 12) for matvec.
     vectors = x.nbytes + y.nbytes
     r["product_bytes"] = op._forward_nbytes()
+    r["form"] = op._form
     r["bound_s"] = (r["product_bytes"] + vectors) / bandwidth
     r["matvec_fraction_of_bound"] = r["bound_s"] / r["matvec_s"]
     # The most any product reading the CSR matrix could gain over scipy here.
@@ -343,13 +344,13 @@ def _format(results, verdicts, machine) -> str:
             f"{r['matvec_fraction_of_bound']:>9.2f}"
         )
     lines.append(
-        f"\n{'cfg':<4}{'form':>7}{'form MB':>9}{'op build ms':>12}{'with_weight ms':>15}"
+        f"\n{'cfg':<4}{'form':>10}{'form MB':>9}{'op build ms':>12}{'with_weight ms':>15}"
         f"{'op build x':>11}{'Wx x limit':>11}{'CSR limit':>10}"
     )
     for r in results:
-        form = "blocks" if r["product_bytes"] != r["matrix_bytes"] else "CSR"
+        form = r["form"]
         lines.append(
-            f"{r['config']:<4}{form:>7}{r['product_bytes']/1e6:>9.0f}"
+            f"{r['config']:<4}{form:>10}{r['product_bytes']/1e6:>9.0f}"
             f"{r['operator_build_s']*1e3:>12.1f}{r['rebuild_s']*1e3:>15.1f}"
             f"{r['rebuild_over_operator_build']:>11.2f}{r['matvec_speedup_bound']:>11.2f}"
             f"{r['csr_speedup_bound']:>10.2f}"
@@ -384,8 +385,8 @@ def _format(results, verdicts, machine) -> str:
         "matrix; rebuild x: fresh build over with_weight; (bound): fresh build over writing the "
         "values alone; Wx x, WTy x: threaded products over scipy's serial W @ x; of bound: "
         "bytes moved / read bandwidth over the product time (bytes of the operator's product "
-        "form); form: what the operator's products read (dense channel blocks, or the CSR "
-        "matrix); op build x: a new operator over with_weight; Wx x limit, CSR limit: scipy's "
+        "form); form: what the operator's products read (dense channel blocks, diagonals, or "
+        "the CSR matrix); op build x: a new operator over with_weight; Wx x limit, CSR limit: scipy's "
         "W @ x over the time to read the product form, or the CSR matrix, at the measured "
         "bandwidth (the most a product reading it can gain)"
     )

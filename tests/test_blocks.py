@@ -125,7 +125,7 @@ def test_batch_chunks_split_rows_of_equal_length():
 def test_which_operators_use_blocks(weight_shape, kwargs, expected):
     channels = weight_shape[1] * kwargs.get("groups", 1)
     op = ConvOperator(np.ones(weight_shape), (channels, 6, 6), **kwargs)
-    assert op._blocked is expected
+    assert (op._form == "blocks") is expected
     # the canonical CSR is built only when asked for if the products do not use it
     assert (op._matrix_slot.built is None) is expected
     x = np.random.default_rng(2).standard_normal(op.shape[1])

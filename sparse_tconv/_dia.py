@@ -1,0 +1,146 @@
+"""The operators' product form for one channel and stride 1: W by diagonals (DIA).
+
+A single-channel convolution with stride 1 whose output has the input's
+spatial size (``'same'``-like padding) links output position ``i`` to input
+position ``i + offset(t)`` through kernel tap ``t``, with one flat offset per
+tap.  W is then the sum of one diagonal per tap: scipy's DIA format, which
+stores the values only (8 bytes per float64 entry against 12 in CSR, plus
+the explicit zeros where a tap falls into the padding, a few percent) and no
+index at all.  Products are scipy's serial DIA kernel on row ranges, one per
+thread.
+
+When every dilated kernel extent is shorter than its dimension, the offsets
+grow strictly with the tap number (row-major), so each row adds its entries
+in the CSR matrix's column order: the products equal the CSR products bit
+for bit, the explicit zeros adding exact zeros (for finite inputs; an
+infinite or NaN input element also reaches, times zero, the rows whose
+padding covers it).
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import scipy.sparse as sp
+
+from . import _parallel
+from ._geometry import ConvGeometry
+from ._parallel import run_parallel
+
+try:  # scipy's serial DIA kernel; private, so fall back to ``matrix @ x``.
+    from scipy.sparse._sparsetools import dia_matvec as _dia_matvec
+except ImportError:  # pragma: no cover - depends on the scipy release
+    _dia_matvec = None
+
+__all__ = ["uses_diagonals", "build_diagonals", "dia_product"]
+
+
+def uses_diagonals(geom: ConvGeometry) -> bool:
+    """Whether the operators multiply through the DIA form (see the module)."""
+    return (
+        geom.padding_mode == "zeros"
+        and geom.in_channels == geom.out_channels == 1
+        and all(s == 1 for s in geom.stride)
+        and tuple(geom.input_size) == tuple(geom.output_size)
+        and all((k - 1) * d < n for k, d, n in
+                zip(geom.kernel_size, geom.dilation, geom.input_size))
+    )
+
+
+def build_diagonals(
+    geom: ConvGeometry, weight: np.ndarray, *, transpose: bool, threads: int = 1
+) -> sp.dia_array:
+    """W (or W.T) of a geometry :func:`uses_diagonals` accepts, as a DIA matrix.
+
+    Diagonal ``t`` holds tap ``t``'s weight at every column whose other end
+    (the output position for W, the input position for W.T) is in range, and
+    0 elsewhere.  Written in two steps: every diagonal filled with its weight
+    (one pass, on ``threads`` threads), then, per dimension and tap index
+    along it, the slab of columns that falls outside set to 0 (loops over
+    ``sum(kernel_size)`` slabs, not over taps or positions).  For W.T the
+    taps come in reverse order, so that the offsets still increase.
+    """
+    sizes, kernel, ndim = tuple(geom.input_size), tuple(geom.kernel_size), geom.ndim
+    n, taps = math.prod(sizes), math.prod(kernel)
+    flat_strides = [math.prod(sizes[d + 1:]) for d in range(ndim)]
+    offsets = np.zeros(kernel, dtype=np.int64)
+    data = np.empty((taps, n), dtype=weight.dtype)
+    values = weight.reshape(taps, 1)
+
+    def fill(rows):
+        np.copyto(data[rows[0]:rows[1]], values[rows[0]:rows[1]])
+
+    cuts = np.linspace(0, taps, min(taps, max(1, threads)) + 1).astype(int)
+    run_parallel(fill, list(zip(cuts[:-1], cuts[1:])), threads if n * taps > 1 << 16 else 1)
+    grid = data.reshape(kernel + sizes)
+    for d in range(ndim):
+        # input index = output index + shift, along dimension d
+        shift = np.arange(kernel[d]) * geom.dilation[d] - geom.padding[d][0]
+        offsets += (shift * flat_strides[d]).reshape([-1 if e == d else 1 for e in range(ndim)])
+        # DIA values are indexed by column: valid where column - shift (W) or
+        # column + shift (W.T) is a position of the other side.
+        first_valid = np.clip(-shift if transpose else shift, 0, sizes[d])
+        end_valid = np.clip(sizes[d] - shift if transpose else sizes[d] + shift, 0, sizes[d])
+        for t in range(kernel[d]):
+            slab = [slice(None)] * (2 * ndim)
+            slab[d] = t
+            slab[ndim + d] = slice(0, first_valid[t])
+            grid[tuple(slab)] = 0
+            slab[ndim + d] = slice(end_valid[t], None)
+            grid[tuple(slab)] = 0
+    offsets = offsets.reshape(-1)
+    if transpose:
+        offsets, data = -offsets[::-1], data[::-1]
+    return sp.dia_array((np.ascontiguousarray(data), offsets), shape=(n, n))
+
+
+def dia_product(matrix: sp.dia_array, x: np.ndarray, threads: int) -> np.ndarray:
+    """``matrix @ x`` for a 1-D ``x`` or a 2-D block of columns, on ``threads`` threads.
+
+    Each thread runs scipy's serial DIA kernel on its range of rows, so the
+    result is bit for bit ``matrix @ x``.  A block of columns is multiplied
+    column by column (scipy has no multi-vector DIA kernel).
+    """
+    if x.dtype != matrix.dtype and np.can_cast(x.dtype, matrix.dtype, casting="safe"):
+        x = x.astype(matrix.dtype)
+    if x.dtype != matrix.dtype or _dia_matvec is None:
+        return matrix @ x
+    if matrix.data.size < _parallel.MIN_PARALLEL_NNZ:
+        threads = 1
+    if x.ndim == 2:
+        out = np.empty(x.shape, dtype=matrix.dtype)
+        for column in range(x.shape[1]):
+            out[:, column] = _dia_matvec_threaded(matrix, np.ascontiguousarray(x[:, column]),
+                                                  threads)
+        return out
+    return _dia_matvec_threaded(matrix, np.ascontiguousarray(x), threads)
+
+
+def _dia_matvec_threaded(matrix, x, threads):
+    n_rows, n_cols = matrix.shape
+    offsets = matrix.offsets
+    length = matrix.data.shape[1]
+    flat = matrix.data.reshape(-1)
+    below = max(0, -int(offsets.min())) if len(offsets) else 0
+    out = np.empty(n_rows, dtype=matrix.dtype)
+
+    def multiply(rows):
+        a, b = rows
+        out[a:b] = 0  # the kernel adds into its output
+        # Rows a..b as a problem of their own: shift the columns by ``skip``
+        # (as far back as the lowest diagonal reaches), which moves every
+        # offset up by ``a - skip`` and the start of each diagonal's values.
+        skip = a - min(a, below)
+        _dia_matvec(b - a, n_cols - skip, len(offsets), length,
+                    (offsets + (a - skip)).astype(offsets.dtype), flat[skip:], x[skip:],
+                    out[a:b])
+
+    cuts = np.linspace(0, n_rows, max(1, threads) + 1).astype(int)
+    ranges = [(a, b) for a, b in zip(cuts[:-1], cuts[1:]) if b > a]
+    if threads <= 1:
+        for rows in ranges:
+            multiply(rows)
+    else:
+        run_parallel(multiply, ranges, threads)
+    return out

@@ -1,0 +1,114 @@
+"""The operators' product form for one channel and stride 1: W by diagonals (sparse_tconv._dia).
+
+Oracles: the canonical CSR of ``conv_matrix``/``conv_transpose_matrix`` and
+scipy's serial product with it (which the DIA products equal bit for bit),
+and dense products.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from reference import random_array
+from sparse_tconv import ConvOperator, ConvTransposeOperator, conv_matrix
+from sparse_tconv import _dia, _parallel
+from sparse_tconv._build import build, validate
+
+DTYPES = [np.float32, np.float64, np.complex64, np.complex128]
+
+# (weight shape, input shape, keywords): one channel, stride 1, output size = input size
+CASES = [
+    ((1, 1, 3, 3), (1, 9, 7), dict(padding=1)),
+    ((1, 1, 5), (1, 11), dict(padding=[(3, 1)])),
+    ((1, 1, 3, 2, 2), (1, 5, 5, 3), dict(padding=[(4, 0), (1, 0), (0, 1)], dilation=(2, 1, 1))),
+    ((1, 1, 2, 3), (1, 5, 6), dict(padding="same", dilation=2)),
+]
+IDS = ["2d", "1d-asymmetric", "3d-dilated", "2d-same-even"]
+
+
+@pytest.mark.parametrize("threads", [1, 2, 3])
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("case", CASES, ids=IDS)
+def test_diagonal_products_are_the_csr_products_bit_for_bit(case, dtype, threads, monkeypatch):
+    monkeypatch.setattr(_parallel, "MIN_PARALLEL_NNZ", 0)  # thread even these small matrices
+    weight_shape, input_shape, kwargs = case
+    rng = np.random.default_rng(0)
+    weight = random_array(rng, weight_shape, dtype)
+    w, geom = validate(weight, input_shape, transpose=False, **kwargs)
+    assert _dia.uses_diagonals(geom)
+    for transpose in (False, True):
+        csr = build(geom, w, transpose=transpose, threads=1)
+        dia = _dia.build_diagonals(geom, w, transpose=transpose)
+        assert dia.dtype == np.dtype(dtype)
+        np.testing.assert_array_equal(dia.toarray(), csr.toarray())
+        assert np.all(np.diff(dia.offsets) > 0)  # the CSR's column order in every row
+        x = random_array(rng, csr.shape[1], dtype)
+        X = random_array(rng, (csr.shape[1], 3), dtype)
+        np.testing.assert_array_equal(_dia.dia_product(dia, x, threads), csr @ x)
+        np.testing.assert_array_equal(_dia.dia_product(dia, X, threads), csr @ X)
+
+
+@st.composite
+def same_size_geometries(draw):
+    """One channel, stride 1, padding that keeps every spatial size."""
+    ndim = draw(st.integers(1, 3))
+    size, kernel, dilation, padding = [], [], [], []
+    for _ in range(ndim):
+        n = draw(st.integers(2, {1: 40, 2: 9, 3: 5}[ndim]))
+        d = draw(st.integers(1, 3))
+        k = draw(st.integers(1, max(1, (n - 1) // d + 1)))
+        span = (k - 1) * d  # < n: the offsets grow with the tap
+        lo = draw(st.integers(0, span))
+        size.append(n), kernel.append(k), dilation.append(d), padding.append((lo, span - lo))
+    return (1, 1, *kernel), (1, *size), dict(padding=padding, dilation=tuple(dilation))
+
+
+@given(same_size_geometries(), st.booleans(), st.integers(0, 2**32 - 1))
+def test_diagonals_over_random_geometries(case, transposed, seed):
+    weight_shape, input_shape, kwargs = case
+    rng = np.random.default_rng(seed)
+    weight = rng.standard_normal(weight_shape)
+    cls = ConvTransposeOperator if transposed else ConvOperator
+    op = cls(weight, input_shape, **kwargs)
+    assert op._form == "diagonals"
+    x, y = rng.standard_normal(op.shape[1]), rng.standard_normal(op.shape[0])
+    np.testing.assert_array_equal(op.matvec(x), op.matrix @ x)
+    np.testing.assert_array_equal(op.rmatvec(y), op.transpose_matrix @ y)
+    np.testing.assert_array_equal(op.T.matvec(y), op.transpose_matrix @ y)
+
+
+@pytest.mark.parametrize(
+    "input_shape, kwargs",
+    [
+        ((1, 8, 8), dict(padding=1, stride=2)),  # stride 2: no constant offset per tap
+        ((1, 8, 8), dict()),  # 'valid': the output is smaller
+        ((1, 8, 8), dict(padding=1, padding_mode="circular")),  # taps wrap around
+        ((1, 2, 8), dict(padding=1)),  # kernel as long as a dimension: offsets collide
+    ],
+)
+def test_other_single_channel_geometries_stay_csr(input_shape, kwargs):
+    weight = np.arange(9.0).reshape(1, 1, 3, 3)
+    op = ConvOperator(weight, input_shape, **kwargs)
+    assert op._form == "csr"
+    x = np.random.default_rng(1).standard_normal(op.shape[1])
+    np.testing.assert_array_equal(op.matvec(x), op.matrix @ x)
+
+
+def test_diagonal_operator_stores_less_and_builds_the_csr_on_request():
+    rng = np.random.default_rng(2)
+    op = ConvOperator(rng.standard_normal((1, 1, 9, 9)), (1, 64, 64), padding=4)
+    assert op._form == "diagonals" and op._matrix_slot.built is None
+    csr = conv_matrix(op.weight, (1, 64, 64), padding=4)
+    dia_bytes = op._forward_nbytes()
+    csr_bytes = csr.data.nbytes + csr.indices.nbytes + csr.indptr.nbytes
+    # 8 bytes per stored value and the few explicit zeros of the padding
+    offset_size = op._forward_slot.get().offsets.itemsize
+    assert dia_bytes == 81 * 64 * 64 * 8 + 81 * offset_size
+    assert dia_bytes < 0.72 * csr_bytes
+    new = op.with_weight(2 * op.weight)
+    x = rng.standard_normal(op.shape[1])
+    np.testing.assert_array_equal(new.matvec(x), (2 * csr) @ x)
+    np.testing.assert_array_equal(op.matrix.data, csr.data)
