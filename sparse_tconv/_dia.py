@@ -109,21 +109,24 @@ def dia_product(matrix: sp.dia_array, x: np.ndarray, threads: int) -> np.ndarray
     if matrix.data.size < _parallel.MIN_PARALLEL_NNZ:
         threads = 1
     if x.ndim == 2:
-        out = np.empty(x.shape, dtype=matrix.dtype)
-        for column in range(x.shape[1]):
-            out[:, column] = _dia_matvec_threaded(matrix, np.ascontiguousarray(x[:, column]),
-                                                  threads)
-        return out
+        # One contiguous row per column, both ways: the result comes back as
+        # the transpose of a C-ordered array (a view, no copy).
+        columns = np.ascontiguousarray(x.T)
+        out = np.empty((x.shape[1], matrix.shape[0]), dtype=matrix.dtype)
+        for column, result in zip(columns, out):
+            _dia_matvec_threaded(matrix, column, threads, result)
+        return out.T
     return _dia_matvec_threaded(matrix, np.ascontiguousarray(x), threads)
 
 
-def _dia_matvec_threaded(matrix, x, threads):
+def _dia_matvec_threaded(matrix, x, threads, out=None):
     n_rows, n_cols = matrix.shape
     offsets = matrix.offsets
     length = matrix.data.shape[1]
     flat = matrix.data.reshape(-1)
     below = max(0, -int(offsets.min())) if len(offsets) else 0
-    out = np.empty(n_rows, dtype=matrix.dtype)
+    if out is None:
+        out = np.empty(n_rows, dtype=matrix.dtype)
 
     def multiply(rows):
         a, b = rows

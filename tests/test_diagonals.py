@@ -78,6 +78,10 @@ def test_diagonals_over_random_geometries(case, transposed, seed):
     np.testing.assert_array_equal(op.matvec(x), op.matrix @ x)
     np.testing.assert_array_equal(op.rmatvec(y), op.transpose_matrix @ y)
     np.testing.assert_array_equal(op.T.matvec(y), op.transpose_matrix @ y)
+    # a batch runs on the CSR matrices: the same bits
+    X, Y = rng.standard_normal((op.shape[1], 2)), rng.standard_normal((op.shape[0], 3))
+    np.testing.assert_array_equal(op.matmat(X), op.matrix @ X)
+    np.testing.assert_array_equal(op.rmatmat(Y), op.transpose_matrix @ Y)
 
 
 @pytest.mark.parametrize(
