@@ -117,12 +117,15 @@ def block_pattern(geom: ConvGeometry, *, transpose: bool, threads: int) -> Block
     # Block row (p, group) holds the blocks of row p of the single-channel
     # matrix, in group ``group``'s column block and weight.
     per_row = np.repeat(np.diff(s.indptr), g)
-    indptr = np.zeros(len(per_row) + 1, dtype=s.indptr.dtype)
+    # g times the single-channel blocks and columns: int64 if int32 overflows
+    wide = max(len(s.indices) * g, s.shape[1] * g) > np.iinfo(np.int32).max
+    index_dtype = np.int64 if wide else s.indices.dtype
+    indptr = np.zeros(len(per_row) + 1, dtype=index_dtype)
     np.cumsum(per_row, out=indptr[1:])
     first = np.repeat(np.repeat(s.indptr[:-1], g), per_row)
     entry = np.arange(indptr[-1], dtype=np.intp) - np.repeat(indptr[:-1], per_row) + first
     group = np.repeat(np.tile(np.arange(g, dtype=np.intp), s.shape[0]), per_row)
-    indices = (s.indices[entry] * g + group).astype(s.indices.dtype)
+    indices = (s.indices[entry].astype(index_dtype) * g + group).astype(index_dtype)
     return BlockPattern(indptr, indices, group * taps + tap[entry], shape, (r, c))
 
 
@@ -160,7 +163,9 @@ def to_position_major(v: np.ndarray, channels: int) -> np.ndarray:
     if channels == 1:
         return np.ascontiguousarray(v)
     rest = v.shape[1:]
-    return np.ascontiguousarray(v.reshape((channels, -1) + rest).swapaxes(0, 1)).reshape(v.shape)
+    positions = v.shape[0] // channels  # not -1: v may have no columns
+    return np.ascontiguousarray(v.reshape((channels, positions) + rest).swapaxes(0, 1)).reshape(
+        v.shape)
 
 
 def from_position_major(v: np.ndarray, channels: int) -> np.ndarray:
@@ -168,7 +173,9 @@ def from_position_major(v: np.ndarray, channels: int) -> np.ndarray:
     if channels == 1:
         return v
     rest = v.shape[1:]
-    return np.ascontiguousarray(v.reshape((-1, channels) + rest).swapaxes(0, 1)).reshape(v.shape)
+    positions = v.shape[0] // channels
+    return np.ascontiguousarray(v.reshape((positions, channels) + rest).swapaxes(0, 1)).reshape(
+        v.shape)
 
 
 def _block_row_ranges(indptr: np.ndarray, parts: int) -> list[tuple[int, int]]:
@@ -205,6 +212,8 @@ def bsr_product(matrix: sp.bsr_array, x: np.ndarray, threads: int, groups: int =
         return from_position_major(y, out_channels)
     if matrix.nnz < _parallel.MIN_PARALLEL_NNZ:
         threads = 1
+    if x.ndim == 2 and x.shape[1] == 0:
+        return np.zeros((matrix.shape[0], 0), dtype=matrix.dtype)
     if x.ndim == 2 and x.shape[1] > 1:
         return _block_matmat(matrix, np.ascontiguousarray(x), threads, groups)
     y = _block_matvec(matrix, to_position_major(x.reshape(-1), in_channels), threads)

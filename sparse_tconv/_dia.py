@@ -12,9 +12,9 @@ thread.
 When every dilated kernel extent is shorter than its dimension, the offsets
 grow strictly with the tap number (row-major), so each row adds its entries
 in the CSR matrix's column order: the products equal the CSR products bit
-for bit, the explicit zeros adding exact zeros (for finite inputs; an
-infinite or NaN input element also reaches, times zero, the rows whose
-padding covers it).
+for bit, the explicit zeros adding exact zeros, for finite inputs.  (An
+infinite or NaN input element would also reach, times zero, the rows whose
+padding covers it: the operators send such vectors to the CSR matrix.)
 """
 
 from __future__ import annotations

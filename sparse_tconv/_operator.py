@@ -29,6 +29,7 @@ Either way a product's result does not depend on the number of threads.
 from __future__ import annotations
 
 import math
+import threading
 from types import SimpleNamespace
 
 import numpy as np
@@ -118,6 +119,17 @@ def _is_batch(x: np.ndarray) -> bool:
     return x.ndim == 2 and x.shape[1] > 1
 
 
+def _all_finite(x: np.ndarray) -> bool:
+    """Whether every element is finite, in one pass without a temporary.
+
+    The sum is finite when every element is, except when finite values
+    overflow it: then this says ``False``, which only costs speed.
+    """
+    if not np.issubdtype(x.dtype, np.inexact):
+        return True
+    return bool(np.isfinite(np.sum(x)))
+
+
 def _product_form(geometry) -> str:
     """Which matrices the products run on (see :class:`_ConvOperatorBase`)."""
     if uses_blocks(geometry):
@@ -134,15 +146,18 @@ class _Lazy:
     ``_Lazy``, so whichever builds it first builds it for both.
     """
 
-    __slots__ = ("_value", "_factory")
+    __slots__ = ("_value", "_factory", "_lock")
 
     def __init__(self, factory=None, value=None):
         self._value, self._factory = value, factory
+        self._lock = threading.Lock()
 
     def get(self):
         if self._value is None:
-            self._value = self._factory()
-            self._factory = None
+            with self._lock:  # two threads asking at once build it once
+                if self._value is None:
+                    self._value = self._factory()
+                    self._factory = None
         return self._value
 
     @property
@@ -268,7 +283,10 @@ class _ConvOperatorBase(LinearOperator):
         if self._form == "blocks":
             return bsr_product(self._forward_slot.get()[1], x, self._n_threads(), self.groups)
         if self._form == "diagonals":
-            if _is_batch(x):  # csr_matvecs reads the matrix once for all columns
+            # csr_matvecs reads the matrix once for all columns; the stored
+            # zeros of the diagonals would spread a NaN or infinity of x
+            # (times zero) to rows that do not read it.
+            if _is_batch(x) or not _all_finite(x):
                 return csr_product(self._matrix_slot.get(), x, self._n_threads())
             return dia_product(self._forward_slot.get(), x, self._n_threads())
         return csr_product(self._forward_slot.get(), x, self._n_threads())
@@ -282,7 +300,7 @@ class _ConvOperatorBase(LinearOperator):
         if self._form == "blocks":
             return bsr_product(self._backward_slot.get()[1], y, self._n_threads(), self.groups)
         if self._form == "diagonals":
-            if _is_batch(y):
+            if _is_batch(y) or not _all_finite(y):
                 return csr_product(self._tmatrix_slot.get(), y, self._n_threads())
             return dia_product(self._backward_slot.get(), y, self._n_threads())
         y = to_position_major(y, self.output_shape[0])
@@ -393,7 +411,7 @@ class _ConvOperatorBase(LinearOperator):
         if x.ndim == len(in_shape) + 1 and x.shape[1:] == in_shape:
             batch = x.shape[0]
             # One pass over the matrix for the whole batch: columns are samples.
-            y = product(np.ascontiguousarray(x.reshape(batch, -1).T))
+            y = product(np.ascontiguousarray(x.reshape(batch, math.prod(in_shape)).T))
             return np.ascontiguousarray(y.T).reshape((batch, *out_shape))
         raise ValueError(
             f"{name} must have shape {in_shape} (one sample) or (batch, *{in_shape}), "
@@ -592,10 +610,10 @@ class ConvOperator(_ConvOperatorBase):
     several columns (``matmat``, a batch) runs on ``matrix`` (or
     ``transpose_matrix``), built on first use: scipy's multi-vector CSR
     kernel reads it once for all the columns, 1.5x faster per column than
-    the DIA kernel column by column, for 12 more bytes per entry.  The
-    results are bit for bit scipy's CSR products with
-    ``matrix``/``transpose_matrix`` for finite inputs (a non-finite input
-    element also reaches, times zero, the rows whose padding covers it).
+    the DIA kernel column by column, for 12 more bytes per entry; so does a
+    vector with a NaN or infinity (the diagonals' stored zeros would carry it,
+    times zero, to rows that do not read it).  The results are bit for bit
+    scipy's CSR products with ``matrix``/``transpose_matrix``.
 
     *CSR.*  Otherwise ``matvec``/``matmat`` are bit-for-bit scipy's serial
     ``matrix @ x`` (``csr_matvecs`` reads the matrix once for all the columns

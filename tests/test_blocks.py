@@ -176,3 +176,36 @@ def test_with_weight_on_blocks_equals_a_fresh_operator():
         assert np.shares_memory(got.indices, getattr(op, slot).get()[1].indices)
     assert new._matrix_slot.built is None  # the canonical CSR still only on request
     np.testing.assert_array_equal(new.matrix.data, fresh.matrix.data)
+
+
+@pytest.mark.parametrize("padding_mode", ["zeros", "reflect"])
+@pytest.mark.parametrize("weight_shape, input_shape",
+                         [((2, 2, 3), (2, 5)), ((1, 1, 3), (1, 5)), ((1, 1, 3), (1, 9))])
+def test_empty_blocks_of_columns_and_batches(weight_shape, input_shape, padding_mode):
+    # zero columns (and a batch of zero samples): empty results, as scipy's W @ X
+    op = ConvOperator(np.ones(weight_shape), input_shape, padding=1, padding_mode=padding_mode)
+    for product, n in ((op.matmat, op.shape[1]), (op.rmatmat, op.shape[0])):
+        out = product(np.zeros((n, 0)))
+        assert out.shape == ((op.shape[0] if n == op.shape[1] else op.shape[1]), 0)
+    assert op.conv(np.zeros((0, *op.input_shape))).shape == (0, *op.output_shape)
+    assert op.conv_transpose(np.zeros((0, *op.output_shape))).shape == (0, *op.input_shape)
+
+
+def test_lazy_matrices_are_built_once_under_threads():
+    from concurrent.futures import ThreadPoolExecutor
+
+    from sparse_tconv._operator import _Lazy
+
+    calls = []
+
+    def factory():
+        calls.append(1)
+        import time
+
+        time.sleep(0.01)  # a slow build: the other threads arrive meanwhile
+        return object()
+
+    lazy = _Lazy(factory)
+    with ThreadPoolExecutor(8) as pool:
+        values = list(pool.map(lambda _: lazy.get(), range(8)))
+    assert len(calls) == 1 and all(v is values[0] for v in values)
