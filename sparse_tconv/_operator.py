@@ -278,6 +278,11 @@ class _ConvOperatorBase(LinearOperator):
         matrix = form[1] if self._form == "blocks" else form
         return matrix.data.nbytes + matrix.indices.nbytes + matrix.indptr.nbytes
 
+    def _forward_values_nbytes(self) -> int:
+        """Bytes of values of the matrix ``matvec`` reads (what ``with_weight`` writes)."""
+        form = self._forward_slot.get()
+        return (form[1] if self._form == "blocks" else form).data.nbytes
+
     def _forward_product(self, x: np.ndarray) -> np.ndarray:
         """This operator's matrix times a 1-D ``x`` or a 2-D block of columns."""
         if self._form == "blocks":
