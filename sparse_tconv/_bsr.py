@@ -27,7 +27,7 @@ import scipy.sparse as sp
 from ._build import build
 from ._geometry import ConvGeometry
 from . import _parallel
-from ._parallel import run_parallel
+from ._parallel import balanced_ranges, run_parallel
 
 try:  # scipy's serial BSR kernel; private, so fall back to ``matrix @ x``.
     from scipy.sparse._sparsetools import bsr_matvec as _bsr_matvec
@@ -141,7 +141,7 @@ def fill_blocks(
     """
     blocks = _weight_blocks(geom, weight, transpose)
     data = np.empty((len(pattern.source), *blocks.shape[1:]), dtype=blocks.dtype)
-    ranges = _block_row_ranges(np.arange(len(data) + 1), threads)
+    ranges = balanced_ranges(np.arange(len(data) + 1), threads)
 
     def gather(part):
         a, b = part
@@ -176,14 +176,6 @@ def from_position_major(v: np.ndarray, channels: int) -> np.ndarray:
     positions = v.shape[0] // channels
     return np.ascontiguousarray(v.reshape((positions, channels) + rest).swapaxes(0, 1)).reshape(
         v.shape)
-
-
-def _block_row_ranges(indptr: np.ndarray, parts: int) -> list[tuple[int, int]]:
-    """Contiguous block-row ranges of about equal stored blocks."""
-    n_rows = len(indptr) - 1
-    targets = int(indptr[-1]) * np.arange(1, parts, dtype=np.int64) // parts
-    cuts = [0, *np.searchsorted(indptr, targets).tolist(), n_rows]
-    return [(a, b) for a, b in zip(cuts[:-1], cuts[1:]) if b > a]
 
 
 def bsr_product(matrix: sp.bsr_array, x: np.ndarray, threads: int, groups: int = 1) -> np.ndarray:
@@ -233,12 +225,8 @@ def _block_matvec(matrix, x, threads):
         part[:] = 0  # the kernel adds into its output
         _bsr_matvec(b - a, n_block_cols, r, c, indptr[a : b + 1], indices, data, x, part)
 
-    ranges = _block_row_ranges(indptr, threads)
-    if threads <= 1:
-        for rows in ranges:
-            multiply(rows)
-    else:
-        run_parallel(multiply, ranges, threads)
+    ranges = balanced_ranges(indptr, threads)
+    run_parallel(multiply, ranges, threads)  # on this thread when threads <= 1
     return out
 
 
@@ -293,12 +281,8 @@ def _block_matmat(matrix, x, threads, groups):
             products = products.reshape(b - a, -1, r, n_vecs)
             np.sum(products, axis=1, out=out[a:b])
 
-    ranges = _block_row_ranges(indptr, threads)
-    if threads <= 1:
-        for rows in ranges:
-            multiply(rows)
-    else:
-        run_parallel(multiply, ranges, threads)
+    ranges = balanced_ranges(indptr, threads)
+    run_parallel(multiply, ranges, threads)  # on this thread when threads <= 1
     if groups == 1:
         return result.reshape(-1, n_vecs)
     return from_position_major(out.reshape(-1, n_vecs), groups * r)

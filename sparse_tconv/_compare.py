@@ -284,7 +284,8 @@ def format_comparison(results: list[dict], machine: dict, notes: list[str]) -> s
     lines.append("")
     for r in results:
         lines.append(f"  ({r['config']}) {r['description']}")
-    lines.append("\nof bound: (matrix + x + y bytes) / read bandwidth over the W@x time; "
+    lines.append("\nof bound: (bytes of the matrix form W@x reads + x + y) / read bandwidth over "
+                 "the W@x time; "
                  "naive: Python loop over output positions (small sizes only); fast: im2col "
                  "as a strided view + matmul; fft: scipy.fft; torch_f64_1t: "
                  "torch.nn.functional on 1 thread, float64; '-': not applicable or skipped")

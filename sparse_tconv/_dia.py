@@ -141,9 +141,5 @@ def _dia_matvec_threaded(matrix, x, threads, out=None):
 
     cuts = np.linspace(0, n_rows, max(1, threads) + 1).astype(int)
     ranges = [(a, b) for a, b in zip(cuts[:-1], cuts[1:]) if b > a]
-    if threads <= 1:
-        for rows in ranges:
-            multiply(rows)
-    else:
-        run_parallel(multiply, ranges, threads)
+    run_parallel(multiply, ranges, threads)  # on this thread when threads <= 1
     return out

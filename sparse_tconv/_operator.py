@@ -41,6 +41,7 @@ from ._build import build, refill, validate
 from ._dia import build_diagonals, dia_product, uses_diagonals
 from ._geometry import as_weight
 from . import _parallel
+from ._parallel import balanced_ranges as _row_blocks
 from ._parallel import resolve_threads, run_parallel
 
 try:  # scipy's serial CSR kernels; private, so fall back to ``matrix @ x``.
@@ -51,14 +52,6 @@ except ImportError:  # pragma: no cover - depends on the scipy release
 
 __all__ = ["ConvOperator", "ConvTransposeOperator", "csr_product"]
 
-
-
-def _row_blocks(indptr: np.ndarray, parts: int) -> list[tuple[int, int]]:
-    """Split the rows into ``parts`` contiguous ranges of about equal nnz."""
-    nnz, n_rows = int(indptr[-1]), len(indptr) - 1
-    targets = nnz * np.arange(1, parts, dtype=np.int64) // parts
-    cuts = [0, *np.searchsorted(indptr, targets).tolist(), n_rows]
-    return [(a, b) for a, b in zip(cuts[:-1], cuts[1:]) if b > a]
 
 
 def csr_product(matrix: sp.csr_array, x: np.ndarray, threads: int) -> np.ndarray:

@@ -10,9 +10,12 @@ import os
 import threading
 from concurrent.futures import ThreadPoolExecutor, wait
 
+import numpy as np
+
 from ._geometry import _check_int
 
-__all__ = ["get_num_threads", "set_num_threads", "resolve_threads", "run_parallel"]
+__all__ = ["get_num_threads", "set_num_threads", "resolve_threads", "run_parallel",
+           "balanced_ranges"]
 
 ENV_VAR = "SPARSE_TCONV_NUM_THREADS"
 
@@ -149,3 +152,15 @@ def run_parallel(func, items, threads: int) -> None:
         wait(futures)
     for future in futures:
         future.result()
+
+
+def balanced_ranges(indptr, parts: int) -> list[tuple[int, int]]:
+    """Split the rows of a compressed matrix into ``parts`` contiguous ranges of equal work.
+
+    ``indptr`` is the CSR (or BSR) row pointer: each range holds about the
+    same number of stored entries (blocks).  Empty ranges are dropped.
+    """
+    total, n_rows = int(indptr[-1]), len(indptr) - 1
+    targets = total * np.arange(1, parts, dtype=np.int64) // parts
+    cuts = [0, *np.searchsorted(indptr, targets).tolist(), n_rows]
+    return [(a, b) for a, b in zip(cuts[:-1], cuts[1:]) if b > a]
