@@ -9,8 +9,8 @@ every channel of a few neighbouring positions per block row.  The transposed
 products use the BSR of W.T, built on first use.  The canonical CSR matrices
 (:attr:`matrix`, :attr:`transpose_matrix`) are then built only when asked for.
 
-Otherwise (other padding modes, one channel per group) the products run on
-the CSR matrix, threaded over row blocks balanced by nnz: each block is
+Otherwise (other padding modes, one channel per group; except the diagonal
+case below) the products run on the CSR matrix, threaded over row blocks balanced by nnz: each block is
 multiplied by scipy's own serial CSR kernel (which releases the GIL) writing
 into its slice of the output, so every output row is computed by exactly the
 code, and in exactly the order, of ``matrix @ x``.  The transposed products
@@ -51,7 +51,6 @@ except ImportError:  # pragma: no cover - depends on the scipy release
     _csr_matvec = _csr_matvecs = None
 
 __all__ = ["ConvOperator", "ConvTransposeOperator", "csr_product"]
-
 
 
 def csr_product(matrix: sp.csr_array, x: np.ndarray, threads: int) -> np.ndarray:
@@ -249,8 +248,8 @@ class _ConvOperatorBase(LinearOperator):
         """The canonical CSR matrix of this operator (not a copy).
 
         That of :func:`conv_matrix` (or :func:`conv_transpose_matrix`).  When
-        the products run on dense channel blocks (see Notes of the class) it
-        is built on first use and kept.
+        the products run on dense channel blocks or on diagonals (see Notes
+        of :class:`ConvOperator`) it is built on first use and kept.
         """
         return self._matrix_slot.get()
 
