@@ -25,9 +25,9 @@ import numpy as np
 import scipy.sparse as sp
 
 from ._build import build
-from ._geometry import ConvGeometry
+from ._geometry import ConvGeometry, cast_if_safe
 from . import _parallel
-from ._parallel import balanced_ranges, run_parallel
+from ._parallel import balanced_ranges, even_ranges, run_parallel
 
 try:  # scipy's serial BSR kernel; private, so fall back to ``matrix @ x``.
     from scipy.sparse._sparsetools import bsr_matvec as _bsr_matvec
@@ -141,7 +141,7 @@ def fill_blocks(
     """
     blocks = _weight_blocks(geom, weight, transpose)
     data = np.empty((len(pattern.source), *blocks.shape[1:]), dtype=blocks.dtype)
-    ranges = balanced_ranges(np.arange(len(data) + 1), threads)
+    ranges = even_ranges(len(data), threads)
 
     def gather(part):
         a, b = part
@@ -197,8 +197,7 @@ def bsr_product(matrix: sp.bsr_array, x: np.ndarray, threads: int, groups: int =
     """
     r, c = matrix.blocksize
     in_channels, out_channels = groups * c, groups * r
-    if x.dtype != matrix.dtype and np.can_cast(x.dtype, matrix.dtype, casting="safe"):
-        x = x.astype(matrix.dtype)
+    x = cast_if_safe(x, matrix.dtype)
     if x.dtype != matrix.dtype or _bsr_matvec is None:
         y = matrix @ to_position_major(x, in_channels)
         return from_position_major(y, out_channels)

@@ -42,7 +42,7 @@ from ._geometry import (
     conv_transpose_geometry,
     index_dtype,
 )
-from ._parallel import resolve_threads, run_parallel
+from ._parallel import even_ranges, resolve_threads, run_parallel
 
 __all__ = [
     "conv_matrix",
@@ -203,9 +203,8 @@ def _chunks(out, operands, n_outer, threads):
     parts = min(parts, out.shape[axis])
     if parts <= 1:
         return [(out, operands)]
-    bounds = np.linspace(0, out.shape[axis], parts + 1).astype(int)
     pieces = []
-    for lo, hi in zip(bounds[:-1], bounds[1:]):
+    for lo, hi in even_ranges(out.shape[axis], parts):
         index = (slice(None),) * axis + (slice(lo, hi),)
         pieces.append(
             (out[index], tuple(op[index] if op.shape[axis] > 1 else op for op in operands))

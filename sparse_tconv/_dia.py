@@ -25,8 +25,8 @@ import numpy as np
 import scipy.sparse as sp
 
 from . import _parallel
-from ._geometry import ConvGeometry
-from ._parallel import run_parallel
+from ._geometry import ConvGeometry, cast_if_safe
+from ._parallel import even_ranges, run_parallel
 
 try:  # scipy's serial DIA kernel; private, so fall back to ``matrix @ x``.
     from scipy.sparse._sparsetools import dia_matvec as _dia_matvec
@@ -71,8 +71,7 @@ def build_diagonals(
     def fill(rows):
         np.copyto(data[rows[0]:rows[1]], values[rows[0]:rows[1]])
 
-    cuts = np.linspace(0, taps, min(taps, max(1, threads)) + 1).astype(int)
-    run_parallel(fill, list(zip(cuts[:-1], cuts[1:])), threads if n * taps > 1 << 16 else 1)
+    run_parallel(fill, even_ranges(taps, threads), threads if n * taps > 1 << 16 else 1)
     grid = data.reshape(kernel + sizes)
     for d in range(ndim):
         # input index = output index + shift, along dimension d
@@ -102,8 +101,7 @@ def dia_product(matrix: sp.dia_array, x: np.ndarray, threads: int) -> np.ndarray
     result is bit for bit ``matrix @ x``.  A block of columns is multiplied
     column by column (scipy has no multi-vector DIA kernel).
     """
-    if x.dtype != matrix.dtype and np.can_cast(x.dtype, matrix.dtype, casting="safe"):
-        x = x.astype(matrix.dtype)
+    x = cast_if_safe(x, matrix.dtype)
     if x.dtype != matrix.dtype or _dia_matvec is None:
         return matrix @ x
     if matrix.data.size < _parallel.MIN_PARALLEL_NNZ:
@@ -139,7 +137,5 @@ def _dia_matvec_threaded(matrix, x, threads, out=None):
                     (offsets + (a - skip)).astype(offsets.dtype), flat[skip:], x[skip:],
                     out[a:b])
 
-    cuts = np.linspace(0, n_rows, max(1, threads) + 1).astype(int)
-    ranges = [(a, b) for a, b in zip(cuts[:-1], cuts[1:]) if b > a]
-    run_parallel(multiply, ranges, threads)  # on this thread when threads <= 1
+    run_parallel(multiply, even_ranges(n_rows, threads), threads)  # on this thread when threads <= 1
     return out

@@ -28,6 +28,7 @@ __all__ = [
     "conv_matrix_nnz",
     "conv_transpose_matrix_nnz",
     "as_weight",
+    "cast_if_safe",
     "index_dtype",
 ]
 
@@ -199,6 +200,19 @@ def _check_input_shape(input_shape, ndim: int) -> tuple[int, ...]:
             f"a weight with {ndim} kernel dimensions, got input_shape={shape}"
         )
     return shape
+
+
+def cast_if_safe(x: np.ndarray, dtype) -> np.ndarray:
+    """``x`` in ``dtype`` when the conversion loses nothing, else ``x`` unchanged.
+
+    A product's input is brought to the matrix's dtype this way (an int16 or
+    float32 vector for a float64 matrix); one that needs a wider dtype (a
+    float64 vector for a float32 matrix, a complex one for a real matrix)
+    keeps it, and the caller falls back to scipy's own product, which widens.
+    """
+    if x.dtype != dtype and np.can_cast(x.dtype, dtype, casting="safe"):
+        return x.astype(dtype)
+    return x
 
 
 def as_weight(weight, dtype=None) -> np.ndarray:

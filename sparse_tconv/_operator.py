@@ -39,7 +39,7 @@ from scipy.sparse.linalg import LinearOperator
 from ._bsr import block_pattern, bsr_product, fill_blocks, to_position_major, uses_blocks
 from ._build import build, refill, validate
 from ._dia import build_diagonals, dia_product, uses_diagonals
-from ._geometry import as_weight
+from ._geometry import as_weight, cast_if_safe
 from . import _parallel
 from ._parallel import balanced_ranges as _row_blocks
 from ._parallel import resolve_threads, run_parallel
@@ -61,8 +61,7 @@ def csr_product(matrix: sp.csr_array, x: np.ndarray, threads: int) -> np.ndarray
     float32 matrix times a float64 vector), since the values would otherwise
     have to be converted.
     """
-    if x.dtype != matrix.dtype and np.can_cast(x.dtype, matrix.dtype, casting="safe"):
-        x = x.astype(matrix.dtype)
+    x = cast_if_safe(x, matrix.dtype)
     if (
         threads <= 1
         or x.dtype != matrix.dtype
@@ -262,31 +261,30 @@ class _ConvOperatorBase(LinearOperator):
         """
         return self._tmatrix_slot.get()
 
+    def _forward_matrix(self):
+        """The scipy matrix ``matvec`` reads: BSR, DIA or the canonical CSR."""
+        form = self._forward_slot.get()
+        return form[1] if self._form == "blocks" else form
+
     def _forward_nbytes(self) -> int:
         """Bytes of the matrix ``matvec`` reads (what bounds its speed)."""
-        form = self._forward_slot.get()
+        matrix = self._forward_matrix()
         if self._form == "diagonals":
-            return form.data.nbytes + form.offsets.nbytes
-        matrix = form[1] if self._form == "blocks" else form
+            return matrix.data.nbytes + matrix.offsets.nbytes
         return matrix.data.nbytes + matrix.indices.nbytes + matrix.indptr.nbytes
-
-    def _forward_values_nbytes(self) -> int:
-        """Bytes of values of the matrix ``matvec`` reads (what ``with_weight`` writes)."""
-        form = self._forward_slot.get()
-        return (form[1] if self._form == "blocks" else form).data.nbytes
 
     def _forward_product(self, x: np.ndarray) -> np.ndarray:
         """This operator's matrix times a 1-D ``x`` or a 2-D block of columns."""
         if self._form == "blocks":
-            return bsr_product(self._forward_slot.get()[1], x, self._n_threads(), self.groups)
+            return bsr_product(self._forward_matrix(), x, self._n_threads(), self.groups)
         if self._form == "diagonals":
             # csr_matvecs reads the matrix once for all columns; the stored
             # zeros of the diagonals would spread a NaN or infinity of x
             # (times zero) to rows that do not read it.
             if _is_batch(x) or not _all_finite(x):
                 return csr_product(self._matrix_slot.get(), x, self._n_threads())
-            return dia_product(self._forward_slot.get(), x, self._n_threads())
-        return csr_product(self._forward_slot.get(), x, self._n_threads())
+            return dia_product(self._forward_matrix(), x, self._n_threads())
+        return csr_product(self._forward_matrix(), x, self._n_threads())
 
     def _backward_product(self, y: np.ndarray) -> np.ndarray:
         """``matrix.T @ y`` for a 1-D ``y`` or a 2-D block of columns.

@@ -15,7 +15,7 @@ import numpy as np
 from ._geometry import _check_int
 
 __all__ = ["get_num_threads", "set_num_threads", "resolve_threads", "run_parallel",
-           "balanced_ranges"]
+           "balanced_ranges", "even_ranges"]
 
 ENV_VAR = "SPARSE_TCONV_NUM_THREADS"
 
@@ -164,3 +164,12 @@ def balanced_ranges(indptr, parts: int) -> list[tuple[int, int]]:
     targets = total * np.arange(1, parts, dtype=np.int64) // parts
     cuts = [0, *np.searchsorted(indptr, targets).tolist(), n_rows]
     return [(a, b) for a, b in zip(cuts[:-1], cuts[1:]) if b > a]
+
+
+def even_ranges(n: int, parts: int) -> list[tuple[int, int]]:
+    """Split ``range(n)`` into at most ``parts`` contiguous ranges of equal length (±1).
+
+    Empty ranges are dropped.
+    """
+    cuts = np.linspace(0, n, max(1, parts) + 1).astype(int)
+    return [(a, b) for a, b in zip(cuts[:-1].tolist(), cuts[1:].tolist()) if b > a]

@@ -175,7 +175,7 @@ def measure_block_gemm_rate(op, n_vecs: int, threads: int, blocks: int = 256) ->
     below: ``2 * nnz * n_vecs / rate`` seconds.  For an operator without
     dense channel blocks the blocks are 1x1.
     """
-    r, c = op._forward_slot.get()[1].blocksize if op._form == "blocks" else (1, 1)
+    r, c = op._forward_matrix().blocksize if op._form == "blocks" else (1, 1)
     rng = np.random.default_rng(1)
     a = [rng.standard_normal((blocks, r, c)) for _ in range(threads)]
     b = [rng.standard_normal((blocks, c, n_vecs)) for _ in range(threads)]
@@ -242,7 +242,7 @@ def run_config(
     # with_weight writes the values of the operator's product form (and
     # nothing else): timed as a write of that many bytes into fresh memory on
     # the same threads, since the speed of a write depends on its size.
-    r["values_bytes"] = op._forward_values_nbytes()
+    r["values_bytes"] = op._forward_matrix().data.nbytes
     r["rebuild_floor_s"] = r["values_bytes"] / measure_fresh_write(
         threads, r["values_bytes"], repeat)
     r["rebuild_speedup_bound"] = r["build_s"] / r["rebuild_floor_s"]

@@ -27,7 +27,13 @@ import numpy as np
 from scipy.sparse.linalg import LinearOperator
 
 from ._build import balanced_row_ranges, build_rows, row_offsets, validate
-from ._geometry import _INT32_MAX, _check_positive_int, _matrix_size, index_dtype
+from ._geometry import (
+    _INT32_MAX,
+    _check_positive_int,
+    _matrix_size,
+    cast_if_safe,
+    index_dtype,
+)
 from ._parallel import run_parallel
 
 __all__ = ["DistributedConvOperator", "RowBlock", "ADJOINT_METHODS"]
@@ -530,10 +536,7 @@ class DistributedConvOperator(LinearOperator):
     # -- products ---------------------------------------------------------
 
     def _cast(self, x):
-        x = np.asarray(x)
-        if x.dtype != self.dtype and np.can_cast(x.dtype, self.dtype, casting="safe"):
-            x = x.astype(self.dtype)
-        return np.ascontiguousarray(x)
+        return np.ascontiguousarray(cast_if_safe(np.asarray(x), self.dtype))
 
     def _groups(self, blocks) -> list[list]:
         """The blocks grouped by the worker holding them now (one task each)."""
