@@ -37,7 +37,9 @@ from ._geometry import (
     _check_int,
     _check_positive_int,
     _matrix_size,
+    allocation_context,
     as_weight,
+    check_size,
     conv_geometry,
     conv_transpose_geometry,
     index_dtype,
@@ -191,7 +193,10 @@ def _data_operand(kernel: np.ndarray, block: _Block) -> np.ndarray:
     for d, f in enumerate(block.families):
         kernel = np.take(kernel, f.taps, axis=3 + d)
         if f.segments is not None:  # taps that land on one input element are summed
-            kernel = np.add.reduceat(kernel, f.segments, axis=3 + d)
+            # (w1 + w2) may overflow where w1 x + w2 x would not: the
+            # documented convention (docs: semantics), not worth a warning.
+            with np.errstate(over="ignore", invalid="ignore"):
+                kernel = np.add.reduceat(kernel, f.segments, axis=3 + d)
     g, r, c = kernel.shape[:3]
     return kernel.reshape((g, r) + (1,) * n + (c,) + kernel.shape[3:])
 
@@ -255,11 +260,12 @@ def build(
     few neighbouring positions at once instead of one element from each of
     ``C`` distant planes.
     """
-    layout = _layout(geom, transpose, channels_last)
-    size = _matrix_size(geom, weight.dtype, transpose)
-    indptr = _indptr(layout, size.index_dtype)
-    indices = np.empty(size.nnz, dtype=size.index_dtype)
-    data = np.empty(size.nnz, dtype=weight.dtype)
+    size = check_size(_matrix_size(geom, weight.dtype, transpose))
+    with allocation_context(size):
+        layout = _layout(geom, transpose, channels_last)  # its maps are O(size) too
+        indptr = _indptr(layout, size.index_dtype)
+        indices = np.empty(size.nnz, dtype=size.index_dtype)
+        data = np.empty(size.nnz, dtype=weight.dtype)
     kernel = _kernel(weight, geom, transpose)
     _fill(layout, _blocks(layout), indices, data, kernel, threads)
     return _csr(data, indices, indptr, size.shape)
@@ -292,15 +298,7 @@ def validate(weight, input_shape, *, transpose: bool, dtype=None, **geometry):
 
 def _validated_build(weight, input_shape, *, transpose, dtype, max_bytes, **geometry):
     w, geom = validate(weight, input_shape, transpose=transpose, dtype=dtype, **geometry)
-    if max_bytes is not None:
-        max_bytes = _check_int(max_bytes, "max_bytes")
-        size = _matrix_size(geom, w.dtype, transpose)
-        if size.nbytes > max_bytes:
-            raise MemoryError(
-                f"the matrix would need {size.nbytes} bytes (nnz={size.nnz}, "
-                f"shape={size.shape}, {size.dtype} values, {size.index_dtype} indices), "
-                f"more than max_bytes={max_bytes}"
-            )
+    check_size(_matrix_size(geom, w.dtype, transpose), max_bytes)
     return build(geom, w, transpose=transpose, threads=resolve_threads(None))
 
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -53,6 +54,61 @@ def _positive_int(text: str) -> int:
     if value < 1:
         raise argparse.ArgumentTypeError(f"must be a positive integer, got {value}")
     return value
+
+
+def _non_negative_int(text: str) -> int:
+    """argparse type: an int >= 0 (argparse names the option in its message)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a non-negative integer, got {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be a non-negative integer, got {value}")
+    return value
+
+
+def _output_path(path, option: str, *, force: bool = True) -> None:
+    """Refuse an output path before any work: its folder must exist, the file must not unless
+    ``force``."""
+    if path is None:
+        return
+    target = Path(path)
+    if not target.resolve().parent.is_dir():
+        raise UsageError(f"{option}: the folder of {str(path)!r} does not exist")
+    if target.is_dir():
+        raise UsageError(f"{option}: {str(path)!r} is a folder, not a file")
+    if not force and target.exists():
+        raise UsageError(f"{option}: {str(path)!r} exists; pass --force to overwrite it")
+
+
+def _physical_memory() -> int | None:
+    try:
+        return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):  # not available on this platform
+        return None
+
+
+def _check_sizes(configs, max_bytes) -> None:
+    """Refuse, before anything is built, configurations whose matrix exceeds ``max_bytes``.
+
+    The default is a quarter of this machine's memory: a run holds the CSR
+    matrix, the operator's product forms of W and W.T and the vectors, about
+    three times the matrix.
+    """
+    origin = "--max-bytes"
+    if max_bytes is None:
+        memory = _physical_memory()
+        if memory is None:
+            return
+        max_bytes, origin = memory // 4, "a quarter of this machine's memory; set --max-bytes"
+    for config in configs:
+        size = _compare.predicted_size(config)
+        if size.nbytes > max_bytes:
+            raise MemoryError(
+                f"configuration {config.name} ({config.description}): the matrix would need "
+                f"{size.nbytes:,} bytes (nnz={size.nnz:,}), more than max_bytes={max_bytes:,} "
+                f"({origin})"
+            )
 
 
 def _padding(text: str):
@@ -122,8 +178,6 @@ def _write_json(path, payload) -> None:
 
 def _bench(args) -> int:
     threads = _threads(args)
-    if args.plot:
-        _compare._pyplot()  # matplotlib missing: say so now, not after the run
     if args.weight_shape or args.input_shape:
         if not (args.weight_shape and args.input_shape):
             raise UsageError("give both --weight-shape and --input-shape")
@@ -140,6 +194,11 @@ def _bench(args) -> int:
             configs = [c for c in configs if c.name in args.config]
         if args.batch is not None:
             configs = [dataclasses.replace(c, batch=args.batch) for c in configs]
+    _check_sizes(configs, args.max_bytes)
+    _output_path(args.json, "--json")
+    _output_path(args.plot, "--plot")
+    if args.plot:
+        _compare._pyplot()  # matplotlib missing: say so now, not after the run
     repeat = args.repeat if args.repeat is not None else (1 if args.quick else 5)
     peers, notes = _compare.available_peers() if not args.no_peers else ({}, ["peers skipped"])
     machine = _compare.machine_figures(threads, args.quick, repeat)
@@ -201,8 +260,7 @@ def _matrix(args) -> int:
           f"({size.dtype} values, {size.index_dtype} indices)")
     if args.save and Path(args.save).suffix not in (".npz", ".mtx"):
         raise UsageError(f"--save must end in .npz or .mtx, got {args.save!r}")
-    if args.save and not Path(args.save).resolve().parent.is_dir():
-        raise UsageError(f"--save: the folder of {args.save!r} does not exist")
+    _output_path(args.save, "--save", force=args.force)
     weight = np.random.default_rng(args.seed).standard_normal(config.weight_shape).astype(dtype)
     builder = conv_transpose_matrix if config.transposed else conv_matrix
     start = time.perf_counter()
@@ -231,12 +289,14 @@ def _save(W, path: str) -> None:
 
 def _crossover(args) -> int:
     threads = _threads(args)
-    _compare._pyplot()  # matplotlib missing: say so now, not after the run
     grid = _compare.crossover_grid(args.quick)
     for key in ("channels", "kernels", "images"):
         value = getattr(args, key)
         if value:
             grid[key] = list(_ints(value, f"--{key}"))
+    _output_path(args.json, "--json")
+    _output_path(args.plot, "--plot")
+    _compare._pyplot()  # matplotlib missing: say so now, after the arguments, before the run
     repeat = args.repeat if args.repeat is not None else (1 if args.quick else 3)
     machine = dict(threads=threads, date=time.strftime("%Y-%m-%d"))
     n_cells = len(grid["channels"]) * len(grid["kernels"]) * len(grid["images"])
@@ -268,6 +328,9 @@ def _parser() -> argparse.ArgumentParser:
                        help="skip the dask comparison (run by default when dask is installed)")
     bench.add_argument("--batch", type=_positive_int, default=None,
                        help="columns of the batched product (default 8)")
+    bench.add_argument("--max-bytes", type=_positive_int, default=None,
+                       help="refuse configurations whose CSR matrix is larger than this "
+                            "(default: a quarter of this machine's memory)")
     _add_common(bench)
     bench.add_argument("--plot", metavar="PATH", help="write a PNG bar chart")
     _add_geometry(bench, required=False)
@@ -276,10 +339,12 @@ def _parser() -> argparse.ArgumentParser:
     _add_geometry(matrix, required=True)
     matrix.add_argument("--dtype", default="float64",
                         choices=["float32", "float64", "complex64", "complex128"])
-    matrix.add_argument("--seed", type=int, default=0, help="seed of the random weights")
+    matrix.add_argument("--seed", type=_non_negative_int, default=0,
+                        help="seed of the random weights")
     matrix.add_argument("--max-bytes", type=_positive_int, default=None,
                         help="refuse to build a matrix larger than this")
     matrix.add_argument("--save", metavar="PATH", help="write W as .npz (scipy) or .mtx")
+    matrix.add_argument("--force", action="store_true", help="overwrite the --save file")
 
     cross = sub.add_parser("crossover", help="map where CSR, direct and FFT kernels win")
     cross.add_argument("--quick", action="store_true", help="a 2x2 grid, seconds")

@@ -9,6 +9,8 @@ input.
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import functools
 import math
 import numbers
@@ -29,6 +31,8 @@ __all__ = [
     "conv_transpose_matrix_nnz",
     "as_weight",
     "cast_if_safe",
+    "check_size",
+    "allocation_context",
     "index_dtype",
 ]
 
@@ -215,13 +219,31 @@ def cast_if_safe(x: np.ndarray, dtype) -> np.ndarray:
     return x
 
 
+def _as_array(weight) -> np.ndarray:
+    """``weight`` as an ndarray; a torch tensor through a detached CPU copy.
+
+    torch refuses ``np.asarray`` on a tensor that requires grad, and numpy
+    has no bfloat16 (widened exactly to float32 here).  torch is not
+    imported: a tensor is recognised by its type's module.
+    """
+    if type(weight).__module__.split(".")[0] == "torch" and hasattr(weight, "detach"):
+        tensor = weight.detach()
+        if str(tensor.dtype) == "torch.bfloat16":
+            tensor = tensor.float()
+        return tensor.numpy(force=True)
+    try:
+        return np.asarray(weight)
+    except ValueError as exc:  # ragged nested sequences
+        raise ValueError(f"weight must be a rectangular numeric array: {exc}") from None
+
+
 def as_weight(weight, dtype=None) -> np.ndarray:
     """Return a private, read-only copy of ``weight`` in the result dtype.
 
     Integer weights become float64 and float16 becomes float32; the result is
     one of float32, float64, complex64, complex128.
     """
-    arr = np.asarray(weight)
+    arr = _as_array(weight)
     if arr.dtype == np.bool_:
         raise TypeError("weight must be numeric, got a boolean weight (dtype=bool)")
     if not np.issubdtype(arr.dtype, np.number):
@@ -232,7 +254,7 @@ def as_weight(weight, dtype=None) -> np.ndarray:
         elif arr.dtype == np.float16:
             target = np.dtype(np.float32)
         else:
-            target = arr.dtype
+            target = arr.dtype.newbyteorder("=")  # byte order is not a dtype choice
         if target not in _SUPPORTED_DTYPES:
             raise TypeError(
                 f"weight.dtype={arr.dtype} is not supported; use one of "
@@ -240,7 +262,7 @@ def as_weight(weight, dtype=None) -> np.ndarray:
             )
     else:
         try:
-            target = np.dtype(dtype)
+            target = np.dtype(dtype).newbyteorder("=")
         except TypeError:
             raise TypeError(f"dtype must be a numpy dtype, got dtype={dtype!r}") from None
         if target not in _SUPPORTED_DTYPES:
@@ -296,6 +318,15 @@ class ConvGeometry:
     padding_mode: str
     output_padding: tuple[int, ...]
 
+    def __getstate__(self):
+        # Only the fields travel (to a worker, a file): the cached maps and
+        # counts are rebuilt on use, and the maps are O(size) arrays.
+        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+
+    def __setstate__(self, state):
+        for name, value in state.items():
+            object.__setattr__(self, name, value)
+
     @property
     def ndim(self) -> int:
         return len(self.kernel_size)
@@ -314,10 +345,16 @@ class ConvGeometry:
     def weight_shape(self) -> tuple[int, ...]:
         return (self.out_channels, self.in_channels // self.groups, *self.kernel_size)
 
-    @property
+    @functools.cached_property
     def nnz(self) -> int:
-        """Exact number of stored entries of W (and of W.T)."""
-        per_dim = math.prod(m.total for m in self.forward_maps)
+        """Exact number of stored entries of W (and of W.T), a Python int.
+
+        Counted per dimension without building the maps (O(kernel) work and
+        memory per dimension, see :func:`~._indexmap.dim_nnz`).
+        """
+        from ._indexmap import dim_nnz
+
+        per_dim = math.prod(dim_nnz(*self._dim_args(a)) for a in range(self.ndim))
         return self.out_channels * (self.in_channels // self.groups) * per_dim
 
     def _dim_args(self, axis):
@@ -615,6 +652,46 @@ def _matrix_size(geom: ConvGeometry, dtype, transpose: bool) -> ConvMatrixSize:
     return ConvMatrixSize(nnz, nbytes, shape, dtype, idx)
 
 
+_INT64_MAX = np.iinfo(np.int64).max
+
+
+def check_size(size: ConvMatrixSize, max_bytes=None, what: str = "the matrix") -> ConvMatrixSize:
+    """``size`` if it can be built within ``max_bytes``; else a clear error, before allocating.
+
+    Raises
+    ------
+    TypeError, ValueError
+        If ``max_bytes`` is not None or a positive int.
+    MemoryError
+        If the entries or rows could not be indexed by int64 (numpy's and
+        scipy's widest), the bytes exceed 2**63, or they exceed ``max_bytes``.
+    """
+    described = (f"{what} would need {size.nbytes} bytes (nnz={size.nnz}, shape={size.shape}, "
+                 f"{size.dtype} values, {size.index_dtype} indices)")
+    if max(size.nnz, *size.shape) > _INT64_MAX:
+        raise MemoryError(f"{described}: more entries or rows than int64 indices can address")
+    if size.nbytes > _INT64_MAX:
+        raise MemoryError(f"{described}: more bytes than any address space")
+    if max_bytes is not None:
+        max_bytes = _check_positive_int(max_bytes, "max_bytes")
+        if size.nbytes > max_bytes:
+            raise MemoryError(f"{described}, more than max_bytes={max_bytes}")
+    return size
+
+
+@contextlib.contextmanager
+def allocation_context(size: ConvMatrixSize, what: str = "the matrix"):
+    """Say what was being built when numpy cannot allocate it."""
+    try:
+        yield
+    except MemoryError as exc:
+        raise MemoryError(
+            f"{what} needs {size.nbytes} bytes (nnz={size.nnz}, shape={size.shape}), "
+            f"which this machine could not allocate ({exc}); conv_matrix_nnz() gives the size "
+            "before building, and max_bytes= refuses a build beyond a budget"
+        ) from None
+
+
 def _size_dtype(dtype):
     # Validate dtype exactly as the builders do; float64 when not given.
     return as_weight(np.zeros(0), dtype).dtype
@@ -633,8 +710,11 @@ def conv_matrix_nnz(
 ) -> ConvMatrixSize:
     """Exact nnz and bytes of :func:`conv_matrix`, without building it.
 
-    Costs O(sum of the spatial sizes) (times the kernel size for the boundary
-    rows of non-zero padding modes), whatever the size of the matrix.
+    Exact for any size, in Python ints: O(kernel size) work and memory per
+    dimension with zero padding, whatever the size of the matrix.  The other
+    padding modes also count the rows whose window crosses an edge of the
+    input one by one (about ``2 * dilation * (k - 1) / stride`` rows per
+    dimension), in chunks of bounded memory.
 
     Parameters
     ----------

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-__all__ = ["Family", "DimMap", "forward_dim_map", "transpose_dim_map", "mode_map"]
+__all__ = ["Family", "DimMap", "forward_dim_map", "transpose_dim_map", "mode_map", "dim_nnz"]
 
 
 @dataclass(frozen=True)
@@ -87,6 +87,70 @@ def _merge_rows(cols: np.ndarray, taps: np.ndarray):
     first[1:] = cols[1:] != cols[:-1]
     segments = None if first.all() else np.flatnonzero(first)
     return cols[first], taps, segments
+
+
+# ---------------------------------------------------------------------------
+# Entry counts without the maps: O(kernel) per dimension, exact Python ints
+# ---------------------------------------------------------------------------
+
+# Rows evaluated one by one (windows across an edge, non-zero modes) are
+# handled this many at a time, so the memory stays O(kernel) whatever the size.
+_COUNT_CHUNK = 1 << 14
+
+
+def _rows_with_window_in(O: int, s: int, lo: int, first: int, last: int) -> tuple[int, int]:
+    """``[p0, p1)``: the rows ``p < O`` whose window start ``p * s - lo`` is in [first, last]."""
+    p0 = max(0, -((lo + first) // -s))  # ceil((first + lo) / s)
+    p1 = min(O, (last + lo) // s + 1)
+    return p0, max(p0, p1)
+
+
+def _distinct_mapped(p0: int, p1: int, L, k, s, d, lo, mode) -> int:
+    """Sum over rows ``p0 <= p < p1`` of the number of distinct input indices their taps reach."""
+    total = 0
+    # int64 is exact while every padded coordinate stays below 2**62; beyond,
+    # Python ints (object arrays) keep the count exact.
+    exact = np.int64 if max(abs(p1 * s - lo), L + (k - 1) * d) < 2**62 else object
+    taps = np.array(range(k), dtype=exact) * d
+    for start in range(p0, p1, _COUNT_CHUNK):
+        stop = min(p1, start + _COUNT_CHUNK)
+        rows = np.array(range(start, stop), dtype=exact)
+        mapped = np.sort(mode_map(rows[:, None] * s - lo + taps, L, mode), axis=1)
+        total += len(rows) + int(np.count_nonzero(mapped[:, 1:] != mapped[:, :-1]))
+    return total
+
+
+def dim_nnz(L, O, k, s, d, lo, hi, mode) -> int:
+    """Entries of one dimension's map (``DimMap.total``), without building it.
+
+    Zeros padding: the pairs ``(p, t)`` with ``0 <= p * s - lo + t * d < L``,
+    counted tap by tap in closed form, O(k).  Other modes: a window inside
+    the input has ``k`` distinct entries; one wholly in the padding has ``k``
+    (reflect and circular map it one to one) or 1 (replicate clamps it onto
+    the edge); only the rows whose window crosses an edge of the input are
+    counted one by one (about ``2 * d * (k - 1) / s`` of them), in chunks.
+    """
+    if mode == "zeros":
+        total = 0
+        for t in range(k):
+            p0, p1 = _rows_with_window_in(O, s, lo - t * d, 0, L - 1)
+            total += p1 - p0
+        return total
+    extent = (k - 1) * d
+    inside = _rows_with_window_in(O, s, lo, 0, L - 1 - extent)
+    left = _rows_with_window_in(O, s, lo, -lo, -extent - 1)  # the window ends before 0
+    right = _rows_with_window_in(O, s, lo, L, L + hi)  # the window starts after L - 1
+    left_end, right_start = left[1], min(right[0], O)
+    total = k * (inside[1] - inside[0])
+    total += (1 if mode == "replicate" else k) * (left_end + O - right_start)
+    # The rows in between cross an edge: before and after the inside ones.
+    if inside[1] > inside[0]:
+        crossing = ((left_end, inside[0]), (inside[1], right_start))
+    else:
+        crossing = ((left_end, right_start),)
+    for p0, p1 in crossing:
+        total += _distinct_mapped(p0, p1, L, k, s, d, lo, mode)
+    return total
 
 
 # ---------------------------------------------------------------------------

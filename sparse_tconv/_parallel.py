@@ -117,15 +117,33 @@ def resolve_threads(threads) -> int:
 
 
 def _get_pool(threads: int) -> ThreadPoolExecutor:
+    """A pool of at least ``threads`` workers.
+
+    A smaller pool is replaced, never shut down: a product on another thread
+    may still be submitting to it (a shut-down executor refuses new work).
+    Its workers exit once the last caller drops it (an executor's workers
+    stop when it is garbage collected).
+    """
     global _pool, _pool_size
     with _lock:
         if _pool is None or _pool_size < threads:
-            old = _pool
             _pool = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="sparse_tconv")
             _pool_size = threads
-            if old is not None:
-                old.shutdown(wait=False)
         return _pool
+
+
+def _forget_pool_in_child() -> None:
+    """After ``fork``: the child has none of the parent's pool threads.
+
+    The inherited executor would count workers that do not exist in the
+    child and wait for them for ever; the child starts a pool of its own.
+    """
+    global _pool, _pool_size, _lock
+    _pool, _pool_size, _lock = None, 0, threading.Lock()
+
+
+if hasattr(os, "register_at_fork"):  # not on Windows
+    os.register_at_fork(after_in_child=_forget_pool_in_child)
 
 
 def _run_all(func, items) -> None:

@@ -14,6 +14,7 @@ import argparse
 import gc
 import json
 import math
+import os
 import sys
 import time
 import tracemalloc
@@ -420,6 +421,8 @@ def main(argv=None) -> int:
     parser.add_argument("--no-cold", action="store_true",
                         help="skip the cold-memory build figures (3 s idle each)")
     args = parser.parse_args(argv)
+    if args.json and not os.path.isdir(os.path.dirname(os.path.abspath(args.json))):
+        parser.error(f"--json: the folder of {args.json!r} does not exist")
     configs = QUICK_CONFIGS if args.quick else CONFIGS
     if args.config:
         known = {c.name for c in configs}

@@ -267,6 +267,20 @@ def test_result_dtype(weight_dtype, dtype, expected):
     np.testing.assert_array_equal(W.toarray(), dense)
 
 
+@pytest.mark.parametrize("dtype", [">f4", ">f8", ">c8", ">c16", ">i8"])
+def test_byte_order_is_not_a_dtype_choice(dtype):
+    # A big-endian weight gives the matrix of its values, in native order.
+    rng = np.random.default_rng(seed_of("byteorder", dtype))
+    native = random_array(rng, (3, 2, 3), np.dtype(dtype).newbyteorder("="))
+    W = conv_matrix(native.astype(dtype), (2, 7), padding=1)
+    expected = conv_matrix(native, (2, 7), padding=1)
+    assert W.dtype == expected.dtype and W.dtype.isnative
+    np.testing.assert_array_equal(W.toarray(), expected.toarray())
+    as_requested = conv_matrix(native, (2, 7), padding=1, dtype=np.dtype(dtype).newbyteorder(">")
+                               if np.dtype(dtype).kind in "fc" else None)
+    assert as_requested.dtype.isnative
+
+
 def test_inputs_are_not_modified():
     rng = np.random.default_rng(4)
     weight = rng.standard_normal((2, 2, 3))

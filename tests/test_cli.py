@@ -248,3 +248,73 @@ def test_bench_torch_columns_with_symmetric_pairs(tmp_path):
                  "1:1,2:2", "--repeat", "1", "--no-distributed", "--json", str(js)]) == 0
     (r,) = json.loads(js.read_text())["results"]
     assert {"torch_f64_1t", "torch_f32_1t"} <= set(r["times"])
+
+
+def test_user_errors_come_before_optional_imports(capsys, monkeypatch):
+    # Without matplotlib, a bad argument is still reported as itself.
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # import matplotlib -> ImportError
+    assert main(["crossover", "--channels", "a"]) == 2
+    assert "--channels must be comma-separated integers" in capsys.readouterr().err
+    assert main(["crossover", "--quick"]) == 2
+    assert "plotting needs matplotlib" in capsys.readouterr().err
+
+
+def _refuse_to_measure(monkeypatch):
+    import sparse_tconv._compare as compare
+
+    def measured(*args, **kwargs):
+        raise AssertionError("the benchmark ran before the arguments were checked")
+
+    for name in ("machine_figures", "compare_config", "run_crossover"):
+        monkeypatch.setattr(compare, name, measured)
+
+
+@pytest.mark.parametrize("args, message", [
+    (["bench", "--quick", "--json", "/no/such/dir/x.json"],
+     r"--json: the folder of '/no/such/dir/x.json' does not exist"),
+    (["bench", "--quick", "--plot", "/no/such/dir/x.png"],
+     r"--plot: the folder of '/no/such/dir/x.png' does not exist"),
+    (["crossover", "--quick", "--json", "/no/such/dir/x.json"],
+     r"--json: the folder of '/no/such/dir/x.json' does not exist"),
+])
+def test_output_paths_are_checked_before_the_run(capsys, monkeypatch, args, message):
+    _refuse_to_measure(monkeypatch)
+    assert main(args) == 2
+    assert re.search(message, capsys.readouterr().err)
+
+
+def test_perf_checks_its_output_path_first(capsys):
+    with pytest.raises(SystemExit) as exc:
+        main(["perf", "--quick", "--json", "/no/such/dir/x.json"])
+    assert exc.value.code == 2
+    assert "--json: the folder of '/no/such/dir/x.json' does not exist" in capsys.readouterr().err
+
+
+def test_bench_refuses_a_geometry_too_large_for_the_machine(capsys, monkeypatch):
+    _refuse_to_measure(monkeypatch)
+    args = ["bench", "--weight-shape", "1,1,3", "--input-shape", "1,100000000000"]
+    assert main(args) == 1
+    err = capsys.readouterr().err
+    assert "more than max_bytes=" in err and "a quarter of this machine's memory" in err
+    assert main([*args, "--max-bytes", "1000"]) == 1
+    assert "more than max_bytes=1,000 (--max-bytes)" in capsys.readouterr().err
+
+
+def test_matrix_save_does_not_overwrite_without_force(tmp_path, capsys):
+    path = tmp_path / "W.npz"
+    path.write_bytes(b"precious")
+    args = ["matrix", "--weight-shape", "2,1,3", "--input-shape", "1,9", "--save", str(path)]
+    assert main(args) == 2
+    assert f"--save: '{path}' exists; pass --force to overwrite it" in capsys.readouterr().err
+    assert path.read_bytes() == b"precious"
+    assert main([*args, "--force"]) == 0
+    saved = sp.load_npz(path)
+    weight = np.random.default_rng(0).standard_normal((2, 1, 3))
+    np.testing.assert_array_equal(saved.toarray(), conv_matrix(weight, (1, 9)).toarray())
+
+
+def test_seed_errors_name_the_option(capsys):
+    with pytest.raises(SystemExit) as exc:
+        main(["matrix", "--weight-shape", "2,1,3", "--input-shape", "1,9", "--seed", "-1"])
+    assert exc.value.code == 2
+    assert "argument --seed: must be a non-negative integer, got -1" in capsys.readouterr().err

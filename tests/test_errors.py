@@ -97,6 +97,12 @@ def test_conv_transpose_matrix_rejects(kwargs, error, match):
         conv_transpose_matrix(args.pop("weight"), args.pop("input_shape"), **args)
 
 
+def test_ragged_weight_is_named():
+    with pytest.raises(ValueError, match=r"weight must be a rectangular numeric array: .*"
+                                         r"inhomogeneous"):
+        conv_matrix([[[1.0, 2.0], [3.0]]], (2, 5))
+
+
 def test_validation_comes_before_allocation():
     # Geometries whose matrix could never be allocated: the argument error,
     # not a MemoryError, must come out.

@@ -109,3 +109,31 @@ def test_adjoint_dot_product(g, seed):
     v = random_array(rng, op.shape[0], np.complex128)
     lhs, rhs = np.vdot(v, op.matvec(u)), np.vdot(op.rmatvec(v), u)
     assert abs(lhs - rhs) <= 1e-12 * max(1.0, abs(lhs))
+
+
+@given(
+    st.integers(1, 40),  # L
+    st.integers(1, 9),  # k
+    st.integers(1, 5),  # stride
+    st.integers(1, 6),  # dilation
+    st.integers(0, 60),  # lo
+    st.integers(0, 60),  # hi
+    st.sampled_from(MODES),
+)
+def test_entry_count_of_one_dimension_matches_the_definition(L, k, s, d, lo, hi, mode):
+    # The count the size functions use (no maps built) against every row's
+    # taps read off np.pad of the indices, wide paddings included.
+    from reference import padded_indices
+
+    from sparse_tconv._indexmap import dim_nnz
+
+    if mode == "reflect":
+        lo, hi = min(lo, L - 1), min(hi, L - 1)
+    elif mode == "circular":
+        lo, hi = min(lo, L), min(hi, L)
+    if L + lo + hi < d * (k - 1) + 1:
+        return
+    index = padded_indices(L, lo, hi, mode)
+    O = (len(index) - d * (k - 1) - 1) // s + 1
+    expected = sum(len({int(index[p * s + t * d]) for t in range(k)} - {-1}) for p in range(O))
+    assert dim_nnz(L, O, k, s, d, lo, hi, mode) == expected

@@ -119,3 +119,39 @@ def test_backward_of_conv_is_the_transposed_matrix():
     op = ConvOperator(weight, (3, 8, 8), stride=2, padding=1)
     np.testing.assert_allclose(op.rmatvec(g.ravel()), x.grad.numpy().ravel(), rtol=1e-12,
                                atol=1e-12)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16])
+def test_tensor_weights_are_taken_as_detached_copies(dtype):
+    # A tensor that requires grad, or in bfloat16 (numpy has none), gives
+    # the matrix of its values: bfloat16 widened exactly to float32.
+    torch.manual_seed(0)
+    weight = torch.randn(3, 2, 3, dtype=dtype, requires_grad=True)
+    W = conv_matrix(weight, (2, 9), padding=1)
+    values = weight.detach().to(torch.float64 if dtype == torch.float64 else torch.float32)
+    assert W.dtype == np.dtype(np.float64 if dtype == torch.float64 else np.float32)
+    x = torch.randn(1, 2, 9, dtype=values.dtype)
+    expected = torch.nn.functional.conv1d(x, values, padding=1).numpy().ravel()
+    np.testing.assert_allclose(W @ x.numpy().ravel(), expected, rtol=1e-5, atol=1e-5)
+    assert weight.requires_grad and weight.grad is None  # the argument is untouched
+
+
+def test_the_documented_non_finite_conventions():
+    # docs/semantics.md, "Infinities and NaN": both differences, against torch.
+    w = np.array([[[np.inf, 1.0, 1.0]]])
+    ours = conv_matrix(w, (1, 4), padding=1) @ np.ones(4)
+    theirs = torch.nn.functional.conv1d(torch.ones(1, 1, 4, dtype=torch.float64),
+                                        torch.from_numpy(w), padding=1)[0, 0].numpy()
+    np.testing.assert_array_equal(ours, [2.0, np.inf, np.inf, np.inf])
+    np.testing.assert_array_equal(theirs, [np.nan, np.inf, np.inf, np.inf])
+
+    w = np.array([[[1e308, 0.0, 1e308]]])
+    x = np.array([0.0, 0.5, 0.0])
+    ours = conv_matrix(w, (1, 3), padding=1, padding_mode="reflect") @ x
+    layer = torch.nn.Conv1d(1, 1, 3, padding=1, padding_mode="reflect", bias=False,
+                            dtype=torch.float64)
+    with torch.no_grad():
+        layer.weight.copy_(torch.from_numpy(w))
+        theirs = layer(torch.from_numpy(x)[None, None])[0, 0].numpy()
+    np.testing.assert_array_equal(ours, [np.inf, 0.0, np.inf])
+    np.testing.assert_array_equal(theirs, [1e308, 0.0, 1e308])
