@@ -105,13 +105,14 @@ def _split_input_shape(input_shape, module, ndim: int) -> tuple[tuple[int, ...],
     return shape, batched
 
 
-def _output_padding(module, layer, sample_shape, batched, output_size):
+def _output_padding(layer, sample_shape, batched, output_size, window):
     """``output_padding`` for a requested ``output_size``, as ``ConvTranspose.forward``.
 
     This is PyTorch's ``_ConvTransposeNd._output_padding``: with
     ``m = (O - 1) * stride - 2 * padding + dilation * (k - 1) + 1`` per spatial
     dimension, a size ``n`` is reachable when ``m <= n <= m + stride - 1``,
-    and its output padding is ``n - m``.
+    and its output padding is ``n - m``.  ``window`` holds the per-dimension
+    ``(stride, padding, dilation, kernel_size)``.
     """
     ndim = len(sample_shape) - 1
     if isinstance(output_size, (str, bytes)) or _is_int(output_size):
@@ -136,19 +137,17 @@ def _output_padding(module, layer, sample_shape, batched, output_size):
             f"output_size={tuple(output_size)} ({len(tuple(output_size))} entries)"
         )
     sizes = tuple(int(v) for v in sizes)
+    stride, padding, dilation, kernel = window
     min_sizes = tuple(
         (o - 1) * s - 2 * p + d * (k - 1) + 1
-        for o, s, p, d, k in zip(
-            sample_shape[1:], module.stride, module.padding, module.dilation, module.kernel_size
-        )
+        for o, s, p, d, k in zip(sample_shape[1:], stride, padding, dilation, kernel)
     )
-    max_sizes = tuple(m + s - 1 for m, s in zip(min_sizes, module.stride))
+    max_sizes = tuple(m + s - 1 for m, s in zip(min_sizes, stride))
     if any(not lo <= n <= hi for n, lo, hi in zip(sizes, min_sizes, max_sizes)):
         raise ValueError(
             f"output_size={tuple(output_size)} is unreachable for {layer} with "
-            f"stride={tuple(module.stride)}, padding={tuple(module.padding)}, "
-            f"dilation={tuple(module.dilation)} on an input of spatial size "
-            f"{sample_shape[1:]}: the spatial sizes must lie between {min_sizes} and "
+            f"stride={stride}, padding={padding}, dilation={dilation} on an input of spatial "
+            f"size {sample_shape[1:]}: the spatial sizes must lie between {min_sizes} and "
             f"{max_sizes} (inclusive), got {sizes}"
         )
     return tuple(n - m for n, m in zip(sizes, min_sizes))
@@ -167,20 +166,105 @@ def _to_numpy(torch, tensor) -> np.ndarray:
     return tensor.numpy(force=True)
 
 
-def _conv_padding(module, ndim: int):
+def _per_dimension(module, layer, name: str, ndim: int) -> tuple[int, ...]:
+    """``module.<name>`` (stride, padding, ...) as ATen's convolution reads it.
+
+    ``at::convolution`` expands a single value, an int or a one-element list,
+    to every spatial dimension and rejects any other length, so
+    ``Conv2d(2, 3, 3, stride=(2,))`` runs with stride ``(2, 2)``.
+    """
+    value = getattr(module, name)
+    if _is_int(value):
+        return (int(value),) * ndim
+    values = tuple(value)
+    if len(values) == 1:
+        return values * ndim
+    if len(values) != ndim:
+        raise ValueError(
+            f"{layer} has {name}={value!r}, but PyTorch's convolution takes a single value or "
+            f"one per spatial dimension ({ndim}) (its forward would raise)"
+        )
+    return values
+
+
+def _check_kernel(module, layer, ndim: int, weight: np.ndarray):
+    """A one-element ``kernel_size`` is not expanded: the weight keeps one spatial axis."""
+    if weight.ndim != ndim + 2:
+        raise ValueError(
+            f"{layer} has kernel_size={module.kernel_size!r}, which PyTorch does not expand: "
+            f"its weight of shape {weight.shape} has {weight.ndim - 2} kernel axes instead of "
+            f"{ndim} (its forward would raise); give one kernel size per spatial dimension or "
+            "an int"
+        )
+
+
+def _check_output_size_window(module, layer, ndim: int):
+    """With ``output_size``, ``_output_padding`` indexes its settings ``[0]`` to ``[ndim - 1]``.
+
+    It does so in Python, before the convolution would expand one-element
+    lists, so a short ``stride``, ``padding`` or ``dilation`` raises an
+    ``IndexError`` there.
+    """
+    for name in ("stride", "padding", "dilation", "kernel_size"):
+        value = getattr(module, name)
+        if _is_int(value) or len(value) < ndim:
+            raise ValueError(
+                f"{layer} has {name}={value!r}: with output_size, PyTorch's "
+                f"{type(module).__name__}.forward reads {name}[d] for each of its {ndim} "
+                "spatial dimensions (its forward would raise an IndexError); give one value "
+                "per spatial dimension"
+            )
+
+
+def _padded_dims(count: int, dims: int) -> bool:
+    """Whether F.pad's non-constant modes pad the last ``count`` of ``dims`` dimensions.
+
+    Its support table for 'reflect', 'replicate' and 'circular': the last 1
+    dimension of a 2-d or 3-d tensor, the last 2 of a 3-d or 4-d one, the
+    last 3 of a 4-d or 5-d one.
+    """
+    return 1 <= count <= 3 and count + 1 <= dims <= count + 2
+
+
+def _conv_padding(module, layer, ndim: int, batched: bool):
     """The padding the layer's forward applies, as ``nn.ConvNd._conv_forward`` does.
 
     With ``padding_mode='zeros'`` the layer passes ``module.padding`` (ints or
-    'same'/'valid') to ``F.conv{N}d``; otherwise it pads with
-    ``F.pad(x, module._reversed_padding_repeated_twice, mode=padding_mode)``
-    (last dimension first, ``(before, after)`` each) and convolves unpadded.
+    'same'/'valid') to ``F.conv{N}d``, which expands a one-element list.
+    Otherwise it pads with ``F.pad(x, module._reversed_padding_repeated_twice,
+    mode=padding_mode)`` (last dimension first, ``(before, after)`` each) and
+    convolves unpadded.  That list is built from ``module.padding`` as it was
+    given, so a one-element padding pads the last dimension only, when F.pad
+    supports that for the input's number of dimensions.
     """
     if module.padding_mode == "zeros":
-        return module.padding
-    flat = getattr(module, "_reversed_padding_repeated_twice", None)
-    if flat is None or len(flat) != 2 * ndim:  # pragma: no cover - every torch >= 2.0 has it
-        return module.padding
-    return tuple((int(flat[2 * i]), int(flat[2 * i + 1])) for i in reversed(range(ndim)))
+        if isinstance(module.padding, str):
+            return module.padding
+        return _per_dimension(module, layer, "padding", ndim)
+    flat = tuple(int(v) for v in module._reversed_padding_repeated_twice)
+    dims = ndim + (2 if batched else 1)
+    count, odd = divmod(len(flat), 2)
+    call = (
+        f"{layer} with padding={module.padding!r} and padding_mode={module.padding_mode!r} "
+        f"pads its input with F.pad(x, {list(flat)}, mode={module.padding_mode!r}) (its "
+        "_reversed_padding_repeated_twice: the padding as given, last dimension first, each "
+        "entry twice; a one-element padding is not expanded)"
+    )
+    if odd or not _padded_dims(count, dims):
+        raise ValueError(
+            f"{call}, a list F.pad's {module.padding_mode!r} mode rejects for the {dims}-d "
+            f"{'batched' if batched else 'unbatched'} input (its forward would raise); give "
+            "padding one entry per spatial dimension"
+        )
+    pairs = [(flat[2 * i], flat[2 * i + 1]) for i in range(count)]  # last dimension first
+    if count > ndim and pairs[ndim] != (0, 0):  # the channel axis of a batched input
+        raise ValueError(
+            f"{call}, which pads the channel axis by {pairs[ndim]}: the convolution then gets "
+            f"{module.in_channels + sum(pairs[ndim])} channels instead of {module.in_channels} "
+            "(its forward would raise); give padding one entry per spatial dimension"
+        )
+    spatial = pairs[:ndim] + [(0, 0)] * (ndim - count)  # dims F.pad does not reach: unpadded
+    return tuple(reversed(spatial))
 
 
 def from_torch(module, input_shape, *, output_size=None, dtype=None, threads=None):
@@ -192,7 +276,8 @@ def from_torch(module, input_shape, *, output_size=None, dtype=None, threads=Non
         The layer (subclasses included, e.g. a layer with a parametrization).
         Every setting is carried over: stride, padding (ints or
         'same'/'valid'), dilation, groups, padding_mode and, for transposed
-        layers, output_padding.
+        layers, output_padding; a one-element tuple is read as the layer's
+        forward reads it (see Notes).
     input_shape : sequence of int
         The layer's input, ``(C_in, *L)`` or with a batch axis
         ``(B, C_in, *L)``; the batch axis is dropped (the operator acts on one
@@ -241,8 +326,10 @@ def from_torch(module, input_shape, *, output_size=None, dtype=None, threads=Non
         channels), if ``output_size`` is given for a non-transposed layer, has
         the wrong number of entries or is unreachable, if a transposed layer
         has settings its own forward rejects (a padding mode other than
-        'zeros', string padding), and for the invalid geometries listed in
-        :func:`conv_matrix` (e.g. reflect padding as large as the input).
+        'zeros', string padding), if a setting has a length the layer's
+        forward rejects (see Notes; the message names the setting), and for
+        the invalid geometries listed in :func:`conv_matrix` (e.g. reflect
+        padding as large as the input).
 
     See Also
     --------
@@ -269,6 +356,35 @@ def from_torch(module, input_shape, *, output_size=None, dtype=None, threads=Non
     layer's forward even for an asymmetric 'same'.  PyTorch's transposed
     layers support only zero padding and integer padding.
 
+    A setting with one entry where the layer has ``N`` spatial dimensions
+    (``Conv2d(2, 3, 3, stride=(2,))`` is a valid layer) is read as the
+    layer's forward reads it, which differs between settings:
+
+    - ``stride``, ``dilation``, ``output_padding`` and, with
+      ``padding_mode='zeros'``, ``padding`` go to ATen's convolution, which
+      repeats a single value over the ``N`` dimensions and rejects any
+      other length.
+    - With 'reflect', 'replicate' or 'circular',
+      ``_reversed_padding_repeated_twice`` is built from ``padding`` as
+      given and ``F.pad`` pads the last dimensions first: ``padding=(p,)``
+      pads the last dimension only.  ``F.pad`` supports that for a
+      ``Conv2d`` on an unbatched input, but not on a batched one nor for a
+      ``Conv3d``, so the operator depends on whether ``input_shape`` has a
+      batch axis.  Likewise ``padding='same'`` with ``dilation=(d,)`` pads
+      only the first spatial dimension (the constructor zips ``dilation``
+      with ``kernel_size``) while the convolution dilates all of them, and a
+      padding with ``N + 1`` entries reaches the channel axis of a batched
+      ``Conv1d``/``Conv2d`` input, which only a leading 0 leaves intact.
+    - With ``output_size``, ``_output_padding`` reads ``stride[d]``,
+      ``padding[d]`` and ``dilation[d]`` for every dimension before anything
+      is expanded (a one-element one raises an ``IndexError`` there), and
+      ``module.output_padding`` is not read at all.
+    - A one-element ``kernel_size`` is not expanded: the weight keeps one
+      kernel axis and the forward always raises.
+
+    Where the layer's forward would raise, ``from_torch`` raises a
+    ``ValueError`` that names the layer and the setting.
+
     For ``output_size``, PyTorch's ``_ConvTransposeNd._output_padding``
     computes per spatial dimension the smallest output size
     ``m = (O - 1) * stride - 2 * padding + dilation * (k - 1) + 1`` and
@@ -290,6 +406,20 @@ def from_torch(module, input_shape, *, output_size=None, dtype=None, threads=Non
     >>> x = torch.randn(3, 16, 16, dtype=torch.float64)
     >>> np.allclose(op @ x.numpy().ravel() + b, layer(x).detach().numpy().ravel())
     True
+
+    A one-element padding in 'reflect' mode pads the last dimension only, and
+    only an unbatched input can take it:
+
+    >>> layer = torch.nn.Conv2d(2, 3, 3, stride=(2,), padding=(1,), padding_mode="reflect")
+    >>> op, b = from_torch(layer, (2, 8, 8))
+    >>> op.stride, op.padding, op.output_shape
+    ((2, 2), ((0, 0), (1, 1)), (3, 3, 4))
+    >>> tuple(layer(torch.randn(2, 8, 8)).shape)
+    (3, 3, 4)
+    >>> from_torch(layer, (1, 2, 8, 8))  # doctest: +ELLIPSIS
+    Traceback (most recent call last):
+        ...
+    ValueError: Conv2d(2, 3, kernel_size=(3, 3)) with padding=(1,) ... (its forward would raise)...
 
     A transposed layer with a requested output size (a float32 layer gives a
     float32 operator):
@@ -350,24 +480,10 @@ def from_torch(module, input_shape, *, output_size=None, dtype=None, threads=Non
 def _build_operator(module, layer, transposed, ndim, weight, sample_shape, batched, output_size,
                     dtype, threads):
     """The operator with the layer's settings (validated as its forward would)."""
+    _check_kernel(module, layer, ndim, weight)
     if transposed:
-        if module.padding_mode != "zeros":
-            raise ValueError(
-                f"{layer} has padding_mode={module.padding_mode!r}, but PyTorch's transposed "
-                "convolutions support only padding_mode='zeros' (its forward would raise)"
-            )
-        padding = tuple(module.padding)
-        if not all(_is_int(p) for p in padding):
-            raise ValueError(
-                f"{layer} has padding={module.padding!r}, but PyTorch's transposed convolutions "
-                "take integer padding only (its forward would raise)"
-            )
-        if output_size is None:
-            output_padding = tuple(module.output_padding)
-        else:
-            output_padding = _output_padding(module, layer, sample_shape, batched, output_size)
         cls = ConvTransposeOperator
-        settings = dict(padding=padding, output_padding=output_padding)
+        settings = _transpose_settings(module, layer, ndim, sample_shape, batched, output_size)
     else:
         if output_size is not None:
             raise ValueError(
@@ -375,20 +491,43 @@ def _build_operator(module, layer, transposed, ndim, weight, sample_shape, batch
                 f"{type(module).__name__}, got output_size={output_size!r}"
             )
         cls = ConvOperator
-        settings = dict(padding=_conv_padding(module, ndim), padding_mode=module.padding_mode)
-    try:
-        return cls(
-            weight,
-            sample_shape,
-            stride=tuple(module.stride),
-            dilation=tuple(module.dilation),
-            groups=module.groups,
-            dtype=dtype,
-            threads=threads,
-            **settings,
+        settings = dict(
+            stride=_per_dimension(module, layer, "stride", ndim),
+            dilation=_per_dimension(module, layer, "dilation", ndim),
+            padding=_conv_padding(module, layer, ndim, batched),
+            padding_mode=module.padding_mode,
         )
+    try:
+        return cls(weight, sample_shape, groups=module.groups, dtype=dtype, threads=threads,
+                   **settings)
     except ValueError as exc:  # the geometry does not fit: say which layer
         raise ValueError(f"{layer} on input shape {sample_shape}: {exc}") from None
+
+
+def _transpose_settings(module, layer, ndim, sample_shape, batched, output_size):
+    """stride, padding, dilation and output_padding of a transposed layer's forward."""
+    if module.padding_mode != "zeros":
+        raise ValueError(
+            f"{layer} has padding_mode={module.padding_mode!r}, but PyTorch's transposed "
+            "convolutions support only padding_mode='zeros' (its forward would raise)"
+        )
+    padding = module.padding  # 'same' is stored as the tuple ('s', 'a', 'm', 'e')
+    entries = (padding,) if _is_int(padding) else tuple(padding)
+    if isinstance(padding, str) or not all(_is_int(p) for p in entries):
+        raise ValueError(
+            f"{layer} has padding={module.padding!r}, but PyTorch's transposed convolutions "
+            "take integer padding only (its forward would raise)"
+        )
+    if output_size is not None:  # before the expansion, as the forward does
+        _check_output_size_window(module, layer, ndim)
+    stride, padding, dilation = (_per_dimension(module, layer, name, ndim)
+                                 for name in ("stride", "padding", "dilation"))
+    if output_size is None:
+        output_padding = _per_dimension(module, layer, "output_padding", ndim)
+    else:  # module.output_padding is ignored, whatever its length
+        window = (stride, padding, dilation, tuple(module.kernel_size)[:ndim])
+        output_padding = _output_padding(layer, sample_shape, batched, output_size, window)
+    return dict(stride=stride, padding=padding, dilation=dilation, output_padding=output_padding)
 
 
 # ---------------------------------------------------------------------------
@@ -413,20 +552,36 @@ def _index_dtype(torch, index_dtype):
     return dt
 
 
-def _shareable(array: np.ndarray, dtype=None) -> np.ndarray:
-    """``array`` itself when torch can share it, else a copy it can."""
+def _shareable(array: np.ndarray, dtype=None, *, copy: bool = False,
+               read_only: bool = False) -> np.ndarray:
+    """``array`` itself when torch can share it (and no copy is asked for), else a copy it can.
+
+    A read-only array is shared only with ``read_only=True`` (an operator's
+    matrix, read-only because the operator shares it): torch has no
+    read-only tensors, see :func:`to_torch`.
+    """
     dtype = array.dtype.newbyteorder("=") if dtype is None else np.dtype(dtype)
     if (
-        array.dtype == dtype
+        not copy
+        and array.dtype == dtype
         and array.dtype.isnative
-        and array.flags.writeable
         and array.flags.c_contiguous
+        and (array.flags.writeable or read_only)
     ):
         return array
     return np.array(array, dtype=dtype, order="C", copy=True)
 
 
-def to_torch(matrix, *, index_dtype=None):
+def _tensor(torch, array: np.ndarray):
+    """``torch.from_numpy`` of an array that may be read-only (see :func:`_shareable`)."""
+    with warnings.catch_warnings():
+        # "The given NumPy array is not writable, and PyTorch does not support
+        # non-writable tensors": the sharing is documented in to_torch.
+        warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
+        return torch.from_numpy(array)
+
+
+def to_torch(matrix, *, index_dtype=None, copy=False):
     """A scipy sparse matrix or a convolution operator as a ``torch.sparse_csr_tensor``.
 
     Parameters
@@ -440,6 +595,9 @@ def to_torch(matrix, *, index_dtype=None):
         Dtype of the tensor's ``crow_indices`` and ``col_indices`` (numpy or
         torch dtypes).  Default ``None``: that of the matrix (the library
         builds int32 indices whenever they fit).
+    copy : bool, optional
+        ``True``: the tensor gets arrays of its own.  Default ``False``:
+        it shares them whenever it can (see Notes).
 
     Returns
     -------
@@ -463,11 +621,16 @@ def to_torch(matrix, *, index_dtype=None):
 
     Notes
     -----
-    Copies are made only where needed.  The tensor **shares memory** with
-    ``data``, ``indices`` and ``indptr`` of a CSR matrix in canonical format
-    (sorted column indices, no duplicates), which is what every matrix of
-    this library is: nothing is copied, and writing to the values of one
-    writes to the other.  Otherwise a copy is made:
+    Unless ``copy=True``, copies are made only where needed.  The tensor
+    **shares memory** with ``data``, ``indices`` and ``indptr`` of a CSR
+    matrix in canonical format (sorted column indices, no duplicates), which
+    is what every matrix of this library is: nothing is copied, and writing
+    to the values of one writes to the other.  An operator's matrix is
+    read-only (see :class:`ConvOperator`), but torch has no read-only
+    tensors: the tensor shares it all the same, and writing into it would
+    change the operator's products too (what torch calls undefined
+    behaviour); pass ``copy=True`` for a tensor you may write into.
+    Otherwise a copy is made:
 
     - of everything, for another sparse format (converted with ``tocsr()``)
       or a CSR matrix that is not canonical (canonicalised on a copy, since
@@ -475,8 +638,8 @@ def to_torch(matrix, *, index_dtype=None):
       summed; the argument is not modified);
     - of the index arrays, when ``index_dtype`` differs from theirs (or when
       ``indptr`` and ``indices`` differ in dtype: both become the wider);
-    - of any array that is read-only, non-contiguous or not in native byte
-      order (torch cannot share it).
+    - of any array that is non-contiguous or not in native byte order
+      (torch cannot share it), or read-only in a scipy matrix you pass.
 
     A scipy matrix is checked against torch's CSR invariants (indices in
     range, sorted and distinct per row), which costs about one product; an
@@ -504,6 +667,8 @@ def to_torch(matrix, *, index_dtype=None):
     True
     >>> to_torch(op, index_dtype=torch.int64).col_indices().dtype
     torch.int64
+    >>> to_torch(op, copy=True).values().data_ptr() == op.matrix.data.ctypes.data
+    False
     """
     torch = _import_torch("to_torch")
     if isinstance(matrix, _ConvOperatorBase):
@@ -532,10 +697,13 @@ def to_torch(matrix, *, index_dtype=None):
         raise ValueError(
             f"index_dtype=int32 cannot index this matrix (shape={csr.shape}, nnz={csr.nnz})"
         )
-    crow = torch.from_numpy(_shareable(csr.indptr, idx))
-    col = torch.from_numpy(_shareable(csr.indices, idx))
+    if not isinstance(copy, (bool, np.bool_)):
+        raise TypeError(f"copy must be a bool, got copy={copy!r}")
+    share = dict(copy=copy, read_only=not check)  # an operator's own read-only matrix
+    crow = _tensor(torch, _shareable(csr.indptr, idx, **share))
+    col = _tensor(torch, _shareable(csr.indices, idx, **share))
     try:
-        values = torch.from_numpy(_shareable(csr.data))
+        values = _tensor(torch, _shareable(csr.data, **share))
     except TypeError:
         raise TypeError(
             f"the matrix's dtype {csr.data.dtype} has no torch equivalent; convert it first, "

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import itertools
 import math
 import os
+import re
 import subprocess
 import sys
 import warnings
@@ -290,6 +292,271 @@ def test_transposed_settings_torch_rejects():
         from_torch(layer, (2, 4, 4))
 
 
+# ---------------------------------------------------------------------------
+# Settings with fewer (or more) entries than spatial dimensions, as torch reads them
+# ---------------------------------------------------------------------------
+
+# Layers torch runs although a setting has one entry (or, with padding_mode other than
+# 'zeros', fewer or more than one per spatial dimension):
+# (layer class, in_channels, out_channels, kernel_size, spatial input size, layer kwargs,
+#  input kinds torch accepts, output_size passed to forward (spatial sizes, or None)).
+BOTH, SAMPLE, BATCH = ("batch", "sample"), ("sample",), ("batch",)
+SHORT_CASES = [
+    # ATen's convolution repeats a single stride, dilation or zero padding everywhere.
+    (nn.Conv2d, 2, 3, 3, (7, 8), dict(stride=(2,)), BOTH, None),
+    (nn.Conv3d, 2, 3, 3, (7, 6, 7), dict(dilation=(2,)), BOTH, None),
+    (nn.Conv1d, 2, 3, 3, (9,), dict(stride=(2,), padding=(1,), dilation=(2,)), BOTH, None),
+    (nn.Conv2d, 4, 2, (3, 2), (6, 7), dict(padding=(1,), stride=(2,), groups=2), BOTH, None),
+    (nn.Conv3d, 2, 2, (2, 3, 3), (5, 4, 6), dict(padding=(2,), dilation=(1,)), BOTH, None),
+    (nn.Conv2d, 2, 3, 3, (6, 7), dict(stride=(2,), dilation=(2,), padding_mode="circular"),
+     BOTH, None),
+    # ... and, in zeros mode, the dilation of 'same' in every dimension.
+    (nn.Conv2d, 2, 3, (4, 3), (7, 8), dict(padding="same", dilation=(2,)), BOTH, None),
+    (nn.Conv3d, 1, 2, (2, 3, 4), (5, 6, 7), dict(padding="same", dilation=(3,)), BOTH, None),
+    # Other modes: F.pad(_reversed_padding_repeated_twice) pads the last dimensions only,
+    # which F.pad supports for the last dimension of a 3-d (unbatched 2-d) input ...
+    (nn.Conv2d, 2, 3, 3, (6, 7), dict(padding=(1,), padding_mode="reflect"), SAMPLE, None),
+    (nn.Conv2d, 2, 3, 3, (6, 7), dict(padding=(2,), padding_mode="replicate"), SAMPLE, None),
+    (nn.Conv2d, 2, 3, (2, 3), (5, 4), dict(padding=(3,), stride=(2,),
+                                           padding_mode="circular"), SAMPLE, None),
+    # ... and the last two of a 4-d (unbatched 3-d) one.
+    (nn.Conv3d, 2, 2, 3, (4, 5, 6), dict(padding=(1, 2), padding_mode="reflect"), SAMPLE, None),
+    # 'same' with one dilation: the constructor pads the first spatial dimension only,
+    # the convolution dilates them all.
+    (nn.Conv2d, 2, 3, (4, 3), (8, 9), dict(padding="same", dilation=(2,),
+                                           padding_mode="reflect"), BOTH, None),
+    (nn.Conv3d, 2, 2, (3, 2, 2), (6, 5, 5), dict(padding="same", dilation=(2,),
+                                                 padding_mode="replicate"), BOTH, None),
+    (nn.Conv1d, 2, 2, 4, (9,), dict(padding="same", dilation=(2,), padding_mode="circular"),
+     BOTH, None),
+    (nn.Conv2d, 2, 2, 3, (7, 7), dict(padding="valid", dilation=(2,), padding_mode="reflect"),
+     BOTH, None),
+    # N + 1 entries reach the channel axis of a batched input: fine when that entry is 0.
+    (nn.Conv1d, 2, 3, 3, (8,), dict(padding=(0, 2), padding_mode="reflect"), BATCH, None),
+    (nn.Conv2d, 2, 3, 3, (6, 7), dict(padding=(0, 1, 2), padding_mode="circular"), BATCH,
+     None),
+    # Transposed layers: ATen repeats stride, padding, dilation and output_padding.
+    (nn.ConvTranspose2d, 2, 3, 3, (4, 5), dict(stride=(2,), padding=(1,), output_padding=(1,)),
+     BOTH, None),
+    (nn.ConvTranspose3d, 2, 2, (2, 3, 2), (3, 2, 3), dict(dilation=(2,), output_padding=(1,)),
+     BOTH, None),
+    (nn.ConvTranspose2d, 4, 2, 3, (3, 4), dict(stride=(3,), dilation=(2,), groups=2), BOTH,
+     None),
+    # With output_size the layer's output_padding is not read, whatever its length.
+    (nn.ConvTranspose2d, 2, 3, 3, (4, 5), dict(stride=2, output_padding=(1,)), BOTH, (9, 12)),
+    (nn.ConvTranspose2d, 2, 3, 3, (4, 5), dict(stride=2, output_padding=(1, 1, 1)), BOTH,
+     (10, 11)),
+    (nn.ConvTranspose3d, 2, 2, 2, (2, 3, 2), dict(stride=2, output_padding=()), BOTH, (5, 6, 4)),
+    # A one-element setting of a 1-d transposed layer is a full one, output_size included.
+    (nn.ConvTranspose1d, 2, 3, 3, (5,), dict(stride=(3,), padding=(1,), dilation=(2,)), BOTH,
+     (16,)),
+]
+
+
+def _short_id(case):
+    cls, cin, cout, k, size, kwargs, kinds, output_size = case
+    extra = "" if output_size is None else f"-out{output_size}"
+    return f"{cls.__name__}-{cin}-{cout}-k{k}-{size}-{kwargs}-{'+'.join(kinds)}{extra}"
+
+
+@pytest.mark.parametrize("case", SHORT_CASES, ids=_short_id)
+def test_short_settings_match_torch(case):
+    cls, cin, cout, k, size, kwargs, kinds, output_size = case
+    torch.manual_seed(zlib.crc32(_short_id(case).encode()))
+    layer = cls(cin, cout, k, dtype=torch.float64, **kwargs)
+    n = len(size)
+    for kind in kinds:
+        x = torch.randn(*((2,) if kind == "batch" else ()), cin, *size, dtype=torch.float64)
+        call = {} if output_size is None else {"output_size": output_size}
+        expected = layer(x, **call).detach().numpy()
+        op, b = from_torch(layer, tuple(x.shape), **call)
+        assert op.output_shape == expected.shape[-n - 1:]
+        assert len(op.stride) == len(op.dilation) == len(op.padding) == n
+        flat = x.numpy().reshape(-1, op.shape[1])
+        _check((op @ flat.T).T + b, expected.reshape(flat.shape[0], -1), np.float64)
+
+
+def test_short_settings_read_as_torch_reads_them():
+    # The values behind SHORT_CASES, spelt out.
+    op, _ = from_torch(nn.Conv3d(2, 3, 3, stride=(2,), dilation=(3,), padding=(1,)), (2, 9, 9, 9))
+    assert op.stride == (2, 2, 2) and op.dilation == (3, 3, 3)
+    assert op.padding == ((1, 1),) * 3
+    # 'same' in zeros mode dilates and pads every dimension ...
+    layer = nn.Conv2d(1, 1, (4, 3), padding="same", dilation=(2,))
+    op, _ = from_torch(layer, (1, 8, 8))
+    assert op.padding == ((3, 3), (2, 2)) and op.output_shape == (1, 8, 8)
+    # ... in the other modes only the first dimension is padded.
+    layer = nn.Conv2d(1, 1, (4, 3), padding="same", dilation=(2,), padding_mode="reflect")
+    op, _ = from_torch(layer, (1, 8, 8))
+    assert layer._reversed_padding_repeated_twice == [0, 0, 3, 3]
+    assert op.padding == ((3, 3), (0, 0)) and op.output_shape == (1, 8, 4)
+    # A one-element padding: the last dimension only.
+    layer = nn.Conv2d(1, 1, 3, padding=(2,), padding_mode="circular")
+    op, _ = from_torch(layer, (1, 6, 6))
+    assert op.padding == ((0, 0), (2, 2)) and op.output_shape == (1, 4, 8)
+    layer = nn.Conv3d(1, 1, 3, padding=(1, 2), padding_mode="replicate")
+    op, _ = from_torch(layer, (1, 5, 5, 5))
+    assert op.padding == ((0, 0), (1, 1), (2, 2))
+    # Transposed: everything repeated.
+    layer = nn.ConvTranspose2d(1, 1, 3, stride=(2,), padding=(1,), output_padding=(1,))
+    op, _ = from_torch(layer, (1, 4, 4))
+    assert op.stride == (2, 2) and op.padding == ((1, 1),) * 2 and op.output_padding == (1, 1)
+
+
+_WOULD_RAISE = r"\(its forward would raise"
+
+# Layers whose forward raises: (layer factory, input_shape, output_size, match).
+TORCH_RAISES = [
+    # ATen's convolution takes one value or N.
+    (lambda: nn.Conv2d(2, 3, 3, stride=()), (2, 6, 6), None,
+     (r"Conv2d\(2, 3, kernel_size=\(3, 3\)\) has stride=\(\), but .*single value or one per "
+      r"spatial dimension \(2\)")),
+    (lambda: nn.Conv2d(2, 3, 3, padding=(1, 1, 1)), (1, 2, 6, 6), None,
+     r"Conv2d.* has padding=\(1, 1, 1\)"),
+    (lambda: nn.Conv3d(2, 3, 3, dilation=(1, 2)), (2, 8, 8, 8), None,
+     r"Conv3d.* has dilation=\(1, 2\).*\(3\)"),
+    (lambda: nn.Conv1d(2, 3, 3, stride=(1, 1), padding_mode="reflect"), (2, 8), None,
+     r"Conv1d.* has stride=\(1, 1\)"),
+    (lambda: nn.ConvTranspose2d(2, 3, 3, stride=2, output_padding=(1, 1, 1)), (2, 4, 4), None,
+     r"ConvTranspose2d.* has output_padding=\(1, 1, 1\)"),
+    (lambda: nn.ConvTranspose1d(2, 3, 3, padding=()), (2, 4), None,
+     r"ConvTranspose1d.* has padding=\(\)"),
+    # A one-element kernel_size is not expanded.
+    (lambda: nn.Conv2d(2, 3, (3,)), (2, 6, 6), None,
+     (r"Conv2d\(2, 3, kernel_size=\(3,\)\) has kernel_size=\(3,\), which PyTorch does not "
+      r"expand.*1 kernel axes instead of 2")),
+    (lambda: nn.ConvTranspose3d(2, 3, (3,), stride=(1,), padding=(0,), dilation=(1,),
+                                output_padding=(0,)), (2, 4, 4, 4), None,
+     r"ConvTranspose3d.* has kernel_size=\(3,\).*instead of 3"),
+    # With output_size, _output_padding indexes stride, padding and dilation per dimension.
+    (lambda: nn.ConvTranspose2d(2, 3, 3, stride=(2,)), (2, 4, 4), (9, 9),
+     (r"ConvTranspose2d.* has stride=\(2,\): with output_size, .*ConvTranspose2d.forward reads "
+      r"stride\[d\] for each of its 2 spatial dimensions.*IndexError")),
+    (lambda: nn.ConvTranspose3d(2, 3, 3, padding=(1,)), (1, 2, 4, 4, 4), (4, 4, 4),
+     r"ConvTranspose3d.* has padding=\(1,\): with output_size"),
+    (lambda: nn.ConvTranspose2d(2, 3, 3, dilation=(2,)), (2, 4, 4), (3, 8, 8),
+     r"has dilation=\(2,\): with output_size"),
+    # F.pad cannot pad only the last dimension(s) of these inputs.
+    (lambda: nn.Conv2d(2, 3, 3, padding=(1,), padding_mode="reflect"), (1, 2, 6, 6), None,
+     (r"Conv2d.* with padding=\(1,\) and padding_mode='reflect' pads its input with "
+      r"F.pad\(x, \[1, 1\], mode='reflect'\).*rejects for the 4-d batched input")),
+    (lambda: nn.Conv3d(2, 3, 3, padding=(1,), padding_mode="replicate"), (2, 5, 5, 5), None,
+     r"Conv3d.* with padding=\(1,\) and padding_mode='replicate'.*4-d unbatched input"),
+    (lambda: nn.Conv3d(2, 3, 3, padding=(1, 1), padding_mode="circular"), (1, 2, 5, 5, 5),
+     None, r"F.pad\(x, \[1, 1, 1, 1\], mode='circular'\).*5-d batched input"),
+    (lambda: nn.Conv2d(2, 3, 3, padding=(), padding_mode="reflect"), (2, 6, 6), None,
+     r"padding=\(\) and padding_mode='reflect'.*F.pad\(x, \[\]"),
+    (lambda: nn.Conv1d(2, 3, 3, padding=(0, 1), padding_mode="reflect"), (2, 8), None,
+     r"Conv1d.* with padding=\(0, 1\).*2-d unbatched input"),
+    # ... or pads the channel axis, and the convolution gets too many channels.
+    (lambda: nn.Conv1d(2, 3, 3, padding=(1, 1), padding_mode="reflect"), (1, 2, 8), None,
+     (r"Conv1d.* with padding=\(1, 1\).*pads the channel axis by \(1, 1\): the convolution "
+      r"then gets 4 channels instead of 2")),
+    (lambda: nn.Conv2d(2, 3, 3, padding=(1, 0, 0), padding_mode="circular"), (1, 2, 6, 6), None,
+     r"Conv2d.* pads the channel axis by \(1, 1\)"),
+]
+
+
+TORCH_RAISES_IDS = [
+    "stride-empty", "zeros-padding-long", "dilation-2-of-3", "reflect-stride-long",
+    "output_padding-long", "transposed-padding-empty", "kernel-one-2d", "kernel-one-transposed-3d",
+    "output_size-stride-one", "output_size-padding-one", "output_size-dilation-one",
+    "reflect-padding-one-batched-2d", "replicate-padding-one-3d", "circular-padding-two-3d",
+    "reflect-padding-empty", "reflect-padding-long-unbatched-1d", "reflect-channel-axis-1d",
+    "circular-channel-axis-2d",
+]
+
+
+@pytest.mark.parametrize("factory, shape, output_size, match", TORCH_RAISES,
+                         ids=TORCH_RAISES_IDS)
+def test_short_settings_torch_rejects(factory, shape, output_size, match):
+    torch.manual_seed(5)
+    layer = factory()
+    kwargs = {} if output_size is None else {"output_size": output_size}
+    with pytest.raises((RuntimeError, NotImplementedError, IndexError)):  # torch's own errors
+        layer(torch.randn(*shape), **kwargs)
+    with pytest.raises(ValueError, match=match) as info:
+        from_torch(layer, shape, **kwargs)
+    assert re.search(_WOULD_RAISE, str(info.value))
+
+
+def _setting_forms(ndim, value):
+    """One setting as an int, one entry per dimension, one entry, none, one too many."""
+    return [value, (value,) * ndim, (value,), (), (value,) * (ndim + 1), (0,) + (value,) * ndim]
+
+
+def _grid(ndim, transposed):
+    """Layer kwargs with every setting in every form, alone and with a one-element stride
+    or dilation beside it."""
+    base = dict(stride=2, padding=1, dilation=2, kernel_size=3)
+    if transposed:
+        base["output_padding"] = 1
+    for name, value in base.items():
+        forms = _setting_forms(ndim, value)
+        if name == "kernel_size":
+            forms = forms[:-1]  # a zero kernel size: an empty weight, torch warns
+        if name == "padding" and not transposed:
+            forms += ["same", "valid"]
+        for form, extra in itertools.product(forms, [{}, {"stride": (2,)}, {"dilation": (2,)}]):
+            kwargs = dict(kernel_size=3, **extra)
+            if name == "output_padding":
+                kwargs.setdefault("stride", 2)
+            kwargs[name] = form
+            yield kwargs
+
+
+LAYER_MODES = [(f"Conv{n}d", mode) for n in (1, 2, 3)
+               for mode in ("zeros", "reflect", "replicate", "circular")]
+LAYER_MODES += [(f"ConvTranspose{n}d", "zeros") for n in (1, 2, 3)]
+
+
+@pytest.mark.parametrize("name, padding_mode", LAYER_MODES, ids=[f"{c}-{m}" for c, m in
+                                                                 LAYER_MODES])
+def test_every_setting_form_agrees_with_torch(name, padding_mode):
+    """For every form of every setting, batched and not (and for transposed layers with
+    and without output_size): from_torch raises a ValueError exactly where the layer's
+    forward raises, and otherwise reproduces it."""
+    cls = getattr(nn, name)
+    ndim, transposed = int(name[-2]), name.startswith("ConvTranspose")
+    torch.manual_seed(zlib.crc32(f"{name}-{padding_mode}".encode()))
+    outcomes = {"ran": 0, "raised": 0}
+    mode = {} if transposed else {"padding_mode": padding_mode}
+    for kwargs in _grid(ndim, transposed):
+        try:
+            layer = cls(2, 4, dtype=torch.float64, **mode, **kwargs)
+        except ValueError:  # the constructor refuses it ('same' with a stride)
+            continue
+        for batched, size_kind in itertools.product((True, False), (None, "spatial", "full")):
+            if size_kind and not transposed:
+                continue
+            size = (9, 7, 5)[ndim - 1]  # small 3-d inputs: transposed outputs grow
+            x = torch.randn(*((2,) if batched else ()), 2, *[size] * ndim, dtype=torch.float64)
+            call = {}
+            if size_kind:  # the size the layer reaches by itself (a large one if it cannot)
+                try:
+                    spatial = list(layer(x).shape[-ndim:])
+                except (RuntimeError, ValueError):
+                    spatial = [20] * ndim
+                call["output_size"] = spatial if size_kind == "spatial" else \
+                    list(x.shape[:-ndim - 1]) + [4] + spatial
+            where = f"{name}({kwargs}, padding_mode={padding_mode!r}) on {tuple(x.shape)} {call}"
+            try:
+                expected = layer(x, **call).detach().numpy()
+            except (RuntimeError, NotImplementedError, IndexError, ValueError) as exc:
+                try:
+                    from_torch(layer, tuple(x.shape), **call)
+                except ValueError:
+                    outcomes["raised"] += 1
+                    continue
+                pytest.fail(f"torch raises {exc!r}, from_torch does not: {where}")
+            op, b = from_torch(layer, tuple(x.shape), **call)
+            flat = x.numpy().reshape(-1, op.shape[1])
+            assert op.output_shape == expected.shape[-ndim - 1:], where
+            _check((op @ flat.T).T + b, expected.reshape(flat.shape[0], -1), np.float64)
+            outcomes["ran"] += 1
+    assert outcomes["ran"] > 50 and outcomes["raised"] > 50, outcomes  # both sides covered
+
+
 def test_dtype_defaults_and_override():
     torch.manual_seed(3)
     layer = nn.Conv2d(2, 3, 3, padding=1)  # float32
@@ -410,6 +677,24 @@ def test_to_torch_operators_use_their_matrix():
                                               stride=2, padding=1)
     _check((to_torch(back) @ torch.from_numpy(y.ravel())).numpy(),
            expected.numpy().ravel(), np.float64)
+
+
+def test_to_torch_copy_gives_arrays_of_its_own():
+    rng = np.random.default_rng(7)
+    op = ConvOperator(rng.standard_normal((3, 2, 3, 3)), (2, 7, 7), padding=1)
+    shared, own = to_torch(op), to_torch(op, copy=True)
+    # The operator's arrays are read-only; the shared tensor reads them as they are.
+    assert not op.matrix.data.flags.writeable
+    assert shared.values().data_ptr() == op.matrix.data.ctypes.data
+    for tensor, array in ((own.values(), op.matrix.data), (own.col_indices(), op.matrix.indices),
+                          (own.crow_indices(), op.matrix.indptr)):
+        assert tensor.data_ptr() != array.ctypes.data
+    own.values().mul_(2.0)  # writing into the copy leaves the operator alone
+    x = rng.standard_normal(op.shape[1])
+    _check((own @ torch.from_numpy(x)).numpy(), 2.0 * (op @ x), np.float64)
+    _check((shared @ torch.from_numpy(x)).numpy(), op @ x, np.float64)
+    with pytest.raises(TypeError, match=r"copy must be a bool, got copy='yes'"):
+        to_torch(op, copy="yes")
 
 
 @pytest.mark.parametrize(
