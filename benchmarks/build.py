@@ -2,7 +2,7 @@
 
 import numpy as np
 
-from .common import GEOMETRIES, builder, make, operator_builder
+from .common import GEOMETRIES, config, make
 
 
 class Build:
@@ -12,8 +12,8 @@ class Build:
 
     def setup(self, geometry):
         self.weight, self.op, _, _ = make(geometry)
-        self.build = builder(geometry)
-        self.new_operator = operator_builder(geometry)
+        self.build = config(geometry).build
+        self.new_operator = config(geometry).operator
         self.new_weight = np.random.default_rng(5).standard_normal(self.weight.shape)
 
     def time_build(self, geometry):

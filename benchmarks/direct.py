@@ -1,11 +1,10 @@
 """Direct convolution kernels on the same geometries, and their time over the CSR product."""
 
 import math
-import time
 
 import numpy as np
 
-from .common import GEOMETRIES, make
+from .common import GEOMETRIES, best_time, config, make
 
 try:
     from sparse_tconv import direct
@@ -14,16 +13,6 @@ except ImportError:
 
 # The naive kernel is a Python loop over output positions.
 _NAIVE_MAX_POSITIONS = 4096
-
-
-def _best(func, repeat=5):
-    func()
-    best = math.inf
-    for _ in range(repeat):
-        start = time.perf_counter()
-        func()
-        best = min(best, time.perf_counter() - start)
-    return best
 
 
 class DirectKernels:
@@ -35,8 +24,9 @@ class DirectKernels:
         weight, op, _, _ = make(geometry)
         if method == "naive" and math.prod(op.output_shape[1:]) > _NAIVE_MAX_POSITIONS:
             raise NotImplementedError("the naive loop is for small sizes only")
-        _, _, kwargs, transposed = GEOMETRIES[geometry]
-        kernel = direct.conv_transpose if transposed else direct.conv
+        cfg = config(geometry)
+        kwargs = cfg.kwargs
+        kernel = direct.conv_transpose if cfg.transposed else direct.conv
         sample = np.random.default_rng(3).standard_normal(op.input_shape)
         self.run = lambda: kernel(sample, weight, method=method, **kwargs)
         flat = sample.ravel()
@@ -47,6 +37,6 @@ class DirectKernels:
 
     def track_time_over_csr(self, geometry, method):
         # > 1: the threaded CSR product W @ x is faster than this kernel.
-        return _best(self.run, 3) / _best(self.csr, 3)
+        return best_time(self.run, 3, min_time=0) / best_time(self.csr, 3, min_time=0)
 
     track_time_over_csr.unit = "ratio"

@@ -2,7 +2,7 @@
 
 import numpy as np
 
-from .common import GEOMETRIES, make, n_cpus
+from .common import GEOMETRIES, cpu_count, make
 
 
 class Products:
@@ -11,7 +11,7 @@ class Products:
     timeout = 120
 
     def setup(self, geometry, threads):
-        if threads > n_cpus():
+        if threads > cpu_count():
             raise NotImplementedError("more threads than CPUs")
         _, self.op, self.x, self.y = make(geometry, threads=threads)
         self.op.rmatvec(self.y)  # builds the transposed matrix here, not inside time_rmatvec

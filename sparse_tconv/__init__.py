@@ -18,14 +18,14 @@ from ._geometry import (
     conv_transpose_matrix_nnz,
     conv_transpose_output_shape,
 )
-from ._operator import ConvOperator, ConvTransposeOperator
+from ._operator import ConvOperator, ConvTransposeOperator, ProductFormInfo
 from ._parallel import get_num_threads, set_num_threads
 from ._torch import from_torch, to_torch
+from ._version import __version__
 
 # Public submodules: direct convolution kernels, spectra and norms, test helpers.
 from . import direct, spectral, testing  # noqa: E402  (after the names they use)
 
-__version__ = "0.1.0"
 
 __all__ = [
     "conv_matrix",
@@ -37,6 +37,7 @@ __all__ = [
     "ConvMatrixSize",
     "ConvOperator",
     "ConvTransposeOperator",
+    "ProductFormInfo",
     "get_num_threads",
     "set_num_threads",
     "from_torch",

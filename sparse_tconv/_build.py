@@ -18,10 +18,16 @@ i.e. a strided view of ``indices``/``data`` of shape::
 offset; ``data`` is the (tap-merged) kernel broadcast over the row positions.
 So a whole block is two numpy calls, whatever its size, and large blocks are
 cut along an outer axis and written from several threads.
+
+The same views write any *box* of rows (one index range per axis of the row
+grid ``(group, row channel, position_1, ..., position_N)``): restricting a
+family to a range of rows gives another family.  The whole matrix is one box;
+:mod:`._build_rows` cuts a range of rows into boxes.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import itertools
@@ -32,100 +38,143 @@ import numpy as np
 import scipy.sparse as sp
 from numpy.lib.stride_tricks import as_strided
 
-from ._geometry import (
-    ConvGeometry,
-    _check_int,
-    _check_positive_int,
-    _matrix_size,
-    allocation_context,
-    as_weight,
-    check_size,
-    conv_geometry,
-    conv_transpose_geometry,
-    index_dtype,
-)
+from ._geometry import ConvGeometry, ConvMatrixSize, matrix_size, validate
+from ._indexmap import DimMap, Family
 from ._parallel import even_ranges, resolve_threads, run_parallel
+from ._validation import check_size
 
 __all__ = [
     "conv_matrix",
     "conv_transpose_matrix",
-    "validate",
     "build",
     "refill",
-    "build_rows",
-    "row_offsets",
-    "balanced_row_ranges",
+    "Layout",
+    "layout",
+    "grouped_kernel",
+    "box_blocks",
+    "write_blocks",
+    "canonical_csr",
+    "allocation_context",
 ]
 
 # Blocks smaller than this are written by one call; larger ones are cut into
 # chunks of about this size so that every thread gets work.
 _CHUNK = 1 << 20
 
-
-@dataclass(frozen=True)
-class _Block:
-    offset: int
-    shape: tuple[int, ...]
-    strides: tuple[int, ...]  # in elements
-    families: tuple
+Box = tuple[tuple[int, int], ...]
+"""One ``(start, stop)`` range per axis of the row grid (group, row channel, positions)."""
 
 
 @dataclass(frozen=True)
-class _Layout:
+class Layout:
     """Channel blocks and per-dimension maps of the matrix being built."""
 
     groups: int
     row_channels: int  # per group
     col_channels: int  # per group
-    maps: tuple
+    maps: tuple[DimMap, ...]
     # Columns numbered position-major, (position, channel), instead of
     # (channel, position): see ``build``.
     channels_last: bool = False
 
     @property
-    def ndim(self):
+    def ndim(self) -> int:
         return len(self.maps)
 
     @functools.cached_property
     def nnz_pattern(self) -> int:
+        """Entries of one row channel's rows."""
         return self.col_channels * math.prod(m.total for m in self.maps)
 
     @property
     def n_row_channels(self) -> int:
         return self.groups * self.row_channels
 
+    @property
+    def row_grid(self) -> tuple[int, ...]:
+        """The axes the rows are the C-order flattening of."""
+        return (self.groups, self.row_channels, *(m.n_rows for m in self.maps))
 
-def _layout(geom: ConvGeometry, transpose: bool, channels_last: bool = False) -> _Layout:
-    g = geom.groups
-    opg, cpg = geom.out_channels // g, geom.in_channels // g
-    if transpose:
-        return _Layout(g, cpg, opg, geom.transpose_maps, channels_last)
-    return _Layout(g, opg, cpg, geom.forward_maps, channels_last)
+    @property
+    def n_rows(self) -> int:
+        return math.prod(self.row_grid)
+
+    @property
+    def whole(self) -> Box:
+        """The box of every row."""
+        return tuple((0, n) for n in self.row_grid)
 
 
-def _kernel(weight: np.ndarray, geom: ConvGeometry, transpose: bool) -> np.ndarray:
-    """The weight as ``(groups, row channels, column channels, *k)``."""
-    g = geom.groups
-    w = weight.reshape(g, geom.out_channels // g, geom.in_channels // g, *geom.kernel_size)
-    return w.swapaxes(1, 2) if transpose else w
+def layout(geom: ConvGeometry, transposed: bool, channels_last: bool = False) -> Layout:
+    """The layout of W (``transposed=False``) or of W.T."""
+    groups = geom.groups
+    opg, cpg = geom.out_channels // groups, geom.in_channels // groups
+    if transposed:
+        return Layout(groups, cpg, opg, geom.transpose_maps, channels_last)
+    return Layout(groups, opg, cpg, geom.forward_maps, channels_last)
 
 
-def _blocks(layout: _Layout) -> list[_Block]:
-    """Offsets and strides of every family product (see the module docstring)."""
+def grouped_kernel(weight: np.ndarray, geom: ConvGeometry, transposed: bool) -> np.ndarray:
+    """The weight as ``(groups, row channels, column channels, *k)`` (a view)."""
+    groups = geom.groups
+    w = weight.reshape(groups, geom.out_channels // groups, geom.in_channels // groups,
+                       *geom.kernel_size)
+    return w.swapaxes(1, 2) if transposed else w
+
+
+@dataclass(frozen=True)
+class _Block:
+    """One family product inside one box of rows: a strided view of the entries."""
+
+    offset: int
+    shape: tuple[int, ...]
+    strides: tuple[int, ...]  # in elements
+    families: tuple[Family, ...]
+    group_range: tuple[int, int]
+    channel_range: tuple[int, int]
+
+
+def _restrict(family: Family, lo: int, hi: int) -> Family | None:
+    """The rows of ``family`` inside [lo, hi), as a family, or None if there are none."""
+    step = family.step
+    j0 = max(0, -((family.start - lo) // step))  # ceil((lo - start) / step)
+    j1 = min(family.count, -((family.start - hi) // step))
+    if j1 <= j0:
+        return None
+    if j0 == 0 and j1 == family.count:
+        return family
+    return dataclasses.replace(
+        family,
+        start=family.start + j0 * step,
+        count=j1 - j0,
+        cols=family.cols + j0 * family.col_step,
+    )
+
+
+def box_blocks(layout: Layout, box: Box, origin: int = 0) -> list[_Block]:
+    """The strided views that write one box, at offsets relative to entry ``origin``."""
+    (g0, g1), (r0, r1), *ranges = box
     maps, n = layout.maps, layout.ndim
+    per_dim = []
+    for m, (lo, hi) in zip(maps, ranges):
+        fams = [f for f in (_restrict(f, lo, hi) for f in m.families) if f is not None]
+        if not fams:
+            return []
+        per_dim.append(fams)
     totals = [m.total for m in maps]
     cc = layout.col_channels
+    channel_offset = (g0 * layout.row_channels + r0) * layout.nnz_pattern - origin
     blocks = []
-    for fams in itertools.product(*(m.families for m in maps)):
+    for fams in itertools.product(*per_dim):
         m = [len(f.cols) for f in fams]
-        offset, pos_strides = 0, []
+        offset, pos_strides = channel_offset, []
         for d, f in enumerate(fams):
             scale = cc * math.prod(m[:d]) * math.prod(totals[d + 1 :])
             row_offsets = maps[d].offsets
             offset += scale * int(row_offsets[f.start])
             step = int(row_offsets[f.start + f.step] - row_offsets[f.start]) if f.count > 1 else 0
             pos_strides.append(scale * step)
-        shape = (layout.groups, layout.row_channels, *(f.count for f in fams), cc, *m)
+        shape = (g1 - g0, r1 - r0, *(f.count for f in fams), cc, *m)
         if layout.channels_last:  # a row's entries in (e_1..e_N, c) order
             entry_strides = (1, *(cc * math.prod(m[d + 1 :]) for d in range(n)))
         else:  # in (c, e_1..e_N) order
@@ -136,11 +185,12 @@ def _blocks(layout: _Layout) -> list[_Block]:
             *pos_strides,
             *entry_strides,
         )
-        blocks.append(_Block(offset, shape, strides, fams))
+        blocks.append(_Block(offset, shape, strides, fams, (g0, g1), (r0, r1)))
     return blocks
 
 
-def _indptr(layout: _Layout, dtype) -> np.ndarray:
+def _indptr(layout: Layout, dtype) -> np.ndarray:
+    """Row pointers of the whole matrix: one row channel's pattern, repeated."""
     row_lengths = functools.reduce(np.multiply.outer, [m.counts for m in layout.maps])
     pattern_end = np.cumsum(layout.col_channels * row_lengths.ravel())
     channels = layout.n_row_channels
@@ -158,7 +208,7 @@ def _view(array: np.ndarray, block: _Block) -> np.ndarray:
     )
 
 
-def _index_operands(layout: _Layout, block: _Block, dtype):
+def _index_operands(layout: Layout, block: _Block, dtype):
     """Per-row base and per-entry offset whose broadcast sum is the column index."""
     n = layout.ndim
     col_sizes = [m.n_cols for m in layout.maps]
@@ -172,7 +222,8 @@ def _index_operands(layout: _Layout, block: _Block, dtype):
     else:
         group_stride, channel_stride = cc * channel_size, channel_size
     # base[g, j_1..j_N] = g * group_stride + sum_d j_d * col_step_d * col_stride_d
-    base = np.arange(layout.groups, dtype=np.int64).reshape((-1,) + (1,) * n) * group_stride
+    g0, g1 = block.group_range
+    base = np.arange(g0, g1, dtype=np.int64).reshape((-1,) + (1,) * n) * group_stride
     # entry[c, e_1..e_N] = c * channel_stride + sum_d cols_d[e_d] * col_stride_d
     entry = np.arange(cc, dtype=np.int64).reshape((-1,) + (1,) * n) * channel_stride
     for d, f in enumerate(block.families):
@@ -182,13 +233,15 @@ def _index_operands(layout: _Layout, block: _Block, dtype):
             [1] + shape
         )
         entry = entry + (f.cols * col_strides[d]).reshape([1] + shape)
-    base = base.reshape((layout.groups, 1) + base.shape[1:] + (1,) * (n + 1))
+    base = base.reshape((g1 - g0, 1) + base.shape[1:] + (1,) * (n + 1))
     entry = entry.reshape((1,) * (n + 2) + entry.shape)
     return base.astype(dtype), entry.astype(dtype)
 
 
 def _data_operand(kernel: np.ndarray, block: _Block) -> np.ndarray:
     """The kernel restricted (and tap-merged) to this block's entries."""
+    (g0, g1), (r0, r1) = block.group_range, block.channel_range
+    kernel = kernel[g0:g1, r0:r1]
     n = len(block.families)
     for d, f in enumerate(block.families):
         kernel = np.take(kernel, f.taps, axis=3 + d)
@@ -225,7 +278,7 @@ def _write(job):
         np.copyto(out, operands[0])
 
 
-def _fill(layout, blocks, indices, data, kernel, threads):
+def write_blocks(layout: Layout, blocks, indices, data, kernel, threads: int) -> None:
     """Write every block of ``indices`` and/or ``data`` (either may be None)."""
     n_outer = 2 + layout.ndim
     jobs = []
@@ -241,17 +294,31 @@ def _fill(layout, blocks, indices, data, kernel, threads):
     run_parallel(_write, jobs, threads)
 
 
-def _csr(data, indices, indptr, shape) -> sp.csr_array:
+def canonical_csr(data, indices, indptr, shape) -> sp.csr_array:
+    """The CSR array of these arrays (not copied), marked canonical."""
     matrix = sp.csr_array((data, indices, indptr), shape=shape, copy=False)
     matrix.has_canonical_format = True  # sorted, no duplicates: by construction
     return matrix
 
 
+@contextlib.contextmanager
+def allocation_context(size: ConvMatrixSize, what: str = "the matrix"):
+    """Say what was being built when numpy cannot allocate it."""
+    try:
+        yield
+    except MemoryError as exc:
+        raise MemoryError(
+            f"{what} needs {size.nbytes} bytes (nnz={size.nnz}, shape={size.shape}), "
+            f"which this machine could not allocate ({exc}); conv_matrix_nnz() gives the size "
+            "before building, and max_bytes= refuses a build beyond a budget"
+        ) from None
+
+
 def build(
-    geom: ConvGeometry, weight: np.ndarray, *, transpose: bool, threads: int,
+    geom: ConvGeometry, weight: np.ndarray, *, transposed: bool, threads: int,
     channels_last: bool = False,
-):
-    """CSR of W (``transpose=False``) or W.T for a validated geometry.
+) -> sp.csr_array:
+    """CSR of W (``transposed=False``) or W.T for a validated geometry.
 
     ``channels_last=True`` numbers the columns position-major: column
     ``(c, q)`` (channel ``c`` of ``C``, flat position ``q``) becomes
@@ -260,46 +327,37 @@ def build(
     few neighbouring positions at once instead of one element from each of
     ``C`` distant planes.
     """
-    size = check_size(_matrix_size(geom, weight.dtype, transpose))
+    size = check_size(matrix_size(geom, weight.dtype, transposed))
     with allocation_context(size):
-        layout = _layout(geom, transpose, channels_last)  # its maps are O(size) too
-        indptr = _indptr(layout, size.index_dtype)
+        lay = layout(geom, transposed, channels_last)  # its maps are O(size) too
+        indptr = _indptr(lay, size.index_dtype)
         indices = np.empty(size.nnz, dtype=size.index_dtype)
         data = np.empty(size.nnz, dtype=weight.dtype)
-    kernel = _kernel(weight, geom, transpose)
-    _fill(layout, _blocks(layout), indices, data, kernel, threads)
-    return _csr(data, indices, indptr, size.shape)
+    kernel = grouped_kernel(weight, geom, transposed)
+    write_blocks(lay, box_blocks(lay, lay.whole), indices, data, kernel, threads)
+    return canonical_csr(data, indices, indptr, size.shape)
 
 
 def refill(
-    geom: ConvGeometry, weight: np.ndarray, like, *, transpose: bool, threads: int,
+    geom: ConvGeometry, weight: np.ndarray, like, *, transposed: bool, threads: int,
     channels_last: bool = False,
-):
+) -> sp.csr_array:
     """A matrix with the pattern of ``like`` (shared, not copied) and new values.
 
     Only ``like.indices``, ``like.indptr`` and ``like.shape`` are read;
     ``channels_last`` must be what ``like`` was built with.
     """
-    layout = _layout(geom, transpose, channels_last)
+    lay = layout(geom, transposed, channels_last)
     data = np.empty(len(like.indices), dtype=weight.dtype)
-    _fill(layout, _blocks(layout), None, data, _kernel(weight, geom, transpose), threads)
-    return _csr(data, like.indices, like.indptr, like.shape)
+    kernel = grouped_kernel(weight, geom, transposed)
+    write_blocks(lay, box_blocks(lay, lay.whole), None, data, kernel, threads)
+    return canonical_csr(data, like.indices, like.indptr, like.shape)
 
 
-def validate(weight, input_shape, *, transpose: bool, dtype=None, **geometry):
-    """The private weight copy and the geometry, every argument checked.
-
-    ``transpose=True`` reads the arguments of a transposed convolution.
-    """
-    w = as_weight(weight, dtype)
-    make = conv_transpose_geometry if transpose else conv_geometry
-    return w, make(w.shape, input_shape, **geometry)
-
-
-def _validated_build(weight, input_shape, *, transpose, dtype, max_bytes, **geometry):
-    w, geom = validate(weight, input_shape, transpose=transpose, dtype=dtype, **geometry)
-    check_size(_matrix_size(geom, w.dtype, transpose), max_bytes)
-    return build(geom, w, transpose=transpose, threads=resolve_threads(None))
+def _validated_build(weight, input_shape, *, transposed, dtype, max_bytes, **settings):
+    w, geom = validate(weight, input_shape, transposed=transposed, dtype=dtype, **settings)
+    check_size(matrix_size(geom, w.dtype, transposed), max_bytes)
+    return build(geom, w, transposed=transposed, threads=resolve_threads(None))
 
 
 def conv_matrix(
@@ -406,7 +464,7 @@ def conv_matrix(
     return _validated_build(
         weight,
         input_shape,
-        transpose=False,
+        transposed=False,
         dtype=dtype,
         max_bytes=max_bytes,
         stride=stride,
@@ -504,7 +562,7 @@ def conv_transpose_matrix(
     return _validated_build(
         weight,
         input_shape,
-        transpose=True,
+        transposed=True,
         dtype=dtype,
         max_bytes=max_bytes,
         stride=stride,
@@ -514,333 +572,3 @@ def conv_transpose_matrix(
         groups=groups,
         padding_mode=padding_mode,
     )
-
-
-# ---------------------------------------------------------------------------
-# Row ranges: rows [row_start, row_stop) of W (or W.T) on their own
-# ---------------------------------------------------------------------------
-#
-# Rows are the C-order flattening of the grid (group, row channel of the group,
-# position_1, ..., position_N).  A contiguous range of that flattening is a
-# union of at most 2 * (N + 2) - 1 boxes (products of one index range per
-# axis), listed in row order.  Restricting every per-dimension family to a
-# box's range on its axis gives another arithmetic progression (start and
-# first columns shifted), so each box is written by the same strided views as
-# the whole matrix, at the same offsets minus the offset of ``row_start``.
-
-
-@dataclass(frozen=True)
-class _BoxBlock(_Block):
-    """A family product restricted to a box: also its group and row-channel ranges."""
-
-    group_range: tuple[int, int] = (0, 0)
-    channel_range: tuple[int, int] = (0, 0)
-
-
-def _row_grid(layout: _Layout) -> tuple[int, ...]:
-    return (layout.groups, layout.row_channels, *(m.n_rows for m in layout.maps))
-
-
-def _boxes(start: int, stop: int, sizes) -> list[tuple[tuple[int, int], ...]]:
-    """Cut the flat C-order range [start, stop) of a grid into boxes, in row order.
-
-    Each box is one ``(lo, hi)`` index range per axis of ``sizes``.
-    """
-    out = []
-    last = len(sizes) - 1
-
-    def cut(a, b, axis, prefix):
-        if a >= b:
-            return
-        if axis == last:
-            out.append(prefix + ((a, b),))
-            return
-        inner = math.prod(sizes[axis + 1 :])
-        ia, ra = divmod(a, inner)
-        ib, rb = divmod(b, inner)
-        if ia == ib:
-            cut(ra, rb, axis + 1, prefix + ((ia, ia + 1),))
-            return
-        if ra:
-            cut(ra, inner, axis + 1, prefix + ((ia, ia + 1),))
-            ia += 1
-        if ib > ia:
-            out.append(prefix + ((ia, ib),) + tuple((0, n) for n in sizes[axis + 1 :]))
-        if rb:
-            cut(0, rb, axis + 1, prefix + ((ib, ib + 1),))
-
-    cut(start, stop, 0, ())
-    return out
-
-
-def _restrict(family, lo: int, hi: int):
-    """The rows of ``family`` inside [lo, hi), as a family, or None if there are none."""
-    step = family.step
-    j0 = max(0, -((family.start - lo) // step))  # ceil((lo - start) / step)
-    j1 = min(family.count, -((family.start - hi) // step))
-    if j1 <= j0:
-        return None
-    if j0 == 0 and j1 == family.count:
-        return family
-    return dataclasses.replace(
-        family,
-        start=family.start + j0 * step,
-        count=j1 - j0,
-        cols=family.cols + j0 * family.col_step,
-    )
-
-
-def _box_blocks(layout: _Layout, box, origin: int) -> list[_BoxBlock]:
-    """The strided views (offsets relative to ``origin``) that write one box."""
-    (g0, g1), (r0, r1), *ranges = box
-    maps, n = layout.maps, layout.ndim
-    per_dim = []
-    for m, (lo, hi) in zip(maps, ranges):
-        fams = [f for f in (_restrict(f, lo, hi) for f in m.families) if f is not None]
-        if not fams:
-            return []
-        per_dim.append(fams)
-    totals = [m.total for m in maps]
-    cc = layout.col_channels
-    channel_offset = (g0 * layout.row_channels + r0) * layout.nnz_pattern - origin
-    blocks = []
-    for fams in itertools.product(*per_dim):
-        m = [len(f.cols) for f in fams]
-        offset, pos_strides = channel_offset, []
-        for d, f in enumerate(fams):
-            scale = cc * math.prod(m[:d]) * math.prod(totals[d + 1 :])
-            row_offsets_d = maps[d].offsets
-            offset += scale * int(row_offsets_d[f.start])
-            step = (
-                int(row_offsets_d[f.start + f.step] - row_offsets_d[f.start]) if f.count > 1 else 0
-            )
-            pos_strides.append(scale * step)
-        shape = (g1 - g0, r1 - r0, *(f.count for f in fams), cc, *m)
-        strides = (
-            layout.row_channels * layout.nnz_pattern,
-            layout.nnz_pattern,
-            *pos_strides,
-            math.prod(m),
-            *(math.prod(m[d + 1 :]) for d in range(n)),
-        )
-        blocks.append(_BoxBlock(offset, shape, strides, fams, (g0, g1), (r0, r1)))
-    return blocks
-
-
-def _box_indptr(layout: _Layout, boxes, dtype) -> np.ndarray:
-    """Row pointers of the rows of ``boxes`` (in order), starting at 0."""
-    pieces = []
-    for (g0, g1), (r0, r1), *ranges in boxes:
-        lengths = functools.reduce(
-            np.multiply.outer, [m.counts[lo:hi] for m, (lo, hi) in zip(layout.maps, ranges)]
-        )
-        lengths = np.ravel(lengths) * layout.col_channels
-        pieces.append(np.tile(lengths, (g1 - g0) * (r1 - r0)))
-    lengths = np.concatenate(pieces) if pieces else np.zeros(0, dtype=np.int64)
-    indptr = np.zeros(len(lengths) + 1, dtype=dtype)
-    np.cumsum(lengths, out=indptr[1:], dtype=dtype)
-    return indptr
-
-
-def _fill_boxes(layout, blocks, indices, data, kernel, threads):
-    """Write every restricted block of ``indices`` and ``data``."""
-    n_outer = 2 + layout.ndim
-    group_size = layout.col_channels * math.prod(m.n_cols for m in layout.maps)
-    jobs = []
-    for block in blocks:
-        g0, g1 = block.group_range
-        r0, r1 = block.channel_range
-        base, entry = _index_operands(
-            dataclasses.replace(layout, groups=g1 - g0), block, np.dtype(np.int64)
-        )
-        base = (base + g0 * group_size).astype(indices.dtype)
-        jobs += _chunks(_view(indices, block), (base, entry.astype(indices.dtype)), n_outer,
-                        threads)
-        ops = (_data_operand(kernel[g0:g1, r0:r1], block),)
-        jobs += _chunks(_view(data, block), ops, n_outer, threads)
-    jobs.sort(key=lambda job: -job[0].size)
-    run_parallel(_write, jobs, threads)
-
-
-def _n_rows(layout: _Layout) -> int:
-    return math.prod(_row_grid(layout))
-
-
-def _check_row(value, name: str, n_rows: int) -> int:
-    value = _check_int(value, name)
-    if not 0 <= value <= n_rows:
-        raise ValueError(
-            f"{name} must be in [0, {n_rows}] (the number of rows), got {name}={value}"
-        )
-    return value
-
-
-def row_offsets(geom: ConvGeometry, rows, *, transpose: bool) -> np.ndarray:
-    """``indptr[rows]`` of W (or W.T) without building anything.
-
-    Costs O(N) per requested row (N spatial dimensions), independent of the
-    size of the matrix.
-
-    Parameters
-    ----------
-    geom : ConvGeometry
-        A validated geometry.
-    rows : int or array_like of int
-        Row indices in ``[0, n_rows]`` (``n_rows`` gives ``nnz``).
-    transpose : bool
-        Rows of W.T instead of W.
-
-    Returns
-    -------
-    ndarray of int64
-        The row pointers, shaped like ``rows``.
-
-    Raises
-    ------
-    ValueError
-        If a row index is outside ``[0, n_rows]``.
-    """
-    layout = _layout(geom, transpose)
-    rows = np.asarray(rows)
-    if rows.dtype.kind not in "iu":
-        raise TypeError(f"rows must be integers, got rows.dtype={rows.dtype}")
-    rows = rows.astype(np.int64)
-    n_rows = _n_rows(layout)
-    if rows.size and (rows.min() < 0 or rows.max() > n_rows):
-        raise ValueError(
-            f"rows must lie in [0, {n_rows}] (the number of rows), got values in "
-            f"[{rows.min()}, {rows.max()}]"
-        )
-    maps = layout.maps
-    sizes = [m.n_rows for m in maps]
-    totals = [m.total for m in maps]
-    channel, rest = np.divmod(rows, math.prod(sizes))
-    out = channel * layout.nnz_pattern
-    leading = np.full(rows.shape, layout.col_channels, dtype=np.int64)
-    for d, m in enumerate(maps):
-        # rows before (p_1, ..., p_N) inside one row channel's pattern: those
-        # with equal p_1..p_{d-1} and a smaller p_d, summed over d.
-        p, rest = np.divmod(rest, math.prod(sizes[d + 1 :]))
-        out = out + leading * m.offsets[p] * math.prod(totals[d + 1 :])
-        leading = leading * m.counts[p]
-    return out
-
-
-def balanced_row_ranges(geom: ConvGeometry, parts: int, *, transpose: bool):
-    """Cut the rows of W (or W.T) into at most ``parts`` ranges of about equal nnz.
-
-    The cuts are ``searchsorted(indptr, nnz * i / parts)`` (the rule of the
-    threaded products), found by bisection on :func:`row_offsets`, so the
-    cost is O(parts * N * log(n_rows)) and nothing is built.
-
-    Parameters
-    ----------
-    geom : ConvGeometry
-        A validated geometry.
-    parts : int
-        The number of ranges wanted, at least 1.
-    transpose : bool
-        Rows of W.T instead of W.
-
-    Returns
-    -------
-    list of (int, int)
-        Non-empty, contiguous ``(row_start, row_stop)`` ranges covering every
-        row in order; fewer than ``parts`` when there are fewer rows (or when
-        single rows hold more than ``nnz / parts`` entries).
-
-    Raises
-    ------
-    TypeError, ValueError
-        If ``parts`` is not a positive int.
-    """
-    parts = _check_positive_int(parts, "parts")
-    layout = _layout(geom, transpose)
-    n_rows = _n_rows(layout)
-    nnz = layout.n_row_channels * layout.nnz_pattern
-    targets = nnz * np.arange(1, parts, dtype=np.int64) // parts
-    lo = np.zeros(len(targets), dtype=np.int64)
-    hi = np.full(len(targets), n_rows, dtype=np.int64)
-    while (lo < hi).any():  # the first row whose offset reaches the target
-        mid = (lo + hi) // 2
-        below = row_offsets(geom, mid, transpose=transpose) < targets
-        lo = np.where(below, mid + 1, lo)
-        hi = np.where(below, hi, mid)
-    cuts = [0, *lo.tolist(), n_rows]
-    return [(a, b) for a, b in zip(cuts[:-1], cuts[1:]) if b > a]
-
-
-def build_rows(
-    geom: ConvGeometry,
-    weight: np.ndarray,
-    row_start: int,
-    row_stop: int,
-    *,
-    transpose: bool,
-    threads: int,
-) -> sp.csr_array:
-    """CSR of rows ``[row_start, row_stop)`` of W (``transpose=False``) or W.T.
-
-    Equal to ``build(geom, weight, ...)[row_start:row_stop]``: same shape
-    ``(row_stop - row_start, n_cols)``, same ``indptr`` (starting at 0),
-    ``indices`` and ``data``, bit for bit, in canonical format.  Time and
-    memory are O(rows + nnz of the range) (plus the per-dimension maps of the
-    geometry, which every build shares): nothing outside the range is built.
-
-    Parameters
-    ----------
-    geom : ConvGeometry
-        A validated geometry (see :func:`validate`).
-    weight : ndarray
-        The validated weight (see :func:`validate`); its dtype is the dtype
-        of ``data``.
-    row_start, row_stop : int
-        ``0 <= row_start <= row_stop <= n_rows``.
-    transpose : bool
-        Rows of W.T instead of W.
-    threads : int
-        Threads used to write the entries.
-
-    Returns
-    -------
-    scipy.sparse.csr_array, shape (row_stop - row_start, n_cols)
-        Index dtype chosen from the block's own nnz, rows and columns
-        (int32 when they fit, as for the whole matrix).
-
-    Raises
-    ------
-    TypeError, ValueError
-        If a row bound is not an int in range, or ``row_start > row_stop``.
-
-    Notes
-    -----
-    The rows are the C-order flattening of (group, row channel of the group,
-    position_1, ..., position_N); the range is cut into at most
-    ``2 * (N + 2) - 1`` boxes (one index range per axis), and every
-    per-dimension family is intersected with its axis' range: an arithmetic
-    progression of rows meets a range in another progression, whose first
-    columns are shifted by ``col_step`` per skipped row.  Each box is then
-    written by the same strided views as the whole matrix, at the whole
-    matrix's offsets minus ``indptr[row_start]``.
-    """
-    layout = _layout(geom, transpose)
-    n_rows = _n_rows(layout)
-    row_start = _check_row(row_start, "row_start", n_rows)
-    row_stop = _check_row(row_stop, "row_stop", n_rows)
-    if row_start > row_stop:
-        raise ValueError(
-            f"row_start must not exceed row_stop, got row_start={row_start}, row_stop={row_stop}"
-        )
-    n_cols = _matrix_size(geom, weight.dtype, transpose).shape[1]
-    origin, end = row_offsets(geom, [row_start, row_stop], transpose=transpose).tolist()
-    nnz = end - origin
-    shape = (row_stop - row_start, n_cols)
-    idx = index_dtype(nnz, *shape)
-    boxes = _boxes(row_start, row_stop, _row_grid(layout))
-    indptr = _box_indptr(layout, boxes, idx)
-    indices = np.empty(nnz, dtype=idx)
-    data = np.empty(nnz, dtype=weight.dtype)
-    if nnz:
-        blocks = [b for box in boxes for b in _box_blocks(layout, box, origin)]
-        _fill_boxes(layout, blocks, indices, data, _kernel(weight, geom, transpose), threads)
-    return _csr(data, indices, indptr, shape)

@@ -1,4 +1,4 @@
-"""Argument normalisation, validation, output shapes and per-dimension index maps.
+"""The geometry of a convolution: validated once, then read by every other module.
 
 Everything the builders and operators need to know about a convolution is
 normalised and validated here, once, into a frozen :class:`ConvGeometry`.
@@ -9,142 +9,41 @@ input.
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import functools
 import math
-import numbers
 from dataclasses import dataclass
 from typing import NamedTuple
 
 import numpy as np
 
+from ._validation import (
+    INT32_MAX,
+    as_weight,
+    check_padding_mode,
+    check_positive_int,
+    normalize_padding,
+    normalize_shape,
+    normalize_tuple,
+)
+
 __all__ = [
-    "PADDING_MODES",
     "ConvGeometry",
     "ConvMatrixSize",
     "conv_geometry",
     "conv_transpose_geometry",
+    "validate",
     "conv_output_shape",
     "conv_transpose_output_shape",
     "conv_matrix_nnz",
     "conv_transpose_matrix_nnz",
-    "as_weight",
-    "cast_if_safe",
-    "check_size",
-    "allocation_context",
+    "matrix_size",
     "index_dtype",
 ]
 
-PADDING_MODES = ("zeros", "reflect", "replicate", "circular")
-_SUPPORTED_DTYPES = tuple(
-    np.dtype(t) for t in (np.float32, np.float64, np.complex64, np.complex128)
-)
-_INT32_MAX = np.iinfo(np.int32).max
-
-
 # ---------------------------------------------------------------------------
-# Normalisation of single arguments
+# The arguments that make a geometry
 # ---------------------------------------------------------------------------
-
-
-def _is_int(value) -> bool:
-    return isinstance(value, numbers.Integral) and not isinstance(value, (bool, np.bool_))
-
-
-def _check_int(value, name: str) -> int:
-    if not _is_int(value):
-        raise TypeError(f"{name} must be an int, got {name}={value!r}")
-    return int(value)
-
-
-def _check_positive_int(value, name: str) -> int:
-    value = _check_int(value, name)
-    if value < 1:
-        raise ValueError(f"{name} must be a positive integer, got {name}={value}")
-    return value
-
-
-def _normalize_tuple(value, ndim: int, name: str) -> tuple[int, ...]:
-    """Return ``value`` as a tuple of ``ndim`` ints (an int is repeated)."""
-    if _is_int(value):
-        return (int(value),) * ndim
-    if isinstance(value, (str, bytes)):
-        raise TypeError(f"{name} must be an int or a sequence of {ndim} ints, got {name}={value!r}")
-    try:
-        items = tuple(value)
-    except TypeError:
-        raise TypeError(
-            f"{name} must be an int or a sequence of {ndim} ints, got {name}={value!r}"
-        ) from None
-    if len(items) != ndim:
-        raise ValueError(
-            f"{name} must have one entry per spatial dimension ({ndim}), "
-            f"got {len(items)}: {name}={value!r}"
-        )
-    if not all(_is_int(v) for v in items):
-        raise TypeError(f"{name} must contain only ints, got {name}={value!r}")
-    return tuple(int(v) for v in items)
-
-
-def _normalize_shape(shape, name: str) -> tuple[int, ...]:
-    if isinstance(shape, (str, bytes)) or _is_int(shape):
-        raise TypeError(f"{name} must be a sequence of ints, got {name}={shape!r}")
-    try:
-        items = tuple(shape)
-    except TypeError:
-        raise TypeError(f"{name} must be a sequence of ints, got {name}={shape!r}") from None
-    if not all(_is_int(v) for v in items):
-        raise TypeError(f"{name} must contain only ints, got {name}={shape!r}")
-    items = tuple(int(v) for v in items)
-    if any(v <= 0 for v in items):
-        raise ValueError(f"{name} must contain only positive sizes, got {name}={items}")
-    return items
-
-
-def _normalize_padding(padding, ndim: int) -> tuple[tuple[int, int], ...] | str:
-    """Return ``((lo, hi), ...)`` per dimension, or the strings 'same'/'valid'."""
-    if isinstance(padding, str):
-        if padding in ("same", "valid"):
-            return padding
-        raise ValueError(
-            "padding must be an int, a sequence of ints or (before, after) pairs, "
-            f"'valid' or 'same', got padding={padding!r}"
-        )
-    if _is_int(padding):
-        pairs = ((int(padding), int(padding)),) * ndim
-    else:
-        try:
-            items = tuple(padding)
-        except TypeError:
-            raise TypeError(
-                "padding must be an int, a sequence of ints or (before, after) pairs, "
-                f"'valid' or 'same', got padding={padding!r}"
-            ) from None
-        if len(items) != ndim:
-            raise ValueError(
-                f"padding must have one entry per spatial dimension ({ndim}), "
-                f"got {len(items)}: padding={padding!r}"
-            )
-        pairs = []
-        for item in items:
-            if _is_int(item):
-                pairs.append((int(item), int(item)))
-                continue
-            try:
-                pair = tuple(item)
-            except TypeError:
-                pair = ()
-            if len(pair) != 2 or not all(_is_int(v) for v in pair):
-                raise TypeError(
-                    "each padding entry must be an int or a (before, after) pair of ints, "
-                    f"got {item!r} in padding={padding!r}"
-                )
-            pairs.append((int(pair[0]), int(pair[1])))
-        pairs = tuple(pairs)
-    if any(v < 0 for pair in pairs for v in pair):
-        raise ValueError(f"padding must be non-negative, got padding={padding!r}")
-    return pairs
 
 
 def _resolve_padding(padding, kernel, stride, dilation):
@@ -166,18 +65,6 @@ def _resolve_padding(padding, kernel, stride, dilation):
     return padding
 
 
-def _check_padding_mode(padding_mode) -> str:
-    if not isinstance(padding_mode, str) or padding_mode not in PADDING_MODES:
-        raise ValueError(
-            f"padding_mode must be one of {PADDING_MODES}, got padding_mode={padding_mode!r}"
-        )
-    return padding_mode
-
-
-def _check_groups(groups) -> int:
-    return _check_positive_int(groups, "groups")
-
-
 def _check_weight_and_groups(weight_shape, groups, channels: str):
     """The weight shape and groups; ``weight.shape[0]`` counts the ``channels`` channels."""
     shape = tuple(weight_shape)
@@ -186,8 +73,8 @@ def _check_weight_and_groups(weight_shape, groups, channels: str):
             "weight must have at least 3 dimensions (out_channels, in_channels // groups, "
             f"*kernel_size), got weight.shape={shape}"
         )
-    shape = _normalize_shape(shape, "weight.shape")
-    groups = _check_groups(groups)
+    shape = normalize_shape(shape, "weight.shape")
+    groups = check_positive_int(groups, "groups")
     if shape[0] % groups:
         raise ValueError(
             f"groups must divide the {channels} channels: weight.shape[0]={shape[0]} is not "
@@ -197,7 +84,7 @@ def _check_weight_and_groups(weight_shape, groups, channels: str):
 
 
 def _check_input_shape(input_shape, ndim: int) -> tuple[int, ...]:
-    shape = _normalize_shape(input_shape, "input_shape")
+    shape = normalize_shape(input_shape, "input_shape")
     if len(shape) != ndim + 1:
         raise ValueError(
             f"input_shape must be (channels, *spatial) with {ndim} spatial dimensions to match "
@@ -206,82 +93,9 @@ def _check_input_shape(input_shape, ndim: int) -> tuple[int, ...]:
     return shape
 
 
-def cast_if_safe(x: np.ndarray, dtype) -> np.ndarray:
-    """``x`` in ``dtype`` when the conversion loses nothing, else ``x`` unchanged.
-
-    A product's input is brought to the matrix's dtype this way (an int16 or
-    float32 vector for a float64 matrix); one that needs a wider dtype (a
-    float64 vector for a float32 matrix, a complex one for a real matrix)
-    keeps it, and the caller falls back to scipy's own product, which widens.
-    """
-    if x.dtype != dtype and np.can_cast(x.dtype, dtype, casting="safe"):
-        return x.astype(dtype)
-    return x
-
-
-def _as_array(weight) -> np.ndarray:
-    """``weight`` as an ndarray; a torch tensor through a detached CPU copy.
-
-    torch refuses ``np.asarray`` on a tensor that requires grad, and numpy
-    has no bfloat16 (widened exactly to float32 here).  torch is not
-    imported: a tensor is recognised by its type's module.
-    """
-    if type(weight).__module__.split(".")[0] == "torch" and hasattr(weight, "detach"):
-        tensor = weight.detach()
-        if str(tensor.dtype) == "torch.bfloat16":
-            tensor = tensor.float()
-        return tensor.numpy(force=True)
-    try:
-        return np.asarray(weight)
-    except ValueError as exc:  # ragged nested sequences
-        raise ValueError(f"weight must be a rectangular numeric array: {exc}") from None
-
-
-def as_weight(weight, dtype=None) -> np.ndarray:
-    """Return a private, read-only copy of ``weight`` in the result dtype.
-
-    Integer weights become float64 and float16 becomes float32; the result is
-    one of float32, float64, complex64, complex128.
-    """
-    arr = _as_array(weight)
-    if arr.dtype == np.bool_:
-        raise TypeError("weight must be numeric, got a boolean weight (dtype=bool)")
-    if not np.issubdtype(arr.dtype, np.number):
-        raise TypeError(f"weight must be a numeric array, got weight.dtype={arr.dtype}")
-    if dtype is None:
-        if np.issubdtype(arr.dtype, np.integer):
-            target = np.dtype(np.float64)
-        elif arr.dtype == np.float16:
-            target = np.dtype(np.float32)
-        else:
-            target = arr.dtype.newbyteorder("=")  # byte order is not a dtype choice
-        if target not in _SUPPORTED_DTYPES:
-            raise TypeError(
-                f"weight.dtype={arr.dtype} is not supported; use one of "
-                f"{[str(t) for t in _SUPPORTED_DTYPES]} (or pass dtype=)"
-            )
-    else:
-        try:
-            target = np.dtype(dtype).newbyteorder("=")
-        except TypeError:
-            raise TypeError(f"dtype must be a numpy dtype, got dtype={dtype!r}") from None
-        if target not in _SUPPORTED_DTYPES:
-            raise TypeError(
-                f"dtype must be one of {[str(t) for t in _SUPPORTED_DTYPES]}, got dtype={target}"
-            )
-        if np.issubdtype(arr.dtype, np.complexfloating) and target.kind != "c":
-            raise TypeError(
-                f"cannot use dtype={target} for a complex weight (weight.dtype={arr.dtype}): "
-                "the imaginary part would be discarded"
-            )
-    out = np.array(arr, dtype=target, copy=True)
-    out.flags.writeable = False
-    return out
-
-
 def index_dtype(*sizes: int) -> np.dtype:
     """int32 when every size fits in it, else int64."""
-    return np.dtype(np.int32) if max(sizes) <= _INT32_MAX else np.dtype(np.int64)
+    return np.dtype(np.int32) if max(sizes) <= INT32_MAX else np.dtype(np.int64)
 
 
 # ---------------------------------------------------------------------------
@@ -388,14 +202,14 @@ class ConvGeometry:
 def _normalize_window(kernel, stride, padding, dilation, padding_mode):
     """Validated ``(stride, dilation, ((lo, hi), ...), padding_mode)``."""
     ndim = len(kernel)
-    stride = _normalize_tuple(stride, ndim, "stride")
+    stride = normalize_tuple(stride, ndim, "stride")
     if any(v <= 0 for v in stride):
         raise ValueError(f"stride must be positive, got stride={stride}")
-    dilation = _normalize_tuple(dilation, ndim, "dilation")
+    dilation = normalize_tuple(dilation, ndim, "dilation")
     if any(v <= 0 for v in dilation):
         raise ValueError(f"dilation must be positive, got dilation={dilation}")
-    pairs = _normalize_padding(padding, ndim)
-    mode = _check_padding_mode(padding_mode)
+    pairs = normalize_padding(padding, ndim)
+    mode = check_padding_mode(padding_mode)
     return stride, dilation, _resolve_padding(pairs, kernel, stride, dilation), mode
 
 
@@ -494,7 +308,7 @@ def conv_transpose_geometry(
     kernel = wshape[2:]
     stride, dilation, pairs, mode = _normalize_window(kernel, stride, padding, dilation,
                                                       padding_mode)
-    output_padding = _normalize_tuple(output_padding, ndim, "output_padding")
+    output_padding = normalize_tuple(output_padding, ndim, "output_padding")
     if any(v < 0 for v in output_padding):
         raise ValueError(f"output_padding must be non-negative, got output_padding={output_padding}")
     for axis, (a, s, d) in enumerate(zip(output_padding, stride, dilation)):
@@ -529,6 +343,17 @@ def conv_transpose_geometry(
         padding_mode=mode,
         output_padding=output_padding,
     )
+
+
+def validate(weight, input_shape, *, transposed: bool, dtype=None, **settings):
+    """The private weight copy and the geometry, every argument checked.
+
+    ``transposed=True`` reads the arguments of a transposed convolution
+    (PyTorch's ConvTranspose layout and ``output_padding``).
+    """
+    w = as_weight(weight, dtype)
+    make = conv_transpose_geometry if transposed else conv_geometry
+    return w, make(w.shape, input_shape, **settings)
 
 
 # ---------------------------------------------------------------------------
@@ -641,55 +466,16 @@ class ConvMatrixSize(NamedTuple):
     index_dtype: np.dtype
 
 
-def _matrix_size(geom: ConvGeometry, dtype, transpose: bool) -> ConvMatrixSize:
+def matrix_size(geom: ConvGeometry, dtype, transposed: bool) -> ConvMatrixSize:
+    """The size of W (``transposed=False``) or W.T with ``dtype`` values, from the geometry."""
     n_out = math.prod(geom.output_shape)
     n_in = math.prod(geom.input_shape)
-    shape = (n_in, n_out) if transpose else (n_out, n_in)
+    shape = (n_in, n_out) if transposed else (n_out, n_in)
     nnz = geom.nnz
     idx = index_dtype(nnz, *shape)
     dtype = np.dtype(dtype)
     nbytes = nnz * (dtype.itemsize + idx.itemsize) + (shape[0] + 1) * idx.itemsize
     return ConvMatrixSize(nnz, nbytes, shape, dtype, idx)
-
-
-_INT64_MAX = np.iinfo(np.int64).max
-
-
-def check_size(size: ConvMatrixSize, max_bytes=None, what: str = "the matrix") -> ConvMatrixSize:
-    """``size`` if it can be built within ``max_bytes``; else a clear error, before allocating.
-
-    Raises
-    ------
-    TypeError, ValueError
-        If ``max_bytes`` is not None or a positive int.
-    MemoryError
-        If the entries or rows could not be indexed by int64 (numpy's and
-        scipy's widest), the bytes exceed 2**63, or they exceed ``max_bytes``.
-    """
-    described = (f"{what} would need {size.nbytes} bytes (nnz={size.nnz}, shape={size.shape}, "
-                 f"{size.dtype} values, {size.index_dtype} indices)")
-    if max(size.nnz, *size.shape) > _INT64_MAX:
-        raise MemoryError(f"{described}: more entries or rows than int64 indices can address")
-    if size.nbytes > _INT64_MAX:
-        raise MemoryError(f"{described}: more bytes than any address space")
-    if max_bytes is not None:
-        max_bytes = _check_positive_int(max_bytes, "max_bytes")
-        if size.nbytes > max_bytes:
-            raise MemoryError(f"{described}, more than max_bytes={max_bytes}")
-    return size
-
-
-@contextlib.contextmanager
-def allocation_context(size: ConvMatrixSize, what: str = "the matrix"):
-    """Say what was being built when numpy cannot allocate it."""
-    try:
-        yield
-    except MemoryError as exc:
-        raise MemoryError(
-            f"{what} needs {size.nbytes} bytes (nnz={size.nnz}, shape={size.shape}), "
-            f"which this machine could not allocate ({exc}); conv_matrix_nnz() gives the size "
-            "before building, and max_bytes= refuses a build beyond a budget"
-        ) from None
 
 
 def _size_dtype(dtype):
@@ -765,7 +551,7 @@ def conv_matrix_nnz(
         groups=groups,
         padding_mode=padding_mode,
     )
-    return _matrix_size(geom, _size_dtype(dtype), transpose=False)
+    return matrix_size(geom, _size_dtype(dtype), transposed=False)
 
 
 def conv_transpose_matrix_nnz(
@@ -800,4 +586,4 @@ def conv_transpose_matrix_nnz(
         groups=groups,
         padding_mode=padding_mode,
     )
-    return _matrix_size(geom, _size_dtype(dtype), transpose=True)
+    return matrix_size(geom, _size_dtype(dtype), transposed=True)

@@ -1,29 +1,15 @@
 """Convolution and transposed convolution as scipy LinearOperators.
 
-The products do not run on the canonical CSR matrix when the layer has dense
-channel blocks (zeros padding, more than one channel per group on some side):
-they run on W as a BSR matrix with rows and columns numbered position-major,
-``(position, channel)`` (:mod:`._bsr`), which stores one index per block
-instead of one per entry (8 bytes per float64 entry instead of 12) and reads
-every channel of a few neighbouring positions per block row.  The transposed
-products use the BSR of W.T, built on first use.  The canonical CSR matrices
-(:attr:`matrix`, :attr:`transpose_matrix`) are then built only when asked for.
+An operator holds the geometry, the (read-only) weight and four matrices,
+each built on first use and kept: the canonical CSR of its matrix and of the
+transpose (:attr:`~ConvOperator.matrix`, :attr:`~ConvOperator.transpose_matrix`),
+and the two *product forms* its products run on, one for its own matrix and
+one for the transpose (:mod:`._forms`: dense channel blocks, diagonals or the
+CSR matrix, chosen from the geometry once).  ``.T`` and ``.H`` share what can
+be shared; :meth:`~ConvOperator.with_weight` shares the index arrays.
 
-Otherwise (other padding modes, one channel per group; except the diagonal
-case below) the products run on the CSR matrix, threaded over row blocks balanced by nnz: each block is
-multiplied by scipy's own serial CSR kernel (which releases the GIL) writing
-into its slice of the output, so every output row is computed by exactly the
-code, and in exactly the order, of ``matrix @ x``.  The transposed products
-run the same way on the transpose with its columns numbered position-major:
-each row then reads every channel of a few neighbouring positions, where the
-channel-major transpose reads one element from each of ``C`` distant planes
-(as many memory streams as channels; 2x slower on a 3->64 layer).
-
-With one channel, stride 1 and an output the input's size, the products run
-on W and W.T by diagonals (:mod:`._dia`, scipy's DIA format: no index
-arrays), bit for bit the CSR products.
-
-Either way a product's result does not depend on the number of threads.
+Whatever the form, a product's result does not depend on the number of
+threads.
 """
 
 from __future__ import annotations
@@ -31,125 +17,47 @@ from __future__ import annotations
 import math
 import threading
 from types import SimpleNamespace
+from typing import NamedTuple
 
 import numpy as np
 import scipy.sparse as sp
 from scipy.sparse.linalg import LinearOperator
 
-from ._bsr import block_pattern, bsr_product, fill_blocks, to_position_major, uses_blocks
-from ._build import build, refill, validate
-from ._dia import build_diagonals, dia_product, uses_diagonals
-from ._geometry import as_weight, cast_if_safe
-from . import _parallel
-from ._parallel import balanced_ranges as _row_blocks
-from ._parallel import resolve_threads, run_parallel
+from ._build import build, refill
+from ._forms import form_for
+from ._geometry import validate
+from ._parallel import resolve_threads
+from ._validation import as_weight, check_positive_int
 
-try:  # scipy's serial CSR kernels; private, so fall back to ``matrix @ x``.
-    from scipy.sparse._sparsetools import csr_matvec as _csr_matvec
-    from scipy.sparse._sparsetools import csr_matvecs as _csr_matvecs
-except ImportError:  # pragma: no cover - depends on the scipy release
-    _csr_matvec = _csr_matvecs = None
-
-__all__ = ["ConvOperator", "ConvTransposeOperator", "csr_product"]
+__all__ = ["ConvOperator", "ConvTransposeOperator", "ProductFormInfo"]
 
 
-def csr_product(matrix: sp.csr_array, x: np.ndarray, threads: int) -> np.ndarray:
-    """``matrix @ x`` for a 1-D or 2-D ``x``, on ``threads`` threads.
+class ProductFormInfo(NamedTuple):
+    """What an operator's ``matvec`` multiplies (see :attr:`ConvOperator.product_form`)."""
 
-    Bit-for-bit equal to scipy's serial product.  Falls back to that product
-    (one thread) when ``x`` needs a wider dtype than the matrix (e.g. a
-    float32 matrix times a float64 vector), since the values would otherwise
-    have to be converted.
-    """
-    x = cast_if_safe(x, matrix.dtype)
-    if (
-        threads <= 1
-        or x.dtype != matrix.dtype
-        or matrix.nnz < _parallel.MIN_PARALLEL_NNZ
-        or _csr_matvec is None
-    ):
-        return matrix @ x
-    x = np.ascontiguousarray(x)
-    # np.empty, zeroed by each thread on its own rows: the pages are touched
-    # in parallel (np.zeros would fault them in one by one inside the kernel,
-    # and without numpy's huge-page hint).
-    out = np.empty((matrix.shape[0],) + x.shape[1:], dtype=matrix.dtype)
-    indptr, indices, data = matrix.indptr, matrix.indices, matrix.data
-    n_cols = matrix.shape[1]
-
-    if x.ndim == 1:
-
-        def multiply(rows):
-            a, b = rows
-            out[a:b] = 0  # the kernel adds into its output
-            _csr_matvec(b - a, n_cols, indptr[a : b + 1], indices, data, x, out[a:b])
-
-    else:
-        n_vecs = x.shape[1]
-        flat_x = x.ravel()
-
-        def multiply(rows):
-            a, b = rows
-            out[a:b] = 0
-            _csr_matvecs(
-                b - a, n_cols, n_vecs, indptr[a : b + 1], indices, data, flat_x, out[a:b].ravel()
-            )
-
-    run_parallel(multiply, _row_blocks(indptr, threads), threads)
-    return out
+    name: str
+    """``'blocks'`` (dense channel blocks, BSR), ``'diagonals'`` (DIA) or ``'csr'``."""
+    nbytes: int
+    """Bytes a product reads: values and index arrays."""
+    matrix: sp.sparray
+    """The scipy matrix itself (read-only), rows and columns numbered as the form chooses."""
 
 
-def _conj_sharing(matrix: sp.csr_array) -> sp.csr_array:
-    """Complex conjugate sharing the index arrays."""
-    out = sp.csr_array((matrix.data.conj(), matrix.indices, matrix.indptr), shape=matrix.shape)
-    out.has_canonical_format = True
-    return out
-
-
-def _is_batch(x: np.ndarray) -> bool:
-    return x.ndim == 2 and x.shape[1] > 1
-
-
-def _all_finite(x: np.ndarray) -> bool:
-    """Whether every element is finite, in one pass without a temporary.
-
-    The sum is finite when every element is, except when finite values
-    overflow it: then this says ``False``, which only costs speed.
-    """
-    if not np.issubdtype(x.dtype, np.inexact):
-        return True
-    return bool(np.isfinite(np.sum(x)))
-
-
-def _product_form(geometry) -> str:
-    """Which matrices the products run on (see :class:`_ConvOperatorBase`)."""
-    if uses_blocks(geometry):
-        return "blocks"
-    if uses_diagonals(geometry):
-        return "diagonals"
-    return "csr"
-
-
-def _freeze(value):
-    """Mark every array of a built matrix (or tuple of them) read-only, and return it.
+def _read_only(matrix):
+    """Make a built CSR matrix read-only, and return it.
 
     Operators share what they build (with ``.T``, ``.H``, ``with_weight``
-    and the user, through :attr:`matrix`): a write into one would silently
-    make the products disagree with the matrix.
+    and the user, through :attr:`~ConvOperator.matrix`): a write into one
+    would silently make the products disagree with the matrix.  (Product
+    forms make themselves read-only: :meth:`~._forms.ProductForm.freeze`.)
     """
-    if isinstance(value, tuple):
-        for item in value:
-            _freeze(item)
-        return value
-    for name in ("data", "indices", "indptr", "offsets", "source"):
-        array = getattr(value, name, None)
-        if isinstance(array, np.ndarray):
-            array.flags.writeable = False
-    return value
+    for array in (matrix.data, matrix.indices, matrix.indptr):
+        array.flags.writeable = False
+    return matrix
 
 
 class _Lazy:
-    """A value built by ``factory`` on first use and kept, read-only.
+    """A value built by ``factory`` on first use and kept.
 
     Operators that share a matrix (an operator and its ``.T``) hold the same
     ``_Lazy``, so whichever builds it first builds it for both.
@@ -165,7 +73,7 @@ class _Lazy:
         if self._value is None:
             with self._lock:  # two threads asking at once build it once
                 if self._value is None:
-                    self._value = _freeze(self._factory())
+                    self._value = self._factory()
                     self._factory = None
         return self._value
 
@@ -175,38 +83,83 @@ class _Lazy:
         return self._value
 
 
+# The factories take everything they need as arguments and no reference to
+# an operator: a cycle would keep the matrices alive after the operator is
+# dropped, until the cyclic garbage collector runs.
+
+
+def _csr_slot(geometry, weight, transposed, threads) -> _Lazy:
+    """The canonical CSR of W (or W.T), built on first use."""
+    return _Lazy(lambda: _read_only(build(geometry, weight, transposed=transposed,
+                                          threads=resolve_threads(threads))))
+
+
+def _form_slot(form, geometry, weight, transposed, backward, threads, canonical: _Lazy,
+               pattern=None) -> _Lazy:
+    """The product form of W (or W.T), built on first use (on ``pattern`` if given)."""
+    return _Lazy(lambda: form.refill(pattern, geometry, weight, transposed=transposed,
+                                     backward=backward, threads=resolve_threads(threads),
+                                     canonical=canonical.get).freeze())
+
+
+def _refilled_csr_slot(slot: _Lazy, geometry, weight, transposed, threads) -> _Lazy | None:
+    """A lazy CSR with the index arrays of ``slot``'s matrix if built, else ``None``."""
+    like = slot.built
+    if like is None:
+        return None
+    # The index arrays only: the old values are not kept alive.
+    pattern = SimpleNamespace(indices=like.indices, indptr=like.indptr, shape=like.shape)
+    return _Lazy(lambda: _read_only(refill(geometry, weight, pattern, transposed=transposed,
+                                           threads=resolve_threads(threads))))
+
+
+def _conj_sharing(matrix: sp.csr_array) -> sp.csr_array:
+    """Complex conjugate sharing the index arrays."""
+    out = sp.csr_array((matrix.data.conj(), matrix.indices, matrix.indptr), shape=matrix.shape)
+    out.has_canonical_format = True
+    return _read_only(out)
+
+
+def _rebuild_operator(cls, geometry, weight, threads):
+    """An unpickled operator: its matrices rebuilt from the geometry and the weight."""
+    weight = np.array(weight)  # unpickled arrays are writeable: own a read-only one
+    weight.flags.writeable = False
+    op = cls._from_slots(geometry, weight, threads)
+    op._forward_slot.get()
+    return op
+
+
 class _ConvOperatorBase(LinearOperator):
     """Shared machinery; ``_transposed`` says whether ``matrix`` is W or W.T.
 
     Four matrices, each built on first use (and shared with ``.T``):
     ``_matrix_slot`` and ``_tmatrix_slot``, the canonical CSR of this
     operator's matrix and of its transpose; ``_forward_slot`` and
-    ``_backward_slot``, the forms the products run on.  With dense channel
-    blocks (:func:`~._bsr.uses_blocks`) those are ``(pattern, BSR)`` pairs,
-    position-major; for one channel and stride 1 (:func:`~._dia.uses_diagonals`)
-    DIA matrices; in both cases the canonical CSR is only built when asked
-    for.  Otherwise the forward form is the canonical CSR itself and the
-    backward one the transpose with position-major columns.  ``_form`` says
-    which: ``"blocks"``, ``"diagonals"`` or ``"csr"``.
+    ``_backward_slot``, the product forms of the same two matrices, of the
+    kind ``_form`` (a :class:`~._forms.ProductForm` subclass).
     """
 
     _transposed: bool
 
     # -- construction -----------------------------------------------------
 
+    def _build(self, weight, input_shape, dtype, threads, max_bytes, **settings):
+        """Validate the constructor's arguments and build the product form."""
+        w, geom = validate(weight, input_shape, transposed=self._transposed, dtype=dtype,
+                           **settings)
+        if threads is not None:
+            resolve_threads(threads)  # a bad setting fails here, not at the first product
+        if max_bytes is not None:
+            _check_form_size(form_for(geom), geom, w.dtype, self._transposed, max_bytes)
+        self._setup(geom, w, threads)
+        # Built now, not on first use: construction is where the cost is expected.
+        self._forward_slot.get()
+
     def __reduce__(self):
         # The geometry and the weight travel; the matrices are rebuilt on
         # unpickling (the product form at once, as by the constructor, the
         # others on first use): faster than sending them, at 1 ns per entry.
         return _rebuild_operator, (type(self), self._geometry, self._weight, self._threads)
-
-    def _build(self, weight, input_shape, dtype, threads, **geometry):
-        """Validate the constructor's arguments and build the product form."""
-        w, geom = validate(weight, input_shape, transpose=self._transposed, dtype=dtype,
-                           **geometry)
-        self._setup(geom, w, threads)
-        # Built now, not on first use: construction is where the cost is expected.
-        self._forward_slot.get()
 
     @classmethod
     def _from_slots(cls, geometry, weight, threads, **slots):
@@ -219,45 +172,15 @@ class _ConvOperatorBase(LinearOperator):
         self._geometry = geometry
         self._weight = weight
         self._threads = threads
-        self._form = _product_form(geometry)
-        # No reference to self in the factories: a cycle would keep the
-        # matrices alive after the operator is dropped, until the cyclic GC runs.
-        direction = self._transposed
-
-        def build_csr(transpose, channels_last=False):
-            return lambda: build(geometry, weight, transpose=transpose,
-                                 threads=resolve_threads(threads), channels_last=channels_last)
-
-        def build_blocks(transpose):
-            def factory():
-                pattern = block_pattern(geometry, transpose=transpose,
-                                        threads=resolve_threads(threads))
-                return pattern, fill_blocks(pattern, geometry, weight, transpose=transpose,
-                                            threads=resolve_threads(threads))
-
-            return factory
-
-        self._matrix_slot = matrix or _Lazy(build_csr(direction))
-        self._tmatrix_slot = tmatrix or _Lazy(build_csr(not direction))
-        if self._form == "blocks":
-            self._forward_slot = forward or _Lazy(build_blocks(direction))
-            self._backward_slot = backward or _Lazy(build_blocks(not direction))
-        elif self._form == "diagonals":
-            self._forward_slot = forward or _Lazy(
-                lambda: build_diagonals(geometry, weight, transpose=direction,
-                                        threads=resolve_threads(threads)))
-            self._backward_slot = backward or _Lazy(
-                lambda: build_diagonals(geometry, weight, transpose=not direction,
-                                        threads=resolve_threads(threads)))
-        else:
-            self._forward_slot = forward or self._matrix_slot
-            if backward is None:
-                # With one output channel position-major is the canonical order.
-                tslot = self._tmatrix_slot
-                one_channel = self.output_shape[0] == 1
-                backward = _Lazy(tslot.get if one_channel else
-                                 build_csr(not direction, channels_last=True))
-            self._backward_slot = backward
+        self._form = form_for(geometry)
+        transposed = self._transposed
+        self._matrix_slot = matrix or _csr_slot(geometry, weight, transposed, threads)
+        self._tmatrix_slot = tmatrix or _csr_slot(geometry, weight, not transposed, threads)
+        self._forward_slot = forward or _form_slot(self._form, geometry, weight, transposed,
+                                                   False, threads, self._matrix_slot)
+        self._backward_slot = backward or _form_slot(self._form, geometry, weight,
+                                                     not transposed, True, threads,
+                                                     self._tmatrix_slot)
         rows, cols = math.prod(self.output_shape), math.prod(self.input_shape)
         super().__init__(dtype=weight.dtype, shape=(rows, cols))
 
@@ -268,7 +191,7 @@ class _ConvOperatorBase(LinearOperator):
 
     @property
     def matrix(self) -> sp.csr_array:
-        """The canonical CSR matrix of this operator (not a copy).
+        """The canonical CSR matrix of this operator (read-only, not a copy).
 
         That of :func:`conv_matrix` (or :func:`conv_transpose_matrix`).  When
         the products run on dense channel blocks or on diagonals (see Notes
@@ -285,45 +208,25 @@ class _ConvOperatorBase(LinearOperator):
         """
         return self._tmatrix_slot.get()
 
-    def _forward_matrix(self):
-        """The scipy matrix ``matvec`` reads: BSR, DIA or the canonical CSR."""
-        form = self._forward_slot.get()
-        return form[1] if self._form == "blocks" else form
+    @property
+    def product_form(self) -> ProductFormInfo:
+        """What ``matvec`` multiplies: the form's name, its bytes and its scipy matrix.
 
-    def _forward_nbytes(self) -> int:
-        """Bytes of the matrix ``matvec`` reads (what bounds its speed)."""
-        matrix = self._forward_matrix()
-        if self._form == "diagonals":
-            return matrix.data.nbytes + matrix.offsets.nbytes
-        return matrix.data.nbytes + matrix.indices.nbytes + matrix.indptr.nbytes
+        ``name`` is ``'blocks'`` (dense channel blocks, a BSR matrix numbered
+        position-major), ``'diagonals'`` (a DIA matrix) or ``'csr'`` (the
+        canonical :attr:`matrix`); see Notes of :class:`ConvOperator`.
+        ``nbytes`` is what a product reads, the figure that bounds its speed.
+        """
+        form = self._forward_slot.get()
+        return ProductFormInfo(form.name, form.nbytes, form.matrix)
 
     def _forward_product(self, x: np.ndarray) -> np.ndarray:
         """This operator's matrix times a 1-D ``x`` or a 2-D block of columns."""
-        if self._form == "blocks":
-            return bsr_product(self._forward_matrix(), x, self._n_threads(), self.groups)
-        if self._form == "diagonals":
-            # csr_matvecs reads the matrix once for all columns; the stored
-            # zeros of the diagonals would spread a NaN or infinity of x
-            # (times zero) to rows that do not read it.
-            if _is_batch(x) or not _all_finite(x):
-                return csr_product(self._matrix_slot.get(), x, self._n_threads())
-            return dia_product(self._forward_matrix(), x, self._n_threads())
-        return csr_product(self._forward_matrix(), x, self._n_threads())
+        return self._forward_slot.get().multiply(x, self._n_threads())
 
     def _backward_product(self, y: np.ndarray) -> np.ndarray:
-        """``matrix.T @ y`` for a 1-D ``y`` or a 2-D block of columns.
-
-        ``y`` is reordered position-major (a copy of ``y``, small next to the
-        matrix) to match the columns of the backward form.
-        """
-        if self._form == "blocks":
-            return bsr_product(self._backward_slot.get()[1], y, self._n_threads(), self.groups)
-        if self._form == "diagonals":
-            if _is_batch(y) or not _all_finite(y):
-                return csr_product(self._tmatrix_slot.get(), y, self._n_threads())
-            return dia_product(self._backward_slot.get(), y, self._n_threads())
-        y = to_position_major(y, self.output_shape[0])
-        return csr_product(self._backward_slot.get(), y, self._n_threads())
+        """``matrix.T @ y`` for a 1-D ``y`` or a 2-D block of columns."""
+        return self._backward_slot.get().multiply(y, self._n_threads())
 
     # -- geometry ---------------------------------------------------------
 
@@ -335,14 +238,14 @@ class _ConvOperatorBase(LinearOperator):
     @property
     def input_shape(self) -> tuple[int, ...]:
         """Shape of one input sample of ``matvec``."""
-        g = self._geometry
-        return g.output_shape if self._transposed else g.input_shape
+        geom = self._geometry
+        return geom.output_shape if self._transposed else geom.input_shape
 
     @property
     def output_shape(self) -> tuple[int, ...]:
         """Shape of one output sample of ``matvec``."""
-        g = self._geometry
-        return g.input_shape if self._transposed else g.output_shape
+        geom = self._geometry
+        return geom.input_shape if self._transposed else geom.output_shape
 
     @property
     def stride(self) -> tuple[int, ...]:
@@ -394,13 +297,11 @@ class _ConvOperatorBase(LinearOperator):
         return ConvOperator if self._transposed else ConvTransposeOperator
 
     def _transpose_op(self):
-        other = self._other_class()
-        if self._form != "csr":  # the two product forms swap roles
-            return other._from_slots(self._geometry, self._weight, self._threads,
-                                     matrix=self._tmatrix_slot, tmatrix=self._matrix_slot,
-                                     forward=self._backward_slot, backward=self._forward_slot)
-        return other._from_slots(self._geometry, self._weight, self._threads,
-                                 matrix=self._tmatrix_slot, tmatrix=self._matrix_slot)
+        slots = dict(matrix=self._tmatrix_slot, tmatrix=self._matrix_slot)
+        if self._form.shared_with_transpose:  # the two product forms swap roles
+            slots.update(forward=self._backward_slot, backward=self._forward_slot)
+        return self._other_class()._from_slots(self._geometry, self._weight, self._threads,
+                                               **slots)
 
     def _transpose(self):
         return self._transpose_op()
@@ -455,9 +356,9 @@ class _ConvOperatorBase(LinearOperator):
         ValueError
             If ``x`` is shaped like neither one sample nor a batch.
         """
-        g = self._geometry
+        geom = self._geometry
         product = self._backward_product if self._transposed else self._forward_product
-        return self._apply_shaped(x, product, g.input_shape, g.output_shape, "x")
+        return self._apply_shaped(x, product, geom.input_shape, geom.output_shape, "x")
 
     def conv_transpose(self, y) -> np.ndarray:
         """The transposed convolution applied to one sample or a batch.
@@ -477,9 +378,9 @@ class _ConvOperatorBase(LinearOperator):
         ValueError
             If ``y`` is shaped like neither one sample nor a batch.
         """
-        g = self._geometry
+        geom = self._geometry
         product = self._forward_product if self._transposed else self._backward_product
-        return self._apply_shaped(y, product, g.output_shape, g.input_shape, "y")
+        return self._apply_shaped(y, product, geom.output_shape, geom.input_shape, "y")
 
     def with_weight(self, weight, *, dtype=None):
         """A new operator for new weights of the same shape and geometry.
@@ -512,57 +413,34 @@ class _ConvOperatorBase(LinearOperator):
                 f"weight must have the shape of this operator's weight {self._weight.shape}, "
                 f"got weight.shape={w.shape}"
             )
-        g, setting, direction = self._geometry, self._threads, self._transposed
-        # Share the patterns already built, keeping their index arrays only,
-        # not the old values.
-        slots = dict(
-            matrix=_refill_slot(self._matrix_slot, g, w, direction, setting, False),
-            tmatrix=_refill_slot(self._tmatrix_slot, g, w, not direction, setting, False),
-        )
-        if self._form == "blocks":
-            slots["forward"] = _refill_blocks_slot(self._forward_slot, g, w, direction, setting)
-            slots["backward"] = _refill_blocks_slot(self._backward_slot, g, w, not direction,
-                                                    setting)
-        elif self._form == "diagonals":
-            pass  # no index arrays to share: the defaults compute the diagonals anew
-        elif self.output_shape[0] > 1:  # else the backward form is the transpose itself
-            slots["backward"] = _refill_slot(self._backward_slot, g, w, not direction, setting,
-                                             True)
-        op = type(self)._from_slots(g, w, setting, **slots)
+        geom, threads, transposed = self._geometry, self._threads, self._transposed
+        mslot = (_refilled_csr_slot(self._matrix_slot, geom, w, transposed, threads)
+                 or _csr_slot(geom, w, transposed, threads))
+        tslot = (_refilled_csr_slot(self._tmatrix_slot, geom, w, not transposed, threads)
+                 or _csr_slot(geom, w, not transposed, threads))
+        slots = dict(matrix=mslot, tmatrix=tslot)
+        # The product forms already built lend their patterns (index arrays
+        # only, not the old values).
+        roles = (("forward", self._forward_slot, transposed, False, mslot),
+                 ("backward", self._backward_slot, not transposed, True, tslot))
+        for name, old, matrix_transposed, backward, canonical in roles:
+            if old.built is not None:
+                slots[name] = _form_slot(self._form, geom, w, matrix_transposed, backward,
+                                         threads, canonical, pattern=old.built.pattern)
+        op = type(self)._from_slots(geom, w, threads, **slots)
         op._forward_slot.get()  # the new values are computed now, as by the constructor
         return op
 
 
-def _rebuild_operator(cls, geometry, weight, threads):
-    """An unpickled operator: its matrices rebuilt from the geometry and the weight."""
-    weight = np.array(weight)  # unpickled arrays are writeable: own a read-only one
-    weight.flags.writeable = False
-    op = cls._from_slots(geometry, weight, threads)
-    op._forward_slot.get()
-    return op
-
-
-def _refill_slot(slot, geometry, weight, transpose, threads, channels_last):
-    """A lazy CSR with the pattern of ``slot``'s matrix if built, else ``None``."""
-    like = slot.built
-    if like is None:
-        return None
-    pattern = SimpleNamespace(indices=like.indices, indptr=like.indptr, shape=like.shape)
-
-    def factory():
-        return refill(geometry, weight, pattern, transpose=transpose,
-                      threads=resolve_threads(threads), channels_last=channels_last)
-
-    return _Lazy(factory)
-
-
-def _refill_blocks_slot(slot, geometry, weight, transpose, threads):
-    """A lazy block form with the pattern of ``slot``'s if built, else ``None``."""
-    if slot.built is None:
-        return None
-    pattern = slot.built[0]
-    return _Lazy(lambda: (pattern, fill_blocks(pattern, geometry, weight, transpose=transpose,
-                                               threads=resolve_threads(threads))))
+def _check_form_size(form, geometry, dtype, transposed, max_bytes) -> None:
+    """Refuse, before building, a product form larger than ``max_bytes``."""
+    max_bytes = check_positive_int(max_bytes, "max_bytes")
+    nbytes = form.predict_nbytes(geometry, dtype, transposed=transposed, backward=False)
+    if nbytes > max_bytes:
+        raise MemoryError(
+            f"the operator's product form ({form.name}) would need {nbytes} bytes "
+            f"(nnz={geometry.nnz}, {np.dtype(dtype)} values), more than max_bytes={max_bytes}"
+        )
 
 
 class ConvOperator(_ConvOperatorBase):
@@ -581,6 +459,11 @@ class ConvOperator(_ConvOperatorBase):
         :func:`get_num_threads` at the time of each product (set by
         :func:`set_num_threads` or ``SPARSE_TCONV_NUM_THREADS``, else every
         CPU).  Results do not depend on it.
+    max_bytes : int, optional
+        Raise :class:`MemoryError` before allocating if the product form the
+        constructor builds (see Notes and :attr:`product_form`) would need
+        more bytes than this.  What later products or :attr:`matrix` build on
+        first use is not counted.
 
     Attributes
     ----------
@@ -595,11 +478,17 @@ class ConvOperator(_ConvOperatorBase):
         ``(prod(output_shape), prod(input_shape))``.
     dtype : numpy.dtype
         That of ``matrix``.
+    product_form : ProductFormInfo
+        What ``matvec`` multiplies: ``'blocks'``, ``'diagonals'`` or
+        ``'csr'``, its bytes and the scipy matrix (see Notes).
 
     Raises
     ------
     ValueError, TypeError
-        As for :func:`conv_matrix`, and for an invalid ``threads``.
+        As for :func:`conv_matrix`, and for an invalid ``threads`` or
+        ``max_bytes``.
+    MemoryError
+        If ``max_bytes`` is exceeded.
 
     See Also
     --------
@@ -698,12 +587,14 @@ class ConvOperator(_ConvOperatorBase):
         padding_mode="zeros",
         dtype=None,
         threads=None,
+        max_bytes=None,
     ):
         self._build(
             weight,
             input_shape,
             dtype,
             threads,
+            max_bytes,
             stride=stride,
             padding=padding,
             dilation=dilation,
@@ -723,7 +614,7 @@ class ConvTransposeOperator(_ConvOperatorBase):
         One sample of the transposed convolution's input, ``(C_in, *O)``.
     stride, padding, output_padding, dilation, groups, padding_mode, dtype
         As for :func:`conv_transpose_matrix`.
-    threads : int, optional
+    threads, max_bytes : int, optional
         As for :class:`ConvOperator`.
 
     Attributes
@@ -739,8 +630,8 @@ class ConvTransposeOperator(_ConvOperatorBase):
 
     Raises
     ------
-    ValueError, TypeError
-        As for :func:`conv_transpose_matrix`.
+    ValueError, TypeError, MemoryError
+        As for :func:`conv_transpose_matrix` and :class:`ConvOperator`.
 
     See Also
     --------
@@ -782,12 +673,14 @@ class ConvTransposeOperator(_ConvOperatorBase):
         padding_mode="zeros",
         dtype=None,
         threads=None,
+        max_bytes=None,
     ):
         self._build(
             weight,
             input_shape,
             dtype,
             threads,
+            max_bytes,
             stride=stride,
             padding=padding,
             output_padding=output_padding,

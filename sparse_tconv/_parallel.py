@@ -12,7 +12,7 @@ from concurrent.futures import ThreadPoolExecutor, wait
 
 import numpy as np
 
-from ._geometry import _check_int
+from ._validation import check_int
 
 __all__ = ["get_num_threads", "set_num_threads", "resolve_threads", "run_parallel",
            "balanced_ranges", "even_ranges"]
@@ -110,7 +110,7 @@ def resolve_threads(threads) -> int:
     """Validate a ``threads=`` argument; ``None`` means :func:`get_num_threads`."""
     if threads is None:
         return get_num_threads()
-    threads = _check_int(threads, "threads")
+    threads = check_int(threads, "threads")
     if threads < 1:
         raise ValueError(f"threads must be a positive integer or None, got threads={threads}")
     return threads

@@ -13,7 +13,7 @@ import warnings
 import numpy as np
 import scipy.sparse as sp
 
-from ._geometry import _check_int, _is_int, _normalize_shape
+from ._validation import check_bool, check_int, is_int, normalize_shape
 from ._operator import ConvOperator, ConvTransposeOperator, _ConvOperatorBase
 
 __all__ = ["from_torch", "to_torch"]
@@ -76,7 +76,7 @@ def _describe(module) -> str:
 def _split_input_shape(input_shape, module, ndim: int) -> tuple[tuple[int, ...], bool]:
     """One sample's shape ``(C_in, *L)`` and whether a batch axis was given."""
     layer = _describe(module)
-    if isinstance(input_shape, (str, bytes)) or _is_int(input_shape):
+    if isinstance(input_shape, (str, bytes)) or is_int(input_shape):
         raise TypeError(f"input_shape must be a sequence of ints, got input_shape={input_shape!r}")
     try:
         items = tuple(input_shape)
@@ -92,10 +92,10 @@ def _split_input_shape(input_shape, module, ndim: int) -> tuple[tuple[int, ...],
         )
     batched = len(items) == ndim + 2
     if batched:
-        batch = _check_int(items[0], "input_shape[0] (the batch size)")
+        batch = check_int(items[0], "input_shape[0] (the batch size)")
         if batch < 0:
             raise ValueError(f"the batch size must be non-negative, got input_shape={items}")
-    shape = _normalize_shape(items[1:] if batched else items, "input_shape")
+    shape = normalize_shape(items[1:] if batched else items, "input_shape")
     if shape[0] != module.in_channels:
         axis = 1 if batched else 0
         raise ValueError(
@@ -115,7 +115,7 @@ def _output_padding(layer, sample_shape, batched, output_size, window):
     ``(stride, padding, dilation, kernel_size)``.
     """
     ndim = len(sample_shape) - 1
-    if isinstance(output_size, (str, bytes)) or _is_int(output_size):
+    if isinstance(output_size, (str, bytes)) or is_int(output_size):
         raise TypeError(
             f"output_size must be a sequence of ints, got output_size={output_size!r}"
         )
@@ -125,7 +125,7 @@ def _output_padding(layer, sample_shape, batched, output_size, window):
         raise TypeError(
             f"output_size must be a sequence of ints, got output_size={output_size!r}"
         ) from None
-    if not all(_is_int(v) for v in sizes):
+    if not all(is_int(v) for v in sizes):
         raise TypeError(f"output_size must contain only ints, got output_size={output_size!r}")
     full = ndim + (2 if batched else 1)
     if len(sizes) == full:  # as PyTorch: the leading (batch, channel) entries are ignored
@@ -174,7 +174,7 @@ def _per_dimension(module, layer, name: str, ndim: int) -> tuple[int, ...]:
     ``Conv2d(2, 3, 3, stride=(2,))`` runs with stride ``(2, 2)``.
     """
     value = getattr(module, name)
-    if _is_int(value):
+    if is_int(value):
         return (int(value),) * ndim
     values = tuple(value)
     if len(values) == 1:
@@ -207,7 +207,7 @@ def _check_output_size_window(module, layer, ndim: int):
     """
     for name in ("stride", "padding", "dilation", "kernel_size"):
         value = getattr(module, name)
-        if _is_int(value) or len(value) < ndim:
+        if is_int(value) or len(value) < ndim:
             raise ValueError(
                 f"{layer} has {name}={value!r}: with output_size, PyTorch's "
                 f"{type(module).__name__}.forward reads {name}[d] for each of its {ndim} "
@@ -267,7 +267,8 @@ def _conv_padding(module, layer, ndim: int, batched: bool):
     return tuple(reversed(spatial))
 
 
-def from_torch(module, input_shape, *, output_size=None, dtype=None, threads=None):
+def from_torch(module, input_shape, *, output_size=None, dtype=None, threads=None,
+               max_bytes=None):
     """The operator and bias of a PyTorch convolution layer.
 
     Parameters
@@ -294,8 +295,9 @@ def from_torch(module, input_shape, *, output_size=None, dtype=None, threads=Non
         (float32 stays float32, float64 float64, complex stays complex);
         float16 and bfloat16 layers give float32, as a float16 weight does in
         :class:`ConvOperator`.
-    threads : int, optional
-        As for :class:`ConvOperator`.
+    threads, max_bytes : int, optional
+        As for :class:`ConvOperator`: ``max_bytes`` refuses, before anything
+        is allocated, an operator whose product form would need more bytes.
 
     Returns
     -------
@@ -330,6 +332,8 @@ def from_torch(module, input_shape, *, output_size=None, dtype=None, threads=Non
         forward rejects (see Notes; the message names the setting), and for
         the invalid geometries listed in :func:`conv_matrix` (e.g. reflect
         padding as large as the input).
+    MemoryError
+        If ``max_bytes`` is exceeded.
 
     See Also
     --------
@@ -464,7 +468,7 @@ def from_torch(module, input_shape, *, output_size=None, dtype=None, threads=Non
     sample_shape, batched = _split_input_shape(input_shape, module, ndim)
     weight = _to_numpy(torch, module.weight)
     op = _build_operator(module, layer, transposed, ndim, weight, sample_shape, batched,
-                         output_size, dtype, threads)
+                         output_size, dict(dtype=dtype, threads=threads, max_bytes=max_bytes))
     if module.bias is None:
         return op, None
     bias = _to_numpy(torch, module.bias)
@@ -478,7 +482,7 @@ def from_torch(module, input_shape, *, output_size=None, dtype=None, threads=Non
 
 
 def _build_operator(module, layer, transposed, ndim, weight, sample_shape, batched, output_size,
-                    dtype, threads):
+                    options):
     """The operator with the layer's settings (validated as its forward would)."""
     _check_kernel(module, layer, ndim, weight)
     if transposed:
@@ -498,8 +502,7 @@ def _build_operator(module, layer, transposed, ndim, weight, sample_shape, batch
             padding_mode=module.padding_mode,
         )
     try:
-        return cls(weight, sample_shape, groups=module.groups, dtype=dtype, threads=threads,
-                   **settings)
+        return cls(weight, sample_shape, groups=module.groups, **options, **settings)
     except ValueError as exc:  # the geometry does not fit: say which layer
         raise ValueError(f"{layer} on input shape {sample_shape}: {exc}") from None
 
@@ -512,8 +515,8 @@ def _transpose_settings(module, layer, ndim, sample_shape, batched, output_size)
             "convolutions support only padding_mode='zeros' (its forward would raise)"
         )
     padding = module.padding  # 'same' is stored as the tuple ('s', 'a', 'm', 'e')
-    entries = (padding,) if _is_int(padding) else tuple(padding)
-    if isinstance(padding, str) or not all(_is_int(p) for p in entries):
+    entries = (padding,) if is_int(padding) else tuple(padding)
+    if isinstance(padding, str) or not all(is_int(p) for p in entries):
         raise ValueError(
             f"{layer} has padding={module.padding!r}, but PyTorch's transposed convolutions "
             "take integer padding only (its forward would raise)"
@@ -697,8 +700,7 @@ def to_torch(matrix, *, index_dtype=None, copy=False):
         raise ValueError(
             f"index_dtype=int32 cannot index this matrix (shape={csr.shape}, nnz={csr.nnz})"
         )
-    if not isinstance(copy, (bool, np.bool_)):
-        raise TypeError(f"copy must be a bool, got copy={copy!r}")
+    copy = check_bool(copy, "copy")
     share = dict(copy=copy, read_only=not check)  # an operator's own read-only matrix
     crow = _tensor(torch, _shareable(csr.indptr, idx, **share))
     col = _tensor(torch, _shareable(csr.indices, idx, **share))

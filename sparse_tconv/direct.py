@@ -32,8 +32,8 @@ import numpy as np
 import scipy.fft
 from numpy.lib.stride_tricks import as_strided
 
-from ._build import validate
-from ._geometry import ConvGeometry, _is_int
+from ._geometry import ConvGeometry, validate
+from ._validation import check_choice, is_int
 
 __all__ = ["METHODS", "conv", "conv_transpose"]
 
@@ -56,13 +56,7 @@ _DFT_MIN_ROWS = 8
 # ---------------------------------------------------------------------------
 
 
-def _check_method(method) -> str:
-    if not isinstance(method, str) or method not in METHODS:
-        raise ValueError(f"method must be one of {METHODS}, got method={method!r}")
-    return method
-
-
-def _prepare(x, weight, name: str, transpose: bool, geometry: dict):
+def _prepare(x, weight, name: str, transposed: bool, geometry: dict):
     """Validated ``(x as (B, C, *spatial), weight, geometry, batched)``.
 
     ``x`` and the weight are cast to their common result dtype; neither input
@@ -73,7 +67,7 @@ def _prepare(x, weight, name: str, transpose: bool, geometry: dict):
         raise TypeError(f"{name} must be a numeric array, got {name}.dtype={x.dtype}")
     n = np.ndim(weight) - 2
     if n < 1:  # let the shared validation report the bad weight
-        validate(weight, x.shape, transpose=transpose, **geometry)
+        validate(weight, x.shape, transposed=transposed, **geometry)
     if x.ndim not in (n + 1, n + 2):
         raise ValueError(
             f"{name} must be one sample (channels, *spatial) or a batch "
@@ -84,12 +78,12 @@ def _prepare(x, weight, name: str, transpose: bool, geometry: dict):
     sample_shape = x.shape[-(n + 1):]
     wshape = np.shape(weight)
     groups = geometry["groups"]
-    if transpose:
+    if transposed:
         expected = wshape[0]
     else:
-        expected = wshape[1] * groups if _is_int(groups) and groups > 0 else None
+        expected = wshape[1] * groups if is_int(groups) and groups > 0 else None
     if expected is not None and sample_shape[0] != expected:
-        layout = ("(in_channels, out_channels // groups, *kernel_size)" if transpose
+        layout = ("(in_channels, out_channels // groups, *kernel_size)" if transposed
                   else "(out_channels, in_channels // groups, *kernel_size)")
         raise ValueError(
             f"{name} has {sample_shape[0]} channels but the weight {layout} expects "
@@ -97,7 +91,7 @@ def _prepare(x, weight, name: str, transpose: bool, geometry: dict):
         )
     if any(v <= 0 for v in sample_shape[1:]):
         raise ValueError(f"{name} must have positive spatial sizes, got {name}.shape={x.shape}")
-    w, geom = validate(weight, sample_shape, transpose=transpose, **geometry)
+    w, geom = validate(weight, sample_shape, transposed=transposed, **geometry)
     dtype = np.result_type(x.dtype, w.dtype)
     if not batched:
         x = x[None]
@@ -256,7 +250,7 @@ def _kernel_spectrum(w, geom, shape, real, flip):
     return spec.reshape(-1, g, geom.out_channels // g, geom.in_channels // g)
 
 
-def _spectral_product(spec_w, spec_x, geom, transpose):
+def _spectral_product(spec_w, spec_x, geom, transposed):
     """Per-frequency channel mixing: a stack of small matrix products.
 
     ``spec_w`` is (F, groups, opg, cpg) and ``spec_x`` (B, C, *F), whose
@@ -266,7 +260,7 @@ def _spectral_product(spec_w, spec_x, geom, transpose):
     """
     batch, g = spec_x.shape[0], geom.groups
     freq = spec_x.shape[2:]
-    if transpose:
+    if transposed:
         spec_w = spec_w.swapaxes(-1, -2)
     xx = spec_x.reshape(batch, g, -1, spec_w.shape[0]).transpose(3, 1, 2, 0)  # (F, g, c, B)
     out = np.matmul(spec_w, np.ascontiguousarray(xx))
@@ -281,7 +275,7 @@ def _conv_fft(x, w, geom):
     # transform length of at least the padded size wraps nothing into the
     # valid part [span - 1, padded size).
     spec = _spectral_product(_kernel_spectrum(w, geom, shape, real, flip=True),
-                             forward(xpad, s=shape, axes=axes), geom, transpose=False)
+                             forward(xpad, s=shape, axes=axes), geom, transposed=False)
     full = inverse(spec, s=shape, axes=axes)
     keep = tuple(slice((k - 1) * d, (k - 1) * d + (o - 1) * s + 1, s)
                  for k, d, o, s in zip(geom.kernel_size, geom.dilation, geom.output_size,
@@ -336,7 +330,7 @@ def _conv_transpose_fft(y, w, geom):
     # The full convolution of yu with the dilated kernel has length
     # up + span - 1 <= padded size <= transform length: nothing wraps.
     spec = _spectral_product(_kernel_spectrum(w, geom, shape, real, flip=False),
-                             forward(yu, s=shape, axes=axes), geom, transpose=True)
+                             forward(yu, s=shape, axes=axes), geom, transposed=True)
     full = inverse(spec, s=shape, axes=axes)
     zpad = full[(slice(None), slice(None), *(slice(0, v) for v in padded))]
     return _fold(np.asarray(zpad, dtype=y.dtype), geom)
@@ -442,7 +436,7 @@ def conv(
     >>> conv(np.stack([X, -X]), K[None, None], padding=1, padding_mode="circular").shape
     (2, 1, 4, 4)
     """
-    method = _check_method(method)
+    method = check_choice(method, METHODS, "method")
     x, w, geom, batched = _prepare(
         x, weight, "x", False,
         dict(stride=stride, padding=padding, dilation=dilation, groups=groups,
@@ -545,7 +539,7 @@ def conv_transpose(
             [ 0.,  4.,  6.],
             [ 4., 12.,  9.]]])
     """
-    method = _check_method(method)
+    method = check_choice(method, METHODS, "method")
     y, w, geom, batched = _prepare(
         y, weight, "y", True,
         dict(stride=stride, padding=padding, output_padding=output_padding,

@@ -3,14 +3,15 @@
 :class:`DistributedConvOperator` is a :class:`scipy.sparse.linalg.LinearOperator`
 for matrices too large for one machine (or one worker).  The matrix is never
 assembled on the driver: each block of contiguous rows is built *on a
-worker*, straight from the geometry (:func:`sparse_tconv._build.build_rows`,
+worker*, straight from the geometry (:func:`sparse_tconv._build_rows.build_rows`,
 in O(that block's nnz)), and kept there as a persisted Dask future.  Only the
 geometry and the weight travel to the cluster when it is built; each product
 sends the input vector once and gathers the result.
 
 Dask's lineage makes the blocks fault tolerant: a block lost with its worker
 is rebuilt from the geometry on another worker, and a product running at that
-moment still returns the right answer.
+moment still returns the right answer.  A block Dask gives up on (its workers
+kept dying, or it was cancelled) is submitted again by the next product.
 
 Requires the optional extra ``dask`` (``pip install "sparse-tconv[dask]"``,
 i.e. ``dask[distributed]``); importing this module works without it, and
@@ -21,19 +22,16 @@ from __future__ import annotations
 
 import concurrent.futures
 import functools
+import itertools
 import uuid
+from dataclasses import dataclass
 
 import numpy as np
 from scipy.sparse.linalg import LinearOperator
 
-from ._build import balanced_row_ranges, build_rows, row_offsets, validate
-from ._geometry import (
-    _INT32_MAX,
-    _check_positive_int,
-    _matrix_size,
-    cast_if_safe,
-    index_dtype,
-)
+from ._build_rows import balanced_row_ranges, build_rows, row_offsets
+from ._geometry import index_dtype, matrix_size, validate
+from ._validation import INT32_MAX, cast_if_safe, check_choice, check_positive_int
 from ._parallel import run_parallel
 
 __all__ = ["DistributedConvOperator", "RowBlock", "ADJOINT_METHODS"]
@@ -91,9 +89,9 @@ def _spec(geometry, weight):
     return geometry, weight
 
 
-def _build_block(spec, start, stop, transpose):
+def _build_block(spec, start, stop, transposed):
     geometry, weight = spec
-    matrix = build_rows(geometry, weight, start, stop, transpose=transpose, threads=1)
+    matrix = build_rows(geometry, weight, start, stop, transposed=transposed, threads=1)
     return RowBlock(start, stop, matrix)
 
 
@@ -154,6 +152,11 @@ def _sum(*parts):
 # Driver side
 # ---------------------------------------------------------------------------
 
+# Future states of a block that Dask will not bring back by itself: an error
+# (its workers kept dying, or the build raised) or a cancellation (a restart
+# of the cluster, a cancel).  A "lost" block is being recomputed by Dask.
+_GONE = ("error", "cancelled")
+
 
 def _is_zero(value) -> bool:
     """Whether an int or a sequence of ints is 0 everywhere."""
@@ -161,6 +164,34 @@ def _is_zero(value) -> bool:
         return all(v == 0 for v in np.ravel(np.asarray(value, dtype=object)))
     except TypeError:
         return False
+
+
+def _check_arguments(transpose, adjoint, n_blocks, output_padding, geometry: dict):
+    """Check the operator's own arguments (the geometry is checked by ``validate``).
+
+    Returns
+    -------
+    transpose : bool
+    n_blocks : int or None
+    geometry : dict
+        The keywords of :func:`~sparse_tconv._geometry.validate`, with
+        ``output_padding`` when ``transpose``.
+    """
+    if not isinstance(transpose, (bool, np.bool_)):
+        raise TypeError(f"transpose must be a bool, got transpose={transpose!r}")
+    transpose = bool(transpose)
+    check_choice(adjoint, ADJOINT_METHODS, "adjoint")
+    geometry = dict(geometry)
+    if transpose:
+        geometry["output_padding"] = output_padding
+    elif not _is_zero(output_padding):
+        raise ValueError(
+            "output_padding belongs to the transposed convolution: pass transpose=True "
+            f"(got output_padding={output_padding!r} with transpose=False)"
+        )
+    if n_blocks is not None:
+        n_blocks = check_positive_int(n_blocks, "n_blocks")
+    return transpose, n_blocks, geometry
 
 
 def _resolve_client(client):
@@ -192,8 +223,8 @@ def _workers(client) -> dict:
 def _default_n_blocks(size, workers) -> int:
     n = sum(w["nthreads"] for w in workers.values())  # one block per worker thread
     n = max(n, len(workers))
-    if size.shape[1] <= _INT32_MAX:  # blocks small enough for int32 indices
-        n = max(n, -(-size.nnz // _INT32_MAX))
+    if size.shape[1] <= INT32_MAX:  # blocks small enough for int32 indices
+        n = max(n, -(-size.nnz // INT32_MAX))
     return n
 
 
@@ -205,10 +236,10 @@ def _assign(n_blocks: int, workers: dict) -> list[str]:
     return [addrs[i] for i in np.searchsorted(bounds, where, side="right").tolist()]
 
 
-def _block_nbytes(geom, ranges, dtype, transpose) -> list[int]:
+def _block_nbytes(geom, ranges, dtype, transposed) -> list[int]:
     """Predicted bytes of each block's CSR arrays (exact)."""
-    n_cols = _matrix_size(geom, dtype, transpose).shape[1]
-    cuts = row_offsets(geom, [r for pair in ranges for r in pair], transpose=transpose)
+    n_cols = matrix_size(geom, dtype, transposed).shape[1]
+    cuts = row_offsets(geom, [r for pair in ranges for r in pair], transposed=transposed)
     sizes = []
     for (a, b), nnz in zip(ranges, (cuts[1::2] - cuts[0::2]).tolist()):
         idx = index_dtype(nnz, b - a, n_cols)
@@ -227,6 +258,147 @@ def _check_memory(per_worker: dict, workers: dict) -> None:
                 "workers or memory (Dask also starts spilling to disk above its 'target' "
                 "fraction of memory_limit, 0.6 by default)"
             )
+
+
+@dataclass(frozen=True)
+class _MatrixPlan:
+    """The row blocks of one matrix: the operator's own, or its transpose."""
+
+    transposed: bool
+    """The ``transposed=`` of :func:`~sparse_tconv._build_rows.build_rows` for these blocks."""
+    own: bool
+    """Whether this is the operator's matrix (else its transpose, ``adjoint='transpose'``)."""
+    ranges: tuple[tuple[int, int], ...]
+    nbytes: tuple[int, ...]
+    workers: tuple[str, ...]
+    """Where each block is first placed."""
+
+    def describe(self, i: int) -> str:
+        """Block ``i`` in words, for error messages: its rows and bytes."""
+        a, b = self.ranges[i]
+        which = "the matrix" if self.own else "the transposed matrix"
+        return f"block {i} (rows {a}:{b} of {which}, {self.nbytes[i]} bytes)"
+
+
+@dataclass(frozen=True)
+class _Plan:
+    """Everything decided before a task is submitted."""
+
+    shape: tuple[int, int]
+    matrices: tuple[_MatrixPlan, ...]
+    per_worker: dict
+    """Bytes of the blocks placed on each worker."""
+    workers: dict
+    """The workers as read from the scheduler (see :func:`_workers`)."""
+
+
+def _plan(geom, dtype, transposed: bool, adjoint: str, n_blocks, workers: dict) -> _Plan:
+    """Ranges, bytes and placement of every block; MemoryError if a worker's share won't fit.
+
+    Reads nothing from the cluster: ``workers`` is :func:`_workers`'s answer.
+    """
+    size = matrix_size(geom, dtype, transposed)
+    if n_blocks is None:
+        n_blocks = _default_n_blocks(size, workers)
+    kinds = [transposed] if adjoint == "reduce" else [transposed, not transposed]
+    matrices, per_worker = [], dict.fromkeys(workers, 0)
+    for tr in kinds:
+        ranges = balanced_row_ranges(geom, n_blocks, transposed=tr)
+        nbytes = _block_nbytes(geom, ranges, dtype, tr)
+        where = _assign(len(ranges), workers)
+        for addr, b in zip(where, nbytes):
+            per_worker[addr] += b
+        matrices.append(_MatrixPlan(tr, tr == transposed, tuple(map(tuple, ranges)),
+                                    tuple(nbytes), tuple(where)))
+    _check_memory(per_worker, workers)
+    return _Plan(size.shape, tuple(matrices), per_worker, workers)
+
+
+def _place_lost(lost: list, held: dict, workers: dict) -> list[str]:
+    """A worker for each lost block: the one with the most room left.
+
+    Parameters
+    ----------
+    lost : list of (str, int)
+        Each lost block's description and bytes.
+    held : dict
+        Bytes of this operator's blocks each worker holds now.
+    workers : dict
+        The running workers (see :func:`_workers`).
+
+    Returns
+    -------
+    list of str
+        The address of each block's worker.
+
+    Raises
+    ------
+    RuntimeError
+        If a block fits no worker's room (``memory_limit`` minus what it
+        holds): the operator is unusable until the cluster grows.
+    """
+    room = {
+        addr: w["memory_limit"] - held.get(addr, 0) if w["memory_limit"] else float("inf")
+        for addr, w in workers.items()
+    }
+    places = []
+    for description, need in lost:
+        addr = max(room, key=room.get)  # ties: the first address, for reproducibility
+        if need > room[addr]:
+            free = {a: max(0, r) for a, r in room.items()}
+            raise RuntimeError(
+                f"this DistributedConvOperator is unusable: {description} was lost and no "
+                f"running worker has room for it (bytes left below each memory_limit: "
+                f"{free}); add workers or memory, or close it and build a new operator from "
+                "the geometry (a larger n_blocks makes smaller blocks)"
+            )
+        room[addr] -= need
+        places.append(addr)
+    return places
+
+
+@functools.cache
+def _block_killed_worker_class():
+    """``distributed.KilledWorker`` with a message that names the block and its memory.
+
+    Made on first use: dask.distributed is an optional dependency.
+    """
+
+    class BlockKilledWorker(_import_distributed().KilledWorker):
+        """A block's every worker died while building it (e.g. at its memory limit)."""
+
+        def __init__(self, task, last_worker, allowed_failures, message):
+            super().__init__(task, last_worker, allowed_failures)
+            self.message = message
+
+        def __str__(self):
+            return self.message
+
+        def __reduce__(self):  # the class is local: rebuild it through the factory
+            return _block_killed_worker, (*self.args, self.message)
+
+    return BlockKilledWorker
+
+
+def _block_killed_worker(task, last_worker, allowed_failures, message):
+    return _block_killed_worker_class()(task, last_worker, allowed_failures, message)
+
+
+def _killed_while_building(cause, plan: _Plan, matrix: _MatrixPlan, i: int):
+    """The :class:`KilledWorker` to raise for block ``i``, from Dask's ``cause``."""
+    addr = matrix.workers[i]
+    limit = plan.workers[addr]["memory_limit"]
+    last = getattr(cause.last_worker, "address", cause.last_worker)
+    message = (
+        f"{matrix.describe(i)} could not be built: the worker running it died "
+        f"{cause.allowed_failures + 1} time(s), the last one {last} (a worker killed at its "
+        f"memory limit?). The block was placed on {addr} with {plan.per_worker[addr]} bytes "
+        f"of blocks in all, against its memory_limit={limit}"
+        + (" (none)" if not limit else "")
+        + "; building a block takes more memory than the block keeps: pass a larger "
+        "n_blocks or give the workers more memory"
+    )
+    return _block_killed_worker(cause.task, cause.last_worker, cause.allowed_failures, message)
 
 
 class DistributedConvOperator(LinearOperator):
@@ -306,6 +478,11 @@ class DistributedConvOperator(LinearOperator):
     MemoryError
         If the blocks assigned to a worker would need more bytes than its
         ``memory_limit``.
+    distributed.KilledWorker
+        If every worker that built a block died (one killed at its
+        ``memory_limit``, say); the message names the block, its rows, its
+        bytes and the worker's ``memory_limit``.  Any other exception of a
+        block's build on a worker is raised as the worker raised it.
 
     See Also
     --------
@@ -340,7 +517,19 @@ class DistributedConvOperator(LinearOperator):
     *Faults.*  Blocks are Dask tasks computed from the geometry, so a block
     lost with its worker is rebuilt on another worker (its share of memory
     must fit there).  A product whose input was lost, or sent to a worker
-    dying at that moment, is sent again (up to 3 times).
+    dying at that moment, is sent again (up to 3 times).  A block Dask gives
+    up on (its workers kept dying while building it: Dask's
+    ``distributed.scheduler.allowed-failures``; or cancelled, as
+    ``client.restart()`` does) is submitted again from the geometry, with a
+    fresh key, by the next product, on the worker with the most room below
+    its ``memory_limit`` (the task holding the geometry too, if it is gone).
+    When no worker has room for it, or that rebuild fails as well, the
+    product raises :class:`RuntimeError` saying that the operator is
+    unusable and why.
+
+    *Copies.*  ``pickle``, ``copy.copy`` and ``copy.deepcopy`` raise
+    :class:`TypeError`: the blocks are futures on the client's cluster.
+    Build a new operator from the geometry on the target client instead.
 
     Examples
     --------
@@ -383,72 +572,149 @@ class DistributedConvOperator(LinearOperator):
         padding_mode="zeros",
         dtype=None,
     ):
-        if not isinstance(transpose, (bool, np.bool_)):
-            raise TypeError(f"transpose must be a bool, got transpose={transpose!r}")
-        transpose = bool(transpose)
-        if not isinstance(adjoint, str) or adjoint not in ADJOINT_METHODS:
-            raise ValueError(f"adjoint must be one of {ADJOINT_METHODS}, got adjoint={adjoint!r}")
-        geometry = dict(stride=stride, padding=padding, dilation=dilation, groups=groups,
-                        padding_mode=padding_mode)
-        if transpose:
-            geometry["output_padding"] = output_padding
-        elif not _is_zero(output_padding):
-            raise ValueError(
-                "output_padding belongs to the transposed convolution: pass transpose=True "
-                f"(got output_padding={output_padding!r} with transpose=False)"
-            )
-        if n_blocks is not None:
-            n_blocks = _check_positive_int(n_blocks, "n_blocks")
-        w, geom = validate(weight, input_shape, transpose=transpose, dtype=dtype, **geometry)
+        transpose, n_blocks, geometry = _check_arguments(
+            transpose, adjoint, n_blocks, output_padding,
+            dict(stride=stride, padding=padding, dilation=dilation, groups=groups,
+                 padding_mode=padding_mode),
+        )
+        w, geom = validate(weight, input_shape, transposed=transpose, dtype=dtype, **geometry)
         client = _resolve_client(client)
-        workers = _workers(client)
-        size = _matrix_size(geom, w.dtype, transpose)
-        if n_blocks is None:
-            n_blocks = _default_n_blocks(size, workers)
-
-        matrices = [transpose] if adjoint == "reduce" else [transpose, not transpose]
-        plans, per_worker = [], dict.fromkeys(workers, 0)
-        for tr in matrices:
-            ranges = balanced_row_ranges(geom, n_blocks, transpose=tr)
-            nbytes = _block_nbytes(geom, ranges, w.dtype, tr)
-            where = _assign(len(ranges), workers)
-            for addr, b in zip(where, nbytes):
-                per_worker[addr] += b
-            plans.append((tr, ranges, nbytes, where))
-        _check_memory(per_worker, workers)
+        plan = _plan(geom, w.dtype, transpose, adjoint, n_blocks, _workers(client))
 
         self._client = client
         self._geometry = geom
         self._weight = w
-        self._is_transposed = transpose
+        self._transposed = transpose
         self._adjoint_method = adjoint
         self._name = f"sparse_tconv-{uuid.uuid4().hex[:12]}"
+        self._plan = plan
+        self._rebuilds = itertools.count(1)  # fresh keys for rebuilt tasks
+        self._submit()
+        self._wait_built()
+        super().__init__(dtype=w.dtype, shape=plan.shape)
+
+    # -- building ---------------------------------------------------------
+
+    def _submit_spec(self, tag: str = ""):
         # One task holds the geometry and the weight; every block depends on
         # it, so a lost block can be rebuilt from the scheduler's lineage.
-        self._spec = client.submit(_spec, geom, w, key=f"{self._name}-spec")
-        self._blocks = {}
-        for tr, ranges, nbytes, where in plans:
-            futures = [
-                client.submit(
-                    _build_block,
-                    self._spec,
-                    a,
-                    b,
-                    tr,
-                    key=f"{self._name}-{'T' if tr != transpose else 'W'}-{i}",
-                    workers=[addr],
-                    allow_other_workers=True,
-                )
-                for i, ((a, b), addr) in enumerate(zip(ranges, where))
-            ]
-            self._blocks[tr] = (ranges, nbytes, futures)
-        all_futures = [f for _, _, futures in self._blocks.values() for f in futures]
-        _import_distributed().wait(all_futures)
-        for future in all_futures:
-            if future.status == "error":
+        return self._client.submit(_spec, self._geometry, self._weight,
+                                   key=f"{self._name}-spec{tag}")
+
+    def _submit_block(self, matrix: _MatrixPlan, i: int, worker: str, tag: str = ""):
+        a, b = matrix.ranges[i]
+        return self._client.submit(
+            _build_block,
+            self._spec,
+            a,
+            b,
+            matrix.transposed,
+            key=f"{self._name}-{'W' if matrix.own else 'T'}-{i}{tag}",
+            workers=[worker],
+            allow_other_workers=True,  # a loose placement: Dask may rebuild it elsewhere
+        )
+
+    def _submit(self) -> None:
+        """Submit the spec and every block where the plan places it."""
+        self._spec = self._submit_spec()
+        self._blocks = {
+            m.transposed: (m, [self._submit_block(m, i, addr) for i, addr in enumerate(m.workers)])
+            for m in self._plan.matrices
+        }
+
+    def _wait_built(self) -> None:
+        """Wait for every block; on a failure, release them all and raise the worker's error.
+
+        The error is read before the futures are cancelled: a cancelled
+        future only reports its cancellation.
+        """
+        distributed = _import_distributed()
+        blocks = [(m, i, f) for m, futures in self._blocks.values() for i, f in enumerate(futures)]
+        with self._client.as_current():  # wait() uses the current client, not the futures'
+            distributed.wait([f for _, _, f in blocks])
+        for matrix, i, future in blocks:
+            if future.status == "finished":
+                continue
+            try:
+                future.result()  # raises the worker's exception, with its traceback
+            except distributed.KilledWorker as exc:
                 self.close()
-                future.result()  # raises the worker's exception
-        super().__init__(dtype=w.dtype, shape=size.shape)
+                raise _killed_while_building(exc, self._plan, matrix, i) from exc
+            except BaseException:
+                self.close()
+                raise
+
+    def _rebuild_lost(self) -> list:
+        """Resubmit, with fresh keys, the spec and the blocks Dask will not bring back.
+
+        Returns
+        -------
+        list of (_MatrixPlan, int)
+            The blocks resubmitted.
+
+        Raises
+        ------
+        RuntimeError
+            If there are blocks to rebuild but no worker, or no worker with
+            room for one of them.
+        """
+        lost = [(m, i) for m, futures in self._blocks.values()
+                for i, f in enumerate(futures) if f.status in _GONE]
+        spec_gone = self._spec.status in _GONE  # the blocks' lineage, for their next loss
+        if not lost and not spec_gone:
+            return []
+        places = self._places_for(lost) if lost else []
+        tag = f"-rebuilt{next(self._rebuilds)}"
+        if spec_gone:
+            self._spec = self._submit_spec(tag)
+        for (matrix, i), addr in zip(lost, places):
+            self._blocks[matrix.transposed][1][i] = self._submit_block(matrix, i, addr, tag)
+        return lost
+
+    def _places_for(self, lost: list) -> list[str]:
+        """The worker to rebuild each lost block on (see :func:`_place_lost`)."""
+        try:
+            workers = _workers(self._client)
+        except ValueError:
+            raise RuntimeError(
+                f"this DistributedConvOperator is unusable: {len(lost)} of its blocks were "
+                "lost and the cluster has no workers to rebuild them on; add workers"
+            ) from None
+        return _place_lost([(m.describe(i), m.nbytes[i]) for m, i in lost],
+                           self._held_bytes(), workers)
+
+    def _held_bytes(self) -> dict:
+        """Bytes of this operator's blocks on each worker now (replicas counted)."""
+        futures = {f.key: m.nbytes[i] for m, fs in self._blocks.values()
+                   for i, f in enumerate(fs) if f.status not in _GONE}
+        held = {}
+        for key, holders in self._client.who_has(list(futures)).items():
+            for addr in holders:
+                held[addr] = held.get(addr, 0) + futures[key]
+        return held
+
+    def _check_rebuilt(self, rebuilt: list, exc: BaseException) -> None:
+        """Raise RuntimeError if a block rebuilt for this product failed again."""
+        for matrix, i in rebuilt:
+            future = self._blocks[matrix.transposed][1][i]
+            if future.status in _GONE:
+                cause = future.exception() if future.status == "error" else exc
+                raise RuntimeError(
+                    f"this DistributedConvOperator is unusable: {matrix.describe(i)} was "
+                    f"lost and rebuilding it from the geometry failed: {cause!r}; close it "
+                    "and build a new operator from the geometry once the cluster can hold it "
+                    "(a larger n_blocks makes smaller blocks)"
+                ) from exc
+
+    def __reduce_ex__(self, protocol):
+        # The blocks are futures of the client's cluster: a copy elsewhere
+        # would point at keys it does not own (or at no cluster at all).
+        raise TypeError(
+            f"a {type(self).__name__} cannot be pickled or copied: it holds futures of its "
+            "row blocks on the cluster of its client; build a new DistributedConvOperator "
+            "from the geometry (op.weight, op.input_shape and the same arguments) on the "
+            "target client instead"
+        )
 
     # -- description ------------------------------------------------------
 
@@ -463,7 +729,7 @@ class DistributedConvOperator(LinearOperator):
 
         (``transpose()`` and ``.T`` are LinearOperator's transpose.)
         """
-        return self._is_transposed
+        return self._transposed
 
     @property
     def adjoint_method(self) -> str:
@@ -477,39 +743,39 @@ class DistributedConvOperator(LinearOperator):
 
     @property
     def input_shape(self) -> tuple[int, ...]:
-        g = self._geometry
-        return g.output_shape if self._is_transposed else g.input_shape
+        geom = self._geometry
+        return geom.output_shape if self._transposed else geom.input_shape
 
     @property
     def output_shape(self) -> tuple[int, ...]:
-        g = self._geometry
-        return g.input_shape if self._is_transposed else g.output_shape
+        geom = self._geometry
+        return geom.input_shape if self._transposed else geom.output_shape
 
     def _own(self):
         if not self._blocks:
             raise RuntimeError("this DistributedConvOperator is closed")
-        return self._blocks[self._is_transposed]
+        return self._blocks[self._transposed]
 
     @property
     def row_ranges(self) -> list[tuple[int, int]]:
-        return list(self._own()[0])
+        return list(self._own()[0].ranges)
 
     @property
     def block_nbytes(self) -> list[int]:
-        return list(self._own()[1])
+        return list(self._own()[0].nbytes)
 
     @property
     def nbytes(self) -> int:
         self._own()
-        return sum(sum(nbytes) for _, nbytes, _ in self._blocks.values())
+        return sum(sum(m.nbytes) for m in self._plan.matrices)
 
     @property
     def futures(self) -> tuple:
-        return tuple(self._own()[2])
+        return tuple(self._own()[1])
 
     def __repr__(self):
-        state = "closed" if not self._blocks else f"{len(self._own()[2])} blocks"
-        kind = "transposed convolution" if self._is_transposed else "convolution"
+        state = "closed" if not self._blocks else f"{len(self._own()[1])} blocks"
+        kind = "transposed convolution" if self._transposed else "convolution"
         return (
             f"<{type(self).__name__} {self.shape[0]}x{self.shape[1]} {self.dtype} "
             f"({kind}), {state}, adjoint={self._adjoint_method!r}>"
@@ -519,7 +785,7 @@ class DistributedConvOperator(LinearOperator):
 
     def close(self) -> None:
         """Release the blocks on the cluster; later products raise RuntimeError."""
-        futures = [f for _, _, fs in self._blocks.values() for f in fs]
+        futures = [f for _, fs in self._blocks.values() for f in fs]
         if getattr(self, "_spec", None) is not None:
             futures.append(self._spec)
             self._spec = None
@@ -547,32 +813,41 @@ class DistributedConvOperator(LinearOperator):
             groups.setdefault(min(holders), []).append(block)
         return list(groups.values())
 
-    def _run(self, x, blocks, submit_all, combine):
-        """Send ``x``, run one task per worker, gather and combine.
+    def _run(self, x, matrix_key, submit_all, combine):
+        """Send ``x``, run one task per worker on the blocks of ``matrix_key``, gather, combine.
 
         ``submit_all(x_future, groups)`` returns the futures to gather.  A
-        product whose input is lost with its worker is sent again.
+        product whose input is lost with its worker is sent again; blocks
+        Dask will not bring back are rebuilt first (:meth:`_rebuild_lost`).
         """
         client = self._client
         for attempt in range(_ATTEMPTS):
+            rebuilt = self._rebuild_lost()
             x_future = futures = None
             try:
                 # To one worker; the others fetch it from there.  (broadcast=True
                 # would make the scheduler replicate it, and its replication
                 # retries a worker that died meanwhile for ever.)
                 x_future = client.scatter(x, hash=False)
-                futures = submit_all(x_future, self._groups(blocks))
+                futures = submit_all(x_future, self._groups(self._blocks[matrix_key][1]))
                 return combine(client.gather(futures))
-            except (OSError, concurrent.futures.CancelledError):
-                if attempt == _ATTEMPTS - 1:
+            except Exception as exc:
+                self._check_rebuilt(rebuilt, exc)
+                if attempt == _ATTEMPTS - 1 or not self._may_retry(exc):
                     raise
             finally:
                 del x_future, futures  # released on the cluster
 
+    def _may_retry(self, exc) -> bool:
+        """Whether another attempt can succeed: the input was lost, or a block is to rebuild."""
+        retried = (OSError, concurrent.futures.CancelledError, _import_distributed().KilledWorker)
+        if isinstance(exc, retried):
+            return True
+        return any(f.status in _GONE for _, fs in self._blocks.values() for f in fs)
+
     def _rows(self, matrix_key, x, conj):
-        _, _, blocks = self._blocks[matrix_key]
-        out = np.empty((self._blocks[matrix_key][0][-1][1],) + x.shape[1:],
-                       dtype=np.result_type(self.dtype, x.dtype))
+        n_rows = self._blocks[matrix_key][0].ranges[-1][1]
+        out = np.empty((n_rows,) + x.shape[1:], dtype=np.result_type(self.dtype, x.dtype))
 
         def submit_all(x_future, groups):
             return [
@@ -586,22 +861,22 @@ class DistributedConvOperator(LinearOperator):
                     out[start : start + len(piece)] = piece
             return out
 
-        return self._run(x, blocks, submit_all, combine)
+        return self._run(x, matrix_key, submit_all, combine)
 
     def _matvec(self, x):
         self._own()
-        return self._rows(self._is_transposed, self._cast(x).ravel(), conj=False)
+        return self._rows(self._transposed, self._cast(x).ravel(), conj=False)
 
     def _matmat(self, X):
         self._own()
-        return self._rows(self._is_transposed, self._cast(X), conj=False)
+        return self._rows(self._transposed, self._cast(X), conj=False)
 
     def _adjoint_product(self, y):
         self._own()
         y = self._cast(y)
         if self._adjoint_method == "transpose":
             conj = np.iscomplexobj(self._weight)
-            return self._rows(not self._is_transposed, y, conj=conj)
+            return self._rows(not self._transposed, y, conj=conj)
         client = self._client
 
         def submit_all(y_future, groups):
@@ -614,7 +889,7 @@ class DistributedConvOperator(LinearOperator):
                 ]
             return parts
 
-        return self._run(y, self._blocks[self._is_transposed][2], submit_all, lambda r: r[0])
+        return self._run(y, self._transposed, submit_all, lambda r: r[0])
 
     def _rmatvec(self, y):
         return self._adjoint_product(np.asarray(y).ravel())
@@ -647,12 +922,12 @@ class DistributedConvOperator(LinearOperator):
         TypeError, ValueError
             If ``n_vectors`` is not a positive int.
         """
-        n_vectors = _check_positive_int(n_vectors, "n_vectors")
+        n_vectors = check_positive_int(n_vectors, "n_vectors")
         item = self.dtype.itemsize * n_vectors
         n_in, n_out = (self.shape[0], self.shape[1]) if adjoint else (self.shape[1], self.shape[0])
         n_workers = len(self._client.scheduler_info(n_workers=-1)["workers"])
         between = (n_workers - 1) * n_in * item
         if adjoint and self._adjoint_method == "reduce":  # one partial sum per worker
-            n_parts = min(len(self._own()[2]), n_workers)
+            n_parts = min(len(self._own()[1]), n_workers)
             between += (n_parts - 1) * n_out * item
         return {"sent": n_in * item, "received": n_out * item, "between_workers": between}

@@ -18,21 +18,23 @@ sparse matrices or arrays, or dense 2-D ndarrays.
 from __future__ import annotations
 
 import math
-import numbers
 import warnings
 
 import numpy as np
 import scipy.sparse as sp
 from scipy.sparse.linalg import LinearOperator, aslinearoperator, svds
 
-from ._geometry import _check_int, as_weight, conv_geometry
+from . import _sparsetools
+from ._geometry import conv_geometry
 from ._operator import ConvOperator, ConvTransposeOperator
 from ._random import gaussian, generator, work_dtype
-
-try:  # scipy's symbolic pass of a sparse product (exact nnz, O(rows) memory)
-    from scipy.sparse._sparsetools import csr_matmat_maxnnz as _csr_matmat_maxnnz
-except ImportError:  # pragma: no cover - depends on the scipy release
-    _csr_matmat_maxnnz = None
+from ._validation import (
+    as_weight,
+    check_choice,
+    check_non_negative_int,
+    check_positive_int,
+    check_tol,
+)
 
 __all__ = [
     "conv_singular_values",
@@ -105,23 +107,6 @@ def _adjoint_csr(obj, matrix: sp.csr_array) -> sp.csr_array:
     if isinstance(obj, _CONV_OPERATORS):
         return _conj(obj.transpose_matrix)
     return _conj(matrix.T.tocsr())
-
-
-def _check_positive_int(value, name: str, *, allow_zero: bool = False) -> int:
-    value = _check_int(value, name)
-    if value < (0 if allow_zero else 1):
-        kind = "non-negative" if allow_zero else "positive"
-        raise ValueError(f"{name} must be a {kind} int, got {name}={value}")
-    return value
-
-
-def _check_tol(value, name: str) -> float:
-    if not isinstance(value, numbers.Real) or isinstance(value, (bool, np.bool_)):
-        raise TypeError(f"{name} must be a real number, got {name}={value!r}")
-    value = float(value)
-    if not (np.isfinite(value) and value >= 0):
-        raise ValueError(f"{name} must be non-negative and finite, got {name}={value!r}")
-    return value
 
 
 # ---------------------------------------------------------------------------
@@ -381,10 +366,10 @@ def _norm_power(A, tol, maxiter, gen):
 
 def _product_nnz(a: sp.csr_array, b: sp.csr_array) -> int:
     """Stored entries of ``a @ b`` before cancellation, in O(rows) memory."""
-    if _csr_matmat_maxnnz is not None:
+    if _sparsetools.csr_matmat_maxnnz is not None:
         idx = np.int64
         return int(
-            _csr_matmat_maxnnz(
+            _sparsetools.csr_matmat_maxnnz(
                 a.shape[0],
                 b.shape[1],
                 a.indptr.astype(idx),
@@ -562,16 +547,15 @@ def operator_norm(
     >>> bool(exact <= operator_norm(op, method="gram") <= 1.1 * exact)
     True
     """
-    if not isinstance(method, str) or method not in _METHODS:
-        raise ValueError(f"method must be one of {_METHODS}, got method={method!r}")
+    method = check_choice(method, _METHODS, "method")
     # Every argument is checked, whichever method uses it.
     if tol is not None:
-        tol = _check_tol(tol, "tol")
+        tol = check_tol(tol, "tol")
     if maxiter is not None:
-        maxiter = _check_positive_int(maxiter, "maxiter")
-    iterations = _check_positive_int(iterations, "iterations", allow_zero=True)
+        maxiter = check_positive_int(maxiter, "maxiter")
+    iterations = check_non_negative_int(iterations, "iterations")
     if max_nnz is not None:
-        max_nnz = _check_positive_int(max_nnz, "max_nnz")
+        max_nnz = check_positive_int(max_nnz, "max_nnz")
     gen = generator(rng)
     A, matrix = _norm_operand(op)
     if method == "gram":

@@ -15,6 +15,7 @@ import numpy as np
 import scipy.sparse as sp
 from scipy.sparse.linalg import LinearOperator, aslinearoperator
 
+from ._geometry import validate
 from ._random import gaussian, generator, work_dtype
 
 __all__ = ["dottest", "assert_conv_matches_reference"]
@@ -214,12 +215,14 @@ def assert_conv_matches_reference(
     >>> W.shape
     (48, 84)
     """
+    # The builder's public functions are under test; the oracle (direct) and
+    # the validation share nothing with it.
     from . import direct
-    from ._build import conv_matrix, conv_transpose_matrix, validate
+    from ._build import conv_matrix, conv_transpose_matrix
 
     builder = conv_transpose_matrix if transpose else conv_matrix
     W = builder(weight, input_shape, **geometry)
-    w, geom = validate(weight, input_shape, transpose=transpose, **geometry)
+    w, geom = validate(weight, input_shape, transposed=transpose, **geometry)
     gen = generator(rng)
     dtype = work_dtype(W.dtype)
     samples = _random_vector(gen, batch * W.shape[1], dtype).reshape(batch, *input_shape)

@@ -1,4 +1,4 @@
-"""The operators' product form: W as dense channel blocks (sparse_tconv._bsr).
+"""The operators' product form: W as dense channel blocks (sparse_tconv._forms.blocks).
 
 Oracles: the canonical CSR of ``conv_matrix``/``conv_transpose_matrix``
 renumbered and converted to BSR by scipy alone (``reference.block_form``),
@@ -14,8 +14,10 @@ from hypothesis import strategies as st
 
 from reference import block_form, block_product, random_array
 from sparse_tconv import ConvOperator, ConvTransposeOperator
-from sparse_tconv import _bsr, _parallel
-from sparse_tconv._build import build, validate
+from sparse_tconv import _parallel
+from sparse_tconv._forms import blocks as _bsr
+from sparse_tconv._build import build
+from sparse_tconv._geometry import validate
 from test_properties import _kwargs, geometries
 
 DTYPES = [np.float32, np.float64, np.complex64, np.complex128]
@@ -35,11 +37,11 @@ IDS = ["2d", "2d-groups-dilated", "1d-transposed", "3d-transposed-groups", "empt
 
 
 def _blocks_and_csr(weight, input_shape, kwargs, transposed, transpose):
-    """The block form made by _bsr and the canonical CSR, of W (or W.T)."""
-    w, geom = validate(weight, input_shape, transpose=transposed, **kwargs)
-    pattern = _bsr.block_pattern(geom, transpose=transpose, threads=1)
-    blocks = _bsr.fill_blocks(pattern, geom, w, transpose=transpose, threads=2)
-    csr = build(geom, w, transpose=transpose, threads=1)
+    """The block form made by _forms.blocks and the canonical CSR, of W (or W.T)."""
+    w, geom = validate(weight, input_shape, transposed=transposed, **kwargs)
+    pattern = _bsr.block_pattern(geom, transposed=transpose, threads=1)
+    blocks = _bsr.fill_blocks(pattern, geom, w, transposed=transpose, threads=2)
+    csr = build(geom, w, transposed=transpose, threads=1)
     rows_ch, cols_ch = geom.in_channels, geom.out_channels
     if not transpose:
         rows_ch, cols_ch = cols_ch, rows_ch
@@ -125,7 +127,7 @@ def test_batch_chunks_split_rows_of_equal_length():
 def test_which_operators_use_blocks(weight_shape, kwargs, expected):
     channels = weight_shape[1] * kwargs.get("groups", 1)
     op = ConvOperator(np.ones(weight_shape), (channels, 6, 6), **kwargs)
-    assert (op._form == "blocks") is expected
+    assert (op.product_form.name == "blocks") is expected
     # the canonical CSR is built only when asked for if the products do not use it
     assert (op._matrix_slot.built is None) is expected
     x = np.random.default_rng(2).standard_normal(op.shape[1])
@@ -171,9 +173,9 @@ def test_with_weight_on_blocks_equals_a_fresh_operator():
     np.testing.assert_array_equal(new.matvec(x), fresh.matvec(x))
     np.testing.assert_array_equal(new.rmatvec(y), fresh.rmatvec(y))
     for slot in ("_forward_slot", "_backward_slot"):
-        got, expected = getattr(new, slot).get()[1], getattr(fresh, slot).get()[1]
+        got, expected = getattr(new, slot).get().matrix, getattr(fresh, slot).get().matrix
         _assert_same_bsr(got, expected)
-        assert np.shares_memory(got.indices, getattr(op, slot).get()[1].indices)
+        assert np.shares_memory(got.indices, getattr(op, slot).get().matrix.indices)
     assert new._matrix_slot.built is None  # the canonical CSR still only on request
     np.testing.assert_array_equal(new.matrix.data, fresh.matrix.data)
 

@@ -24,7 +24,8 @@ from sparse_tconv import (
     conv_transpose_matrix_nnz,
     conv_transpose_output_shape,
 )
-from sparse_tconv._build import build, refill, validate
+from sparse_tconv._build import build, refill
+from sparse_tconv._geometry import validate
 
 MODES = ["zeros", "reflect", "replicate", "circular"]
 DTYPES = [np.float32, np.float64, np.complex64, np.complex128]
@@ -173,16 +174,16 @@ def test_position_major_columns(case, mode, transpose):
     # (channel, position) -> (position, channel), rows sorted: scipy's relabel+sort.
     rng = np.random.default_rng(_seed("cl", case.name, mode, transpose))
     weight = rng.standard_normal(case.weight_shape)
-    w, geom = validate(weight, case.input_shape, transpose=False, padding_mode=mode,
+    w, geom = validate(weight, case.input_shape, transposed=False, padding_mode=mode,
                        **case.kwargs())
-    plain = build(geom, w, transpose=transpose, threads=2)
-    fast = build(geom, w, transpose=transpose, threads=2, channels_last=True)
+    plain = build(geom, w, transposed=transpose, threads=2)
+    fast = build(geom, w, transposed=transpose, threads=2, channels_last=True)
     channels = geom.out_channels if transpose else geom.in_channels
     expected = position_major(plain, channels)
     for name in ("indptr", "indices", "data"):
         np.testing.assert_array_equal(getattr(fast, name), getattr(expected, name))
     _assert_canonical(fast)
-    again = refill(geom, 2 * w, fast, transpose=transpose, threads=1, channels_last=True)
+    again = refill(geom, 2 * w, fast, transposed=transpose, threads=1, channels_last=True)
     np.testing.assert_array_equal(again.data, 2 * fast.data)
 
 

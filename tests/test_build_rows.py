@@ -11,9 +11,10 @@ from hypothesis import strategies as st
 
 from reference import random_array, seed_of
 from test_properties import geometries
-from sparse_tconv._build import balanced_row_ranges, build, build_rows, row_offsets
+from sparse_tconv._build import build
+from sparse_tconv._build_rows import balanced_row_ranges, build_rows, row_offsets
 from sparse_tconv._geometry import conv_geometry, conv_transpose_geometry
-from sparse_tconv._operator import _row_blocks
+from sparse_tconv._parallel import balanced_ranges as _row_blocks
 
 # (name, weight shape, input shape, arguments, transposed convolution?)
 CASES = [
@@ -81,7 +82,7 @@ def test_rows_equal_slices_of_the_whole_matrix(case, transpose):
     geom = _geometry(weight_shape, input_shape, kwargs, transposed_conv)
     rng = np.random.default_rng(seed_of(name, transpose))
     weight = random_array(rng, geom.weight_shape, np.float64)
-    whole = build(geom, weight, transpose=transpose, threads=1)
+    whole = build(geom, weight, transposed=transpose, threads=1)
     n_rows = whole.shape[0]
     # Boundaries of row channels and of the first spatial dimension: where
     # the range decomposition switches between its boxes.
@@ -89,7 +90,7 @@ def test_rows_equal_slices_of_the_whole_matrix(case, transpose):
     per_row = per_channel // (geom.input_size[0] if transpose else geom.output_size[0])
     boundaries = [*range(0, n_rows + 1, per_channel), *range(0, n_rows + 1, per_row)]
     for a, b in _ranges(n_rows, rng, boundaries):
-        assert_same_rows(build_rows(geom, weight, a, b, transpose=transpose, threads=1),
+        assert_same_rows(build_rows(geom, weight, a, b, transposed=transpose, threads=1),
                          whole, a, b)
 
 
@@ -101,9 +102,9 @@ def test_rows_in_every_dtype_and_thread_count(dtype, threads):
     rng = np.random.default_rng(seed_of(np.dtype(dtype).name, threads))
     weight = random_array(rng, geom.weight_shape, dtype)
     for transpose in (False, True):
-        whole = build(geom, weight, transpose=transpose, threads=1)
+        whole = build(geom, weight, transposed=transpose, threads=1)
         for a, b in [(0, whole.shape[0]), (5, 61), (17, 18), (33, whole.shape[0] - 2)]:
-            block = build_rows(geom, weight, a, b, transpose=transpose, threads=threads)
+            block = build_rows(geom, weight, a, b, transposed=transpose, threads=threads)
             assert_same_rows(block, whole, a, b)
 
 
@@ -113,14 +114,14 @@ def test_row_offsets_and_balanced_ranges(case, transpose):
     name, weight_shape, input_shape, kwargs, transposed_conv = case
     geom = _geometry(weight_shape, input_shape, kwargs, transposed_conv)
     weight = np.ones(geom.weight_shape)
-    indptr = build(geom, weight, transpose=transpose, threads=1).indptr
+    indptr = build(geom, weight, transposed=transpose, threads=1).indptr
     n_rows = len(indptr) - 1
     np.testing.assert_array_equal(
-        row_offsets(geom, np.arange(n_rows + 1), transpose=transpose), indptr
+        row_offsets(geom, np.arange(n_rows + 1), transposed=transpose), indptr
     )
-    assert row_offsets(geom, n_rows, transpose=transpose) == indptr[-1]
+    assert row_offsets(geom, n_rows, transposed=transpose) == indptr[-1]
     for parts in (1, 2, 3, 7, n_rows, n_rows + 5):
-        ranges = balanced_row_ranges(geom, parts, transpose=transpose)
+        ranges = balanced_row_ranges(geom, parts, transposed=transpose)
         assert ranges == _row_blocks(indptr, parts)  # the threaded products' rule
         assert ranges[0][0] == 0 and ranges[-1][1] == n_rows
         assert all(a < b for a, b in ranges)
@@ -135,18 +136,18 @@ def test_random_rows_of_random_geometries(g, transpose, data):
     )
     seed = data.draw(st.integers(0, 2**32 - 1), label="seed")
     weight = random_array(np.random.default_rng(seed), geom.weight_shape, np.float64)
-    whole = build(geom, weight, transpose=transpose, threads=1)
+    whole = build(geom, weight, transposed=transpose, threads=1)
     n_rows = whole.shape[0]
     np.testing.assert_array_equal(
-        row_offsets(geom, np.arange(n_rows + 1), transpose=transpose), whole.indptr
+        row_offsets(geom, np.arange(n_rows + 1), transposed=transpose), whole.indptr
     )
     for _ in range(3):
         a = data.draw(st.integers(0, n_rows), label="row_start")
         b = data.draw(st.integers(a, n_rows), label="row_stop")
-        assert_same_rows(build_rows(geom, weight, a, b, transpose=transpose, threads=2),
+        assert_same_rows(build_rows(geom, weight, a, b, transposed=transpose, threads=2),
                          whole, a, b)
     parts = data.draw(st.integers(1, n_rows + 2), label="parts")
-    assert balanced_row_ranges(geom, parts, transpose=transpose) == _row_blocks(whole.indptr,
+    assert balanced_row_ranges(geom, parts, transposed=transpose) == _row_blocks(whole.indptr,
                                                                                   parts)
 
 
@@ -162,12 +163,12 @@ def test_memory_is_that_of_the_block(transpose):
     geom.forward_maps, geom.transpose_maps  # the per-dimension maps (O(512)), shared
     tracemalloc.start()
     try:
-        block = build_rows(geom, weight, a, a + 1500, transpose=transpose, threads=1)
+        block = build_rows(geom, weight, a, a + 1500, transposed=transpose, threads=1)
         peak = tracemalloc.get_traced_memory()[1]
     finally:
         tracemalloc.stop()
     nbytes = block.data.nbytes + block.indices.nbytes + block.indptr.nbytes
-    expected = np.diff(row_offsets(geom, [a, a + 1500], transpose=transpose))[0]
+    expected = np.diff(row_offsets(geom, [a, a + 1500], transposed=transpose))[0]
     assert block.nnz == expected > 1500 * 512 * 4
     assert block.indices.dtype == np.int32
     assert peak < 2 * nbytes + (1 << 20)
@@ -176,7 +177,7 @@ def test_memory_is_that_of_the_block(transpose):
 def test_rows_of_a_single_channel_match_its_slice():
     geom = conv_geometry((1, 1, 3), (1, 6), padding=1, padding_mode="circular")
     weight = np.array([[[1.0, 2.0, 4.0]]])
-    block = build_rows(geom, weight, 0, 2, transpose=False, threads=1)
+    block = build_rows(geom, weight, 0, 2, transposed=False, threads=1)
     np.testing.assert_array_equal(
         block.toarray(), [[2.0, 4.0, 0, 0, 0, 1.0], [1.0, 2.0, 4.0, 0, 0, 0]]
     )
@@ -188,18 +189,18 @@ def test_bad_row_ranges():
     n_rows = 2 * 3
     with pytest.raises(ValueError, match=r"row_start must not exceed row_stop, got "
                                          r"row_start=4, row_stop=2"):
-        build_rows(geom, weight, 4, 2, transpose=False, threads=1)
+        build_rows(geom, weight, 4, 2, transposed=False, threads=1)
     with pytest.raises(ValueError, match=rf"row_stop must be in \[0, {n_rows}\].*row_stop=7"):
-        build_rows(geom, weight, 0, 7, transpose=False, threads=1)
+        build_rows(geom, weight, 0, 7, transposed=False, threads=1)
     with pytest.raises(ValueError, match=r"row_start must be in \[0, 5\].*row_start=-1"):
-        build_rows(geom, weight, -1, 2, transpose=True, threads=1)
+        build_rows(geom, weight, -1, 2, transposed=True, threads=1)
     with pytest.raises(TypeError, match=r"row_start must be an int, got row_start=1.0"):
-        build_rows(geom, weight, 1.0, 2, transpose=False, threads=1)
+        build_rows(geom, weight, 1.0, 2, transposed=False, threads=1)
     with pytest.raises(ValueError, match=r"rows must lie in \[0, 6\].*\[0, 7\]"):
-        row_offsets(geom, [0, 7], transpose=False)
+        row_offsets(geom, [0, 7], transposed=False)
     with pytest.raises(TypeError, match=r"rows must be integers, got rows.dtype=float64"):
-        row_offsets(geom, [0.5], transpose=False)
+        row_offsets(geom, [0.5], transposed=False)
     with pytest.raises(ValueError, match=r"parts must be a positive integer, got parts=0"):
-        balanced_row_ranges(geom, 0, transpose=False)
+        balanced_row_ranges(geom, 0, transposed=False)
     with pytest.raises(TypeError, match=r"parts must be an int, got parts='2'"):
-        balanced_row_ranges(geom, "2", transpose=False)
+        balanced_row_ranges(geom, "2", transposed=False)

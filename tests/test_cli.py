@@ -12,7 +12,7 @@ import scipy.io
 import scipy.sparse as sp
 
 from sparse_tconv import conv_matrix, conv_matrix_nnz, conv_transpose_matrix
-from sparse_tconv._cli import main
+from sparse_tconv.tools.cli import main
 
 
 def test_bench_quick_writes_json_and_plot(tmp_path, capsys):
@@ -33,7 +33,7 @@ def test_bench_quick_writes_json_and_plot(tmp_path, capsys):
 
 
 def test_bench_peer_columns_follow_what_is_installed(tmp_path, monkeypatch, capsys):
-    import sparse_tconv._compare as compare
+    import sparse_tconv.tools.compare as compare
 
     real_import = compare._import
     monkeypatch.setattr(compare, "_import",
@@ -55,8 +55,8 @@ def test_bench_peer_columns_follow_what_is_installed(tmp_path, monkeypatch, caps
 
 def test_pylops_peer_computes_the_same_convolution():
     pytest.importorskip("pylops")
-    from sparse_tconv._compare import pylops_operator
-    from sparse_tconv.benchmark import Config
+    from sparse_tconv.tools.compare import pylops_operator
+    from sparse_tconv.tools.configs import Config
 
     for config in (Config("d", "", (1, 1, 5, 5), (1, 20, 17), dict(padding=2)),
                    Config("e", "", (1, 1, 7), (1, 40), dict(padding=3)),
@@ -215,7 +215,7 @@ def test_bench_distributed_section(tmp_path, capsys):
 
 
 def test_bench_without_dask_says_so(tmp_path, monkeypatch, capsys):
-    import sparse_tconv._compare as compare
+    import sparse_tconv.tools.compare as compare
 
     real_import = compare._import
     monkeypatch.setattr(compare, "_import",
@@ -260,7 +260,7 @@ def test_user_errors_come_before_optional_imports(capsys, monkeypatch):
 
 
 def _refuse_to_measure(monkeypatch):
-    import sparse_tconv._compare as compare
+    import sparse_tconv.tools.compare as compare
 
     def measured(*args, **kwargs):
         raise AssertionError("the benchmark ran before the arguments were checked")

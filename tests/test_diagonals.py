@@ -1,4 +1,4 @@
-"""The operators' product form for one channel and stride 1: W by diagonals (sparse_tconv._dia).
+"""The operators' product form for one channel and stride 1: W by diagonals (sparse_tconv._forms.diagonals).
 
 Oracles: the canonical CSR of ``conv_matrix``/``conv_transpose_matrix`` and
 scipy's serial product with it (which the DIA products equal bit for bit),
@@ -14,8 +14,10 @@ from hypothesis import strategies as st
 
 from reference import random_array
 from sparse_tconv import ConvOperator, ConvTransposeOperator, conv_matrix
-from sparse_tconv import _dia, _parallel
-from sparse_tconv._build import build, validate
+from sparse_tconv import _parallel
+from sparse_tconv._forms import diagonals as _dia
+from sparse_tconv._build import build
+from sparse_tconv._geometry import validate
 
 DTYPES = [np.float32, np.float64, np.complex64, np.complex128]
 
@@ -37,11 +39,11 @@ def test_diagonal_products_are_the_csr_products_bit_for_bit(case, dtype, threads
     weight_shape, input_shape, kwargs = case
     rng = np.random.default_rng(0)
     weight = random_array(rng, weight_shape, dtype)
-    w, geom = validate(weight, input_shape, transpose=False, **kwargs)
-    assert _dia.uses_diagonals(geom)
+    w, geom = validate(weight, input_shape, transposed=False, **kwargs)
+    assert _dia.DiagonalForm.applies(geom)
     for transpose in (False, True):
-        csr = build(geom, w, transpose=transpose, threads=1)
-        dia = _dia.build_diagonals(geom, w, transpose=transpose)
+        csr = build(geom, w, transposed=transpose, threads=1)
+        dia = _dia.build_diagonals(geom, w, transposed=transpose)
         assert dia.dtype == np.dtype(dtype)
         np.testing.assert_array_equal(dia.toarray(), csr.toarray())
         assert np.all(np.diff(dia.offsets) > 0)  # the CSR's column order in every row
@@ -73,7 +75,7 @@ def test_diagonals_over_random_geometries(case, transposed, seed):
     weight = rng.standard_normal(weight_shape)
     cls = ConvTransposeOperator if transposed else ConvOperator
     op = cls(weight, input_shape, **kwargs)
-    assert op._form == "diagonals"
+    assert op.product_form.name == "diagonals"
     x, y = rng.standard_normal(op.shape[1]), rng.standard_normal(op.shape[0])
     np.testing.assert_array_equal(op.matvec(x), op.matrix @ x)
     np.testing.assert_array_equal(op.rmatvec(y), op.transpose_matrix @ y)
@@ -96,7 +98,7 @@ def test_diagonals_over_random_geometries(case, transposed, seed):
 def test_other_single_channel_geometries_stay_csr(input_shape, kwargs):
     weight = np.arange(9.0).reshape(1, 1, 3, 3)
     op = ConvOperator(weight, input_shape, **kwargs)
-    assert op._form == "csr"
+    assert op.product_form.name == "csr"
     x = np.random.default_rng(1).standard_normal(op.shape[1])
     np.testing.assert_array_equal(op.matvec(x), op.matrix @ x)
 
@@ -104,12 +106,12 @@ def test_other_single_channel_geometries_stay_csr(input_shape, kwargs):
 def test_diagonal_operator_stores_less_and_builds_the_csr_on_request():
     rng = np.random.default_rng(2)
     op = ConvOperator(rng.standard_normal((1, 1, 9, 9)), (1, 64, 64), padding=4)
-    assert op._form == "diagonals" and op._matrix_slot.built is None
+    assert op.product_form.name == "diagonals" and op._matrix_slot.built is None
     csr = conv_matrix(op.weight, (1, 64, 64), padding=4)
-    dia_bytes = op._forward_nbytes()
+    dia_bytes = op.product_form.nbytes
     csr_bytes = csr.data.nbytes + csr.indices.nbytes + csr.indptr.nbytes
     # 8 bytes per stored value and the few explicit zeros of the padding
-    offset_size = op._forward_slot.get().offsets.itemsize
+    offset_size = op.product_form.matrix.offsets.itemsize
     assert dia_bytes == 81 * 64 * 64 * 8 + 81 * offset_size
     assert dia_bytes < 0.72 * csr_bytes
     new = op.with_weight(2 * op.weight)
@@ -125,7 +127,7 @@ def test_non_finite_inputs_reach_only_the_rows_that_read_them(bad):
     torch = pytest.importorskip("torch")
     weight = np.arange(1.0, 10.0).reshape(1, 1, 3, 3)
     op = ConvOperator(weight, (1, 4, 4), padding=1)
-    assert op._form == "diagonals"
+    assert op.product_form.name == "diagonals"
     x = np.zeros((1, 4, 4))
     x[0, 0, 3] = bad
     expected = torch.nn.functional.conv2d(torch.from_numpy(x[None]), torch.from_numpy(weight),

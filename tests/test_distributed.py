@@ -2,14 +2,21 @@
 
 Products against the local operators (bit for bit where the summation order
 allows), scipy solvers, a worker killed in the middle of a solve, and a
-matrix larger than one worker's memory limit.
+matrix larger than one worker's memory limit.  On a second cluster, where
+Dask gives up on a task at the first worker that dies running it: the
+errors of a failed build, blocks Dask gave up on or a restart cancelled
+(rebuilt by the next product, or reported), and the planning on its own.
 """
 
 from __future__ import annotations
 
+import copy
 import os
+import pickle
+import re
 import signal
 import threading
+import time
 
 import numpy as np
 import pytest
@@ -19,13 +26,28 @@ distributed = pytest.importorskip("distributed")
 from scipy.sparse.linalg import LinearOperator, aslinearoperator, cg, lsqr  # noqa: E402
 
 from reference import random_array, seed_of  # noqa: E402
-from sparse_tconv import ConvOperator, ConvTransposeOperator, conv_matrix_nnz  # noqa: E402
-from sparse_tconv._build import build, validate  # noqa: E402
+from sparse_tconv import (  # noqa: E402
+    ConvOperator,
+    ConvTransposeOperator,
+    conv_matrix,
+    conv_matrix_nnz,
+)
+from sparse_tconv._build import build  # noqa: E402
+from sparse_tconv._geometry import validate  # noqa: E402
 from sparse_tconv.direct import conv  # noqa: E402
-from sparse_tconv.distributed import DistributedConvOperator, RowBlock  # noqa: E402
+from sparse_tconv.distributed import (  # noqa: E402
+    DistributedConvOperator,
+    RowBlock,
+    _place_lost,
+    _plan,
+)
 
 # Each worker may use this much; the memory test builds a larger matrix.
 MEMORY_LIMIT = 700 * 2**20
+# Without a dashboard the scheduler still serves HTTP, on port 8787 by
+# default: a second cluster (or another test run on the machine) would get a
+# "Port 8787 is already in use" UserWarning, an error here.
+_ANY_HTTP_PORT = {"dashboard_address": "127.0.0.1:0"}
 
 
 @pytest.fixture(scope="module")
@@ -37,6 +59,7 @@ def cluster():
         host="127.0.0.1",
         dashboard_address=None,
         memory_limit=MEMORY_LIMIT,
+        scheduler_kwargs=_ANY_HTTP_PORT,
     )
     yield cluster
     cluster.close()
@@ -55,6 +78,108 @@ def two_workers(client):
     client.wait_for_workers(2, timeout=60)
     yield client
     client.wait_for_workers(2, timeout=60)
+
+
+# The workers of the fragile cluster; the memory-limit tests outgrow it.
+FRAGILE_LIMIT = 400 * 2**20
+
+
+@pytest.fixture(scope="module")
+def fragile_client():
+    """A second cluster whose scheduler gives up on a task at its first dead worker.
+
+    (Dask's default, 3, would need four workers dying.)  Not the default
+    client: test_defaults_repr_close_and_bytes expects the first one, and
+    the operators of these tests check that a client need not be the default.
+    """
+    cluster = distributed.LocalCluster(
+        n_workers=2,
+        threads_per_worker=1,
+        processes=True,
+        host="127.0.0.1",
+        dashboard_address=None,
+        memory_limit=FRAGILE_LIMIT,
+        scheduler_kwargs={**_ANY_HTTP_PORT, "allowed_failures": 0},
+    )
+    client = distributed.Client(cluster, set_as_default=False)
+    yield client
+    client.close()
+    cluster.close()
+
+
+@pytest.fixture
+def fragile(fragile_client):
+    """Two running workers with the real ``build_rows``, before and after each test."""
+    fragile_client.wait_for_workers(2, timeout=60)
+    yield fragile_client
+    fragile_client.wait_for_workers(2, timeout=60)
+    _on_workers_build_rows(fragile_client, None)
+
+
+def _on_workers_build_rows(client, kind, workers=None):
+    """Replace ``build_rows`` in the workers' sparse_tconv.distributed, until they restart.
+
+    ``kind``: ``"raise"`` (an ArithmeticError), ``"hog"`` (allocates until
+    the nanny kills the worker at its memory limit) or None (the real one).
+    The functions are nested so that cloudpickle sends them by value: the
+    workers need not import this test module.
+    """
+
+    def raising(*args, **kwargs):
+        raise ArithmeticError("build_rows failed on the worker (injected by the test)")
+
+    def hog(*args, **kwargs):
+        import time
+
+        import numpy as np
+
+        chunks = []
+        for _ in range(40):  # 1.3 GiB at most; the nanny kills it at 95% of 400 MiB
+            chunks.append(np.ones(2**22))  # 32 MiB, written
+            time.sleep(0.02)
+        raise AssertionError("the nanny did not kill this worker at its memory limit")
+
+    fake = {"raise": raising, "hog": hog, None: None}[kind]
+
+    def replace():
+        import sparse_tconv.distributed as module
+
+        real = module.__dict__.setdefault("_real_build_rows", module.build_rows)
+        module.build_rows = fake or real
+
+    client.run(replace, workers=workers)
+
+
+def _bounded(seconds, fn, *args, **kwargs):
+    """``fn(*args, **kwargs)``, failing the test if it is still running after ``seconds``.
+
+    In a daemon thread, so that a hang (the bug some tests guard against)
+    is a failure and not a stuck run.
+    """
+    outcome = {}
+
+    def target():
+        try:
+            outcome["value"] = fn(*args, **kwargs)
+        except BaseException as exc:  # re-raised in the test's thread
+            outcome["error"] = exc
+
+    thread = threading.Thread(target=target, daemon=True)
+    thread.start()
+    thread.join(seconds)
+    if thread.is_alive():
+        pytest.fail(f"{getattr(fn, '__qualname__', fn)} still running after {seconds} s")
+    if "error" in outcome:
+        raise outcome["error"]
+    return outcome["value"]
+
+
+def _wait_until(predicate, seconds, what):
+    deadline = time.monotonic() + seconds
+    while not predicate():
+        if time.monotonic() > deadline:
+            pytest.fail(f"{what}: not after {seconds} s")
+        time.sleep(0.05)
 
 
 def _local(weight, input_shape, transpose, **kwargs):
@@ -150,8 +275,8 @@ def test_blocks_on_the_workers_are_the_rows_of_the_matrix(two_workers):
     rng = np.random.default_rng(seed_of("blocks"))
     weight = rng.standard_normal((4, 2, 3, 3))
     kwargs = dict(stride=(2, 1), padding=2, groups=2, padding_mode="circular")
-    w, geom = validate(weight, (4, 9, 8), transpose=False, **kwargs)
-    whole = build(geom, w, transpose=False, threads=1)
+    w, geom = validate(weight, (4, 9, 8), transposed=False, **kwargs)
+    whole = build(geom, w, transposed=False, threads=1)
     with DistributedConvOperator(weight, (4, 9, 8), client=two_workers, n_blocks=4,
                                  **kwargs) as op:
         blocks = two_workers.gather(list(op.futures))
@@ -382,7 +507,7 @@ def test_argument_errors(two_workers):
 
 
 def test_benchmark_runs_on_a_small_geometry(two_workers):
-    from sparse_tconv._distributed_bench import bench_distributed, format_distributed
+    from sparse_tconv.tools.dask_bench import bench_distributed, format_distributed
 
     result = bench_distributed((4, 4, 3, 3), (4, 16, 16), client=two_workers, repeats=1,
                                padding=1)
@@ -394,3 +519,153 @@ def test_benchmark_runs_on_a_small_geometry(two_workers):
         assert result[key] > 0
     text = format_distributed(result)
     assert "matvec" in text and "driver sends" in text
+
+
+# ---------------------------------------------------------------------------
+# Failures of the blocks themselves (the fragile cluster), copies, planning
+# ---------------------------------------------------------------------------
+
+
+def _operator_keys(client):
+    """Keys of DistributedConvOperator tasks the scheduler still knows."""
+
+    def keys(dask_scheduler):
+        return [k for k in dask_scheduler.tasks if str(k).startswith("sparse_tconv-")]
+
+    return client.run_on_scheduler(keys)
+
+
+def test_a_build_that_raises_on_a_worker_raises_its_own_exception(fragile):
+    _on_workers_build_rows(fragile, "raise")
+    with pytest.raises(ArithmeticError, match=r"build_rows failed on the worker \(injected"):
+        _bounded(60, DistributedConvOperator, np.ones((2, 1, 3)), (1, 50), client=fragile,
+                 n_blocks=2)
+    # and the blocks were released
+    _wait_until(lambda: not _operator_keys(fragile), 30, "tasks of the failed operator released")
+
+
+def test_a_worker_killed_at_its_memory_limit_while_building_names_the_block(fragile):
+    weight = np.random.default_rng(seed_of("killed-building")).standard_normal((3, 2, 3))
+    _on_workers_build_rows(fragile, "hog")
+    with pytest.raises(distributed.KilledWorker) as info:
+        _bounded(90, DistributedConvOperator, weight, (2, 40), padding=1, client=fragile,
+                 n_blocks=2)
+    message = str(info.value)
+    found = re.search(r"block (\d) \(rows (\d+):(\d+) of the matrix, (\d+) bytes\) could not "
+                      r"be built.* placed on (tcp://\S+) with (\d+) bytes of blocks in all, "
+                      rf"against its memory_limit={FRAGILE_LIMIT}", message)
+    assert found, message
+    i, a, b, nbytes = map(int, found.group(1, 2, 3, 4))
+    # the rows and bytes are those of block i: W's rows a:b, as scipy holds them
+    W = conv_matrix(weight, (2, 40), padding=1)
+    rows = W[a:b]
+    assert nbytes == rows.data.nbytes + rows.indices.nbytes + rows.indptr.nbytes
+    assert (i, a) == (0, 0) or (i, b) == (1, W.shape[0])
+    assert int(found.group(6)) == nbytes  # one block per worker
+    assert isinstance(info.value.__cause__, distributed.KilledWorker)  # Dask's own
+    again = pickle.loads(pickle.dumps(info.value))
+    assert isinstance(again, distributed.KilledWorker) and str(again) == message
+
+
+def test_a_block_dask_gave_up_on_is_rebuilt_by_the_next_product(fragile):
+    """Its worker killed, its rebuild killed at the memory limit: the next product rebuilds it."""
+    rng = np.random.default_rng(seed_of("gave-up"))
+    weight, local, _ = _problem(rng)
+    op = _bounded(60, DistributedConvOperator, weight, (3, 24, 24), padding=1,
+                  padding_mode="reflect", client=fragile, n_blocks=4)
+    with op:
+        keys = [f.key for f in op.futures]
+        victim = min(fragile.who_has([op.futures[0]])[keys[0]])
+        survivor = next(a for a in fragile.scheduler_info(n_workers=-1)["workers"] if a != victim)
+        _on_workers_build_rows(fragile, "hog", workers=[survivor])
+        _kill_worker_holding(fragile, op.futures[0])  # its blocks are rebuilt on the survivor
+        _wait_until(lambda: any(f.status == "error" for f in op.futures), 60,
+                    "a block given up on by Dask")
+        gave_up = [i for i, f in enumerate(op.futures) if f.status == "error"]
+        fragile.wait_for_workers(2, timeout=60)  # both restarted by their nannies
+        v = rng.standard_normal(op.shape[1])
+        assert _bounded(60, op.matvec, v).tobytes() == (local.matrix @ v).tobytes()
+        y = rng.standard_normal(op.shape[0])
+        np.testing.assert_allclose(_bounded(60, op.rmatvec, y), local.rmatvec(y), rtol=1e-12,
+                                   atol=1e-12)
+        # resubmitted under fresh keys; the others kept theirs
+        assert all(op.futures[i].key != keys[i] for i in gave_up)
+        assert all(f.status == "finished" for f in op.futures)
+
+
+def test_blocks_cancelled_by_a_restart_are_rebuilt_or_reported(fragile):
+    """client.restart() cancels every block and the spec: rebuilt, or an error saying why not."""
+    rng = np.random.default_rng(seed_of("restart"))
+    weight = rng.standard_normal((3, 2, 3, 3))
+    local = ConvOperator(weight, (2, 10, 9), stride=2, padding=1, threads=1)
+    op = _bounded(60, DistributedConvOperator, weight, (2, 10, 9), stride=2, padding=1,
+                  client=fragile, n_blocks=3, adjoint="transpose")
+    with op:
+        _bounded(90, fragile.restart, timeout=60)
+        assert all(f.status == "cancelled" for f in op.futures)
+        x = rng.standard_normal(op.shape[1])
+        # a rebuild that fails on every worker: the operator says it is unusable, and why
+        _on_workers_build_rows(fragile, "raise")
+        with pytest.raises(RuntimeError, match=r"unusable: block \d \(rows \d+:\d+ of the "
+                                               r"(transposed )?matrix, \d+ bytes\) was lost and "
+                                               r"rebuilding it from the geometry failed: "
+                                               r"ArithmeticError\('build_rows failed"):
+            _bounded(60, op.matvec, x)
+        # the cluster can build them again: the next product does (spec included)
+        _on_workers_build_rows(fragile, None)
+        assert _bounded(60, op.matvec, x).tobytes() == (local.matrix @ x).tobytes()
+        y = rng.standard_normal(op.shape[0])
+        assert _bounded(60, op.rmatvec, y).tobytes() == (local.transpose_matrix @ y).tobytes()
+
+
+def test_an_operator_is_not_pickled_or_copied(two_workers):
+    import cloudpickle
+
+    rng = np.random.default_rng(seed_of("pickle"))
+    weight = rng.standard_normal((2, 1, 3))
+    with DistributedConvOperator(weight, (1, 30), padding=1, client=two_workers) as op:
+        for how in (pickle.dumps, cloudpickle.dumps, copy.deepcopy, copy.copy):
+            with pytest.raises(TypeError, match=r"cannot be pickled or copied: it holds "
+                                                r"futures .* build a new "
+                                                r"DistributedConvOperator from the geometry"):
+                how(op)
+        # and the operator still works
+        x = rng.standard_normal(op.shape[1])
+        assert op.matvec(x).tobytes() == (conv_matrix(weight, (1, 30), padding=1) @ x).tobytes()
+
+
+def test_lost_blocks_go_where_there_is_room_or_the_operator_is_unusable():
+    workers = {"tcp://a": {"nthreads": 1, "memory_limit": 1000},
+               "tcp://b": {"nthreads": 1, "memory_limit": 1000}}
+    held = {"tcp://a": 600, "tcp://b": 850}  # room: a 400, b 150
+    assert _place_lost([("block 0", 300), ("block 1", 100)], held, workers) == ["tcp://a",
+                                                                                 "tcp://b"]
+    with pytest.raises(RuntimeError, match=r"unusable: block 2 \(rows 7:9\) was lost and no "
+                                           r"running worker has room for it .*'tcp://a': 400, "
+                                           r"'tcp://b': 150"):
+        _place_lost([("block 2 (rows 7:9)", 401)], held, workers)
+    unlimited = {"tcp://c": {"nthreads": 1, "memory_limit": 0}}  # memory_limit=0: no limit
+    assert _place_lost([("block 0", 10**15)], {"tcp://c": 10**15}, unlimited) == ["tcp://c"]
+
+
+def test_the_plan_needs_no_cluster():
+    """Ranges, bytes and placement of both matrices, from the workers' info alone."""
+    weight = np.random.default_rng(seed_of("plan")).standard_normal((4, 2, 3, 3))
+    w, geom = validate(weight, (2, 9, 8), transposed=False, padding=1)
+    workers = {"tcp://a": {"nthreads": 2, "memory_limit": 0},
+               "tcp://b": {"nthreads": 1, "memory_limit": 0}}
+    plan = _plan(geom, w.dtype, False, "transpose", None, workers)
+    W = conv_matrix(weight, (2, 9, 8), padding=1)
+    assert plan.shape == W.shape
+    for matrix, whole in zip(plan.matrices, (W, W.T.tocsr())):
+        assert matrix.ranges[0][0] == 0 and matrix.ranges[-1][1] == whole.shape[0]
+        assert all(r[1] == s[0] for r, s in zip(matrix.ranges, matrix.ranges[1:]))
+        for (a, b), nbytes in zip(matrix.ranges, matrix.nbytes):
+            rows = whole[a:b]
+            assert nbytes == rows.data.nbytes + rows.indices.nbytes + rows.indptr.nbytes
+        assert matrix.workers == ("tcp://a", "tcp://a", "tcp://b")  # one per thread
+    assert [m.own for m in plan.matrices] == [True, False]
+    assert sum(plan.per_worker.values()) == sum(sum(m.nbytes) for m in plan.matrices)
+    small = {a: {**info, "memory_limit": plan.per_worker[a] - 1} for a, info in workers.items()}
+    with pytest.raises(MemoryError, match=r"would need \d+ bytes on worker tcp://a"):
+        _plan(geom, w.dtype, False, "transpose", None, small)

@@ -15,7 +15,9 @@ from sparse_tconv import (
     conv_matrix,
     conv_transpose_matrix,
 )
-from sparse_tconv import _bsr, _operator, _parallel
+from sparse_tconv import _parallel, _sparsetools
+from sparse_tconv._forms import blocks as _bsr
+from sparse_tconv._forms import csr as _csr
 
 DTYPES = [np.float32, np.float64, np.complex64, np.complex128]
 GEOMETRY = dict(stride=(2, 1), padding=[(1, 2), 1], dilation=(1, 2), groups=2)
@@ -186,11 +188,11 @@ def test_threaded_product_on_a_real_size_matrix(restore_threads):
 
 def test_row_blocks_balance_nnz():
     indptr = np.array([0, 10, 10, 11, 30, 31, 60])
-    blocks = _operator._row_blocks(indptr, 3)
+    blocks = _parallel.balanced_ranges(indptr, 3)
     assert blocks[0][0] == 0 and blocks[-1][1] == 6
     assert all(a < b for a, b in blocks)
     assert all(b1[1] == b2[0] for b1, b2 in zip(blocks, blocks[1:]))
-    assert len(_operator._row_blocks(indptr, 50)) <= 6  # never an empty block
+    assert len(_parallel.balanced_ranges(indptr, 50)) <= 6  # never an empty block
 
 
 def test_threads_follow_the_global_setting(monkeypatch, restore_threads):
@@ -198,7 +200,7 @@ def test_threads_follow_the_global_setting(monkeypatch, restore_threads):
     monkeypatch.setattr(_parallel, "MIN_PARALLEL_NNZ", 0)
     op = ConvOperator(np.ones((2, 2, 3)), (2, 50))
     pinned = ConvOperator(np.ones((2, 2, 3)), (2, 50), threads=3)
-    for module in (_operator, _bsr):  # the CSR and the block products
+    for module in (_csr, _bsr):  # the CSR and the block products
         real = module.run_parallel
         monkeypatch.setattr(module, "run_parallel",
                             lambda f, items, threads, real=real: (seen.append(threads),
@@ -236,9 +238,9 @@ def test_mixed_dtypes_fall_back_to_scipy():
 
 
 def test_without_scipy_private_kernels(monkeypatch):
-    monkeypatch.setattr(_operator, "_csr_matvec", None)
-    monkeypatch.setattr(_operator, "_csr_matvecs", None)
-    monkeypatch.setattr(_bsr, "_bsr_matvec", None)
+    monkeypatch.setattr(_sparsetools, "csr_matvec", None)
+    monkeypatch.setattr(_sparsetools, "csr_matvecs", None)
+    monkeypatch.setattr(_sparsetools, "bsr_matvec", None)
     monkeypatch.setattr(_parallel, "MIN_PARALLEL_NNZ", 0)
     rng = np.random.default_rng(7)
     for mode in ("zeros", "circular"):  # the block and the CSR products
@@ -281,8 +283,8 @@ def test_with_weight_shares_the_pattern(transposed):
     fresh_op = type(op)(w2, op.input_shape, output_padding=1, **kwargs) if transposed else \
         ConvOperator(w2, op.input_shape, **kwargs)
     np.testing.assert_array_equal(new.rmatvec(y), fresh_op.rmatvec(y))
-    for slot in ("_forward_slot", "_backward_slot"):  # (pattern, BSR) pairs
-        new_blocks, old_blocks = getattr(new, slot).get()[1], getattr(op, slot).get()[1]
+    for slot in ("_forward_slot", "_backward_slot"):  # the block forms
+        new_blocks, old_blocks = getattr(new, slot).get().matrix, getattr(op, slot).get().matrix
         assert np.shares_memory(new_blocks.indices, old_blocks.indices)
         assert not np.shares_memory(new_blocks.data, old_blocks.data)
     assert type(new) is type(op)

@@ -80,7 +80,7 @@ def test_an_allocation_failure_says_what_was_built(monkeypatch):
     def refuse(*args, **kwargs):
         raise MemoryError("Unable to allocate 8.00 TiB")
 
-    monkeypatch.setattr(build, "_layout", refuse)
+    monkeypatch.setattr(build, "layout", refuse)
     nbytes = conv_matrix_nnz((1, 1, 3), (1, 1000)).nbytes
     with pytest.raises(MemoryError, match=rf"the matrix needs {nbytes} bytes .*could not "
                                           r"allocate \(Unable to allocate 8\.00 TiB\)"):

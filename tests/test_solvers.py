@@ -20,7 +20,10 @@ import scipy.sparse as sp
 from scipy.sparse.linalg import cg, gmres, lsmr, lsqr, spsolve, splu
 
 from sparse_tconv import ConvOperator, ConvTransposeOperator
-from sparse_tconv import _bsr, _operator, _parallel
+from sparse_tconv import _parallel
+from sparse_tconv._forms import blocks as _bsr
+from sparse_tconv._forms import csr as _csr
+from sparse_tconv._forms import diagonals as _dia
 from sparse_tconv.spectral import compose
 from sparse_tconv.testing import dottest
 
@@ -302,15 +305,16 @@ def test_splu_and_spsolve_on_a_small_invertible_convolution():
 def product_log(monkeypatch):
     """Record every csr_product call, and every entry into its threaded branch."""
     log = {"products": [], "threaded": []}
-    for name in ("csr_product", "bsr_product"):  # CSR and dense-block products
-        real_product = getattr(_operator, name)
+    # CSR (also the diagonals' batches) and dense-block products, where they are called
+    for module, name in ((_csr, "csr_product"), (_dia, "csr_product"), (_bsr, "bsr_product")):
+        real_product = getattr(module, name)
 
         def counting_product(matrix, x, threads, *rest, real_product=real_product):
             log["products"].append((matrix.nnz, threads, x.dtype == matrix.dtype))
             return real_product(matrix, x, threads, *rest)
 
-        monkeypatch.setattr(_operator, name, counting_product)
-    for module in (_operator, _bsr):
+        monkeypatch.setattr(module, name, counting_product)
+    for module in (_csr, _bsr):
         real_parallel = module.run_parallel
 
         def counting_parallel(func, items, threads, real_parallel=real_parallel):

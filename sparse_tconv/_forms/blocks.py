@@ -24,25 +24,20 @@ import math
 import numpy as np
 import scipy.sparse as sp
 
-from ._build import build
-from ._geometry import ConvGeometry, cast_if_safe
-from . import _parallel
-from ._parallel import balanced_ranges, even_ranges, run_parallel
-
-try:  # scipy's serial BSR kernel; private, so fall back to ``matrix @ x``.
-    from scipy.sparse._sparsetools import bsr_matvec as _bsr_matvec
-except ImportError:  # pragma: no cover - depends on the scipy release
-    _bsr_matvec = None
+from .. import _parallel, _sparsetools
+from .._build import build
+from .._geometry import ConvGeometry, index_dtype
+from .._parallel import balanced_ranges, even_ranges, run_parallel
+from .._validation import INT32_MAX, cast_if_safe
+from .base import ProductForm, from_position_major, to_position_major
 
 __all__ = [
+    "BlockForm",
     "BlockPattern",
     "block_shape",
-    "uses_blocks",
     "block_pattern",
     "fill_blocks",
     "bsr_product",
-    "to_position_major",
-    "from_position_major",
 ]
 
 # Stored bytes of the blocks one ``matmul`` call of a batched product reads:
@@ -66,24 +61,13 @@ class BlockPattern:
     blocksize: tuple[int, int]
 
 
-def block_shape(geom: ConvGeometry, transpose: bool) -> tuple[int, int]:
+def block_shape(geom: ConvGeometry, transposed: bool) -> tuple[int, int]:
     """``(rows, columns)`` of one block: channels per group of output and input."""
     r, c = geom.out_channels // geom.groups, geom.in_channels // geom.groups
-    return (c, r) if transpose else (r, c)
+    return (c, r) if transposed else (r, c)
 
 
-def uses_blocks(geom: ConvGeometry) -> bool:
-    """Whether the operators multiply through the BSR form.
-
-    Only with zeros padding (the other modes fold several taps onto one
-    input position) and blocks of more than one entry (one-entry blocks are
-    the CSR matrix again, with one more reordering per product).
-    """
-    r, c = block_shape(geom, False)
-    return geom.padding_mode == "zeros" and r * c > 1
-
-
-def _weight_blocks(geom: ConvGeometry, weight: np.ndarray, transpose: bool) -> np.ndarray:
+def _weight_blocks(geom: ConvGeometry, weight: np.ndarray, transposed: bool) -> np.ndarray:
     """The weight as ``(groups * taps, R, C)`` contiguous blocks.
 
     ``weight`` is in the forward convolution's layout ``(C_out, C_in/g, *k)``
@@ -92,11 +76,11 @@ def _weight_blocks(geom: ConvGeometry, weight: np.ndarray, transpose: bool) -> n
     g, taps = geom.groups, math.prod(geom.kernel_size)
     r, c = geom.out_channels // g, geom.in_channels // g
     blocks = weight.reshape(g, r, c, taps)
-    blocks = blocks.transpose(0, 3, 2, 1) if transpose else blocks.transpose(0, 3, 1, 2)
-    return np.ascontiguousarray(blocks).reshape(g * taps, *block_shape(geom, transpose))
+    blocks = blocks.transpose(0, 3, 2, 1) if transposed else blocks.transpose(0, 3, 1, 2)
+    return np.ascontiguousarray(blocks).reshape(g * taps, *block_shape(geom, transposed))
 
 
-def block_pattern(geom: ConvGeometry, *, transpose: bool, threads: int) -> BlockPattern:
+def block_pattern(geom: ConvGeometry, *, transposed: bool, threads: int) -> BlockPattern:
     """The BSR pattern of W (or W.T), from the single-channel matrix.
 
     The single-channel matrix is built with the tap numbers ``1..taps`` as
@@ -107,10 +91,10 @@ def block_pattern(geom: ConvGeometry, *, transpose: bool, threads: int) -> Block
     taps = math.prod(geom.kernel_size)
     single = dataclasses.replace(geom, in_channels=1, out_channels=1, groups=1)
     tap_numbers = np.arange(1, taps + 1, dtype=np.float64).reshape((1, 1, *geom.kernel_size))
-    s = build(single, tap_numbers, transpose=transpose, threads=threads)
+    s = build(single, tap_numbers, transposed=transposed, threads=threads)
     tap = s.data.astype(np.intp) - 1
     g = geom.groups
-    r, c = block_shape(geom, transpose)
+    r, c = block_shape(geom, transposed)
     shape = (s.shape[0] * g * r, s.shape[1] * g * c)
     if g == 1:
         return BlockPattern(s.indptr, s.indices, tap, shape, (r, c))
@@ -118,7 +102,7 @@ def block_pattern(geom: ConvGeometry, *, transpose: bool, threads: int) -> Block
     # matrix, in group ``group``'s column block and weight.
     per_row = np.repeat(np.diff(s.indptr), g)
     # g times the single-channel blocks and columns: int64 if int32 overflows
-    wide = max(len(s.indices) * g, s.shape[1] * g) > np.iinfo(np.int32).max
+    wide = max(len(s.indices) * g, s.shape[1] * g) > INT32_MAX
     index_dtype = np.int64 if wide else s.indices.dtype
     indptr = np.zeros(len(per_row) + 1, dtype=index_dtype)
     np.cumsum(per_row, out=indptr[1:])
@@ -130,7 +114,7 @@ def block_pattern(geom: ConvGeometry, *, transpose: bool, threads: int) -> Block
 
 
 def fill_blocks(
-    pattern: BlockPattern, geom: ConvGeometry, weight: np.ndarray, *, transpose: bool,
+    pattern: BlockPattern, geom: ConvGeometry, weight: np.ndarray, *, transposed: bool,
     threads: int = 1,
 ) -> sp.bsr_array:
     """The BSR matrix of ``pattern`` with the blocks of ``weight``.
@@ -139,7 +123,7 @@ def fill_blocks(
     one gather of the weight blocks, written once, by ``threads`` threads
     into ``np.empty`` (each thread faults in its own pages).
     """
-    blocks = _weight_blocks(geom, weight, transpose)
+    blocks = _weight_blocks(geom, weight, transposed)
     data = np.empty((len(pattern.source), *blocks.shape[1:]), dtype=blocks.dtype)
     ranges = even_ranges(len(data), threads)
 
@@ -156,26 +140,6 @@ def fill_blocks(
                           blocksize=pattern.blocksize, copy=False)
     matrix.has_canonical_format = True  # sorted, no duplicates: by construction
     return matrix
-
-
-def to_position_major(v: np.ndarray, channels: int) -> np.ndarray:
-    """Reorder rows from ``(channel, position)`` to ``(position, channel)`` (a copy)."""
-    if channels == 1:
-        return np.ascontiguousarray(v)
-    rest = v.shape[1:]
-    positions = v.shape[0] // channels  # not -1: v may have no columns
-    return np.ascontiguousarray(v.reshape((channels, positions) + rest).swapaxes(0, 1)).reshape(
-        v.shape)
-
-
-def from_position_major(v: np.ndarray, channels: int) -> np.ndarray:
-    """Inverse of :func:`to_position_major`."""
-    if channels == 1:
-        return v
-    rest = v.shape[1:]
-    positions = v.shape[0] // channels
-    return np.ascontiguousarray(v.reshape((positions, channels) + rest).swapaxes(0, 1)).reshape(
-        v.shape)
 
 
 def bsr_product(matrix: sp.bsr_array, x: np.ndarray, threads: int, groups: int = 1) -> np.ndarray:
@@ -198,7 +162,7 @@ def bsr_product(matrix: sp.bsr_array, x: np.ndarray, threads: int, groups: int =
     r, c = matrix.blocksize
     in_channels, out_channels = groups * c, groups * r
     x = cast_if_safe(x, matrix.dtype)
-    if x.dtype != matrix.dtype or _bsr_matvec is None:
+    if x.dtype != matrix.dtype or _sparsetools.bsr_matvec is None:
         y = matrix @ to_position_major(x, in_channels)
         return from_position_major(y, out_channels)
     if matrix.nnz < _parallel.MIN_PARALLEL_NNZ:
@@ -217,12 +181,13 @@ def _block_matvec(matrix, x, threads):
     n_block_cols = matrix.shape[1] // c
     # np.empty, zeroed by each thread on its own rows (pages touched in parallel).
     out = np.empty(matrix.shape[0], dtype=matrix.dtype)
+    matvec = _sparsetools.bsr_matvec
 
     def multiply(rows):
         a, b = rows
         part = out[a * r : b * r]
         part[:] = 0  # the kernel adds into its output
-        _bsr_matvec(b - a, n_block_cols, r, c, indptr[a : b + 1], indices, data, x, part)
+        matvec(b - a, n_block_cols, r, c, indptr[a : b + 1], indices, data, x, part)
 
     ranges = balanced_ranges(indptr, threads)
     run_parallel(multiply, ranges, threads)  # on this thread when threads <= 1
@@ -285,3 +250,66 @@ def _block_matmat(matrix, x, threads, groups):
     if groups == 1:
         return result.reshape(-1, n_vecs)
     return from_position_major(out.reshape(-1, n_vecs), groups * r)
+
+
+class BlockForm(ProductForm):
+    """W (or W.T) as a BSR matrix of dense channel blocks, numbered position-major."""
+
+    name = "blocks"
+
+    def __init__(self, pattern: BlockPattern, matrix: sp.bsr_array, transposed: bool,
+                 groups: int):
+        self.block_pattern = pattern
+        self.matrix = matrix
+        self.transposed = transposed
+        self.groups = groups
+
+    @staticmethod
+    def applies(geometry) -> bool:
+        """Zeros padding (the other modes fold several taps onto one input
+        position) and blocks of more than one entry (one-entry blocks are the
+        CSR matrix again, with one more reordering per product)."""
+        r, c = block_shape(geometry, False)
+        return geometry.padding_mode == "zeros" and r * c > 1
+
+    @classmethod
+    def predict_nbytes(cls, geometry, dtype, *, transposed, backward) -> int:
+        # The pattern is the single-channel matrix's, once per group (see
+        # block_pattern), with the index dtype it gets there.
+        single = dataclasses.replace(geometry, in_channels=1, out_channels=1, groups=1)
+        per_group = single.nnz
+        rows, cols = math.prod(single.input_size), math.prod(single.output_size)
+        if not transposed:
+            rows, cols = cols, rows
+        g = geometry.groups
+        if g == 1:
+            idx = index_dtype(per_group, rows, cols)
+        else:
+            idx = np.dtype(np.int64) if max(per_group * g, cols * g) > INT32_MAX else \
+                index_dtype(per_group, rows, cols)
+        return (geometry.nnz * np.dtype(dtype).itemsize + per_group * g * idx.itemsize
+                + (rows * g + 1) * idx.itemsize)
+
+    @classmethod
+    def build(cls, geometry, weight, *, transposed, backward, threads, canonical):
+        pattern = block_pattern(geometry, transposed=transposed, threads=threads)
+        matrix = fill_blocks(pattern, geometry, weight, transposed=transposed, threads=threads)
+        return cls(pattern, matrix, transposed, geometry.groups)
+
+    @property
+    def pattern(self) -> BlockPattern:
+        return self.block_pattern
+
+    @classmethod
+    def refill(cls, pattern, geometry, weight, *, transposed, backward, threads, canonical):
+        if pattern is None:
+            return cls.build(geometry, weight, transposed=transposed, backward=backward,
+                             threads=threads, canonical=canonical)
+        matrix = fill_blocks(pattern, geometry, weight, transposed=transposed, threads=threads)
+        return cls(pattern, matrix, transposed, geometry.groups)
+
+    def multiply(self, x, threads):
+        return bsr_product(self.matrix, x, threads, self.groups)
+
+    def _arrays(self):
+        return [*super()._arrays(), self.block_pattern.source]

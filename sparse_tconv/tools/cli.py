@@ -3,13 +3,12 @@
 ``bench`` compares the CSR product with direct kernels and peers, ``matrix``
 builds (and saves) W for a geometry given on the command line, ``crossover``
 maps where each method is fastest, ``perf`` runs the performance figures of
-:mod:`sparse_tconv.benchmark`.  User errors print one line and exit with 2.
+:mod:`sparse_tconv.tools.perf`.  User errors print one line and exit with 2.
 """
 
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import os
 import sys
@@ -18,10 +17,11 @@ from pathlib import Path
 
 import numpy as np
 
-from . import _compare, benchmark
-from ._build import conv_matrix, conv_transpose_matrix
-from ._geometry import conv_matrix_nnz, conv_transpose_matrix_nnz
-from ._parallel import resolve_threads
+from .. import conv_matrix, conv_matrix_nnz, conv_transpose_matrix, conv_transpose_matrix_nnz
+from .._parallel import resolve_threads
+from .._validation import PADDING_MODES
+from . import compare, perf
+from .configs import Config, select
 
 __all__ = ["main"]
 
@@ -102,7 +102,7 @@ def _check_sizes(configs, max_bytes) -> None:
             return
         max_bytes, origin = memory // 4, "a quarter of this machine's memory; set --max-bytes"
     for config in configs:
-        size = _compare.predicted_size(config)
+        size = config.predicted_size()
         if size.nbytes > max_bytes:
             raise MemoryError(
                 f"configuration {config.name} ({config.description}): the matrix would need "
@@ -139,13 +139,13 @@ def _add_geometry(parser: argparse.ArgumentParser, required: bool) -> None:
     g.add_argument("--dilation", default="1", metavar="D[,D...]")
     g.add_argument("--groups", type=int, default=1)
     g.add_argument("--padding-mode", default="zeros",
-                   choices=["zeros", "reflect", "replicate", "circular"])
+                   choices=PADDING_MODES)
     g.add_argument("--transposed", action="store_true", help="a transposed convolution")
     g.add_argument("--output-padding", default="0", metavar="A[,A...]",
                    help="transposed convolution only")
 
 
-def _geometry(args) -> benchmark.Config:
+def _geometry(args) -> Config:
     kwargs = dict(
         stride=_int_or_tuple(args.stride, "--stride"),
         padding=_padding(args.padding),
@@ -159,10 +159,10 @@ def _geometry(args) -> benchmark.Config:
         raise UsageError("--output-padding applies to --transposed convolutions only")
     weight_shape = _ints(args.weight_shape, "--weight-shape")
     input_shape = _ints(args.input_shape, "--input-shape")
-    config = benchmark.Config("cli", f"weight {weight_shape}, input {input_shape}", weight_shape,
-                              input_shape, kwargs, transposed=args.transposed,
-                              batch=getattr(args, "batch", None) or 8)
-    _compare.predicted_size(config)  # validates every argument, allocates nothing
+    config = Config("cli", f"weight {weight_shape}, input {input_shape}", weight_shape,
+                    input_shape, kwargs, transposed=args.transposed,
+                    batch=getattr(args, "batch", None) or 8)
+    config.predicted_size()  # validates every argument, allocates nothing
     return config
 
 
@@ -185,36 +185,34 @@ def _bench(args) -> int:
             raise UsageError("give either --config or a geometry (--weight-shape ...), not both")
         configs = [_geometry(args)]
     else:
-        configs = _compare.BENCH_QUICK_CONFIGS if args.quick else _compare.BENCH_CONFIGS
-        if args.config:
-            known = [c.name for c in configs]
-            unknown = sorted(set(args.config) - set(known))
-            if unknown:
-                raise UsageError(f"unknown configuration(s) {unknown}; choose from {known}")
-            configs = [c for c in configs if c.name in args.config]
+        configs = compare.BENCH_QUICK_CONFIGS if args.quick else compare.BENCH_CONFIGS
+        try:
+            configs = select(configs, args.config)
+        except ValueError as exc:
+            raise UsageError(str(exc)) from None
         if args.batch is not None:
-            configs = [dataclasses.replace(c, batch=args.batch) for c in configs]
+            configs = [c.with_batch(args.batch) for c in configs]
     _check_sizes(configs, args.max_bytes)
     _output_path(args.json, "--json")
     _output_path(args.plot, "--plot")
     if args.plot:
-        _compare._pyplot()  # matplotlib missing: say so now, not after the run
+        compare._pyplot()  # matplotlib missing: say so now, not after the run
     repeat = args.repeat if args.repeat is not None else (1 if args.quick else 5)
-    peers, notes = _compare.available_peers() if not args.no_peers else ({}, ["peers skipped"])
-    machine = _compare.machine_figures(threads, args.quick, repeat)
-    progress = _compare.Progress(3 * len(configs))
+    peers, notes = compare.available_peers() if not args.no_peers else ({}, ["peers skipped"])
+    machine = compare.machine_figures(threads, args.quick, repeat)
+    progress = compare.Progress(3 * len(configs))
     results = [
-        _compare.compare_config(c, threads=threads, bandwidth=machine["bandwidth_all"],
+        compare.compare_config(c, threads=threads, bandwidth=machine["bandwidth_all"],
                                 repeat=repeat, peers=peers, progress=progress)
         for c in configs
     ]
-    print(_compare.format_comparison(results, machine, notes))
+    print(compare.format_comparison(results, machine, notes))
     distributed = _distributed_figures(args, threads, configs)
     if args.json:
         _write_json(args.json, dict(machine=machine, results=results, notes=notes,
                                     distributed=distributed))
     if args.plot:
-        _compare.plot_comparison(results, args.plot,
+        compare.plot_comparison(results, args.plot,
                                  f"sparse-tconv bench, {machine['date']}, {threads} threads")
     return 0
 
@@ -227,13 +225,13 @@ def _distributed_figures(args, threads, configs):
     """
     if args.no_distributed or (args.quick and not args.distributed):
         return None
-    if _compare._import("distributed") is None:
+    if compare._import("distributed") is None:
         if args.distributed:
             raise UsageError("--distributed needs dask: pip install 'sparse-tconv[dask]'")
         print("\nnote: dask not installed: the distributed comparison is omitted "
               "(pip install 'sparse-tconv[dask]' to add it)")
         return None
-    from ._distributed_bench import bench_distributed, format_distributed
+    from .dask_bench import bench_distributed, format_distributed
 
     (given,) = configs if configs[0].name == "cli" else (None,)
     if given is not None and not given.transposed:
@@ -289,21 +287,21 @@ def _save(W, path: str) -> None:
 
 def _crossover(args) -> int:
     threads = _threads(args)
-    grid = _compare.crossover_grid(args.quick)
+    grid = compare.crossover_grid(args.quick)
     for key in ("channels", "kernels", "images"):
         value = getattr(args, key)
         if value:
             grid[key] = list(_ints(value, f"--{key}"))
     _output_path(args.json, "--json")
     _output_path(args.plot, "--plot")
-    _compare._pyplot()  # matplotlib missing: say so now, after the arguments, before the run
+    compare._pyplot()  # matplotlib missing: say so now, after the arguments, before the run
     repeat = args.repeat if args.repeat is not None else (1 if args.quick else 3)
     machine = dict(threads=threads, date=time.strftime("%Y-%m-%d"))
     n_cells = len(grid["channels"]) * len(grid["kernels"]) * len(grid["images"])
-    cells = _compare.run_crossover(grid, threads=threads, repeat=repeat,
-                                   max_nnz=args.max_nnz, progress=_compare.Progress(n_cells))
-    print(_compare.format_crossover(cells, machine))
-    _compare.plot_crossover(cells, args.plot,
+    cells = compare.run_crossover(grid, threads=threads, repeat=repeat,
+                                   max_nnz=args.max_nnz, progress=compare.Progress(n_cells))
+    print(compare.format_crossover(cells, machine))
+    compare.plot_crossover(cells, args.plot,
                             f"fastest 2-D convolution, {machine['date']}, {threads} threads")
     print(f"map written to {args.plot}")
     if args.json:
@@ -357,7 +355,7 @@ def _parser() -> argparse.ArgumentParser:
                        help="where to write the heat map (default crossover.png)")
     _add_common(cross)
 
-    sub.add_parser("perf", help="the performance figures (python -m sparse_tconv.benchmark)",
+    sub.add_parser("perf", help="the performance figures (python -m sparse_tconv.tools.perf)",
                    add_help=False)
     return parser
 
@@ -375,7 +373,7 @@ def main(argv=None) -> int:
     """Run the command line; returns the exit status."""
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv[:1] == ["perf"]:
-        return benchmark.main(argv[1:])
+        return perf.main(argv[1:])
     parser = _parser()
     args = parser.parse_args(argv)
     try:

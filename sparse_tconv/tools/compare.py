@@ -20,10 +20,10 @@ from contextlib import contextmanager
 
 import numpy as np
 
-from . import direct
-from ._build import conv_matrix
-from ._geometry import _normalize_padding, conv_matrix_nnz, conv_transpose_matrix_nnz
-from .benchmark import CONFIGS, Config, best_time, measure_bandwidth
+from .. import ConvOperator, conv_matrix, conv_matrix_nnz, direct
+from .._validation import normalize_padding
+from .configs import CONFIGS, QUICK_CONFIGS, Config
+from .timing import best_time, measure_bandwidth
 
 __all__ = [
     "BENCH_CONFIGS",
@@ -37,20 +37,14 @@ __all__ = [
     "run_crossover",
     "format_crossover",
     "plot_crossover",
+    "machine_figures",
 ]
 
-# The chapter's example and the performance issue's configurations at full size
-# (about a minute on two cores); every one also times a batch of 8 columns
-# (32 for (c), as in the performance issue).
-BENCH_CONFIGS = [dataclasses.replace(c, batch=c.batch or 8) for c in CONFIGS]
-
-BENCH_QUICK_CONFIGS = [
-    BENCH_CONFIGS[0],
-    Config("c", "8x12x12, 8->8, k3 p1", (8, 8, 3, 3), (8, 12, 12), dict(padding=1), batch=4),
-    Config("d", "1x48x48, 1->1, k5 p2", (1, 1, 5, 5), (1, 48, 48), dict(padding=2), batch=4),
-    Config("g", "transposed 8x6x6, 8->4, k4 s2 p1", (8, 4, 4, 4), (8, 6, 6),
-           dict(stride=2, padding=1), transposed=True, batch=4),
-]
+# The configurations of the performance work at full size (about a minute on
+# two cores), each also timing a batch of 8 columns unless its row says
+# otherwise (32 for (c), as in the performance work).
+BENCH_CONFIGS = [c.with_batch(c.batch or 8) for c in CONFIGS]
+BENCH_QUICK_CONFIGS = [c.with_batch(c.batch or 4) for c in QUICK_CONFIGS]
 
 # The naive kernel loops over output positions in Python: only small problems.
 _NAIVE_MAX_POSITIONS = 4096
@@ -110,7 +104,7 @@ def available_peers() -> tuple[dict, list[str]]:
 
 def _torch_padding(padding, ndim: int):
     """PyTorch's form of a padding: a string, or one int per dimension; None if it has none."""
-    pairs = _normalize_padding(padding, ndim)
+    pairs = normalize_padding(padding, ndim)
     if isinstance(pairs, str):
         return pairs
     if any(lo != hi for lo, hi in pairs):
@@ -199,7 +193,7 @@ def compare_config(config: Config, *, threads: int, bandwidth: float, repeat: in
     times["csr_batch_per_column"] = best_time(lambda: op.matmat(X), repeat) / batch
     r["batch"] = batch
     # what the operator's product reads: its dense channel blocks, or the CSR
-    r["product_bytes"] = int(op._forward_nbytes())
+    r["product_bytes"] = int(op.product_form.nbytes)
     r["bound_s"] = (r["product_bytes"] + x.nbytes + y.nbytes) / bandwidth
     r["csr_of_bound"] = r["bound_s"] / times["csr"]
     if progress:
@@ -342,6 +336,15 @@ def crossover_grid(quick: bool = False) -> dict:
     return dict(channels=[1, 4, 16, 64], kernels=[1, 3, 5, 9], images=[16, 64, 256])
 
 
+def _matrix_times(weight, x, kwargs, *, threads, repeat) -> dict:
+    """The operator's ``W @ x`` and the build of W (the operator is freed on return)."""
+    op = ConvOperator(weight, x.shape, threads=threads, **kwargs)
+    flat = x.ravel()
+    return dict(csr=best_time(lambda: op.matvec(flat), repeat),
+                csr_build=best_time(lambda: conv_matrix(weight, x.shape, **kwargs), 1,
+                                    min_time=0))
+
+
 def _crossover_cell(C, k, n, *, threads, repeat, max_nnz, rng):
     weight = rng.standard_normal((C, C, k, k))
     x = rng.standard_normal((C, n, n))
@@ -349,14 +352,7 @@ def _crossover_cell(C, k, n, *, threads, repeat, max_nnz, rng):
     times = {}
     nnz = conv_matrix_nnz(weight.shape, x.shape, **kwargs).nnz
     if nnz <= max_nnz:
-        from ._operator import ConvOperator
-
-        op = ConvOperator(weight, x.shape, threads=threads, **kwargs)
-        flat = x.ravel()
-        times["csr"] = best_time(lambda: op.matvec(flat), repeat)
-        times["csr_build"] = best_time(lambda: conv_matrix(weight, x.shape, **kwargs), 1,
-                                       min_time=0)
-        del op
+        times.update(_matrix_times(weight, x, kwargs, threads=threads, repeat=repeat))
     for method in ("fast", "fft"):
         times[method] = best_time(lambda: direct.conv(x, weight, method=method, **kwargs), repeat)
     return dict(channels=C, kernel=k, image=n, nnz=int(nnz), times=times)
@@ -448,9 +444,3 @@ def machine_figures(threads: int, quick: bool, repeat: int) -> dict:
     return dict(threads=threads, date=time.strftime("%Y-%m-%d"),
                 bandwidth_1=measure_bandwidth(1, size, repeat),
                 bandwidth_all=measure_bandwidth(threads, size, repeat))
-
-
-def predicted_size(config: Config):
-    """The matrix size of a configuration, without building it."""
-    size = conv_transpose_matrix_nnz if config.transposed else conv_matrix_nnz
-    return size(config.weight_shape, config.input_shape, **config.kwargs)

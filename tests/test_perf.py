@@ -1,15 +1,17 @@
-"""The measurement engine runs and records consistent figures (no timing assertions)."""
+"""The performance engine (sparse_tconv.tools.perf) runs and records consistent figures
+(no timing assertions)."""
 
 import json
 
 import pytest
 
-from sparse_tconv import benchmark, conv_matrix_nnz
+from sparse_tconv import conv_matrix_nnz
+from sparse_tconv.tools import perf
 
 
 def test_quick_run_writes_all_figures(tmp_path, capsys):
     path = tmp_path / "figures.json"
-    assert benchmark.main(["--quick", "--config", "a", "--config", "g", "--repeat", "1",
+    assert perf.main(["--quick", "--config", "a", "--config", "g", "--repeat", "1",
                            "--json", str(path)]) == 0
     report = json.loads(path.read_text())
     by_name = {r["config"]: r for r in report["results"]}
@@ -24,6 +26,6 @@ def test_quick_run_writes_all_figures(tmp_path, capsys):
 
 def test_unknown_config_is_a_usage_error(capsys):
     with pytest.raises(SystemExit) as exc:
-        benchmark.main(["--quick", "--config", "zz"])
+        perf.main(["--quick", "--config", "zz"])
     assert exc.value.code == 2
     assert "unknown configuration(s) ['zz']" in capsys.readouterr().err

@@ -12,7 +12,8 @@ import time
 
 import numpy as np
 
-from ._geometry import _check_positive_int
+from .. import ConvOperator
+from .._validation import check_positive_int
 
 __all__ = ["bench_distributed", "format_distributed"]
 
@@ -91,11 +92,10 @@ def bench_distributed(
     ImportError
         Without dask.distributed.
     """
-    from . import ConvOperator
-    from .distributed import DistributedConvOperator, _import_distributed
+    from ..distributed import DistributedConvOperator, _import_distributed
 
     distributed = _import_distributed()
-    repeats = _check_positive_int(repeats, "repeats")
+    repeats = check_positive_int(repeats, "repeats")
     own = None
     if client is None:
         cluster = distributed.LocalCluster(
@@ -105,17 +105,42 @@ def bench_distributed(
         own = (cluster, distributed.Client(cluster))
         client = own[1]
     try:
-        rng = np.random.default_rng(seed)
-        weight = rng.standard_normal(weight_shape)
-        out = {}
-        t0 = time.perf_counter()
-        local = ConvOperator(weight, input_shape, threads=threads, **geometry)
-        out["local_build"] = time.perf_counter() - t0
-        local.rmatvec(np.zeros(local.shape[0]))  # its transposed matrix, outside the timings
-        t0 = time.perf_counter()
-        dist = DistributedConvOperator(weight, input_shape, client=client, n_blocks=n_blocks,
-                                       **geometry)
+        weight = np.random.default_rng(seed).standard_normal(weight_shape)
+        out = _side_by_side(weight, input_shape, client, n_blocks, threads, repeats, seed,
+                            geometry)
+        with DistributedConvOperator(weight, input_shape, client=client, n_blocks=n_blocks,
+                                     adjoint="transpose", **geometry) as dist_t:
+            y = np.random.default_rng(seed + 1).standard_normal(dist_t.shape[0])
+            out["distributed_rmatvec_transpose"] = _median_time(lambda: dist_t.rmatvec(y),
+                                                                repeats)
+        with DistributedConvOperator(np.ones((1, 1, 1)), (1, 1), client=client,
+                                     n_blocks=1) as tiny:
+            one = np.ones(1)
+            out["round_trip"] = _median_time(lambda: tiny.matvec(one), max(repeats, 10))
+        return out
+    finally:
+        if own is not None:
+            own[1].close()
+            own[0].close()
+
+
+def _side_by_side(weight, input_shape, client, n_blocks, threads, repeats, seed, geometry):
+    """Build and product times of the local and the distributed operator, and the bytes moved.
+
+    Both operators are freed on return, before the next figures are taken.
+    """
+    from ..distributed import DistributedConvOperator
+
+    out = {}
+    t0 = time.perf_counter()
+    local = ConvOperator(weight, input_shape, threads=threads, **geometry)
+    out["local_build"] = time.perf_counter() - t0
+    local.rmatvec(np.zeros(local.shape[0]))  # its transposed matrix, outside the timings
+    t0 = time.perf_counter()
+    with DistributedConvOperator(weight, input_shape, client=client, n_blocks=n_blocks,
+                                 **geometry) as dist:
         out["distributed_build"] = time.perf_counter() - t0
+        rng = np.random.default_rng(seed + 1)
         x = rng.standard_normal(dist.shape[1])
         y = rng.standard_normal(dist.shape[0])
         out["nnz"] = local.matrix.nnz
@@ -129,28 +154,14 @@ def bench_distributed(
         out.update(dist.bytes_per_product())
         local_cluster = client.scheduler.address.startswith(("tcp://127.", "tcp://localhost",
                                                              "inproc://"))
-        for name, func in (("loopback_matvec", dist.matvec), ("loopback_rmatvec", dist.rmatvec)):
+        for name, func, arg in (("loopback_matvec", dist.matvec, x),
+                                ("loopback_rmatvec", dist.rmatvec, y)):
             before = _loopback_bytes() if local_cluster else None
-            arg = x if name == "loopback_matvec" else y
             for _ in range(repeats):
                 func(arg)
             after = _loopback_bytes() if local_cluster else None
             out[name] = None if before is None or after is None else (after - before) // repeats
-        dist.close()
-        del local
-        with DistributedConvOperator(weight, input_shape, client=client, n_blocks=n_blocks,
-                                     adjoint="transpose", **geometry) as dist_t:
-            out["distributed_rmatvec_transpose"] = _median_time(lambda: dist_t.rmatvec(y),
-                                                                repeats)
-        tiny = DistributedConvOperator(np.ones((1, 1, 1)), (1, 1), client=client, n_blocks=1)
-        with tiny:
-            one = np.ones(1)
-            out["round_trip"] = _median_time(lambda: tiny.matvec(one), max(repeats, 10))
-        return out
-    finally:
-        if own is not None:
-            own[1].close()
-            own[0].close()
+    return out
 
 
 def format_distributed(result: dict) -> str:

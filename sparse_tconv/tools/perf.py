@@ -1,6 +1,7 @@
 """The measurement engine: build and product timings against their physical bounds.
 
-Run ``python -m sparse_tconv.benchmark`` (``--help`` for options).  Every
+Run ``sparse-tconv perf`` or ``python -m sparse_tconv.tools.perf`` (``--help`` for
+options).  Every
 figure is a ratio measured within one run, since shared machines are noisy:
 the build against the number of stored entries, the threaded products against
 scipy's serial product on the same matrix, the batched product against one
@@ -18,74 +19,21 @@ import os
 import sys
 import time
 import tracemalloc
-from dataclasses import asdict, dataclass, field
 
 import numpy as np
 
-from ._build import build, conv_matrix, conv_transpose_matrix
-from ._operator import ConvOperator, ConvTransposeOperator
-from ._parallel import resolve_threads, run_parallel
+from .._parallel import resolve_threads
+from .configs import CONFIGS, QUICK_CONFIGS, Config, select
+from .timing import (
+    best_time,
+    measure_bandwidth,
+    measure_block_gemm_rate,
+    measure_fresh_write,
+    settle,
+)
 
-__all__ = [
-    "Config",
-    "CONFIGS",
-    "QUICK_CONFIGS",
-    "TARGETS",
-    "measure_bandwidth",
-    "measure_fresh_write",
-    "measure_block_gemm_rate",
-    "best_time",
-    "run_config",
-    "main",
-]
+__all__ = ["TARGETS", "run_config", "main"]
 
-
-@dataclass(frozen=True)
-class Config:
-    """One geometry to measure: a convolution, or a transposed one."""
-
-    name: str
-    description: str
-    weight_shape: tuple
-    input_shape: tuple
-    kwargs: dict = field(default_factory=dict)
-    transposed: bool = False
-    batch: int = 0  # also time matmat on this many columns
-
-    def operator(self, weight, threads=None):
-        cls = ConvTransposeOperator if self.transposed else ConvOperator
-        return cls(weight, self.input_shape, threads=threads, **self.kwargs)
-
-    def build(self, weight):
-        builder = conv_transpose_matrix if self.transposed else conv_matrix
-        return builder(weight, self.input_shape, **self.kwargs)
-
-
-# The configurations of the performance issue, (a) being the chapter's example.
-CONFIGS = [
-    Config("a", "chapter: 10x16x16, 10->20, k5 p2 s3", (20, 10, 5, 5), (10, 16, 16),
-           dict(padding=2, stride=3)),
-    Config("b", "3x224x224, 3->64, k7 s2 p3", (64, 3, 7, 7), (3, 224, 224),
-           dict(stride=2, padding=3)),
-    Config("c", "64x56x56, 64->64, k3 p1 (+ batch 32)", (64, 64, 3, 3), (64, 56, 56),
-           dict(padding=1), batch=32),
-    Config("d", "1x512x512, 1->1, k9 p4", (1, 1, 9, 9), (1, 512, 512), dict(padding=4)),
-    Config("e", "1-D 1x1,000,000, k31 p15", (1, 1, 31), (1, 1_000_000), dict(padding=15)),
-    Config("f", "3-D 1x64x64x64, k3 p1", (1, 1, 3, 3, 3), (1, 64, 64, 64), dict(padding=1)),
-    Config("g", "transposed 64x28x28, 64->32, k4 s2 p1", (64, 32, 4, 4), (64, 28, 28),
-           dict(stride=2, padding=1), transposed=True),
-]
-
-# Small versions of the same shapes, for a smoke run in seconds.
-QUICK_CONFIGS = [
-    Config("a", CONFIGS[0].description, (20, 10, 5, 5), (10, 16, 16), dict(padding=2, stride=3)),
-    Config("b", "3x64x64, 3->16, k7 s2 p3", (16, 3, 7, 7), (3, 64, 64), dict(stride=2, padding=3)),
-    Config("c", "16x24x24, 16->16, k3 p1 (+ batch 8)", (16, 16, 3, 3), (16, 24, 24),
-           dict(padding=1), batch=8),
-    Config("e", "1-D 1x50,000, k31 p15", (1, 1, 31), (1, 50_000), dict(padding=15)),
-    Config("g", "transposed 16x14x14, 16->8, k4 s2 p1", (16, 8, 4, 4), (16, 14, 14),
-           dict(stride=2, padding=1), transposed=True),
-]
 
 # The targets of the performance issue: (figure, comparison, bound, configs it
 # applies to, the figure's physical limit measured in the same run or None).
@@ -100,91 +48,6 @@ TARGETS = [
 ]
 
 
-def best_time(func, repeat: int = 5, min_time: float = 0.05) -> float:
-    """Best wall time of ``func()`` in seconds, over ``repeat`` rounds.
-
-    A round calls ``func`` enough times to last ``min_time``, so that very
-    short calls are not dominated by the timer.
-    """
-    func()  # warm up: first-touch page faults, lazy imports
-    number = 1
-    start = time.perf_counter()
-    func()
-    once = time.perf_counter() - start
-    if once < min_time:
-        number = max(1, int(min_time / max(once, 1e-9)))
-    best = math.inf
-    for _ in range(repeat):
-        start = time.perf_counter()
-        for _ in range(number):
-            func()
-        best = min(best, (time.perf_counter() - start) / number)
-    return best
-
-
-def measure_bandwidth(threads: int, nbytes: int = 1 << 30, repeat: int = 5) -> float:
-    """Read bandwidth in bytes/s: ``max`` over a large float64 array on ``threads`` threads.
-
-    ``max`` is vectorised with no chain of dependent additions (a plain sum
-    is limited by its add latency well below the memory speed on this kind
-    of machine), so it runs at the memory's read speed: the bound for a sparse
-    product, which reads each stored entry once.
-    """
-    chunks = np.array_split(np.ones(nbytes // 8), threads)
-    return nbytes / best_time(lambda: run_parallel(np.max, chunks, threads), repeat)
-
-
-def _settle(seconds: float) -> None:
-    """Let freed memory go back to the hypervisor before a 'cold' measurement.
-
-    On these virtual machines the guest reports freed pages to the host
-    (virtio-balloon free page reporting, after about two seconds); touching
-    them again costs a host-side page fault, about 1 ns per byte, where
-    reusing memory still held costs about 0.05.
-    """
-    gc.collect()
-    time.sleep(seconds)
-
-
-def measure_fresh_write(
-    threads: int, nbytes: int = 1 << 30, repeat: int = 5, cold: bool = False, settle: float = 3.0
-) -> float:
-    """Bytes/s written into newly allocated memory, page faults included.
-
-    Building a matrix writes every byte of it into new memory, so
-    ``matrix bytes / this`` is the floor of a build.  ``cold=True`` measures
-    memory the guest has handed back to the host (see :func:`_settle`), once.
-    """
-    n = nbytes // 8
-
-    def write():
-        array = np.empty(n)
-        run_parallel(lambda part: part.fill(1.0), np.array_split(array, threads), threads)
-
-    if cold:
-        _settle(settle)
-        start = time.perf_counter()
-        write()
-        return nbytes / (time.perf_counter() - start)
-    return nbytes / best_time(write, repeat, min_time=0)
-
-
-def measure_block_gemm_rate(op, n_vecs: int, threads: int, blocks: int = 256) -> float:
-    """Flop/s of numpy's ``matmul`` on stacks of the operator's blocks, on ``threads`` threads.
-
-    The batched product is a sum of such products, so this bounds it from
-    below: ``2 * nnz * n_vecs / rate`` seconds.  For an operator without
-    dense channel blocks the blocks are 1x1.
-    """
-    r, c = op._forward_matrix().blocksize if op._form == "blocks" else (1, 1)
-    rng = np.random.default_rng(1)
-    a = [rng.standard_normal((blocks, r, c)) for _ in range(threads)]
-    b = [rng.standard_normal((blocks, c, n_vecs)) for _ in range(threads)]
-    seconds = best_time(lambda: run_parallel(lambda i: np.matmul(a[i], b[i]), range(threads),
-                                             threads), 5)
-    return 2.0 * blocks * r * c * n_vecs * threads / seconds
-
-
 def _peak_build_bytes(config: Config, weight) -> int:
     """Peak bytes allocated (as traced by tracemalloc) while building."""
     gc.collect()
@@ -195,6 +58,94 @@ def _peak_build_bytes(config: Config, weight) -> int:
         return tracemalloc.get_traced_memory()[1]
     finally:
         tracemalloc.stop()
+
+
+def _build_figures(config: Config, op, weight, new_weight, *, threads, write_bandwidth, repeat,
+                   cold_settle) -> dict:
+    """Building: the CSR matrix, its transpose, the operator, ``with_weight``; their floors."""
+    W = op.matrix
+    matrix_bytes = W.data.nbytes + W.indices.nbytes + W.indptr.nbytes
+    r = {}
+    r["build_s"] = best_time(lambda: config.build(weight), repeat, min_time=0)
+    r["build_ns_per_entry"] = r["build_s"] / W.nnz * 1e9
+    r["transpose_build_s"] = best_time(lambda: config.build_transpose(weight), repeat,
+                                       min_time=0)
+    r["operator_build_s"] = best_time(lambda: config.operator(weight, threads=threads), repeat,
+                                      min_time=0)
+    r["rebuild_s"] = best_time(lambda: op.with_weight(new_weight), repeat, min_time=0)
+    r["rebuild_speedup"] = r["build_s"] / r["rebuild_s"]
+    r["rebuild_over_operator_build"] = r["operator_build_s"] / r["rebuild_s"]
+    # Floors: a build writes the whole matrix, a rebuild only the values, into
+    # new memory; their ratio bounds what pattern reuse can gain.
+    r["build_floor_s"] = matrix_bytes / write_bandwidth
+    # with_weight writes the values of the operator's product form (and
+    # nothing else): timed as a write of that many bytes into fresh memory on
+    # the same threads, since the speed of a write depends on its size.
+    r["values_bytes"] = op.product_form.matrix.data.nbytes
+    r["rebuild_floor_s"] = r["values_bytes"] / measure_fresh_write(
+        threads, r["values_bytes"], repeat)
+    r["rebuild_speedup_bound"] = r["build_s"] / r["rebuild_floor_s"]
+    r["build_peak_over_matrix"] = _peak_build_bytes(config, weight) / matrix_bytes
+    if cold_settle:
+        settle(cold_settle)
+        start = time.perf_counter()
+        config.build(weight)
+        r["cold_build_s"] = time.perf_counter() - start
+        r["cold_build_ns_per_entry"] = r["cold_build_s"] / W.nnz * 1e9
+    return r
+
+
+def _product_figures(op, x, y, *, bandwidth, repeat) -> dict:
+    """``W @ x`` and ``W.T @ y``: threaded against scipy's serial product and the bound."""
+    W = op.matrix
+    matrix_bytes = W.data.nbytes + W.indices.nbytes + W.indptr.nbytes
+    r = {}
+    r["scipy_matvec_s"] = best_time(lambda: W @ x, repeat)
+    r["matvec_s"] = best_time(lambda: op.matvec(x), repeat)
+    op.rmatvec(y)  # builds the transposed products' matrix once, outside the timing
+    r["scipy_transpose_matvec_s"] = best_time(lambda: W.T @ y, repeat)
+    r["rmatvec_s"] = best_time(lambda: op.rmatvec(y), repeat)
+    r["matvec_speedup"] = r["scipy_matvec_s"] / r["matvec_s"]
+    r["rmatvec_speedup"] = r["scipy_matvec_s"] / r["rmatvec_s"]
+    r["rmatvec_over_matvec"] = r["rmatvec_s"] / r["matvec_s"]
+    # A product reads data + indices + indptr, reads x, writes y: of the CSR
+    # matrix for scipy, of the operator's product form (dense channel blocks
+    # when it has them, 8 bytes per float64 entry instead of 12) for matvec.
+    vectors = x.nbytes + y.nbytes
+    form = op.product_form
+    r["product_bytes"] = form.nbytes
+    r["form"] = form.name
+    r["bound_s"] = (r["product_bytes"] + vectors) / bandwidth
+    r["matvec_fraction_of_bound"] = r["bound_s"] / r["matvec_s"]
+    # The most any product reading the CSR matrix could gain over scipy here.
+    r["csr_speedup_bound"] = r["scipy_matvec_s"] / ((matrix_bytes + vectors) / bandwidth)
+    # ... and any product reading the operator's product form.
+    r["matvec_speedup_bound"] = r["scipy_matvec_s"] / r["bound_s"]
+    return r
+
+
+def _batch_figures(op, batch: int, matvec_s: float, rng, *, threads, repeat) -> dict:
+    """``matmat`` on ``batch`` columns against one product and its compute floor."""
+    W = op.matrix
+    X = rng.standard_normal((W.shape[1], batch))
+    r = {"batch": batch}
+    r["matmat_s"] = best_time(lambda: op.matmat(X), repeat)
+    r["scipy_matmat_s"] = best_time(lambda: W @ X, max(1, repeat // 2))
+    r["batch_over_matvec"] = r["matmat_s"] / matvec_s
+    XF = np.asfortranarray(X)
+    r["matmat_fortran_input_s"] = best_time(lambda: op.matmat(XF), repeat)
+    r["separate_matvecs_s"] = best_time(
+        lambda: [op.matvec(XF[:, j]) for j in range(batch)], max(1, repeat // 2)
+    )
+    samples = rng.standard_normal((batch, *op.input_shape))
+    r["conv_batch_s"] = best_time(lambda: op.conv(samples), repeat)
+    # Compute floor: 2 flops per entry and column at the rate BLAS reaches
+    # on blocks of this shape (matmul on every thread, in the same run).
+    rate = measure_block_gemm_rate(op, batch, threads)
+    r["block_gemm_gflops"] = rate / 1e9
+    r["batch_compute_bound_s"] = 2.0 * W.nnz * batch / rate
+    r["batch_bound_over_matvec"] = r["batch_compute_bound_s"] / matvec_s
+    return r
 
 
 def run_config(
@@ -211,92 +162,24 @@ def run_config(
     Timings are the best of ``repeat`` back-to-back calls, so a build reuses
     the memory the previous one freed ("warm").  With ``cold_settle`` > 0 one
     more build runs after that many seconds idle, on memory the hypervisor
-    has taken back ("cold").
+    has taken back ("cold").  The matrices are freed when this returns.
     """
     rng = np.random.default_rng(0)
     weight = rng.standard_normal(config.weight_shape)
     new_weight = rng.standard_normal(config.weight_shape)
     op = config.operator(weight, threads=threads)
     W = op.matrix
-    nnz = W.nnz
-    matrix_bytes = W.data.nbytes + W.indices.nbytes + W.indptr.nbytes
     x = rng.standard_normal(W.shape[1])
     y = rng.standard_normal(W.shape[0])
-    r = dict(config=config.name, description=config.description, threads=threads, nnz=nnz,
-             shape=list(W.shape), matrix_bytes=matrix_bytes)
-
-    r["build_s"] = best_time(lambda: config.build(weight), repeat, min_time=0)
-    r["build_ns_per_entry"] = r["build_s"] / nnz * 1e9
-    r["transpose_build_s"] = best_time(
-        lambda: build(op._geometry, op.weight, transpose=not op._transposed, threads=threads),
-        repeat,
-        min_time=0,
-    )
-    r["operator_build_s"] = best_time(lambda: config.operator(weight, threads=threads), repeat,
-                                      min_time=0)
-    r["rebuild_s"] = best_time(lambda: op.with_weight(new_weight), repeat, min_time=0)
-    r["rebuild_speedup"] = r["build_s"] / r["rebuild_s"]
-    r["rebuild_over_operator_build"] = r["operator_build_s"] / r["rebuild_s"]
-    # Floors: a build writes the whole matrix, a rebuild only the values, into
-    # new memory; their ratio bounds what pattern reuse can gain.
-    r["build_floor_s"] = matrix_bytes / write_bandwidth
-    # with_weight writes the values of the operator's product form (and
-    # nothing else): timed as a write of that many bytes into fresh memory on
-    # the same threads, since the speed of a write depends on its size.
-    r["values_bytes"] = op._forward_matrix().data.nbytes
-    r["rebuild_floor_s"] = r["values_bytes"] / measure_fresh_write(
-        threads, r["values_bytes"], repeat)
-    r["rebuild_speedup_bound"] = r["build_s"] / r["rebuild_floor_s"]
-    r["build_peak_over_matrix"] = _peak_build_bytes(config, weight) / matrix_bytes
-    if cold_settle:
-        _settle(cold_settle)
-        start = time.perf_counter()
-        config.build(weight)
-        r["cold_build_s"] = time.perf_counter() - start
-        r["cold_build_ns_per_entry"] = r["cold_build_s"] / nnz * 1e9
-
-    r["scipy_matvec_s"] = best_time(lambda: W @ x, repeat)
-    r["matvec_s"] = best_time(lambda: op.matvec(x), repeat)
-    op.rmatvec(y)  # builds the transposed products' matrix once, outside the timing
-    r["scipy_transpose_matvec_s"] = best_time(lambda: W.T @ y, repeat)
-    r["rmatvec_s"] = best_time(lambda: op.rmatvec(y), repeat)
-    r["matvec_speedup"] = r["scipy_matvec_s"] / r["matvec_s"]
-    r["rmatvec_speedup"] = r["scipy_matvec_s"] / r["rmatvec_s"]
-    r["rmatvec_over_matvec"] = r["rmatvec_s"] / r["matvec_s"]
-    # A product reads data + indices + indptr, reads x, writes y: of the CSR
-    # matrix for scipy, of the operator's product form (dense channel blocks
-    # when it has them, 8 bytes per float64 entry instead of 12) for matvec.
-    vectors = x.nbytes + y.nbytes
-    r["product_bytes"] = op._forward_nbytes()
-    r["form"] = op._form
-    r["bound_s"] = (r["product_bytes"] + vectors) / bandwidth
-    r["matvec_fraction_of_bound"] = r["bound_s"] / r["matvec_s"]
-    # The most any product reading the CSR matrix could gain over scipy here.
-    r["csr_speedup_bound"] = r["scipy_matvec_s"] / ((matrix_bytes + vectors) / bandwidth)
-    # ... and any product reading the operator's product form.
-    r["matvec_speedup_bound"] = r["scipy_matvec_s"] / r["bound_s"]
-
+    r = dict(config=config.name, description=config.description, threads=threads, nnz=W.nnz,
+             shape=list(W.shape), matrix_bytes=W.data.nbytes + W.indices.nbytes + W.indptr.nbytes)
+    r.update(_build_figures(config, op, weight, new_weight, threads=threads,
+                            write_bandwidth=write_bandwidth, repeat=repeat,
+                            cold_settle=cold_settle))
+    r.update(_product_figures(op, x, y, bandwidth=bandwidth, repeat=repeat))
     if config.batch:
-        X = rng.standard_normal((W.shape[1], config.batch))
-        r["batch"] = config.batch
-        r["matmat_s"] = best_time(lambda: op.matmat(X), repeat)
-        r["scipy_matmat_s"] = best_time(lambda: W @ X, max(1, repeat // 2))
-        r["batch_over_matvec"] = r["matmat_s"] / r["matvec_s"]
-        XF = np.asfortranarray(X)
-        r["matmat_fortran_input_s"] = best_time(lambda: op.matmat(XF), repeat)
-        r["separate_matvecs_s"] = best_time(
-            lambda: [op.matvec(XF[:, j]) for j in range(config.batch)], max(1, repeat // 2)
-        )
-        batch = rng.standard_normal((config.batch, *op.input_shape))
-        r["conv_batch_s"] = best_time(lambda: op.conv(batch), repeat)
-        # Compute floor: 2 flops per entry and column at the rate BLAS reaches
-        # on blocks of this shape (matmul on every thread, in the same run).
-        rate = measure_block_gemm_rate(op, config.batch, threads)
-        r["block_gemm_gflops"] = rate / 1e9
-        r["batch_compute_bound_s"] = 2.0 * nnz * config.batch / rate
-        r["batch_bound_over_matvec"] = r["batch_compute_bound_s"] / r["matvec_s"]
-    del op, W
-    gc.collect()
+        r.update(_batch_figures(op, config.batch, r["matvec_s"], rng, threads=threads,
+                                repeat=repeat))
     return r
 
 
@@ -409,7 +292,7 @@ def _format(results, verdicts, machine) -> str:
 def main(argv=None) -> int:
     """Command-line entry point; returns the exit status."""
     parser = argparse.ArgumentParser(
-        prog="python -m sparse_tconv.benchmark",
+        prog="sparse-tconv perf",
         description="Measure build and product speed against scipy and the bandwidth bound.",
     )
     parser.add_argument("--quick", action="store_true", help="small configurations, seconds")
@@ -423,13 +306,10 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     if args.json and not os.path.isdir(os.path.dirname(os.path.abspath(args.json))):
         parser.error(f"--json: the folder of {args.json!r} does not exist")
-    configs = QUICK_CONFIGS if args.quick else CONFIGS
-    if args.config:
-        known = {c.name for c in configs}
-        unknown = sorted(set(args.config) - known)
-        if unknown:
-            parser.error(f"unknown configuration(s) {unknown}; choose from {sorted(known)}")
-        configs = [c for c in configs if c.name in args.config]
+    try:
+        configs = select(QUICK_CONFIGS if args.quick else CONFIGS, args.config)
+    except ValueError as exc:
+        parser.error(str(exc))
     try:
         threads = resolve_threads(args.threads)
     except (TypeError, ValueError) as exc:
@@ -447,13 +327,14 @@ def main(argv=None) -> int:
     if cold_settle:
         machine["cold_settle_s"] = cold_settle
         machine["fresh_write_cold"] = measure_fresh_write(threads, size, cold=True,
-                                                          settle=cold_settle)
+                                                          settle_s=cold_settle)
     results = []
     for i, config in enumerate(configs, 1):
         print(f"[{i}/{len(configs)}] {config.name}: {config.description}", file=sys.stderr)
         results.append(run_config(config, threads=threads, bandwidth=machine["bandwidth_all"],
                                   write_bandwidth=machine["fresh_write_all"], repeat=repeat,
                                   cold_settle=cold_settle))
+        gc.collect()  # the previous configuration's matrices, before the next is measured
     verdicts = _verdicts(results)
     print(_format(results, verdicts, machine))
     if args.json:

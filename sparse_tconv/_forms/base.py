@@ -1,0 +1,124 @@
+"""The interface every product form implements, and the reorderings they share.
+
+A *product form* is how an operator stores one matrix (W or W.T) for its
+products: the canonical CSR, dense channel blocks (BSR) or diagonals (DIA).
+The operator holds one form for its own products (``forward``) and one for
+its transpose (``backward``), chooses their kind from the geometry once
+(:func:`sparse_tconv._forms.form_for`), and otherwise only calls the methods
+below: a new form is one new module with one new class, added to
+``sparse_tconv._forms.FORMS``.
+"""
+
+from __future__ import annotations
+
+import abc
+from collections.abc import Callable
+from typing import ClassVar
+
+import numpy as np
+import scipy.sparse as sp
+
+from .._geometry import ConvGeometry
+
+__all__ = ["ProductForm", "Canonical", "to_position_major", "from_position_major"]
+
+Canonical = Callable[[], sp.csr_array]
+"""Gets (building it on first use) the canonical CSR of the form's own matrix."""
+
+
+class ProductForm(abc.ABC):
+    """One matrix of an operator (W or W.T) as its products read it.
+
+    ``matrix`` is the scipy matrix multiplied, rows and columns numbered as
+    the form chooses; :meth:`multiply` takes and returns vectors in the
+    canonical (channel-major) numbering.  ``transposed`` says whether the
+    matrix is W.T; ``backward`` whether the form serves the products of the
+    transpose of its operator's own matrix (``rmatvec``), which some forms
+    number differently.
+    """
+
+    name: ClassVar[str]
+    """What the form is called in :attr:`ConvOperator.product_form` and the benchmarks."""
+
+    shared_with_transpose: ClassVar[bool] = True
+    """Whether an operator's backward form serves as the forward form of its ``.T``.
+
+    True when the form numbers its matrix the same way in both roles, so
+    that one build serves both operators.
+    """
+
+    matrix: sp.sparray
+    transposed: bool
+
+    @staticmethod
+    @abc.abstractmethod
+    def applies(geometry: ConvGeometry) -> bool:
+        """Whether operators of this geometry multiply through this form."""
+
+    @classmethod
+    @abc.abstractmethod
+    def predict_nbytes(cls, geometry: ConvGeometry, dtype: np.dtype, *, transposed: bool,
+                       backward: bool) -> int:
+        """The :attr:`nbytes` :meth:`build` will give, computed from the geometry alone."""
+
+    @classmethod
+    @abc.abstractmethod
+    def build(cls, geometry: ConvGeometry, weight: np.ndarray, *, transposed: bool,
+              backward: bool, threads: int, canonical: Canonical) -> ProductForm:
+        """The form of W (``transposed=False``) or W.T for a validated weight."""
+
+    @property
+    def pattern(self) -> object | None:
+        """What :meth:`refill` shares: the index arrays, no values (None: nothing to share)."""
+        return None
+
+    @classmethod
+    def refill(cls, pattern: object | None, geometry: ConvGeometry, weight: np.ndarray, *,
+               transposed: bool, backward: bool, threads: int,
+               canonical: Canonical) -> ProductForm:
+        """The form for a new weight on the :attr:`pattern` of a form already built.
+
+        Only the values are computed; without a pattern, the form is built.
+        """
+        return cls.build(geometry, weight, transposed=transposed, backward=backward,
+                         threads=threads, canonical=canonical)
+
+    @abc.abstractmethod
+    def multiply(self, x: np.ndarray, threads: int) -> np.ndarray:
+        """The matrix times a 1-D ``x`` or a 2-D block of columns, on ``threads`` threads."""
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of the arrays a product reads (what bounds its speed)."""
+        m = self.matrix
+        return int(m.data.nbytes + m.indices.nbytes + m.indptr.nbytes)
+
+    def freeze(self) -> ProductForm:
+        """Make every array of the form read-only (it is shared), and return it."""
+        for array in self._arrays():
+            array.flags.writeable = False
+        return self
+
+    def _arrays(self) -> list[np.ndarray]:
+        m = self.matrix
+        return [m.data, m.indices, m.indptr]
+
+
+def to_position_major(v: np.ndarray, channels: int) -> np.ndarray:
+    """Reorder rows from ``(channel, position)`` to ``(position, channel)`` (a copy)."""
+    if channels == 1:
+        return np.ascontiguousarray(v)
+    rest = v.shape[1:]
+    positions = v.shape[0] // channels  # not -1: v may have no columns
+    return np.ascontiguousarray(v.reshape((channels, positions) + rest).swapaxes(0, 1)).reshape(
+        v.shape)
+
+
+def from_position_major(v: np.ndarray, channels: int) -> np.ndarray:
+    """Inverse of :func:`to_position_major`."""
+    if channels == 1:
+        return v
+    rest = v.shape[1:]
+    positions = v.shape[0] // channels
+    return np.ascontiguousarray(v.reshape((positions, channels) + rest).swapaxes(0, 1)).reshape(
+        v.shape)

@@ -1,0 +1,297 @@
+"""Argument checks, dtype rules and tolerances: one place for what every module validates.
+
+Each check takes the value and the argument's name and returns the
+normalised value, or raises a :class:`TypeError` (wrong kind) or
+:class:`ValueError` (wrong value) whose message names the argument and echoes
+the value.  Nothing here knows about convolutions beyond the names of the
+padding modes: the geometry's own consistency rules (channels that match, a
+kernel that fits) are in :mod:`._geometry`.
+"""
+
+from __future__ import annotations
+
+import numbers
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+if TYPE_CHECKING:
+    from ._geometry import ConvMatrixSize
+
+__all__ = [
+    "PADDING_MODES",
+    "SUPPORTED_DTYPES",
+    "INT32_MAX",
+    "INT64_MAX",
+    "is_int",
+    "check_int",
+    "check_positive_int",
+    "check_non_negative_int",
+    "check_bool",
+    "check_tol",
+    "check_choice",
+    "normalize_tuple",
+    "normalize_shape",
+    "normalize_padding",
+    "check_padding_mode",
+    "as_weight",
+    "cast_if_safe",
+    "check_size",
+]
+
+PADDING_MODES = ("zeros", "reflect", "replicate", "circular")
+SUPPORTED_DTYPES = tuple(
+    np.dtype(t) for t in (np.float32, np.float64, np.complex64, np.complex128)
+)
+INT32_MAX = int(np.iinfo(np.int32).max)
+INT64_MAX = int(np.iinfo(np.int64).max)
+
+
+# ---------------------------------------------------------------------------
+# Scalars
+# ---------------------------------------------------------------------------
+
+
+def is_int(value) -> bool:
+    """Whether ``value`` is an integer (numpy's included), and not a bool."""
+    return isinstance(value, numbers.Integral) and not isinstance(value, (bool, np.bool_))
+
+
+def check_int(value, name: str) -> int:
+    if not is_int(value):
+        raise TypeError(f"{name} must be an int, got {name}={value!r}")
+    return int(value)
+
+
+def check_positive_int(value, name: str) -> int:
+    value = check_int(value, name)
+    if value < 1:
+        raise ValueError(f"{name} must be a positive integer, got {name}={value}")
+    return value
+
+
+def check_non_negative_int(value, name: str) -> int:
+    value = check_int(value, name)
+    if value < 0:
+        raise ValueError(f"{name} must be a non-negative int, got {name}={value}")
+    return value
+
+
+def check_bool(value, name: str) -> bool:
+    if not isinstance(value, (bool, np.bool_)):
+        raise TypeError(f"{name} must be a bool, got {name}={value!r}")
+    return bool(value)
+
+
+def check_tol(value, name: str) -> float:
+    """A finite, non-negative real number (a tolerance)."""
+    if not isinstance(value, numbers.Real) or isinstance(value, (bool, np.bool_)):
+        raise TypeError(f"{name} must be a real number, got {name}={value!r}")
+    value = float(value)
+    if not (np.isfinite(value) and value >= 0):
+        raise ValueError(f"{name} must be non-negative and finite, got {name}={value!r}")
+    return value
+
+
+def check_choice(value, choices, name: str) -> str:
+    """One of the strings ``choices``."""
+    if not isinstance(value, str) or value not in choices:
+        raise ValueError(f"{name} must be one of {tuple(choices)}, got {name}={value!r}")
+    return value
+
+
+# ---------------------------------------------------------------------------
+# Shapes and per-dimension settings
+# ---------------------------------------------------------------------------
+
+
+def normalize_tuple(value, ndim: int, name: str) -> tuple[int, ...]:
+    """Return ``value`` as a tuple of ``ndim`` ints (an int is repeated)."""
+    if is_int(value):
+        return (int(value),) * ndim
+    if isinstance(value, (str, bytes)):
+        raise TypeError(f"{name} must be an int or a sequence of {ndim} ints, got {name}={value!r}")
+    try:
+        items = tuple(value)
+    except TypeError:
+        raise TypeError(
+            f"{name} must be an int or a sequence of {ndim} ints, got {name}={value!r}"
+        ) from None
+    if len(items) != ndim:
+        raise ValueError(
+            f"{name} must have one entry per spatial dimension ({ndim}), "
+            f"got {len(items)}: {name}={value!r}"
+        )
+    if not all(is_int(v) for v in items):
+        raise TypeError(f"{name} must contain only ints, got {name}={value!r}")
+    return tuple(int(v) for v in items)
+
+
+def normalize_shape(shape, name: str) -> tuple[int, ...]:
+    if isinstance(shape, (str, bytes)) or is_int(shape):
+        raise TypeError(f"{name} must be a sequence of ints, got {name}={shape!r}")
+    try:
+        items = tuple(shape)
+    except TypeError:
+        raise TypeError(f"{name} must be a sequence of ints, got {name}={shape!r}") from None
+    if not all(is_int(v) for v in items):
+        raise TypeError(f"{name} must contain only ints, got {name}={shape!r}")
+    items = tuple(int(v) for v in items)
+    if any(v <= 0 for v in items):
+        raise ValueError(f"{name} must contain only positive sizes, got {name}={items}")
+    return items
+
+
+def normalize_padding(padding, ndim: int) -> tuple[tuple[int, int], ...] | str:
+    """Return ``((lo, hi), ...)`` per dimension, or the strings 'same'/'valid'."""
+    if isinstance(padding, str):
+        if padding in ("same", "valid"):
+            return padding
+        raise ValueError(
+            "padding must be an int, a sequence of ints or (before, after) pairs, "
+            f"'valid' or 'same', got padding={padding!r}"
+        )
+    if is_int(padding):
+        pairs = ((int(padding), int(padding)),) * ndim
+    else:
+        try:
+            items = tuple(padding)
+        except TypeError:
+            raise TypeError(
+                "padding must be an int, a sequence of ints or (before, after) pairs, "
+                f"'valid' or 'same', got padding={padding!r}"
+            ) from None
+        if len(items) != ndim:
+            raise ValueError(
+                f"padding must have one entry per spatial dimension ({ndim}), "
+                f"got {len(items)}: padding={padding!r}"
+            )
+        pairs = []
+        for item in items:
+            if is_int(item):
+                pairs.append((int(item), int(item)))
+                continue
+            try:
+                pair = tuple(item)
+            except TypeError:
+                pair = ()
+            if len(pair) != 2 or not all(is_int(v) for v in pair):
+                raise TypeError(
+                    "each padding entry must be an int or a (before, after) pair of ints, "
+                    f"got {item!r} in padding={padding!r}"
+                )
+            pairs.append((int(pair[0]), int(pair[1])))
+        pairs = tuple(pairs)
+    if any(v < 0 for pair in pairs for v in pair):
+        raise ValueError(f"padding must be non-negative, got padding={padding!r}")
+    return pairs
+
+
+def check_padding_mode(padding_mode) -> str:
+    if not isinstance(padding_mode, str) or padding_mode not in PADDING_MODES:
+        raise ValueError(
+            f"padding_mode must be one of {PADDING_MODES}, got padding_mode={padding_mode!r}"
+        )
+    return padding_mode
+
+
+# ---------------------------------------------------------------------------
+# Weights, dtypes and sizes
+# ---------------------------------------------------------------------------
+
+
+def _as_array(weight) -> np.ndarray:
+    """``weight`` as an ndarray; a torch tensor through a detached CPU copy.
+
+    torch refuses ``np.asarray`` on a tensor that requires grad, and numpy
+    has no bfloat16 (widened exactly to float32 here).  torch is not
+    imported: a tensor is recognised by its type's module.
+    """
+    if type(weight).__module__.split(".")[0] == "torch" and hasattr(weight, "detach"):
+        tensor = weight.detach()
+        if str(tensor.dtype) == "torch.bfloat16":
+            tensor = tensor.float()
+        return tensor.numpy(force=True)
+    try:
+        return np.asarray(weight)
+    except ValueError as exc:  # ragged nested sequences
+        raise ValueError(f"weight must be a rectangular numeric array: {exc}") from None
+
+
+def as_weight(weight, dtype=None) -> np.ndarray:
+    """Return a private, read-only copy of ``weight`` in the result dtype.
+
+    Integer weights become float64 and float16 becomes float32; the result is
+    one of float32, float64, complex64, complex128.
+    """
+    arr = _as_array(weight)
+    if arr.dtype == np.bool_:
+        raise TypeError("weight must be numeric, got a boolean weight (dtype=bool)")
+    if not np.issubdtype(arr.dtype, np.number):
+        raise TypeError(f"weight must be a numeric array, got weight.dtype={arr.dtype}")
+    if dtype is None:
+        if np.issubdtype(arr.dtype, np.integer):
+            target = np.dtype(np.float64)
+        elif arr.dtype == np.float16:
+            target = np.dtype(np.float32)
+        else:
+            target = arr.dtype.newbyteorder("=")  # byte order is not a dtype choice
+        if target not in SUPPORTED_DTYPES:
+            raise TypeError(
+                f"weight.dtype={arr.dtype} is not supported; use one of "
+                f"{[str(t) for t in SUPPORTED_DTYPES]} (or pass dtype=)"
+            )
+    else:
+        try:
+            target = np.dtype(dtype).newbyteorder("=")
+        except TypeError:
+            raise TypeError(f"dtype must be a numpy dtype, got dtype={dtype!r}") from None
+        if target not in SUPPORTED_DTYPES:
+            raise TypeError(
+                f"dtype must be one of {[str(t) for t in SUPPORTED_DTYPES]}, got dtype={target}"
+            )
+        if np.issubdtype(arr.dtype, np.complexfloating) and target.kind != "c":
+            raise TypeError(
+                f"cannot use dtype={target} for a complex weight (weight.dtype={arr.dtype}): "
+                "the imaginary part would be discarded"
+            )
+    out = np.array(arr, dtype=target, copy=True)
+    out.flags.writeable = False
+    return out
+
+
+def cast_if_safe(x: np.ndarray, dtype) -> np.ndarray:
+    """``x`` in ``dtype`` when the conversion loses nothing, else ``x`` unchanged.
+
+    A product's input is brought to the matrix's dtype this way (an int16 or
+    float32 vector for a float64 matrix); one that needs a wider dtype (a
+    float64 vector for a float32 matrix, a complex one for a real matrix)
+    keeps it, and the caller falls back to scipy's own product, which widens.
+    """
+    if x.dtype != dtype and np.can_cast(x.dtype, dtype, casting="safe"):
+        return x.astype(dtype)
+    return x
+
+
+def check_size(size: ConvMatrixSize, max_bytes=None, what: str = "the matrix") -> ConvMatrixSize:
+    """``size`` if it can be built within ``max_bytes``; else a clear error, before allocating.
+
+    Raises
+    ------
+    TypeError, ValueError
+        If ``max_bytes`` is not None or a positive int.
+    MemoryError
+        If the entries or rows could not be indexed by int64 (numpy's and
+        scipy's widest), the bytes exceed 2**63, or they exceed ``max_bytes``.
+    """
+    described = (f"{what} would need {size.nbytes} bytes (nnz={size.nnz}, shape={size.shape}, "
+                 f"{size.dtype} values, {size.index_dtype} indices)")
+    if max(size.nnz, *size.shape) > INT64_MAX:
+        raise MemoryError(f"{described}: more entries or rows than int64 indices can address")
+    if size.nbytes > INT64_MAX:
+        raise MemoryError(f"{described}: more bytes than any address space")
+    if max_bytes is not None:
+        max_bytes = check_positive_int(max_bytes, "max_bytes")
+        if size.nbytes > max_bytes:
+            raise MemoryError(f"{described}, more than max_bytes={max_bytes}")
+    return size

@@ -1,0 +1,121 @@
+"""Timing and the machine's physical limits, measured in the run they are compared in.
+
+Every figure of the benchmarks is a ratio within one run (the machines are
+shared and noisy): a product against scipy's on the same matrix, or against
+what this machine's memory or BLAS can do at best, measured here.
+"""
+
+from __future__ import annotations
+
+import gc
+import math
+import os
+import time
+
+import numpy as np
+
+from .._parallel import run_parallel
+
+__all__ = [
+    "cpu_count",
+    "best_time",
+    "measure_bandwidth",
+    "settle",
+    "measure_fresh_write",
+    "measure_block_gemm_rate",
+]
+
+
+def cpu_count() -> int:
+    """The CPUs this process may run on."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        return os.cpu_count() or 1
+
+
+def best_time(func, repeat: int = 5, min_time: float = 0.05) -> float:
+    """Best wall time of ``func()`` in seconds, over ``repeat`` rounds.
+
+    A round calls ``func`` enough times to last ``min_time``, so that very
+    short calls are not dominated by the timer.
+    """
+    func()  # warm up: first-touch page faults, lazy imports
+    number = 1
+    start = time.perf_counter()
+    func()
+    once = time.perf_counter() - start
+    if once < min_time:
+        number = max(1, int(min_time / max(once, 1e-9)))
+    best = math.inf
+    for _ in range(repeat):
+        start = time.perf_counter()
+        for _ in range(number):
+            func()
+        best = min(best, (time.perf_counter() - start) / number)
+    return best
+
+
+def measure_bandwidth(threads: int, nbytes: int = 1 << 30, repeat: int = 5) -> float:
+    """Read bandwidth in bytes/s: ``max`` over a large float64 array on ``threads`` threads.
+
+    ``max`` is vectorised with no chain of dependent additions (a plain sum
+    is limited by its add latency well below the memory speed on this kind
+    of machine), so it runs at the memory's read speed: the bound for a sparse
+    product, which reads each stored entry once.
+    """
+    chunks = np.array_split(np.ones(nbytes // 8), threads)
+    return nbytes / best_time(lambda: run_parallel(np.max, chunks, threads), repeat)
+
+
+def settle(seconds: float) -> None:
+    """Let freed memory go back to the hypervisor before a 'cold' measurement.
+
+    On these virtual machines the guest reports freed pages to the host
+    (virtio-balloon free page reporting, after about two seconds); touching
+    them again costs a host-side page fault, about 1 ns per byte, where
+    reusing memory still held costs about 0.05.
+    """
+    gc.collect()
+    time.sleep(seconds)
+
+
+def measure_fresh_write(
+    threads: int, nbytes: int = 1 << 30, repeat: int = 5, cold: bool = False,
+    settle_s: float = 3.0,
+) -> float:
+    """Bytes/s written into newly allocated memory, page faults included.
+
+    Building a matrix writes every byte of it into new memory, so
+    ``matrix bytes / this`` is the floor of a build.  ``cold=True`` measures
+    memory the guest has handed back to the host (see :func:`settle`), once.
+    """
+    n = nbytes // 8
+
+    def write():
+        array = np.empty(n)
+        run_parallel(lambda part: part.fill(1.0), np.array_split(array, threads), threads)
+
+    if cold:
+        settle(settle_s)
+        start = time.perf_counter()
+        write()
+        return nbytes / (time.perf_counter() - start)
+    return nbytes / best_time(write, repeat, min_time=0)
+
+
+def measure_block_gemm_rate(op, n_vecs: int, threads: int, blocks: int = 256) -> float:
+    """Flop/s of numpy's ``matmul`` on stacks of the operator's blocks, on ``threads`` threads.
+
+    The batched product is a sum of such products, so this bounds it from
+    below: ``2 * nnz * n_vecs / rate`` seconds.  For an operator without
+    dense channel blocks the blocks are 1x1.
+    """
+    matrix = op.product_form.matrix
+    r, c = matrix.blocksize if matrix.format == "bsr" else (1, 1)
+    rng = np.random.default_rng(1)
+    a = [rng.standard_normal((blocks, r, c)) for _ in range(threads)]
+    b = [rng.standard_normal((blocks, c, n_vecs)) for _ in range(threads)]
+    seconds = best_time(lambda: run_parallel(lambda i: np.matmul(a[i], b[i]), range(threads),
+                                             threads), 5)
+    return 2.0 * blocks * r * c * n_vecs * threads / seconds
