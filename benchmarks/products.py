@@ -15,7 +15,7 @@ class Products:
             raise NotImplementedError("more threads than CPUs")
         _, self.op, self.x, self.y = make(geometry, threads=threads)
         self.op.rmatvec(self.y)  # builds the transposed matrix here, not inside time_rmatvec
-        self.op.matrix  # the canonical CSR (built on request) for scipy's baseline
+        _ = self.op.matrix  # the canonical CSR (built on request) for scipy's baseline
         self.X = np.random.default_rng(7).standard_normal((self.op.shape[1], 8))
 
     def time_matvec(self, geometry, threads):

@@ -10,6 +10,11 @@ Submodules: :mod:`sparse_tconv.direct` (direct convolution kernels),
 composition), :mod:`sparse_tconv.testing` (dot test, reference check).
 """
 
+# Public submodules: direct convolution kernels, spectra and norms, test helpers.
+# (re-exported by the redundant aliases, outside __all__: names, not functions)
+from . import direct as direct
+from . import spectral as spectral
+from . import testing as testing
 from ._build import conv_matrix, conv_transpose_matrix
 from ._geometry import (
     ConvMatrixSize,
@@ -21,11 +26,7 @@ from ._geometry import (
 from ._operator import ConvOperator, ConvTransposeOperator, ProductFormInfo
 from ._parallel import get_num_threads, set_num_threads
 from ._torch import from_torch, to_torch
-from ._version import __version__
-
-# Public submodules: direct convolution kernels, spectra and norms, test helpers.
-from . import direct, spectral, testing  # noqa: E402  (after the names they use)
-
+from ._version import __version__ as __version__
 
 __all__ = [
     "conv_matrix",

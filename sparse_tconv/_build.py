@@ -156,8 +156,8 @@ def box_blocks(layout: Layout, box: Box, origin: int = 0) -> list[_Block]:
     (g0, g1), (r0, r1), *ranges = box
     maps, n = layout.maps, layout.ndim
     per_dim = []
-    for m, (lo, hi) in zip(maps, ranges):
-        fams = [f for f in (_restrict(f, lo, hi) for f in m.families) if f is not None]
+    for dim_map, (lo, hi) in zip(maps, ranges):
+        fams = [r for r in (_restrict(f, lo, hi) for f in dim_map.families) if r is not None]
         if not fams:
             return []
         per_dim.append(fams)
@@ -165,16 +165,16 @@ def box_blocks(layout: Layout, box: Box, origin: int = 0) -> list[_Block]:
     cc = layout.col_channels
     channel_offset = (g0 * layout.row_channels + r0) * layout.nnz_pattern - origin
     blocks = []
-    for fams in itertools.product(*per_dim):
-        m = [len(f.cols) for f in fams]
+    for product in itertools.product(*per_dim):
+        m = [len(f.cols) for f in product]  # entries of each family's rows
         offset, pos_strides = channel_offset, []
-        for d, f in enumerate(fams):
+        for d, f in enumerate(product):
             scale = cc * math.prod(m[:d]) * math.prod(totals[d + 1 :])
             row_offsets = maps[d].offsets
             offset += scale * int(row_offsets[f.start])
             step = int(row_offsets[f.start + f.step] - row_offsets[f.start]) if f.count > 1 else 0
             pos_strides.append(scale * step)
-        shape = (g1 - g0, r1 - r0, *(f.count for f in fams), cc, *m)
+        shape = (g1 - g0, r1 - r0, *(f.count for f in product), cc, *m)
         if layout.channels_last:  # a row's entries in (e_1..e_N, c) order
             entry_strides = (1, *(cc * math.prod(m[d + 1 :]) for d in range(n)))
         else:  # in (c, e_1..e_N) order
@@ -185,7 +185,7 @@ def box_blocks(layout: Layout, box: Box, origin: int = 0) -> list[_Block]:
             *pos_strides,
             *entry_strides,
         )
-        blocks.append(_Block(offset, shape, strides, fams, (g0, g1), (r0, r1)))
+        blocks.append(_Block(offset, shape, strides, product, (g0, g1), (r0, r1)))
     return blocks
 
 

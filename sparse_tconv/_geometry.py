@@ -310,7 +310,9 @@ def conv_transpose_geometry(
                                                       padding_mode)
     output_padding = normalize_tuple(output_padding, ndim, "output_padding")
     if any(v < 0 for v in output_padding):
-        raise ValueError(f"output_padding must be non-negative, got output_padding={output_padding}")
+        raise ValueError(
+            f"output_padding must be non-negative, got output_padding={output_padding}"
+        )
     for axis, (a, s, d) in enumerate(zip(output_padding, stride, dilation)):
         if a >= max(s, d):
             raise ValueError(

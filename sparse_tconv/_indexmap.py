@@ -144,10 +144,9 @@ def dim_nnz(L, O, k, s, d, lo, hi, mode) -> int:
     total = k * (inside[1] - inside[0])
     total += (1 if mode == "replicate" else k) * (left_end + O - right_start)
     # The rows in between cross an edge: before and after the inside ones.
+    crossing: list[tuple[int, int]] = [(left_end, right_start)]
     if inside[1] > inside[0]:
-        crossing = ((left_end, inside[0]), (inside[1], right_start))
-    else:
-        crossing = ((left_end, right_start),)
+        crossing = [(left_end, inside[0]), (inside[1], right_start)]
     for p0, p1 in crossing:
         total += _distinct_mapped(p0, p1, L, k, s, d, lo, mode)
     return total

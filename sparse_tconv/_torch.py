@@ -11,10 +11,9 @@ import math
 import warnings
 
 import numpy as np
-import scipy.sparse as sp
 
-from ._validation import check_bool, check_int, is_int, normalize_shape
 from ._operator import ConvOperator, ConvTransposeOperator, _ConvOperatorBase
+from ._validation import check_bool, check_int, is_int, is_sparse, normalize_shape
 
 __all__ = ["from_torch", "to_torch"]
 
@@ -46,7 +45,7 @@ def _layer_kind(torch, module) -> tuple[int, bool]:
         (nn.Conv2d, 2, False),
         (nn.Conv3d, 3, False),
     )
-    for cls, ndim, transposed in kinds:
+    for cls, ndim, transposed in kinds:  # noqa: B007 (the loop's values are the result)
         if isinstance(module, cls):
             break
     else:
@@ -677,7 +676,7 @@ def to_torch(matrix, *, index_dtype=None, copy=False):
     if isinstance(matrix, _ConvOperatorBase):
         csr = matrix.matrix
         check = False  # valid by construction
-    elif sp.issparse(matrix):
+    elif is_sparse(matrix):
         if len(matrix.shape) != 2:
             raise ValueError(
                 f"matrix must be 2-dimensional, got a sparse array of shape {matrix.shape}"

@@ -14,6 +14,7 @@ import numbers
 from typing import TYPE_CHECKING
 
 import numpy as np
+import scipy.sparse as sp
 
 if TYPE_CHECKING:
     from ._geometry import ConvMatrixSize
@@ -24,6 +25,7 @@ __all__ = [
     "INT32_MAX",
     "INT64_MAX",
     "is_int",
+    "is_sparse",
     "check_int",
     "check_positive_int",
     "check_non_negative_int",
@@ -55,6 +57,15 @@ INT64_MAX = int(np.iinfo(np.int64).max)
 def is_int(value) -> bool:
     """Whether ``value`` is an integer (numpy's included), and not a bool."""
     return isinstance(value, numbers.Integral) and not isinstance(value, (bool, np.bool_))
+
+
+def is_sparse(value) -> bool:
+    """Whether ``value`` is a scipy sparse array or matrix (any format).
+
+    Unlike ``scipy.sparse.issparse`` it narrows nothing for the type checker,
+    whose stubs give the formats' common base none of their attributes.
+    """
+    return isinstance(value, (sp.sparray, sp.spmatrix))
 
 
 def check_int(value, name: str) -> int:
@@ -166,10 +177,10 @@ def normalize_padding(padding, ndim: int) -> tuple[tuple[int, int], ...] | str:
                 f"padding must have one entry per spatial dimension ({ndim}), "
                 f"got {len(items)}: padding={padding!r}"
             )
-        pairs = []
+        entries: list[tuple[int, int]] = []
         for item in items:
             if is_int(item):
-                pairs.append((int(item), int(item)))
+                entries.append((int(item), int(item)))
                 continue
             try:
                 pair = tuple(item)
@@ -180,8 +191,8 @@ def normalize_padding(padding, ndim: int) -> tuple[tuple[int, int], ...] | str:
                     "each padding entry must be an int or a (before, after) pair of ints, "
                     f"got {item!r} in padding={padding!r}"
                 )
-            pairs.append((int(pair[0]), int(pair[1])))
-        pairs = tuple(pairs)
+            entries.append((int(pair[0]), int(pair[1])))
+        pairs = tuple(entries)
     if any(v < 0 for pair in pairs for v in pair):
         raise ValueError(f"padding must be non-negative, got padding={padding!r}")
     return pairs
@@ -229,6 +240,7 @@ def as_weight(weight, dtype=None) -> np.ndarray:
         raise TypeError("weight must be numeric, got a boolean weight (dtype=bool)")
     if not np.issubdtype(arr.dtype, np.number):
         raise TypeError(f"weight must be a numeric array, got weight.dtype={arr.dtype}")
+    target: np.dtype
     if dtype is None:
         if np.issubdtype(arr.dtype, np.integer):
             target = np.dtype(np.float64)

@@ -27,6 +27,7 @@ builders do.
 from __future__ import annotations
 
 import math
+from typing import Any, Literal, cast
 
 import numpy as np
 import scipy.fft
@@ -40,8 +41,9 @@ __all__ = ["METHODS", "conv", "conv_transpose"]
 METHODS = ("naive", "fast", "fft")
 
 # PyTorch's padding modes as np.pad modes.
-_NUMPY_PAD_MODE = {"zeros": "constant", "reflect": "reflect", "replicate": "edge",
-                   "circular": "wrap"}
+_NUMPY_PAD_MODE: dict[str, Literal["constant", "reflect", "edge", "wrap"]] = {
+    "zeros": "constant", "reflect": "reflect", "replicate": "edge", "circular": "wrap",
+}
 
 # The FFT method transforms the kernel with an explicit DFT matrix along a
 # dimension when k <= _DFT_TAPS_PER_LOG2 * log2(transform length) there and
@@ -137,7 +139,8 @@ def _fold(z: np.ndarray, geom: ConvGeometry) -> np.ndarray:
         if geom.padding_mode != "zeros":
             border = np.r_[0:lo, lo + size:lo + size + hi]
             index = _padded_index(size, lo, hi, geom.padding_mode)[border]
-            np.add.at(inner, (Ellipsis, index), z[..., border])
+            # (a tuple index, which numpy's stubs do not spell out)
+            np.add.at(inner, cast(Any, (Ellipsis, index)), z[..., border])
         z = np.moveaxis(inner, -1, 2 + axis)
     return np.ascontiguousarray(z)
 

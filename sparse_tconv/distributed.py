@@ -31,8 +31,8 @@ from scipy.sparse.linalg import LinearOperator
 
 from ._build_rows import balanced_row_ranges, build_rows, row_offsets
 from ._geometry import index_dtype, matrix_size, validate
-from ._validation import INT32_MAX, cast_if_safe, check_choice, check_positive_int
 from ._parallel import run_parallel
+from ._validation import INT32_MAX, cast_if_safe, check_choice, check_positive_int
 
 __all__ = ["DistributedConvOperator", "RowBlock", "ADJOINT_METHODS"]
 
@@ -343,7 +343,7 @@ def _place_lost(lost: list, held: dict, workers: dict) -> list[str]:
     }
     places = []
     for description, need in lost:
-        addr = max(room, key=room.get)  # ties: the first address, for reproducibility
+        addr = max(room, key=lambda a: room[a])  # ties: the first address, reproducibly
         if need > room[addr]:
             free = {a: max(0, r) for a, r in room.items()}
             raise RuntimeError(
@@ -687,7 +687,7 @@ class DistributedConvOperator(LinearOperator):
         """Bytes of this operator's blocks on each worker now (replicas counted)."""
         futures = {f.key: m.nbytes[i] for m, fs in self._blocks.values()
                    for i, f in enumerate(fs) if f.status not in _GONE}
-        held = {}
+        held: dict[str, int] = {}
         for key, holders in self._client.who_has(list(futures)).items():
             for addr in holders:
                 held[addr] = held.get(addr, 0) + futures[key]
@@ -807,7 +807,7 @@ class DistributedConvOperator(LinearOperator):
     def _groups(self, blocks) -> list[list]:
         """The blocks grouped by the worker holding them now (one task each)."""
         who_has = self._client.who_has(blocks)
-        groups = {}
+        groups: dict[str, list] = {}
         for block in blocks:
             holders = who_has.get(block.key) or ("",)  # "": being rebuilt
             groups.setdefault(min(holders), []).append(block)

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import math
 import warnings
+from typing import Any, cast
 
 import numpy as np
 import scipy.sparse as sp
@@ -34,6 +35,7 @@ from ._validation import (
     check_non_negative_int,
     check_positive_int,
     check_tol,
+    is_sparse,
 )
 
 __all__ = [
@@ -62,7 +64,7 @@ def _explicit_matrix(obj, name: str):
     """
     if isinstance(obj, _CONV_OPERATORS):
         return obj.matrix, (obj.input_shape, obj.output_shape)
-    if sp.issparse(obj):
+    if is_sparse(obj):
         if obj.ndim != 2:
             raise ValueError(f"{name} must be 2-D, got {name}.shape={obj.shape}")
         return sp.csr_array(obj), None
@@ -84,7 +86,7 @@ def _explicit_matrix(obj, name: str):
 
 
 def _as_csr(matrix) -> sp.csr_array:
-    return matrix if sp.issparse(matrix) else sp.csr_array(matrix)
+    return matrix if is_sparse(matrix) else sp.csr_array(matrix)
 
 
 def _canonical(matrix) -> sp.csr_array:
@@ -277,7 +279,7 @@ def conv_singular_values(
         *(phases[a][grids[a]] for a in range(n)),
         *(shifts[a][grids[a]] for a in range(n)),
     )
-    np.add.at(A, index, w.astype(work))
+    np.add.at(A, cast(Any, index), w.astype(work))  # a tuple index (numpy's stubs lack it)
     blocks = np.fft.fftn(A, axes=tuple(range(2 + n, 2 + 2 * n)))
     # fftn uses exp(-2 pi i ...): it gives B(-f), the same set of blocks.
     n_freq, n_phase = math.prod(M), math.prod(S)
@@ -295,7 +297,7 @@ def _norm_operand(obj):
     """``(LinearOperator or None, explicit matrix or None)`` for operator_norm."""
     if isinstance(obj, _CONV_OPERATORS):
         return obj, obj.matrix
-    if sp.issparse(obj) or isinstance(obj, np.ndarray):
+    if is_sparse(obj) or isinstance(obj, np.ndarray):
         matrix, _ = _explicit_matrix(obj, "op")
         return aslinearoperator(matrix), matrix
     if isinstance(obj, LinearOperator):
@@ -386,7 +388,7 @@ def _product_nnz(a: sp.csr_array, b: sp.csr_array) -> int:
 
 def _norm_gram(matrix, iterations, max_nnz):
     # Double precision throughout, so that rounding cannot undercut the bound.
-    if sp.issparse(matrix):
+    if is_sparse(matrix):
         dtype = np.complex128 if np.iscomplexobj(matrix.data) else np.float64
         G = sp.csr_array(matrix, dtype=dtype, copy=True)
         G.sum_duplicates()
@@ -396,12 +398,12 @@ def _norm_gram(matrix, iterations, max_nnz):
     # G = H_j / c_j with log c_j tracked; H_1 = W, H_{j+1} = H_j^H H_j.
     log_scale, done = 0.0, 0
     for _ in range(iterations):
-        f = float(np.linalg.norm(G.data if sp.issparse(G) else G))
+        f = float(np.linalg.norm(G.data if is_sparse(G) else G))
         if f == 0.0:
             return 0.0
         # G^H G, or G G^H when smaller (same non-zero spectrum; equal once Hermitian).
         small_side = G.shape[1] <= G.shape[0]
-        if sp.issparse(G):
+        if is_sparse(G):
             scaled = G * (1.0 / f)  # G itself stays as is if this step is not taken
             H = scaled.conj().T.tocsr()
             left, right = (H, scaled) if small_side else (scaled, H)
@@ -424,7 +426,7 @@ def _norm_gram(matrix, iterations, max_nnz):
             G = G.conj().T @ G if small_side else G @ G.conj().T
         log_scale = 2.0 * (log_scale + math.log(f))
         done += 1
-    frob = float(np.linalg.norm(G.data if sp.issparse(G) else G))
+    frob = float(np.linalg.norm(G.data if is_sparse(G) else G))
     if frob == 0.0:
         return 0.0
     return math.exp((log_scale + math.log(frob)) / 2.0**done)
@@ -684,7 +686,7 @@ def column_norms(op) -> np.ndarray:
     array([3., 5., 4.])
     """
     matrix, _ = _explicit_matrix(op, "op")
-    if sp.issparse(matrix):
+    if is_sparse(matrix):
         if not matrix.has_canonical_format:  # duplicates must be summed before squaring
             matrix = matrix.copy()
             matrix.sum_duplicates()

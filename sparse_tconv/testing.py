@@ -1,8 +1,9 @@
 """Test utilities for linear operators, public so that users can check their own.
 
 :func:`assert_conv_matches_reference` checks a built matrix against the
-textbook loop of :mod:`sparse_tconv.direct`; :func:`dottest` checks that an operator's adjoint (``rmatvec``) is the
-adjoint of its forward product (``matvec``), the first thing to verify before
+textbook loop of :mod:`sparse_tconv.direct`; :func:`dottest` checks that an
+operator's adjoint (``rmatvec``) is the adjoint of its forward product
+(``matvec``), the first thing to verify before
 handing an operator to an iterative solver: ``lsqr``, ``lsmr`` and ``cg`` on
 the normal equations all silently converge to a wrong answer when it is not.
 """
@@ -12,11 +13,11 @@ from __future__ import annotations
 import numbers
 
 import numpy as np
-import scipy.sparse as sp
 from scipy.sparse.linalg import LinearOperator, aslinearoperator
 
 from ._geometry import validate
 from ._random import gaussian, generator, work_dtype
+from ._validation import is_sparse
 
 __all__ = ["dottest", "assert_conv_matches_reference"]
 
@@ -24,7 +25,7 @@ __all__ = ["dottest", "assert_conv_matches_reference"]
 def _as_operator(op) -> LinearOperator:
     if isinstance(op, LinearOperator):
         return op
-    if sp.issparse(op) or isinstance(op, np.ndarray):
+    if is_sparse(op) or isinstance(op, np.ndarray):
         if op.ndim != 2:
             raise ValueError(f"op must be 2-D, got an array with op.shape={op.shape}")
         return aslinearoperator(op)

@@ -15,7 +15,9 @@ import zlib
 import numpy as np
 import scipy.sparse as sp
 
-NUMPY_PAD_MODE = {"zeros": "constant", "reflect": "reflect", "replicate": "edge", "circular": "wrap"}
+NUMPY_PAD_MODE = {
+    "zeros": "constant", "reflect": "reflect", "replicate": "edge", "circular": "wrap",
+}
 
 
 def padded_indices(size: int, before: int, after: int, mode: str) -> np.ndarray:
@@ -94,7 +96,8 @@ def reference_conv_transpose_matrix(
     index = [padded_indices(size_out[d], *pads[d], mode) for d in range(ndim)]
     c_out = opg * groups
     ipg = c_in // groups
-    dense = np.zeros((c_out * int(np.prod(size_out)), c_in * int(np.prod(size_in))), dtype=weight.dtype)
+    dense = np.zeros((c_out * int(np.prod(size_out)), c_in * int(np.prod(size_in))),
+                     dtype=weight.dtype)
     for ci in range(c_in):
         g = ci // ipg
         for p in itertools.product(*(range(n) for n in size_in)):

@@ -12,12 +12,12 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from reference import block_form, block_product, random_array
-from sparse_tconv import ConvOperator, ConvTransposeOperator
-from sparse_tconv import _parallel
-from sparse_tconv._forms import blocks as _bsr
+from sparse_tconv import ConvOperator, ConvTransposeOperator, _parallel
 from sparse_tconv._build import build
+from sparse_tconv._forms import blocks as _bsr
 from sparse_tconv._geometry import validate
+
+from reference import block_form, block_product, random_array
 from test_properties import _kwargs, geometries
 
 DTYPES = [np.float32, np.float64, np.complex64, np.complex128]

@@ -8,14 +8,6 @@ import numpy as np
 import pytest
 import scipy.sparse as sp
 
-from reference import (
-    position_major,
-    random_array,
-    reference_conv_matrix,
-    reference_conv_transpose_matrix,
-    seed_of,
-    tolerance,
-)
 from sparse_tconv import (
     conv_matrix,
     conv_matrix_nnz,
@@ -26,6 +18,15 @@ from sparse_tconv import (
 )
 from sparse_tconv._build import build, refill
 from sparse_tconv._geometry import validate
+
+from reference import (
+    position_major,
+    random_array,
+    reference_conv_matrix,
+    reference_conv_transpose_matrix,
+    seed_of,
+    tolerance,
+)
 
 MODES = ["zeros", "reflect", "replicate", "circular"]
 DTYPES = [np.float32, np.float64, np.complex64, np.complex128]

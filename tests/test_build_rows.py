@@ -9,12 +9,13 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from reference import random_array, seed_of
-from test_properties import geometries
 from sparse_tconv._build import build
 from sparse_tconv._build_rows import balanced_row_ranges, build_rows, row_offsets
 from sparse_tconv._geometry import conv_geometry, conv_transpose_geometry
 from sparse_tconv._parallel import balanced_ranges as _row_blocks
+
+from reference import random_array, seed_of
+from test_properties import geometries
 
 # (name, weight shape, input shape, arguments, transposed convolution?)
 CASES = [
@@ -160,7 +161,7 @@ def test_memory_is_that_of_the_block(transpose):
     weight = np.ones(geom.weight_shape, dtype=np.float32)
     n_rows = 512 * 512 * 512
     a = n_rows // 2 - 700  # crosses a row channel boundary
-    geom.forward_maps, geom.transpose_maps  # the per-dimension maps (O(512)), shared
+    _ = geom.forward_maps, geom.transpose_maps  # the per-dimension maps (O(512)), shared
     tracemalloc.start()
     try:
         block = build_rows(geom, weight, a, a + 1500, transposed=transpose, threads=1)

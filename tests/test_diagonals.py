@@ -1,4 +1,5 @@
-"""The operators' product form for one channel and stride 1: W by diagonals (sparse_tconv._forms.diagonals).
+"""The operators' product form for one channel and stride 1: W by diagonals
+(sparse_tconv._forms.diagonals).
 
 Oracles: the canonical CSR of ``conv_matrix``/``conv_transpose_matrix`` and
 scipy's serial product with it (which the DIA products equal bit for bit),
@@ -12,12 +13,12 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from reference import random_array
-from sparse_tconv import ConvOperator, ConvTransposeOperator, conv_matrix
-from sparse_tconv import _parallel
-from sparse_tconv._forms import diagonals as _dia
+from sparse_tconv import ConvOperator, ConvTransposeOperator, _parallel, conv_matrix
 from sparse_tconv._build import build
+from sparse_tconv._forms import diagonals as _dia
 from sparse_tconv._geometry import validate
+
+from reference import random_array
 
 DTYPES = [np.float32, np.float64, np.complex64, np.complex128]
 

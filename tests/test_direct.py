@@ -8,6 +8,9 @@ from dataclasses import dataclass, field
 import numpy as np
 import pytest
 
+from sparse_tconv import conv_matrix, conv_transpose_matrix, direct
+from sparse_tconv.direct import METHODS, conv, conv_transpose
+
 from reference import (
     random_array,
     reference_conv_matrix,
@@ -16,9 +19,6 @@ from reference import (
     torch_conv,
     torch_conv_transpose,
 )
-from sparse_tconv import conv_matrix, conv_transpose_matrix
-from sparse_tconv import direct
-from sparse_tconv.direct import METHODS, conv, conv_transpose
 
 MODES = ["zeros", "reflect", "replicate", "circular"]
 DTYPES = [np.float32, np.float64, np.complex128]

@@ -25,7 +25,6 @@ distributed = pytest.importorskip("distributed")
 
 from scipy.sparse.linalg import LinearOperator, aslinearoperator, cg, lsqr  # noqa: E402
 
-from reference import random_array, seed_of  # noqa: E402
 from sparse_tconv import (  # noqa: E402
     ConvOperator,
     ConvTransposeOperator,
@@ -41,6 +40,8 @@ from sparse_tconv.distributed import (  # noqa: E402
     _place_lost,
     _plan,
 )
+
+from reference import random_array, seed_of  # noqa: E402
 
 # Each worker may use this much; the memory test builds a larger matrix.
 MEMORY_LIMIT = 700 * 2**20

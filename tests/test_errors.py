@@ -24,7 +24,8 @@ X2D = (2, 8, 8)
     (dict(weight=np.ones((3, 3))), ValueError,
      r"weight must have at least 3 dimensions.*weight\.shape=\(3, 3\)"),
     (dict(input_shape=(2, 8)), ValueError,
-     r"input_shape must be \(channels, \*spatial\) with 2 spatial dimensions.*input_shape=\(2, 8\)"),
+     r"input_shape must be \(channels, \*spatial\) with 2 spatial dimensions"
+     r".*input_shape=\(2, 8\)"),
     (dict(input_shape=(3, 8, 8)), ValueError,
      r"input_shape\[0\]=3 channels do not match.*2 \* 1 = 2"),
     (dict(input_shape=(2, 0, 8)), ValueError, r"input_shape must contain only positive sizes"),
@@ -38,7 +39,8 @@ X2D = (2, 8, 8)
     (dict(stride=(1, -1)), ValueError, r"stride must be positive, got stride=\(1, -1\)"),
     (dict(stride=(1, 2, 3)), ValueError,
      r"stride must have one entry per spatial dimension \(2\), got 3: stride=\(1, 2, 3\)"),
-    (dict(stride=1.5), TypeError, r"stride must be an int or a sequence of 2 ints, got stride=1\.5"),
+    (dict(stride=1.5), TypeError,
+     r"stride must be an int or a sequence of 2 ints, got stride=1\.5"),
     (dict(stride=True), TypeError, r"stride=True"),
     (dict(dilation=(0, 1)), ValueError, r"dilation must be positive, got dilation=\(0, 1\)"),
     (dict(padding=-1), ValueError, r"padding must be non-negative, got padding=-1"),
@@ -130,7 +132,8 @@ def test_operator_arguments():
         op.conv(np.ones((2, 8, 9)))
     with pytest.raises(ValueError, match=r"y must have shape \(4, 8, 8\)"):
         op.conv_transpose(np.ones((3, 2, 4, 8, 8)))
-    with pytest.raises(ValueError, match=r"threads must be a positive integer or None, got threads=0"):
+    with pytest.raises(ValueError,
+                       match=r"threads must be a positive integer or None, got threads=0"):
         ConvOperator(W2D, X2D, threads=0)
     with pytest.raises(TypeError, match=r"threads must be an int, got threads=2\.0"):
         ConvTransposeOperator(W2D, (4, 4, 4), threads=2.0)

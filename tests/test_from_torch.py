@@ -16,8 +16,9 @@ import pytest
 import scipy.sparse as sp
 from scipy.sparse.linalg import aslinearoperator
 
-from reference import tolerance
 from sparse_tconv import ConvOperator, ConvTransposeOperator, from_torch, to_torch
+
+from reference import tolerance
 
 torch = pytest.importorskip("torch")
 nn = torch.nn

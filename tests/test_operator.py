@@ -8,16 +8,18 @@ import scipy.sparse as sp
 from scipy.sparse.linalg import LinearOperator, aslinearoperator, lsqr
 
 import sparse_tconv
-from reference import block_product, random_array, reference_conv_matrix, transposed_product
 from sparse_tconv import (
     ConvOperator,
     ConvTransposeOperator,
+    _parallel,
+    _sparsetools,
     conv_matrix,
     conv_transpose_matrix,
 )
-from sparse_tconv import _parallel, _sparsetools
 from sparse_tconv._forms import blocks as _bsr
 from sparse_tconv._forms import csr as _csr
+
+from reference import block_product, random_array, reference_conv_matrix, transposed_product
 
 DTYPES = [np.float32, np.float64, np.complex64, np.complex128]
 GEOMETRY = dict(stride=(2, 1), padding=[(1, 2), 1], dilation=(1, 2), groups=2)
@@ -276,7 +278,7 @@ def test_with_weight_shares_the_pattern(transposed):
         fresh = conv_matrix(w2, (3, 10, 10), **kwargs)
         fresh_T = conv_transpose_matrix(w2, (4, 5, 5), output_padding=1, **kwargs)
     # build every matrix, so that all their patterns are shared
-    op.matrix, op.transpose_matrix
+    _ = op.matrix, op.transpose_matrix
     y = rng.standard_normal(op.shape[0])
     op.rmatvec(y)
     new = op.with_weight(w2)
@@ -328,7 +330,7 @@ def test_dropped_operators_free_their_matrices_at_once():
     rng = np.random.default_rng(11)
     op = ConvOperator(rng.standard_normal((2, 2, 3)), (2, 9))
     derived = [op.with_weight(rng.standard_normal((2, 2, 3))), op.T, op.H, op.T.T]
-    derived[0].transpose_matrix
+    _ = derived[0].transpose_matrix
     gc.disable()
     try:
         refs = [weakref.ref(d) for d in derived]

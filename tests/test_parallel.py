@@ -13,8 +13,9 @@ import numpy as np
 import pytest
 
 import sparse_tconv
-from reference import seed_of
 from sparse_tconv import ConvOperator, ConvTransposeOperator, conv_matrix
+
+from reference import seed_of
 
 TIMEOUT = 120  # seconds: far beyond what each needs (about one)
 

@@ -6,8 +6,9 @@ import numpy as np
 from hypothesis import given
 from hypothesis import strategies as st
 
-from reference import random_array, reference_conv_matrix, transposed_product
 from sparse_tconv import ConvOperator, conv_matrix, conv_matrix_nnz, conv_transpose_matrix
+
+from reference import random_array, reference_conv_matrix, transposed_product
 
 MODES = ["zeros", "reflect", "replicate", "circular"]
 
@@ -123,9 +124,9 @@ def test_adjoint_dot_product(g, seed):
 def test_entry_count_of_one_dimension_matches_the_definition(L, k, s, d, lo, hi, mode):
     # The count the size functions use (no maps built) against every row's
     # taps read off np.pad of the indices, wide paddings included.
-    from reference import padded_indices
-
     from sparse_tconv._indexmap import dim_nnz
+
+    from reference import padded_indices
 
     if mode == "reflect":
         lo, hi = min(lo, L - 1), min(hi, L - 1)

@@ -17,10 +17,9 @@ import math
 import numpy as np
 import pytest
 import scipy.sparse as sp
-from scipy.sparse.linalg import cg, gmres, lsmr, lsqr, spsolve, splu
+from scipy.sparse.linalg import cg, gmres, lsmr, lsqr, splu, spsolve
 
-from sparse_tconv import ConvOperator, ConvTransposeOperator
-from sparse_tconv import _parallel
+from sparse_tconv import ConvOperator, ConvTransposeOperator, _parallel
 from sparse_tconv._forms import blocks as _bsr
 from sparse_tconv._forms import csr as _csr
 from sparse_tconv._forms import diagonals as _dia

@@ -9,7 +9,6 @@ import pytest
 import scipy.sparse as sp
 from scipy.sparse.linalg import LinearOperator, aslinearoperator, cg, lsqr
 
-from reference import random_array, reference_conv_matrix
 from sparse_tconv import ConvOperator, ConvTransposeOperator, conv_matrix
 from sparse_tconv.spectral import (
     column_norms,
@@ -18,6 +17,8 @@ from sparse_tconv.spectral import (
     gram_matrix,
     operator_norm,
 )
+
+from reference import random_array, reference_conv_matrix
 
 # (weight_shape, input_shape, geometry): every one a (subsampled) circulant.
 CIRCULANT_CASES = [
@@ -392,7 +393,7 @@ def test_jacobi_preconditioning_needs_fewer_iterations():
     for name, M in (("plain", None), ("jacobi", jacobi)):
         iterations = []
         x, info = cg(normal, b, rtol=1e-12, maxiter=5000, M=M,
-                     callback=lambda xk: iterations.append(1))
+                     callback=lambda xk, iterations=iterations: iterations.append(1))
         assert info == 0
         assert np.linalg.norm(x - expected) <= 1e-6 * np.linalg.norm(expected)
         counts[name] = len(iterations)

@@ -8,10 +8,11 @@ import pytest
 import scipy.sparse as sp
 from scipy.sparse.linalg import LinearOperator
 
-from reference import random_array
-from sparse_tconv import ConvOperator, ConvTransposeOperator
 import sparse_tconv._build
+from sparse_tconv import ConvOperator, ConvTransposeOperator
 from sparse_tconv.testing import assert_conv_matches_reference, dottest
+
+from reference import random_array
 
 DTYPES = [np.float32, np.float64, np.complex64, np.complex128]
 

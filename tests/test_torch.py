@@ -5,8 +5,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from reference import random_array, seed_of, tolerance, torch_conv, torch_conv_transpose
 from sparse_tconv import ConvOperator, ConvTransposeOperator, conv_matrix, conv_transpose_matrix
+
+from reference import random_array, seed_of, tolerance, torch_conv, torch_conv_transpose
 
 torch = pytest.importorskip("torch")
 

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import abc
 from collections.abc import Callable
-from typing import ClassVar
+from typing import Any, ClassVar
 
 import numpy as np
 import scipy.sparse as sp
@@ -47,7 +47,9 @@ class ProductForm(abc.ABC):
     that one build serves both operators.
     """
 
-    matrix: sp.sparray
+    # A scipy CSR, BSR or DIA array: the stubs' common base has none of
+    # data/indices/indptr/offsets, so the formats' own attributes are used as Any.
+    matrix: Any
     transposed: bool
 
     @staticmethod

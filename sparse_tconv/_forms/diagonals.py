@@ -68,7 +68,7 @@ def build_diagonals(
         first_valid = np.clip(-shift if transposed else shift, 0, sizes[d])
         end_valid = np.clip(sizes[d] - shift if transposed else sizes[d] + shift, 0, sizes[d])
         for t in range(kernel[d]):
-            slab = [slice(None)] * (2 * ndim)
+            slab: list[int | slice] = [slice(None)] * (2 * ndim)
             slab[d] = t
             slab[ndim + d] = slice(0, first_valid[t])
             grid[tuple(slab)] = 0
@@ -124,7 +124,8 @@ def _dia_matvec_threaded(matrix, x, threads, out=None):
                     (offsets + (a - skip)).astype(offsets.dtype), flat[skip:], x[skip:],
                     out[a:b])
 
-    run_parallel(multiply, even_ranges(n_rows, threads), threads)  # on this thread when threads <= 1
+    # (on this thread when threads <= 1)
+    run_parallel(multiply, even_ranges(n_rows, threads), threads)
     return out
 
 

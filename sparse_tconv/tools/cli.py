@@ -242,7 +242,8 @@ def _distributed_figures(args, threads, configs):
         shapes, kwargs = ((64, 64, 3, 3), (64, 56, 56)), dict(padding=1)
     print(f"\ndistributed (dask LocalCluster, 2 workers x 1 thread) vs local ({threads} threads), "
           f"weight {shapes[0]}, input {shapes[1]}, {kwargs}; medians:", flush=True)
-    result = bench_distributed(*shapes, threads=threads, repeats=args.repeat if args.repeat is not None else 5, **kwargs)
+    repeats = args.repeat if args.repeat is not None else 5
+    result = bench_distributed(*shapes, threads=threads, repeats=repeats, **kwargs)
     print(format_distributed(result))
     return result
 

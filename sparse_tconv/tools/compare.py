@@ -11,12 +11,12 @@ only when they are installed.
 
 from __future__ import annotations
 
-import dataclasses
 import importlib
 import math
 import sys
 import time
 from contextlib import contextmanager
+from typing import Any
 
 import numpy as np
 
@@ -142,7 +142,7 @@ def _pylops_applies(config: Config) -> bool:
 
 def pylops_operator(config: Config, weight):
     """PyLops' N-d FFT convolution computing the same as ``conv_matrix`` (see _pylops_applies)."""
-    from pylops.signalprocessing import ConvolveND
+    from pylops.signalprocessing import ConvolveND  # type: ignore[import-not-found]
 
     k = config.weight_shape[2:]
     dims = config.input_shape[1:]
@@ -180,8 +180,9 @@ def compare_config(config: Config, *, threads: int, bandwidth: float, repeat: in
     W = op.matrix
     y = rng.standard_normal(W.shape[0])
     matrix_bytes = W.data.nbytes + W.indices.nbytes + W.indptr.nbytes
-    r = dict(config=config.name, description=config.description, threads=threads, nnz=int(W.nnz),
-             shape=list(W.shape), matrix_bytes=int(matrix_bytes))
+    r: dict[str, Any] = dict(config=config.name, description=config.description,
+                             threads=threads, nnz=int(W.nnz), shape=list(W.shape),
+                             matrix_bytes=int(matrix_bytes))
     times = {}
     times["build"] = best_time(lambda: config.build(weight), repeat, min_time=0)
     times["csr"] = best_time(lambda: op.matvec(x.ravel()), repeat)
@@ -354,7 +355,8 @@ def _crossover_cell(C, k, n, *, threads, repeat, max_nnz, rng):
     if nnz <= max_nnz:
         times.update(_matrix_times(weight, x, kwargs, threads=threads, repeat=repeat))
     for method in ("fast", "fft"):
-        times[method] = best_time(lambda: direct.conv(x, weight, method=method, **kwargs), repeat)
+        times[method] = best_time(
+            lambda method=method: direct.conv(x, weight, method=method, **kwargs), repeat)
     return dict(channels=C, kernel=k, image=n, nnz=int(nnz), times=times)
 
 
@@ -373,7 +375,7 @@ def run_crossover(grid: dict, *, threads: int, repeat: int, max_nnz: int = 150_0
                 cell = _crossover_cell(C, k, n, threads=threads, repeat=repeat, max_nnz=max_nnz,
                                        rng=rng)
                 t = {m: cell["times"][m] for m in CROSSOVER_METHODS if m in cell["times"]}
-                ranked = sorted(t, key=t.get)
+                ranked = sorted(t, key=lambda m: t[m])
                 cell["winner"] = ranked[0]
                 cell["factor"] = t[ranked[1]] / t[ranked[0]]  # runner-up over winner
                 if "csr" in t:
@@ -431,8 +433,8 @@ def plot_crossover(cells: list[dict], path, title: str = "") -> None:
         ax.set_ylabel("channels in = out")
         ax.set_title(f"{n} x {n} image")
     handles = [plt.Rectangle((0, 0), 1, 1, color=colors[m]) for m in CROSSOVER_METHODS]
-    fig.legend(handles, ["sparse matrix W @ x", "fast direct (im2col view)", "FFT"], loc="lower center",
-               ncol=3, fontsize=8)
+    fig.legend(handles, ["sparse matrix W @ x", "fast direct (im2col view)", "FFT"],
+               loc="lower center", ncol=3, fontsize=8)
     fig.suptitle(title or "fastest method per cell; factor = runner-up / winner")
     fig.tight_layout(rect=(0, 0.08, 1, 0.95))
     fig.savefig(path, dpi=110)

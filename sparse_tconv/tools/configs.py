@@ -68,7 +68,7 @@ class Config:
         return conv_transpose_matrix(weight, out, output_padding=extra, **kwargs)
 
     def _shape_kwargs(self) -> dict:
-        names = ("stride", "padding", "dilation", "groups")
+        names: tuple[str, ...] = ("stride", "padding", "dilation", "groups")
         if self.transposed:
             names += ("output_padding",)
         return {k: v for k, v in self.kwargs.items() if k in names}

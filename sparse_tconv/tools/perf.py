@@ -14,11 +14,11 @@ from __future__ import annotations
 import argparse
 import gc
 import json
-import math
 import os
 import sys
 import time
 import tracemalloc
+from typing import Any
 
 import numpy as np
 
@@ -65,7 +65,7 @@ def _build_figures(config: Config, op, weight, new_weight, *, threads, write_ban
     """Building: the CSR matrix, its transpose, the operator, ``with_weight``; their floors."""
     W = op.matrix
     matrix_bytes = W.data.nbytes + W.indices.nbytes + W.indptr.nbytes
-    r = {}
+    r: dict[str, Any] = {}
     r["build_s"] = best_time(lambda: config.build(weight), repeat, min_time=0)
     r["build_ns_per_entry"] = r["build_s"] / W.nnz * 1e9
     r["transpose_build_s"] = best_time(lambda: config.build_transpose(weight), repeat,
@@ -81,7 +81,7 @@ def _build_figures(config: Config, op, weight, new_weight, *, threads, write_ban
     # with_weight writes the values of the operator's product form (and
     # nothing else): timed as a write of that many bytes into fresh memory on
     # the same threads, since the speed of a write depends on its size.
-    r["values_bytes"] = op.product_form.matrix.data.nbytes
+    r["values_bytes"] = int(op.product_form.matrix.data.nbytes)
     r["rebuild_floor_s"] = r["values_bytes"] / measure_fresh_write(
         threads, r["values_bytes"], repeat)
     r["rebuild_speedup_bound"] = r["build_s"] / r["rebuild_floor_s"]
@@ -99,7 +99,7 @@ def _product_figures(op, x, y, *, bandwidth, repeat) -> dict:
     """``W @ x`` and ``W.T @ y``: threaded against scipy's serial product and the bound."""
     W = op.matrix
     matrix_bytes = W.data.nbytes + W.indices.nbytes + W.indptr.nbytes
-    r = {}
+    r: dict[str, Any] = {}
     r["scipy_matvec_s"] = best_time(lambda: W @ x, repeat)
     r["matvec_s"] = best_time(lambda: op.matvec(x), repeat)
     op.rmatvec(y)  # builds the transposed products' matrix once, outside the timing
@@ -128,7 +128,7 @@ def _batch_figures(op, batch: int, matvec_s: float, rng, *, threads, repeat) -> 
     """``matmat`` on ``batch`` columns against one product and its compute floor."""
     W = op.matrix
     X = rng.standard_normal((W.shape[1], batch))
-    r = {"batch": batch}
+    r: dict[str, float] = {"batch": batch}
     r["matmat_s"] = best_time(lambda: op.matmat(X), repeat)
     r["scipy_matmat_s"] = best_time(lambda: W @ X, max(1, repeat // 2))
     r["batch_over_matvec"] = r["matmat_s"] / matvec_s
@@ -250,7 +250,8 @@ def _format(results, verdicts, machine) -> str:
                 f"\nbatch of {r['batch']} on ({r['config']}): matmat {r['matmat_s']*1e3:.1f} ms = "
                 f"{r['batch_over_matvec']:.2f}x one matvec; Fortran-ordered input "
                 f"{r['matmat_fortran_input_s']*1e3:.1f} ms; {r['batch']} separate matvecs "
-                f"{r['separate_matvecs_s']*1e3:.1f} ms; op.conv(batch) {r['conv_batch_s']*1e3:.1f} ms"
+                f"{r['separate_matvecs_s']*1e3:.1f} ms; "
+                f"op.conv(batch) {r['conv_batch_s']*1e3:.1f} ms"
                 f"\n  compute floor: {2 * r['nnz'] * r['batch'] / 1e9:.1f} Gflop at "
                 f"{r['block_gemm_gflops']:.0f} Gflop/s (numpy matmul on this operator's blocks, "
                 f"all threads) = {r['batch_compute_bound_s']*1e3:.1f} ms = "
@@ -266,7 +267,8 @@ def _format(results, verdicts, machine) -> str:
         )
         for r in results:
             if "cold_build_ns_per_entry" in r:
-                lines.append(f"  ({r['config']}) cold build {r['cold_build_ns_per_entry']:.2f} ns/entry "
+                lines.append(f"  ({r['config']}) cold build "
+                             f"{r['cold_build_ns_per_entry']:.2f} ns/entry "
                              f"(warm {r['build_ns_per_entry']:.2f})")
     lines.append(
         "\nbuild ns/e: warm build time per stored entry; of floor: the time to write the matrix "
@@ -276,8 +278,8 @@ def _format(results, verdicts, machine) -> str:
         "the run); Wx x, WTy x: threaded products over scipy's serial W @ x; of bound: "
         "bytes moved / read bandwidth over the product time (bytes of the operator's product "
         "form); form: what the operator's products read (dense channel blocks, diagonals, or "
-        "the CSR matrix); op build x: a new operator over with_weight; Wx x limit, CSR limit: scipy's "
-        "W @ x over the time to read the product form, or the CSR matrix, at the measured "
+        "the CSR matrix); op build x: a new operator over with_weight; Wx x limit, CSR limit: "
+        "scipy's W @ x over the time to read the product form, or the CSR matrix, at the measured "
         "bandwidth (the most a product reading it can gain)"
     )
     lines.append("\ntargets:")
@@ -316,7 +318,7 @@ def main(argv=None) -> int:
         parser.error(str(exc))
     repeat = args.repeat or (2 if args.quick else 5)
     size = (64 << 20) if args.quick else (1 << 30)
-    machine = dict(
+    machine: dict[str, Any] = dict(
         threads=threads,
         bandwidth_1=measure_bandwidth(1, size, repeat),
         bandwidth_all=measure_bandwidth(threads, size, repeat),
