@@ -318,3 +318,21 @@ def test_seed_errors_name_the_option(capsys):
         main(["matrix", "--weight-shape", "2,1,3", "--input-shape", "1,9", "--seed", "-1"])
     assert exc.value.code == 2
     assert "argument --seed: must be a non-negative integer, got -1" in capsys.readouterr().err
+
+
+def test_a_huge_matrix_is_refused_without_allocating_it(capsys):
+    # A (1, 10**9) input: 56 GB of matrix, refused on its predicted size.
+    import tracemalloc
+
+    args = ["matrix", "--weight-shape", "1,1,3", "--input-shape", "1,1000000000",
+            "--max-bytes", "1000"]
+    tracemalloc.start()
+    try:
+        assert main(args) == 1
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    captured = capsys.readouterr()
+    assert "nnz 2,999,999,994" in captured.out  # predicted first
+    assert "more than max_bytes=1000" in captured.err
+    assert peak < 1 << 20  # not one array of the size of the output

@@ -168,13 +168,14 @@ class DiagonalForm(ProductForm):
     def applies(geometry) -> bool:
         """One channel, stride 1, zeros padding, the output the input's size, and every
         dilated kernel shorter than its dimension (so that the offsets grow with the tap)."""
-        g = geometry
+        geom = geometry
         return (
-            g.padding_mode == "zeros"
-            and g.in_channels == g.out_channels == 1
-            and all(s == 1 for s in g.stride)
-            and tuple(g.input_size) == tuple(g.output_size)
-            and all((k - 1) * d < n for k, d, n in zip(g.kernel_size, g.dilation, g.input_size))
+            geom.padding_mode == "zeros"
+            and geom.in_channels == geom.out_channels == 1
+            and all(s == 1 for s in geom.stride)
+            and tuple(geom.input_size) == tuple(geom.output_size)
+            and all((k - 1) * d < n
+                    for k, d, n in zip(geom.kernel_size, geom.dilation, geom.input_size))
         )
 
     @classmethod
