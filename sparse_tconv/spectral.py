@@ -19,13 +19,13 @@ from __future__ import annotations
 
 import math
 import warnings
-from typing import Any, cast
 
 import numpy as np
 import scipy.sparse as sp
 from scipy.sparse.linalg import LinearOperator, aslinearoperator, svds
 
 from . import _sparsetools
+from ._fourier import check_circulant, circular_blocks
 from ._geometry import conv_geometry
 from ._operator import ConvOperator, ConvTransposeOperator
 from ._random import gaussian, generator, work_dtype
@@ -239,51 +239,8 @@ def conv_singular_values(
         groups=groups,
         padding_mode=padding_mode,
     )
-    padded = any(v > 0 for pair in geom.padding for v in pair)
-    if padded and geom.padding_mode != "circular":
-        raise NotImplementedError(
-            f"exact singular values need circular padding, got padding_mode="
-            f"{geom.padding_mode!r} with padding={geom.padding}: the operator is not "
-            "circulant; use operator_norm() for its spectral norm"
-        )
-    for axis, (L, O, s) in enumerate(zip(geom.input_size, geom.output_size, geom.stride)):
-        if L % s or O * s != L:
-            raise NotImplementedError(
-                f"exact singular values need a (subsampled) circulant: in every spatial "
-                f"dimension the stride must divide the input size and the output size must "
-                f"be input size / stride; spatial dimension {axis} has input size {L}, "
-                f"stride {s}, output size {O} (input_shape={geom.input_shape}, "
-                f"padding={geom.padding}, kernel_size={geom.kernel_size}, "
-                f"dilation={geom.dilation}); use operator_norm() for the spectral norm of "
-                "this geometry"
-            )
-
-    n = geom.ndim
-    g = geom.groups
-    c_out, cpg = geom.out_channels, geom.in_channels // g
-    opg = c_out // g
-    S, M = geom.stride, geom.output_size
-    # Polyphase kernel A[o, c, r_1..r_N, m_1..m_N]; taps that land together add up.
-    phases, shifts = [], []
-    for k, s, d, (lo, _), m in zip(geom.kernel_size, S, geom.dilation, geom.padding, M):
-        offset = np.arange(k) * d - lo
-        phases.append(offset % s)
-        shifts.append((offset // s) % m)
-    work = np.complex128 if np.iscomplexobj(w) else np.float64
-    A = np.zeros((c_out, cpg, *S, *M), dtype=work)
-    # Phase and shift of every tap of the N-d kernel, on the kernel's grid.
-    grids = np.meshgrid(*[np.arange(k) for k in geom.kernel_size], indexing="ij")
-    index = (
-        slice(None),
-        slice(None),
-        *(phases[a][grids[a]] for a in range(n)),
-        *(shifts[a][grids[a]] for a in range(n)),
-    )
-    np.add.at(A, cast(Any, index), w.astype(work))  # a tuple index (numpy's stubs lack it)
-    blocks = np.fft.fftn(A, axes=tuple(range(2 + n, 2 + 2 * n)))
-    # fftn uses exp(-2 pi i ...): it gives B(-f), the same set of blocks.
-    n_freq, n_phase = math.prod(M), math.prod(S)
-    blocks = blocks.reshape(g, opg, cpg * n_phase, n_freq).transpose(0, 3, 1, 2)
+    check_circulant(geom)
+    blocks = circular_blocks(geom, w)
     values = np.linalg.svd(blocks, compute_uv=False).ravel()
     return np.ascontiguousarray(np.sort(values)[::-1])
 
