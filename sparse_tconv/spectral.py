@@ -24,7 +24,8 @@ import numpy as np
 import scipy.sparse as sp
 from scipy.sparse.linalg import LinearOperator, aslinearoperator, svds
 
-from . import _sparsetools
+from . import _bounds, _sparsetools
+from ._bounds import NormBounds
 from ._fourier import check_circulant, circular_blocks
 from ._geometry import conv_geometry
 from ._operator import ConvOperator, ConvTransposeOperator
@@ -40,6 +41,8 @@ from ._validation import (
 
 __all__ = [
     "conv_singular_values",
+    "norm_bounds",
+    "NormBounds",
     "operator_norm",
     "gram_matrix",
     "column_norms",
@@ -395,7 +398,7 @@ def operator_norm(
     method="svds",
     tol=None,
     maxiter=None,
-    iterations=6,
+    iterations=None,
     max_nnz=1 << 24,
     rng=None,
 ) -> float:
@@ -414,8 +417,12 @@ def operator_norm(
     method : {'svds', 'power', 'gram'}, optional
         ``'svds'`` (default): ARPACK (``scipy.sparse.linalg.svds``, ``k=1``),
         accurate to ``tol``.  ``'power'``: power iteration on ``W^H W``; a
-        lower bound that increases to the norm.  ``'gram'``: an upper bound
-        by Gram iteration on the explicit sparse matrix (see Notes).
+        lower bound that increases to the norm.  ``'gram'``: a guaranteed
+        upper bound: for a convolution operator (with ``iterations`` not
+        given) the structural bound of :func:`norm_bounds`, within 1% of the
+        norm for zero and circular padding and computed in a fraction of a
+        second; otherwise (a matrix, or ``iterations`` given) Gram iteration
+        on the explicit sparse matrix (see Notes).
     tol : float, optional
         ``'svds'``: ARPACK's relative tolerance (default 0: machine
         precision).  ``'power'``: stop when the estimate changes by at most
@@ -425,8 +432,9 @@ def operator_norm(
         ``'svds'``: ARPACK's limit (default: scipy's).  ``'power'``: the
         number of products with ``W^H W`` (default 1000).
     iterations : int, optional
-        ``'gram'``: the number of Gram steps ``t`` (default 6; 0 gives the
-        Frobenius norm).
+        ``'gram'``: the number of Gram steps ``t`` on the explicit matrix
+        (0 gives the Frobenius norm).  Default: :func:`norm_bounds`' upper
+        bound for a convolution operator, 6 steps for a matrix.
     max_nnz : int or None, optional
         ``'gram'``: a step whose product would store more than this many
         entries (counted exactly beforehand by scipy's symbolic pass) is not
@@ -472,6 +480,12 @@ def operator_norm(
     like ``(sigma_2 / sigma_1)^(2 k)``, slowly when the top singular values
     are close, as they often are for convolutions.
 
+    ``'gram'`` on a convolution operator returns ``norm_bounds(op).upper``
+    (the least of its circulant-embedding bounds, or a dense SVD's when the
+    matrix is small): guaranteed, and for zero and circular padding within
+    a percent of the norm in a fraction of the time of ``'svds'``.  With
+    ``iterations`` given, or on a matrix:
+
     ``'gram'`` (Delattre, Barthelemy, Araujo & Allauzen, "Efficient Bound of
     Lipschitz Constant for Convolutional Layers by Gram Iteration", ICML
     2023) sets ``G_1 = W``, ``G_{j+1} = G_j^H G_j`` and uses
@@ -512,10 +526,15 @@ def operator_norm(
         tol = check_tol(tol, "tol")
     if maxiter is not None:
         maxiter = check_positive_int(maxiter, "maxiter")
-    iterations = check_non_negative_int(iterations, "iterations")
+    if iterations is not None:
+        iterations = check_non_negative_int(iterations, "iterations")
     if max_nnz is not None:
         max_nnz = check_positive_int(max_nnz, "max_nnz")
     gen = generator(rng)
+    if method == "gram" and iterations is None and isinstance(op, _CONV_OPERATORS):
+        with warnings.catch_warnings():  # the width of the interval is not asked for here
+            warnings.simplefilter("ignore", RuntimeWarning)
+            return norm_bounds(op, maxiter=1).upper
     A, matrix = _norm_operand(op)
     if method == "gram":
         if matrix is None:
@@ -523,12 +542,175 @@ def operator_norm(
                 "method='gram' needs an explicit matrix (ConvOperator, ConvTransposeOperator, "
                 f"scipy sparse matrix or ndarray), got a matrix-free {type(op).__name__}"
             )
-        return _norm_gram(matrix, iterations, max_nnz)
+        return _norm_gram(matrix, 6 if iterations is None else iterations, max_nnz)
     if method == "svds":
         return _norm_svds(A, 0.0 if tol is None else tol, maxiter, gen)
     if tol is None:  # what the operator's precision can resolve
         tol = max(1e-8, 100 * float(np.finfo(work_dtype(A.dtype)).eps))
     return _norm_power(A, tol, 1000 if maxiter is None else maxiter, gen)
+
+
+# ---------------------------------------------------------------------------
+# Certified bounds
+# ---------------------------------------------------------------------------
+
+
+def norm_bounds(op, *, rtol=1e-2, maxiter=None) -> NormBounds:
+    """A certified interval ``lower <= ||W||_2 <= upper`` for a convolution's spectral norm.
+
+    The Lipschitz constant of a layer, with a guarantee on both sides: the
+    upper bound from the convolution's structure, the lower bound from its
+    products, refined until ``upper / lower - 1 <= rtol`` (or ``maxiter``).
+
+    Parameters
+    ----------
+    op : ConvOperator, ConvTransposeOperator or DistributedConvOperator
+        Any geometry: N-d, stride, dilation, groups, the four padding modes,
+        real or complex.  A transposed convolution has the norm of the
+        forward convolution it transposes.
+    rtol : float, optional
+        The relative width ``upper / lower - 1`` to reach.  Default ``1e-2``.
+    maxiter : int, optional
+        The most products with ``W^H W`` spent on the lower bound.  Default
+        200.
+
+    Returns
+    -------
+    NormBounds
+        A named tuple ``(lower, upper)`` of floats, with ``lower <= ||W||_2 <=
+        upper`` for the matrix the operator stores (``NormBounds.gap`` is
+        ``upper / lower - 1``).
+
+    Raises
+    ------
+    TypeError
+        If ``op`` is not a convolution operator, or an argument has the wrong
+        type.
+    ValueError
+        Negative ``rtol``, non-positive ``maxiter``.
+
+    Warns
+    -----
+    RuntimeWarning
+        If the interval is still wider than ``rtol`` on return; it holds all
+        the same.  With reflect or replicate padding on inputs too large for
+        a dense SVD this is the rule, not the exception (see Notes).
+
+    See Also
+    --------
+    operator_norm : An estimate (``'svds'``, ``'power'``) or an upper bound (``'gram'``).
+    conv_singular_values : Every singular value, for circular padding.
+
+    Notes
+    -----
+    *Upper bound.*  Write W as the strided correlation of the padded input:
+    ``W = V P``, with ``P`` the padding map (input to padded input) and ``V``
+    the convolution without padding.  On a grid ``N`` (per dimension a
+    multiple of the stride, at least the padded size ``L + lo + hi``) the
+    circular convolution ``C_N`` with the same taps contains ``V`` as a
+    block of rows and columns (no tap wraps around), so
+
+    ``||W|| <= ||C_N|| ||P||``.
+
+    ``||C_N||`` is exact: the unitary DFT on the output grid, after a
+    polyphase split of the input by the stride, block-diagonalises ``C_N``
+    into one ``C_out/groups x (C_in/groups) prod(stride)`` block per group
+    and frequency (Sedghi, Gupta & Long 2019), whose largest singular value
+    an SVD gives.  ``P`` copies one input element into each padded
+    position, so ``P^T P`` is the diagonal of the copy counts and
+    ``||P|| = prod_d sqrt(max copies in dimension d)``: 1 with zero padding,
+    where W itself is a block of ``C_N`` for any ``N >= L`` with
+    ``N >= (O - 1) s + d (k - 1) - lo + 1`` (padded entries are zeros, so
+    only the input's own columns must not alias).  Each such grid gives a
+    bound; a few are tried, and the least kept.  With circular padding and
+    a stride that divides the input, W is itself such a circulant and its
+    norm is exact.  With reflect or replicate padding ``||P|| = sqrt(2)``
+    or more per padded dimension: a guaranteed but loose bound, since the
+    top singular vectors of these layers often sit at the border, where the
+    padding duplicates input elements.  When the explicit matrix is small
+    (``rows * columns <= 4e6``) and the structural interval is still wider
+    than ``rtol``, a dense SVD closes it.
+
+    *Lower bound.*  For any vector ``v``, ``||W v|| / ||v|| <= ||W||``.  The
+    vector is the Ritz vector of restarted Lanczos iterations on ``W^H W``
+    (the operator's own threaded products), started from the circulant's
+    top singular vector cut to the input: a plane wave at the top block's
+    frequency, which already attains ``||C_N||`` up to what the border
+    loses.
+
+    *Rounding.*  The FFT and the SVDs are backward stable: their error is
+    at most a few ``log2(n) + block size`` units of roundoff times
+    ``|| |W| ||``, the norm of W's absolute values, which the weight's
+    magnitudes bound (a non-negative circulant's norm is its frequency-0
+    block).  The upper bound is raised and the lower bound lowered by
+    these amounts, and by ``gamma_m || |W| ||`` where the stored matrix
+    sums ``m`` taps in its own precision (modes other than zeros), so that
+    the interval holds for the matrix the operator stores; the lower
+    bound's product is evaluated in double precision.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from sparse_tconv import ConvOperator
+    >>> from sparse_tconv.spectral import norm_bounds
+    >>> rng = np.random.default_rng(0)
+    >>> op = ConvOperator(rng.standard_normal((8, 4, 3, 3)) / 6, (4, 32, 32), padding=1)
+    >>> lower, upper = norm_bounds(op)
+    >>> from scipy.sparse.linalg import svds
+    >>> estimate = svds(op.matrix, k=1, return_singular_vectors=False)[0]  # no guarantee
+    >>> bool(lower <= estimate <= upper), bool(upper / lower - 1 <= 1e-2)
+    (True, True)
+
+    Circular padding is exact, strides included:
+
+    >>> op = ConvOperator(rng.standard_normal((8, 4, 3, 3)), (4, 16, 16), stride=2,
+    ...                   padding=1, padding_mode="circular")
+    >>> bounds = norm_bounds(op)
+    >>> bool(bounds.gap < 1e-9)
+    True
+    """
+    rtol = check_tol(rtol, "rtol")
+    maxiter = 200 if maxiter is None else check_positive_int(maxiter, "maxiter")
+    structure = _bounds.structure_of(op)
+    exact = _bounds.exact_circulant(structure)
+    if exact is not None:
+        return exact
+    scale = _bounds.abs_bound(structure)
+    if scale == 0.0:
+        return NormBounds(0.0, 0.0)
+    up = _bounds.upper_bound(structure, 0)
+    upper = up.value + up.margin
+    start = _bounds.start_vector(structure, up)
+    lower, spent, last = _bounds.lower_bound(structure, start, upper / (1 + rtol), maxiter,
+                                             scale)
+    for index in range(1, _bounds.EXTRA_GRIDS + 1):  # other grids, while the gap is open
+        if upper <= lower * (1 + rtol):
+            break
+        more = _bounds.upper_bound(structure, index)
+        upper = min(upper, more.value + more.margin)
+    if upper > lower * (1 + rtol) and spent < maxiter:  # a tighter upper bound: more products
+        more_lower, _, _ = _bounds.lower_bound(structure, last, upper / (1 + rtol),
+                                               maxiter - spent, scale)
+        lower = max(lower, more_lower)
+    if upper > lower * (1 + rtol):
+        dense = _bounds.dense_interval(structure)
+        if dense is not None:
+            lower, upper = max(lower, dense.lower), min(upper, dense.upper)
+    bounds = NormBounds(float(lower), float(upper))
+    if bounds.gap > rtol:
+        mode = structure.geometry.padding_mode
+        why = (f"the upper bound of {mode!r} padding carries the padding map's norm "
+               f"{_bounds.padding_map_norm(structure.geometry):.3g}"
+               if mode in ("reflect", "replicate")
+               else f"raise maxiter (spent {maxiter})")
+        warnings.warn(
+            f"norm_bounds: the interval [{bounds.lower:.6g}, {bounds.upper:.6g}] is "
+            f"{100 * bounds.gap:.3g}% wide, more than rtol={rtol:g}: {why}; it holds all the "
+            "same",
+            RuntimeWarning,
+            stacklevel=2,
+        )
+    return bounds
 
 
 # ---------------------------------------------------------------------------

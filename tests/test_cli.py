@@ -336,3 +336,23 @@ def test_a_huge_matrix_is_refused_without_allocating_it(capsys):
     assert "nnz 2,999,999,994" in captured.out  # predicted first
     assert "more than max_bytes=1000" in captured.err
     assert peak < 1 << 20  # not one array of the size of the output
+
+
+def test_norms_quick_writes_the_intervals(tmp_path, capsys):
+    js = tmp_path / "norms.json"
+    assert main(["norms", "--quick", "--config", "circ", "--config", "s2", "--json",
+                 str(js)]) == 0
+    results = {r["layer"]: r for r in json.loads(js.read_text())["results"]}
+    assert set(results) == {"circ", "s2"}
+    for r in results.values():  # the interval holds the dense SVD's norm
+        assert r["reference_by"] == "dense SVD" and r["contains"]
+        assert r["lower"] <= r["reference"] * (1 + 1e-9) <= r["upper"] * (1 + 2e-9)
+    assert results["circ"]["gap"] < 1e-9  # circular padding: exact
+    assert "svds/b" in capsys.readouterr().out
+
+
+def test_norms_unknown_layer_is_a_usage_error(capsys):
+    with pytest.raises(SystemExit) as exc:
+        main(["norms", "--quick", "--config", "zz"])
+    assert exc.value.code == 2
+    assert "unknown configuration(s) ['zz']" in capsys.readouterr().err

@@ -670,3 +670,24 @@ def test_the_plan_needs_no_cluster():
     small = {a: {**info, "memory_limit": plan.per_worker[a] - 1} for a, info in workers.items()}
     with pytest.raises(MemoryError, match=r"would need \d+ bytes on worker tcp://a"):
         _plan(geom, w.dtype, False, "transpose", None, small)
+
+
+@pytest.mark.parametrize("transpose", [False, True])
+def test_norm_bounds_of_the_distributed_operator(two_workers, transpose):
+    # The same interval as the local operator's structure gives, holding the
+    # dense SVD's norm; the lower bound from the cluster's own products.
+    from sparse_tconv.spectral import norm_bounds
+
+    rng = np.random.default_rng(21)
+    weight = rng.standard_normal((6, 4, 3, 3)) / 6
+    kwargs = dict(stride=2, padding=1)
+    shape = (6, 8, 8) if transpose else (4, 16, 16)
+    if transpose:
+        kwargs["output_padding"] = 1
+    with DistributedConvOperator(weight, shape, client=two_workers, n_blocks=3,
+                                 transpose=transpose, **kwargs) as op:
+        bounds = norm_bounds(op, rtol=0.05)
+    local = (ConvTransposeOperator if transpose else ConvOperator)(weight, shape, **kwargs)
+    norm = float(np.linalg.norm(local.matrix.toarray(), 2))
+    assert bounds.lower <= norm * (1 + 1e-12) and norm * (1 - 1e-12) <= bounds.upper
+    assert bounds.gap <= 0.05

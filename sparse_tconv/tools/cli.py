@@ -356,6 +356,8 @@ def _parser() -> argparse.ArgumentParser:
                        help="where to write the heat map (default crossover.png)")
     _add_common(cross)
 
+    sub.add_parser("norms", help="certified norm bounds vs svds and the Gram iteration "
+                   "(python -m sparse_tconv.tools.norm_bench)", add_help=False)
     sub.add_parser("perf", help="the performance figures (python -m sparse_tconv.tools.perf)",
                    add_help=False)
     return parser
@@ -375,6 +377,10 @@ def main(argv=None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv[:1] == ["perf"]:
         return perf.main(argv[1:])
+    if argv[:1] == ["norms"]:
+        from . import norm_bench
+
+        return norm_bench.main(argv[1:])
     parser = _parser()
     args = parser.parse_args(argv)
     try:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass, field
+from typing import Protocol, TypeVar
 
 import numpy as np
 
@@ -151,7 +152,15 @@ QUICK_CONFIGS = [row.quick for row in TABLE]
 ASV_CONFIGS = {row.asv_name: row.asv for row in TABLE}
 
 
-def select(configs: list[Config], names) -> list[Config]:
+class _Named(Protocol):
+    @property
+    def name(self) -> str: ...
+
+
+_Item = TypeVar("_Item", bound=_Named)
+
+
+def select(configs: list[_Item], names) -> list[_Item]:
     """The configurations called ``names`` (all when None); ValueError naming unknown ones."""
     if not names:
         return list(configs)

@@ -1,0 +1,427 @@
+"""Certified bounds on the spectral norm of a convolution: ``lower <= ||W||_2 <= upper``.
+
+Upper bounds come from the structure (:mod:`._fourier`): W is a row and
+column selection of a circular convolution on a large enough grid, composed
+with the padding map, so ``||W|| <= ||C_N|| ||P||``, and ``||C_N||`` is the
+largest singular value of its DFT blocks (exact, by small SVDs).  Lower
+bounds come from the operator's own products: ``||W v|| / ||v||`` for a
+vector found by Lanczos iterations on ``W^H W``, started from the circular
+convolution's top singular vector.  Every computed figure is widened by a
+bound on its floating-point error, so that the interval holds for the
+matrix the operator actually stores.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Callable
+from typing import Any, NamedTuple
+
+import numpy as np
+import scipy.linalg
+
+from ._fourier import check_circulant, circular_blocks
+from ._geometry import ConvGeometry
+from ._indexmap import mode_map
+
+__all__ = [
+    "NormBounds",
+    "structure_of",
+    "upper_bound",
+    "exact_circulant",
+    "dense_interval",
+    "lower_bound",
+    "start_vector",
+    "abs_bound",
+    "padding_map_norm",
+    "EXTRA_GRIDS",
+]
+
+_U64 = 2.0**-53  # unit roundoff of float64
+# Lanczos steps per cycle before restarting from the best Ritz vector (memory:
+# this many vectors of the operator's input size).
+_LANCZOS_STEPS = 20
+# Extra circulant grids tried (one stride apart) when the first leaves the gap open.
+EXTRA_GRIDS = 6
+# Explicit matrices up to this many entries (rows x columns) get a dense SVD:
+# an interval as narrow as rounding, for any padding mode.
+_DENSE_SVD_ENTRIES = 4_000_000
+
+
+class NormBounds(NamedTuple):
+    """A certified interval ``lower <= ||W||_2 <= upper``.
+
+    See :func:`~sparse_tconv.spectral.norm_bounds`.
+    """
+
+    lower: float
+    upper: float
+
+    @property
+    def gap(self) -> float:
+        """``upper / lower - 1`` (0 for a zero operator, inf when ``lower`` is 0 alone)."""
+        if self.upper == 0.0:
+            return 0.0
+        return self.upper / self.lower - 1.0 if self.lower > 0 else math.inf
+
+
+@dataclasses.dataclass(frozen=True)
+class _Structure:
+    """What the bounds read: the forward geometry and weight, and the products."""
+
+    geometry: ConvGeometry
+    weight: np.ndarray  # the forward convolution's layout, as in the geometry
+    dtype: np.dtype  # of the stored matrix
+    matvec: Callable[[np.ndarray], np.ndarray]  # the operator's own products
+    rmatvec: Callable[[np.ndarray], np.ndarray]
+    n_in: int
+    transposed: bool  # the operator's matrix is W.T (its input is W's output)
+    matrix: Callable[[], Any] | None  # the explicit stored matrix (CSR), if it can be had
+
+
+def structure_of(op) -> _Structure:
+    """The geometry, weight and products of a convolution operator (else TypeError)."""
+    from ._operator import _ConvOperatorBase
+
+    if isinstance(op, _ConvOperatorBase):
+        transposed, matrix = op._transposed, (lambda: op.matrix)
+    else:
+        try:
+            from .distributed import DistributedConvOperator
+        except ImportError:  # pragma: no cover - the module imports without dask
+            DistributedConvOperator = ()  # type: ignore[assignment,misc]
+        if not isinstance(op, DistributedConvOperator):
+            raise TypeError(
+                "op must be a ConvOperator, ConvTransposeOperator or DistributedConvOperator "
+                f"(its geometry gives the bounds), got op of type {type(op).__name__}"
+            )
+        transposed, matrix = op.transposed, None
+    return _Structure(op._geometry, op._weight, np.dtype(op.dtype), op.matvec, op.rmatvec,
+                      op.shape[1], transposed, matrix)
+
+
+# ---------------------------------------------------------------------------
+# Upper bounds
+# ---------------------------------------------------------------------------
+
+
+def padding_map_norm(geom: ConvGeometry) -> float:
+    """``||P||`` of the padding map (input -> padded input): 1 for zeros padding.
+
+    P has one 1 per row (a padded coordinate copies one input element), so
+    ``P^T P`` is the diagonal of copy counts and ``||P|| = sqrt(max count)``;
+    P is the Kronecker product of its dimensions' maps.  Only the padded
+    coordinates are mapped (O(padding) work and memory per dimension).
+    """
+    if geom.padding_mode == "zeros":
+        return 1.0
+    norm = 1.0
+    for L, (lo, hi) in zip(geom.input_size, geom.padding):
+        outside = np.concatenate([np.arange(-lo, 0), np.arange(L, L + hi)]).astype(np.int64)
+        if len(outside):
+            counts = np.unique(mode_map(outside, L, geom.padding_mode), return_counts=True)[1]
+            norm *= math.sqrt(1 + int(counts.max()))
+    return norm
+
+
+def _circulant_grids(geom: ConvGeometry, count: int) -> list[tuple[int, ...]]:
+    """Grids ``N`` (per dimension, multiples of the stride) on which W embeds in a circulant.
+
+    W = R C_N E P: the padded input (length ``L + lo + hi``) placed at the
+    start of the N grid, the strided circular correlation C_N with taps at
+    ``t * dilation``, rows ``p < O`` kept.  No tap wraps when ``N >= L + lo + hi``.
+    With zero padding the padded entries are zeros, so only the input's own
+    ``L`` columns must not alias: a tap at input coordinate ``v`` outside
+    ``[0, L)`` must land outside it mod N, which holds for ``v >= -lo`` when
+    ``N >= L + lo`` and for ``v <= (O - 1) s + d (k - 1) - lo`` (the last tap
+    read) when ``N`` exceeds that; and the ``O`` rows need ``N >= s O``.
+    """
+    per_dim = []
+    for L, O, k, s, d, (lo, hi) in zip(geom.input_size, geom.output_size, geom.kernel_size,
+                                       geom.stride, geom.dilation, geom.padding):
+        if geom.padding_mode == "zeros":
+            n = max(L + lo, (O - 1) * s + (k - 1) * d - lo + 1, s * O)
+        else:
+            n = L + lo + hi
+        n = -(-n // s) * s
+        per_dim.append(n)
+    return [tuple(n + j * s for n, s in zip(per_dim, geom.stride)) for j in range(count)]
+
+
+def _circulant(geom: ConvGeometry, grid: tuple[int, ...]) -> ConvGeometry:
+    """The circular convolution on ``grid`` (taps at ``t * dilation``, no offset).
+
+    Only what :func:`circular_blocks` reads is set; the offset ``lo`` is left
+    out since a circular shift of the input is a permutation (same norm).
+    """
+    return dataclasses.replace(
+        geom, input_size=grid, output_size=tuple(n // s for n, s in zip(grid, geom.stride)),
+        padding=tuple((0, 0) for _ in grid), padding_mode="circular")
+
+
+def _abs_bound(geom: ConvGeometry, weight: np.ndarray) -> float:
+    """An upper bound on ``|| |W| ||`` (W with its entries' magnitudes), for rounding margins.
+
+    ``|W| <= |V| P`` entrywise, and a circulant with non-negative blocks has
+    its norm at frequency 0: ``|| |V| || <= || sum_t |w[:, :, t]| ||`` per group.
+    """
+    g = geom.groups
+    a = np.abs(weight).reshape(g, geom.out_channels // g, geom.in_channels // g, -1).sum(-1)
+    return float(max(np.linalg.norm(block, 2) for block in a)) * padding_map_norm(geom)
+
+
+
+
+def _largest_block(blocks: np.ndarray, grid: tuple[int, ...],
+                   real: bool) -> tuple[float, int, int]:
+    """``(max over blocks of ||B||_2, group, frequency)`` by batched SVDs.
+
+    A real weight's blocks come in conjugate pairs
+    (``B(-f) = conj(B(f))``, the same singular values) on the frequency
+    ``grid``, so only one of each pair is looked at.
+    """
+    groups, n_freq = blocks.shape[:2]
+    flat = blocks.reshape(groups * n_freq, *blocks.shape[2:])
+    index = np.arange(groups * n_freq)
+    if real:
+        index = index[np.tile(_one_of_each_pair(grid), groups)]
+    norms = np.linalg.svd(flat[index], compute_uv=False)[:, 0]
+    top = int(np.argmax(norms))
+    where = int(index[top])
+    return float(norms[top]), where // n_freq, where % n_freq
+
+
+def _one_of_each_pair(grid: tuple[int, ...]) -> np.ndarray:
+    """A mask over the frequencies of ``grid`` (C order) keeping one of each ``(f, -f)``."""
+    flat = np.arange(math.prod(grid)).reshape(grid)
+    negated = flat[np.ix_(*[(-np.arange(n)) % n for n in grid])]  # the index of -f
+    return (flat <= negated).ravel()
+
+
+@dataclasses.dataclass
+class _Upper:
+    """The structural upper bound so far, and the vector it suggests for the lower bound."""
+
+    value: float
+    top: tuple[ConvGeometry, np.ndarray, int, int]  # circulant, its blocks, group, frequency
+    margin: float  # absolute, added to every bound (rounding)
+
+
+def _blocks_bound(geom: ConvGeometry, weight: np.ndarray, circulant: ConvGeometry,
+                  abs_bound: float) -> tuple[float, np.ndarray, int, int, float]:
+    """``(max block norm, blocks, group, frequency, rounding margin)`` of one circulant."""
+    blocks = circular_blocks(circulant, weight)
+    value, group, freq = _largest_block(blocks, circulant.output_size,
+                                        real=not np.iscomplexobj(weight))
+    # FFT: each coefficient is a sum of taps, off by (a few log2 n) u times
+    # the sum of their magnitudes; SVD: backward stable, a few (block size)
+    # u times the block's norm.  Both below (those factors) x u x |||W|||.
+    n_freq = blocks.shape[1]
+    size = sum(blocks.shape[-2:])
+    margin = (10.0 * math.log2(n_freq + 1) + 10.0 * size + 10.0) * _U64 * abs_bound
+    return value, blocks, group, freq, margin
+
+
+def _merge_margin(geom: ConvGeometry, weight: np.ndarray, dtype: np.dtype) -> float:
+    """How far the stored W may be from the exact one, in norm (0 for zero padding).
+
+    The other modes store the sum of the taps that land on one input element,
+    rounded in the matrix's precision: ``|fl(sum) - sum| <= gamma_m sum |w_t|``
+    with ``m`` terms, so ``||W_stored - W|| <= gamma_m || |W| ||``.
+    """
+    if geom.padding_mode == "zeros":
+        return 0.0
+    m = math.prod(geom.kernel_size)
+    u = float(np.finfo(dtype).eps) / 2
+    return m * u / (1 - m * u) * _abs_bound(geom, weight)
+
+
+def upper_bound(structure: _Structure, grid_index: int = 0) -> _Upper:
+    """The structural upper bound ``||C_N|| ||P||`` on the ``grid_index``-th circulant grid.
+
+    Every grid of :func:`_circulant_grids` gives a valid bound; they differ
+    by a fraction of a percent on large inputs, more on small ones.
+    """
+    geom, weight = structure.geometry, structure.weight
+    abs_bound = _abs_bound(geom, weight)
+    p_norm = padding_map_norm(geom)
+    circulant = _circulant(geom, _circulant_grids(geom, grid_index + 1)[grid_index])
+    value, blocks, group, freq, margin = _blocks_bound(geom, weight, circulant, abs_bound)
+    margin = margin * p_norm + _merge_margin(geom, weight, structure.dtype)
+    return _Upper(value * p_norm, (circulant, blocks, group, freq), margin)
+
+
+def abs_bound(structure: _Structure) -> float:
+    """A bound on ``|| |W| ||``, the scale of every rounding margin."""
+    return _abs_bound(structure.geometry, structure.weight)
+
+
+def exact_circulant(structure: _Structure) -> NormBounds | None:
+    """The norm of a circulant geometry from its blocks, as a narrow interval (else None)."""
+    geom, weight = structure.geometry, structure.weight
+    try:
+        check_circulant(geom)
+    except NotImplementedError:
+        return None
+    abs_bound = _abs_bound(geom, weight)
+    value, _, _, _, margin = _blocks_bound(geom, weight, geom, abs_bound)
+    margin += _merge_margin(geom, weight, structure.dtype)
+    return NormBounds(max(0.0, value - margin), value + margin)
+
+
+def dense_interval(structure: _Structure) -> NormBounds | None:
+    """The norm of a small explicit matrix from its Gram matrix's top eigenvalue, narrowly.
+
+    ``||W||^2`` is the largest eigenvalue of the smaller of ``W^H W`` and
+    ``W W^H``, which LAPACK's ``eigh`` finds alone (faster than an SVD).
+    Forming the product errs by at most ``gamma_m || |W| ||^2`` (``m`` terms
+    per entry), the eigensolver by a few ``n u ||G||``: both are accounted.
+    """
+    if structure.matrix is None:
+        return None
+    n_out = math.prod(structure.geometry.output_shape)
+    if n_out * structure.n_in > _DENSE_SVD_ENTRIES:
+        return None
+    work = np.complex128 if structure.dtype.kind == "c" else np.float64
+    dense = structure.matrix().toarray().astype(work)
+    gram = dense.conj().T @ dense if dense.shape[1] <= dense.shape[0] else dense @ dense.conj().T
+    n, m = gram.shape[0], max(dense.shape)
+    top = float(scipy.linalg.eigh(gram, eigvals_only=True, subset_by_index=[n - 1, n - 1])[0])
+    error = m * _U64 / (1 - m * _U64) * abs_bound(structure) ** 2 + 10.0 * n * _U64 * abs(top)
+    return NormBounds(math.sqrt(max(0.0, top - error)), math.sqrt(max(0.0, top + error)))
+
+
+# ---------------------------------------------------------------------------
+# Lower bounds
+# ---------------------------------------------------------------------------
+
+
+def start_vector(structure: _Structure, upper: _Upper) -> np.ndarray:
+    """The circulant's top singular vector, restricted to the operator's input.
+
+    A plane wave at the top block's frequency times that block's top right
+    singular vector: on the circulant it attains ``||C_N||``; cut to the
+    input it loses only what the borders lose.
+    """
+    circulant, blocks, group, freq = upper.top
+    geom = structure.geometry
+    _, _, vh = np.linalg.svd(blocks[group, freq])
+    u = vh[0].conj()  # (channels of the group x polyphase components)
+    M = circulant.output_size
+    f = np.unravel_index(freq, M)
+    g = geom.groups
+    cpg = geom.in_channels // g
+    S = geom.stride
+    # x_{c,r}[m] = u[c, r] exp(-2 pi i f m / M): numpy's fftn gives B(-f).
+    waves = np.ones((), dtype=np.complex128)
+    for a, m in enumerate(M):
+        waves = np.multiply.outer(waves, np.exp(-2j * np.pi * f[a] * np.arange(m) / m))
+    phases = u.reshape(cpg, *S)  # (c, r_1..r_N)
+    # x[c, m_1 s_1 + r_1, ...] on the grid: interleave (m_d, r_d) per dimension.
+    n = geom.ndim
+    full = np.multiply.outer(phases, waves)  # (c, r_1..r_N, m_1..m_N)
+    order = [0] + [x for d in range(n) for x in (1 + n + d, 1 + d)]
+    grid = full.transpose(order).reshape(cpg, *circulant.input_size)
+    wave = np.zeros((geom.in_channels, *geom.input_size), dtype=np.complex128)
+    # The input sits at positions lo, lo + 1, ... of the grid (mod N with zero padding).
+    window = np.ix_(*[(lo + np.arange(L)) % n for (lo, _), L, n in
+                      zip(geom.padding, geom.input_size, circulant.input_size)])
+    wave[group * cpg:(group + 1) * cpg] = grid[(slice(None), *window)]
+    x: np.ndarray = wave.ravel() if structure.dtype.kind == "c" else wave.real.ravel()
+    if not np.any(x):  # a degenerate phase: any vector will do
+        x = np.random.default_rng(0).standard_normal(x.shape)
+    if structure.transposed:  # the operator's input is W's output: start from W x
+        x = structure.rmatvec(x)
+    return x
+
+
+def _rayleigh_lower(structure: _Structure, v: np.ndarray, abs_bound: float) -> float:
+    """``||A v|| / ||v||`` with A the operator, minus its rounding: a rigorous lower bound.
+
+    Computed with a double-precision vector: a single-precision operator then
+    multiplies in double precision (scipy widens), so the error is
+    ``gamma_m || |A| || ||v||`` with ``m`` the entries of a row.
+    """
+    work = np.complex128 if structure.dtype.kind == "c" else np.float64
+    v = v.astype(work, copy=False)
+    norm_v = float(np.linalg.norm(v))
+    if norm_v == 0.0:
+        return 0.0
+    value = float(np.linalg.norm(structure.matvec(v))) / norm_v
+    geom = structure.geometry
+    m = (max(geom.in_channels, geom.out_channels) // geom.groups) * math.prod(geom.kernel_size)
+    # The product's error, and the two norms' and the division's (a few ulps each).
+    return max(0.0, value * (1 - 1e-12) - 2 * m * _U64 * abs_bound)
+
+
+def lower_bound(structure: _Structure, start: np.ndarray, target: float, maxiter: int,
+                abs_bound: float) -> tuple[float, int, np.ndarray]:
+    """Lanczos on ``A^H A`` from ``start`` until the lower bound reaches ``target``.
+
+    Restarted every few steps from the best Ritz vector; returns the best
+    rigorous lower bound seen (see :func:`_rayleigh_lower`), the number of
+    products with ``A^H A`` spent and the last vector (to go on from).
+    """
+    # The iterations run in the operator's own precision (its fast products);
+    # only the bounds are evaluated in double precision.
+    work = structure.dtype if structure.dtype.kind in "fc" else np.dtype(np.float64)
+    v = start.astype(work)
+    if not np.any(v):  # (W x = 0 for the transpose's start): any vector will do
+        v = np.random.default_rng(0).standard_normal(v.shape).astype(work)
+    best = _rayleigh_lower(structure, v, abs_bound)
+    spent = 0
+    while spent < maxiter and best < target:
+        steps = min(_LANCZOS_STEPS, maxiter - spent)
+        v, used = _lanczos_cycle(structure, v, steps, work, target)
+        spent += used
+        if not np.all(np.isfinite(v)) or not np.any(v):  # A^H A v = 0: nothing to refine
+            break
+        value = _rayleigh_lower(structure, v, abs_bound)
+        # Less than 1% of the way to the target in a whole cycle: the rest of
+        # the gap is the upper bound's, which more products cannot close.
+        stalled = value - best < 0.01 * (target - best)
+        best = max(best, value)
+        if stalled:
+            break
+    return best, spent, v
+
+
+def _lanczos_cycle(structure: _Structure, v0: np.ndarray, steps: int, work,
+                   target: float) -> tuple:
+    """At most ``steps`` Lanczos steps on ``A^H A`` (full reorthogonalisation).
+
+    Stops early once the top Ritz value (the Rayleigh quotient of the Ritz
+    vector, ``||A v||^2`` in exact arithmetic) passes ``target^2`` with room
+    to spare for the rigorous evaluation.  Returns the top Ritz vector and
+    the number of products with ``A^H A``.
+    """
+    basis = np.empty((steps, len(v0)), dtype=work)  # one row per Lanczos vector
+    basis[0] = v0 / np.linalg.norm(v0)
+    alphas: list[float] = []
+    betas: list[float] = []
+    for j in range(steps):
+        w = structure.rmatvec(structure.matvec(basis[j])).astype(work, copy=False)
+        alphas.append(float(np.vdot(basis[j], w).real))
+        done = basis[: j + 1]
+        for _ in range(2):  # twice is enough (Kahan): the basis stays orthonormal
+            w = w - done.T @ (done.conj() @ w)
+        beta = float(np.linalg.norm(w))
+        # (an invariant subspace: A^H A v lies in the basis, or A v = 0)
+        if j == steps - 1 or beta <= 1e-14 * max(abs(alphas[-1]), 1e-300):
+            break
+        if _top_ritz_value(alphas, betas) >= (target * (1 + 1e-6)) ** 2:
+            break
+        betas.append(beta)
+        basis[j + 1] = w / beta
+    k = len(alphas)
+    T = np.diag(alphas) + np.diag(betas[: k - 1], 1) + np.diag(betas[: k - 1], -1)
+    _, vectors = np.linalg.eigh(T)
+    return vectors[:, -1].astype(work) @ basis[:k], k
+
+
+def _top_ritz_value(alphas: list[float], betas: list[float]) -> float:
+    """The largest eigenvalue of the Lanczos tridiagonal matrix built so far."""
+    k = len(alphas)
+    T = np.diag(alphas) + np.diag(betas[: k - 1], 1) + np.diag(betas[: k - 1], -1)
+    return float(np.linalg.eigvalsh(T)[-1])

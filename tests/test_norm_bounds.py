@@ -1,0 +1,167 @@
+"""Certified norm bounds: the interval contains the norm (dense SVD of the stored matrix)
+for random geometries, and is as narrow as promised on fixed layers."""
+
+from __future__ import annotations
+
+import warnings
+
+import numpy as np
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+from scipy.sparse.linalg import svds
+
+import sparse_tconv._bounds as bounds_module
+from sparse_tconv import ConvOperator, ConvTransposeOperator
+from sparse_tconv.spectral import NormBounds, norm_bounds, operator_norm
+
+from reference import random_array, seed_of
+from test_properties import _kwargs, geometries
+
+# The reference's own rounding (LAPACK's SVD): a few ulps of the norm.
+REFERENCE_RTOL = 1e-12
+
+
+def _dense_norm(op) -> float:
+    """The norm of the matrix the operator stores, by LAPACK's dense SVD in double precision."""
+    return float(np.linalg.norm(op.matrix.toarray().astype(np.complex128), 2))
+
+
+def _svds_norm(op) -> float:
+    """ARPACK's estimate of the norm (converged to machine precision): for larger layers."""
+    return float(svds(op.matrix, k=1, tol=0, return_singular_vectors=False)[0])
+
+
+def _contains(bounds: NormBounds, norm: float) -> bool:
+    return (bounds.lower <= norm * (1 + REFERENCE_RTOL)
+            and norm * (1 - REFERENCE_RTOL) <= bounds.upper)
+
+
+def _quiet_bounds(op, **kwargs) -> NormBounds:
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # a wide interval still holds
+        return norm_bounds(op, **kwargs)
+
+
+@pytest.fixture
+def structural_only(monkeypatch):
+    """No dense SVD: the structural upper bound and the Lanczos lower bound alone."""
+    monkeypatch.setattr(bounds_module, "_DENSE_SVD_ENTRIES", 0)
+
+
+@given(geometries(), st.sampled_from([np.float32, np.float64, np.complex64, np.complex128]),
+       st.booleans(), st.integers(0, 2**32 - 1))
+def test_the_interval_contains_the_norm(g, dtype, transposed, seed):
+    # Every padding mode, stride, dilation, groups, 1-D to 3-D, real and complex,
+    # single and double precision, and the transposed convolution.
+    rng = np.random.default_rng(seed)
+    weight = random_array(rng, g["weight_shape"], dtype)
+    op = ConvOperator(weight, g["input_shape"], **_kwargs(g))
+    op = op.T if transposed else op
+    with pytest.MonkeyPatch.context() as patch:  # the structural bounds, not a dense SVD
+        patch.setattr(bounds_module, "_DENSE_SVD_ENTRIES", 0)
+        structural = _quiet_bounds(op)
+    with_dense = _quiet_bounds(op)
+    norm = _dense_norm(op)
+    assert _contains(structural, norm), (structural, norm)
+    assert _contains(with_dense, norm), (with_dense, norm)
+    assert 0.0 <= with_dense.lower <= with_dense.upper
+
+
+def _layer(weight_shape, input_shape, seed_text, **kwargs):
+    rng = np.random.default_rng(seed_of("norm-bounds", seed_text))
+    fan_in = int(np.prod(weight_shape[1:]))
+    return ConvOperator(rng.standard_normal(weight_shape) / np.sqrt(fan_in), input_shape,
+                        **kwargs)
+
+
+@pytest.mark.parametrize("weight_shape, input_shape, kwargs, gap", [
+    # zero padding at 32 per dimension: 1%
+    ((8, 4, 3, 3), (4, 32, 32), dict(padding=1), 1e-2),
+    ((8, 4, 3, 3), (4, 32, 32), dict(stride=2, padding=1), 1e-2),
+    ((8, 8, 5), (8, 64), dict(padding=2, dilation=2), 1e-2),
+    ((8, 2, 3, 3), (8, 32, 32), dict(padding=1, groups=4), 1e-2),
+    # a small input (16 per dimension): 5%
+    ((4, 4, 5, 5), (4, 16, 16), dict(padding=2), 5e-2),
+    ((2, 2, 3, 3, 3), (2, 12, 16, 16), dict(padding=1), 5e-2),
+])
+def test_zero_padding_gaps(weight_shape, input_shape, kwargs, gap, structural_only):
+    op = _layer(weight_shape, input_shape, repr((weight_shape, kwargs)), **kwargs)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the promised width: no warning
+        bounds = norm_bounds(op, rtol=gap)
+    assert bounds.gap <= gap
+    assert _contains(bounds, _svds_norm(op))
+
+
+@pytest.mark.parametrize("kwargs", [
+    dict(padding=1),
+    dict(stride=2, padding=((0, 1), (1, 0))),  # strided: a polyphase circulant
+    dict(padding=2, dilation=2, groups=2),
+])
+def test_circular_padding_is_exact(kwargs):
+    op = _layer((4, 2 if "groups" in kwargs else 4, 3, 3), (4, 16, 16), repr(kwargs),
+                padding_mode="circular", **kwargs)
+    bounds = norm_bounds(op)
+    assert bounds.gap < 1e-9
+    assert _contains(bounds, _dense_norm(op))
+
+
+def test_the_transpose_has_the_same_bounds(structural_only):
+    op = _layer((8, 4, 3, 3), (4, 16, 16), "transpose", stride=2, padding=1)
+    forward, backward = norm_bounds(op), norm_bounds(op.T)
+    assert forward.upper == backward.upper  # the same structure
+    norm = _dense_norm(op)
+    assert _contains(forward, norm) and _contains(backward, norm)
+    transposed = ConvTransposeOperator(op.weight, op.output_shape, stride=2, padding=1,
+                                       output_padding=1)
+    assert _contains(norm_bounds(transposed), norm)
+
+
+@pytest.mark.parametrize("mode", ["reflect", "replicate"])
+def test_reflect_and_replicate_hold_and_say_when_they_are_wide(mode, structural_only):
+    # The border duplicates input elements: the norm can exceed the circulant's,
+    # and the structural bound carries the padding map's norm.
+    op = _layer((4, 4, 3, 3), (4, 16, 16), mode, stride=2, padding=1, padding_mode=mode)
+    with pytest.warns(RuntimeWarning, match=rf"{mode}.*padding map's norm 2"):
+        bounds = norm_bounds(op, rtol=1e-3)
+    assert _contains(bounds, _dense_norm(op))
+
+
+def test_small_matrices_get_a_dense_svd_when_the_structure_is_loose():
+    op = _layer((2, 2, 3, 3), (2, 10, 10), "dense", padding=1, padding_mode="reflect")
+    bounds = norm_bounds(op, rtol=1e-6)
+    norm = _dense_norm(op)
+    assert bounds.gap <= 1e-6 and _contains(bounds, norm)
+
+
+def test_a_zero_operator_and_taps_that_only_read_padding():
+    assert norm_bounds(ConvOperator(np.zeros((2, 2, 3)), (2, 9), padding=1)) == (0.0, 0.0)
+    # Every tap of every row falls into the zero padding: W = 0 for a nonzero weight.
+    op = ConvOperator(np.ones((1, 1, 1)), (1, 3), padding=2, stride=5)
+    bounds = _quiet_bounds(op)
+    assert bounds.lower == 0.0 and bounds.upper >= 0.0
+
+
+def test_gram_on_a_convolution_is_the_structural_bound():
+    op = _layer((8, 4, 3, 3), (4, 32, 32), "gram", padding=1)
+    upper = operator_norm(op, method="gram")
+    assert upper == _quiet_bounds(op, maxiter=1).upper  # the same computation
+    norm = _svds_norm(op)
+    assert norm * (1 - REFERENCE_RTOL) <= upper <= norm * 1.01
+    # Gram iteration on the explicit matrix when the steps are given, as before.
+    explicit = operator_norm(op, method="gram", iterations=2)
+    assert explicit >= norm * (1 - REFERENCE_RTOL) and explicit != upper
+
+
+@pytest.mark.parametrize("op, kwargs, error, match", [
+    (np.eye(3), {}, TypeError, r"op must be a ConvOperator, ConvTransposeOperator or "
+                               r"DistributedConvOperator.*got op of type ndarray"),
+    (None, dict(rtol=-1.0), ValueError, r"rtol must be non-negative and finite, got rtol=-1\.0"),
+    (None, dict(maxiter=0), ValueError, r"maxiter must be a positive integer, got maxiter=0"),
+    (None, dict(rtol="1"), TypeError, r"rtol must be a real number"),
+])
+def test_errors(op, kwargs, error, match):
+    op = ConvOperator(np.ones((2, 2, 3)), (2, 9)) if op is None else op
+    with pytest.raises(error, match=match):
+        norm_bounds(op, **kwargs)
