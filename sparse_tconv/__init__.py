@@ -6,13 +6,16 @@
 ``scipy.sparse.linalg.LinearOperator`` objects with threaded products.
 
 Submodules: :mod:`sparse_tconv.direct` (direct convolution kernels),
-:mod:`sparse_tconv.spectral` (singular values, norms, Gram matrices,
-composition), :mod:`sparse_tconv.testing` (dot test, reference check).
+:mod:`sparse_tconv.spectral` (singular values, certified norm bounds, Gram
+matrices, composition), :mod:`sparse_tconv.solvers` (Tikhonov deconvolution
+and preconditioners), :mod:`sparse_tconv.testing` (dot test, reference
+check).
 """
 
-# Public submodules: direct convolution kernels, spectra and norms, test helpers.
+# Public submodules: direct kernels, spectra and norms, solvers, test helpers.
 # (re-exported by the redundant aliases, outside __all__: names, not functions)
 from . import direct as direct
+from . import solvers as solvers
 from . import spectral as spectral
 from . import testing as testing
 from ._build import conv_matrix, conv_transpose_matrix

@@ -31,7 +31,9 @@ __all__ = [
     "check_non_negative_int",
     "check_bool",
     "check_tol",
+    "check_positive_tol",
     "check_choice",
+    "check_vector",
     "normalize_tuple",
     "normalize_shape",
     "normalize_padding",
@@ -102,6 +104,34 @@ def check_tol(value, name: str) -> float:
     if not (np.isfinite(value) and value >= 0):
         raise ValueError(f"{name} must be non-negative and finite, got {name}={value!r}")
     return value
+
+
+def check_positive_tol(value, name: str) -> float:
+    """A finite, positive real number (a tolerance that must be reachable)."""
+    value = check_tol(value, name)
+    if value == 0.0:
+        raise ValueError(f"{name} must be positive, got {name}={value!r}")
+    return value
+
+
+def check_vector(value, name: str) -> np.ndarray:
+    """``value`` as a numeric ndarray of finite values (not copied when it is one).
+
+    A TypeError for booleans and non-numeric data, a ValueError naming the
+    first non-finite element.
+    """
+    try:
+        arr = np.asarray(value)
+    except ValueError:  # ragged nested sequences
+        raise ValueError(f"{name} must be a rectangular numeric array") from None
+    if arr.dtype == np.bool_ or not np.issubdtype(arr.dtype, np.number):
+        raise TypeError(f"{name} must be a numeric array, got {name}.dtype={arr.dtype}")
+    if np.issubdtype(arr.dtype, np.inexact) and not np.isfinite(arr).all():
+        bad = np.flatnonzero(~np.isfinite(arr.ravel()))[0]
+        raise ValueError(
+            f"{name} must be finite, got {name}.ravel()[{bad}]={arr.ravel()[bad].item()!r}"
+        )
+    return arr
 
 
 def check_choice(value, choices, name: str) -> str:

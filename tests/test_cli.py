@@ -356,3 +356,14 @@ def test_norms_unknown_layer_is_a_usage_error(capsys):
         main(["norms", "--quick", "--config", "zz"])
     assert exc.value.code == 2
     assert "unknown configuration(s) ['zz']" in capsys.readouterr().err
+
+
+def test_solve_quick_writes_its_figures(tmp_path):
+    js = tmp_path / "solve.json"
+    assert main(["solve", "--quick", "--json", str(js)]) == 0
+    report = json.loads(js.read_text())
+    assert report["results"] and report["exactness"]
+    # The exact FFT solve agrees with the dense solve, whatever the machine's speed.
+    assert all(row["vs_dense"] <= 1e-8 and row["fft_residual"] <= 1e-12
+               for row in report["exactness"])
+    assert all(r["residual"] <= 1e-6 or not r["converged"] for r in report["results"])

@@ -358,6 +358,8 @@ def _parser() -> argparse.ArgumentParser:
 
     sub.add_parser("norms", help="certified norm bounds vs svds and the Gram iteration "
                    "(python -m sparse_tconv.tools.norm_bench)", add_help=False)
+    sub.add_parser("solve", help="Tikhonov deconvolution: time to solution vs plain CG "
+                   "(python -m sparse_tconv.tools.solve_bench)", add_help=False)
     sub.add_parser("perf", help="the performance figures (python -m sparse_tconv.tools.perf)",
                    add_help=False)
     return parser
@@ -381,6 +383,10 @@ def main(argv=None) -> int:
         from . import norm_bench
 
         return norm_bench.main(argv[1:])
+    if argv[:1] == ["solve"]:
+        from . import solve_bench
+
+        return solve_bench.main(argv[1:])
     parser = _parser()
     args = parser.parse_args(argv)
     try:
