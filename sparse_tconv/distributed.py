@@ -498,10 +498,10 @@ class DistributedConvOperator(LinearOperator):
     runs one task per worker, which multiplies the blocks that worker holds
     on its threads; the blocks never move.
 
-    *Per product* the driver sends the input once (``client.scatter(x,
-    broadcast=True)``: to the scheduler, which replicates it to every
-    worker) and receives the output once (the blocks' pieces, through the
-    scheduler unless ``client.direct_to_workers``); the blocks never move.
+    *Per product* the driver sends the input once (``client.scatter(x)``,
+    to one worker, from which the others fetch it) and receives the output
+    once (the blocks' pieces, through the scheduler unless
+    ``client.direct_to_workers``); the blocks never move.
     The adjoint with ``adjoint='reduce'`` also moves partial vectors of the
     input's length between workers (about one per worker after the local
     sums) and returns one vector.
@@ -509,10 +509,13 @@ class DistributedConvOperator(LinearOperator):
     *Results.*  ``matvec``/``matmat`` (and the adjoint with
     ``adjoint='transpose'``) compute each output row with scipy's serial
     CSR kernel on the row's own entries, in the order of the whole matrix,
-    so they are bit-for-bit equal to scipy's ``W @ x`` (``W.T @ y``) and to
-    the local ``matvec``, whatever ``n_blocks``.  With ``adjoint='reduce'`` the adjoint is a sum of
-    ``n_blocks`` partial vectors in a fixed tree: equal to the local result
-    to rounding (not bit-for-bit), and reproducible for a given ``n_blocks``.
+    so they are bit-for-bit equal to scipy's ``W @ x`` (``W.T @ y``),
+    whatever ``n_blocks``, and to the local ``matvec`` to rounding (bit for
+    bit where it runs on the CSR matrix or the diagonals; see
+    :class:`~sparse_tconv.ConvOperator`).  With ``adjoint='reduce'`` the
+    adjoint is a sum of ``n_blocks`` partial vectors in a fixed tree: equal
+    to the local result to rounding (not bit-for-bit), and reproducible for
+    a given ``n_blocks``.
 
     *Faults.*  Blocks are Dask tasks computed from the geometry, so a block
     lost with its worker is rebuilt on another worker (its share of memory
