@@ -22,6 +22,7 @@ from .._parallel import resolve_threads
 from .._validation import PADDING_MODES
 from . import compare, perf
 from .configs import Config, select
+from .outputs import output_path_problem
 
 __all__ = ["main"]
 
@@ -65,17 +66,10 @@ _non_negative_int = _int_at_least(0, "non-negative")
 
 
 def _output_path(path, option: str, *, force: bool = True) -> None:
-    """Refuse an output path before any work: its folder must exist, the file must not unless
-    ``force``."""
-    if path is None:
-        return
-    target = Path(path)
-    if not target.resolve().parent.is_dir():
-        raise UsageError(f"{option}: the folder of {str(path)!r} does not exist")
-    if target.is_dir():
-        raise UsageError(f"{option}: {str(path)!r} is a folder, not a file")
-    if not force and target.exists():
-        raise UsageError(f"{option}: {str(path)!r} exists; pass --force to overwrite it")
+    """Refuse an output path before any work (see :func:`.outputs.output_path_problem`)."""
+    problem = output_path_problem(path, option, force=force)
+    if problem:
+        raise UsageError(problem)
 
 
 def _physical_memory() -> int | None:

@@ -26,6 +26,7 @@ from scipy.sparse.linalg import svds
 from .. import ConvOperator
 from ..spectral import norm_bounds, operator_norm
 from .configs import select
+from .outputs import output_path_problem
 from .timing import best_time
 
 __all__ = ["Layer", "LAYERS", "QUICK_LAYERS", "run_layer", "main"]
@@ -174,11 +175,9 @@ def main(argv=None) -> int:
         layers = select(QUICK_LAYERS if args.quick else LAYERS, args.config)
     except ValueError as exc:
         parser.error(str(exc))
-    if args.json:
-        import os
-
-        if not os.path.isdir(os.path.dirname(os.path.abspath(args.json))):
-            parser.error(f"--json: the folder of {args.json!r} does not exist")
+    problem = output_path_problem(args.json, "--json")
+    if problem:
+        parser.error(problem)
     results = []
     for i, layer in enumerate(layers, 1):
         print(f"[{i}/{len(layers)}] {layer.name}: {layer.description}", file=sys.stderr)

@@ -14,7 +14,6 @@ from __future__ import annotations
 import argparse
 import gc
 import json
-import os
 import sys
 import time
 import tracemalloc
@@ -24,6 +23,7 @@ import numpy as np
 
 from .._parallel import resolve_threads
 from .configs import CONFIGS, QUICK_CONFIGS, Config, select
+from .outputs import output_path_problem
 from .timing import (
     best_time,
     measure_bandwidth,
@@ -306,8 +306,9 @@ def main(argv=None) -> int:
     parser.add_argument("--no-cold", action="store_true",
                         help="skip the cold-memory build figures (3 s idle each)")
     args = parser.parse_args(argv)
-    if args.json and not os.path.isdir(os.path.dirname(os.path.abspath(args.json))):
-        parser.error(f"--json: the folder of {args.json!r} does not exist")
+    problem = output_path_problem(args.json, "--json")
+    if problem:
+        parser.error(problem)
     try:
         configs = select(QUICK_CONFIGS if args.quick else CONFIGS, args.config)
     except ValueError as exc:

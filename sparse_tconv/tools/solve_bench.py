@@ -24,7 +24,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
 import sys
 import time
 from dataclasses import dataclass
@@ -37,6 +36,7 @@ from .. import ConvOperator
 from .._parallel import resolve_threads
 from .._preconditioners import build_preconditioner
 from ..solvers import normal_operator, tikhonov
+from .outputs import output_path_problem
 from .timing import best_time
 
 __all__ = [
@@ -478,8 +478,9 @@ def plot_histories(histories: dict, path) -> None:
 
 
 def _check_folder(parser, path, option):
-    if path and not os.path.isdir(os.path.dirname(os.path.abspath(path))):
-        parser.error(f"{option}: the folder of {path!r} does not exist")
+    problem = output_path_problem(path, option)
+    if problem:
+        parser.error(problem)
 
 
 def main(argv=None) -> int:
