@@ -14,6 +14,7 @@ matrix the operator actually stores.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from collections.abc import Callable
 from typing import Any, NamedTuple
@@ -33,7 +34,6 @@ __all__ = [
     "dense_interval",
     "lower_bound",
     "start_vector",
-    "abs_bound",
     "padding_map_norm",
     "EXTRA_GRIDS",
 ]
@@ -78,6 +78,16 @@ class _Structure:
     n_in: int
     transposed: bool  # the operator's matrix is W.T (its input is W's output)
     matrix: Callable[[], Any] | None  # the explicit stored matrix (CSR), if it can be had
+
+    @functools.cached_property
+    def abs_bound(self) -> float:
+        """A bound on ``|| |W| ||``, the scale of every rounding margin (see :func:`_abs_bound`)."""
+        return _abs_bound(self.geometry, self.weight)
+
+    @functools.cached_property
+    def padding_norm(self) -> float:
+        """``||P||`` of the padding map (see :func:`padding_map_norm`)."""
+        return padding_map_norm(self.geometry)
 
 
 def structure_of(op) -> _Structure:
@@ -223,18 +233,19 @@ def _blocks_bound(geom: ConvGeometry, weight: np.ndarray, circulant: ConvGeometr
     return value, blocks, group, freq, margin
 
 
-def _merge_margin(geom: ConvGeometry, weight: np.ndarray, dtype: np.dtype) -> float:
+def _merge_margin(structure: _Structure) -> float:
     """How far the stored W may be from the exact one, in norm (0 for zero padding).
 
     The other modes store the sum of the taps that land on one input element,
     rounded in the matrix's precision: ``|fl(sum) - sum| <= gamma_m sum |w_t|``
     with ``m`` terms, so ``||W_stored - W|| <= gamma_m || |W| ||``.
     """
+    geom = structure.geometry
     if geom.padding_mode == "zeros":
         return 0.0
     m = math.prod(geom.kernel_size)
-    u = float(np.finfo(dtype).eps) / 2
-    return m * u / (1 - m * u) * _abs_bound(geom, weight)
+    u = float(np.finfo(structure.dtype).eps) / 2
+    return m * u / (1 - m * u) * structure.abs_bound
 
 
 def upper_bound(structure: _Structure, grid_index: int = 0) -> _Upper:
@@ -244,17 +255,12 @@ def upper_bound(structure: _Structure, grid_index: int = 0) -> _Upper:
     by a fraction of a percent on large inputs, more on small ones.
     """
     geom, weight = structure.geometry, structure.weight
-    abs_bound = _abs_bound(geom, weight)
-    p_norm = padding_map_norm(geom)
+    p_norm = structure.padding_norm
     circulant = _circulant(geom, _circulant_grids(geom, grid_index + 1)[grid_index])
-    value, blocks, group, freq, margin = _blocks_bound(geom, weight, circulant, abs_bound)
-    margin = margin * p_norm + _merge_margin(geom, weight, structure.dtype)
+    value, blocks, group, freq, margin = _blocks_bound(geom, weight, circulant,
+                                                       structure.abs_bound)
+    margin = margin * p_norm + _merge_margin(structure)
     return _Upper(value * p_norm, (circulant, blocks, group, freq), margin)
-
-
-def abs_bound(structure: _Structure) -> float:
-    """A bound on ``|| |W| ||``, the scale of every rounding margin."""
-    return _abs_bound(structure.geometry, structure.weight)
 
 
 def exact_circulant(structure: _Structure) -> NormBounds | None:
@@ -264,9 +270,8 @@ def exact_circulant(structure: _Structure) -> NormBounds | None:
         check_circulant(geom)
     except NotImplementedError:
         return None
-    abs_bound = _abs_bound(geom, weight)
-    value, _, _, _, margin = _blocks_bound(geom, weight, geom, abs_bound)
-    margin += _merge_margin(geom, weight, structure.dtype)
+    value, _, _, _, margin = _blocks_bound(geom, weight, geom, structure.abs_bound)
+    margin += _merge_margin(structure)
     return NormBounds(max(0.0, value - margin), value + margin)
 
 
@@ -288,7 +293,7 @@ def dense_interval(structure: _Structure) -> NormBounds | None:
     gram = dense.conj().T @ dense if dense.shape[1] <= dense.shape[0] else dense @ dense.conj().T
     n, m = gram.shape[0], max(dense.shape)
     top = float(scipy.linalg.eigh(gram, eigvals_only=True, subset_by_index=[n - 1, n - 1])[0])
-    error = m * _U64 / (1 - m * _U64) * abs_bound(structure) ** 2 + 10.0 * n * _U64 * abs(top)
+    error = m * _U64 / (1 - m * _U64) * structure.abs_bound ** 2 + 10.0 * n * _U64 * abs(top)
     return NormBounds(math.sqrt(max(0.0, top - error)), math.sqrt(max(0.0, top + error)))
 
 
@@ -336,7 +341,7 @@ def start_vector(structure: _Structure, upper: _Upper) -> np.ndarray:
     return x
 
 
-def _rayleigh_lower(structure: _Structure, v: np.ndarray, abs_bound: float) -> float:
+def _rayleigh_lower(structure: _Structure, v: np.ndarray) -> float:
     """``||A v|| / ||v||`` with A the operator, minus its rounding: a rigorous lower bound.
 
     Computed with a double-precision vector: a single-precision operator then
@@ -352,11 +357,11 @@ def _rayleigh_lower(structure: _Structure, v: np.ndarray, abs_bound: float) -> f
     geom = structure.geometry
     m = (max(geom.in_channels, geom.out_channels) // geom.groups) * math.prod(geom.kernel_size)
     # The product's error, and the two norms' and the division's (a few ulps each).
-    return max(0.0, value * (1 - 1e-12) - 2 * m * _U64 * abs_bound)
+    return max(0.0, value * (1 - 1e-12) - 2 * m * _U64 * structure.abs_bound)
 
 
-def lower_bound(structure: _Structure, start: np.ndarray, target: float, maxiter: int,
-                abs_bound: float) -> tuple[float, int, np.ndarray]:
+def lower_bound(structure: _Structure, start: np.ndarray, target: float,
+                maxiter: int) -> tuple[float, int, np.ndarray]:
     """Lanczos on ``A^H A`` from ``start`` until the lower bound reaches ``target``.
 
     Restarted every few steps from the best Ritz vector; returns the best
@@ -369,7 +374,7 @@ def lower_bound(structure: _Structure, start: np.ndarray, target: float, maxiter
     v = start.astype(work)
     if not np.any(v):  # (W x = 0 for the transpose's start): any vector will do
         v = np.random.default_rng(0).standard_normal(v.shape).astype(work)
-    best = _rayleigh_lower(structure, v, abs_bound)
+    best = _rayleigh_lower(structure, v)
     spent = 0
     while spent < maxiter and best < target:
         steps = min(_LANCZOS_STEPS, maxiter - spent)
@@ -377,7 +382,7 @@ def lower_bound(structure: _Structure, start: np.ndarray, target: float, maxiter
         spent += used
         if not np.all(np.isfinite(v)) or not np.any(v):  # A^H A v = 0: nothing to refine
             break
-        value = _rayleigh_lower(structure, v, abs_bound)
+        value = _rayleigh_lower(structure, v)
         # Less than 1% of the way to the target in a whole cycle: the rest of
         # the gap is the upper bound's, which more products cannot close.
         stalled = value - best < 0.01 * (target - best)

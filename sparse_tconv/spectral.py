@@ -675,14 +675,12 @@ def norm_bounds(op, *, rtol=1e-2, maxiter=None) -> NormBounds:
     exact = _bounds.exact_circulant(structure)
     if exact is not None:
         return exact
-    scale = _bounds.abs_bound(structure)
-    if scale == 0.0:
+    if structure.abs_bound == 0.0:
         return NormBounds(0.0, 0.0)
     up = _bounds.upper_bound(structure, 0)
     upper = up.value + up.margin
     start = _bounds.start_vector(structure, up)
-    lower, spent, last = _bounds.lower_bound(structure, start, upper / (1 + rtol), maxiter,
-                                             scale)
+    lower, spent, last = _bounds.lower_bound(structure, start, upper / (1 + rtol), maxiter)
     for index in range(1, _bounds.EXTRA_GRIDS + 1):  # other grids, while the gap is open
         if upper <= lower * (1 + rtol):
             break
@@ -690,7 +688,7 @@ def norm_bounds(op, *, rtol=1e-2, maxiter=None) -> NormBounds:
         upper = min(upper, more.value + more.margin)
     if upper > lower * (1 + rtol) and spent < maxiter:  # a tighter upper bound: more products
         more_lower, _, _ = _bounds.lower_bound(structure, last, upper / (1 + rtol),
-                                               maxiter - spent, scale)
+                                               maxiter - spent)
         lower = max(lower, more_lower)
     if upper > lower * (1 + rtol):
         dense = _bounds.dense_interval(structure)
@@ -700,7 +698,7 @@ def norm_bounds(op, *, rtol=1e-2, maxiter=None) -> NormBounds:
     if bounds.gap > rtol:
         mode = structure.geometry.padding_mode
         why = (f"the upper bound of {mode!r} padding carries the padding map's norm "
-               f"{_bounds.padding_map_norm(structure.geometry):.3g}"
+               f"{structure.padding_norm:.3g}"
                if mode in ("reflect", "replicate")
                else f"raise maxiter (spent {maxiter})")
         warnings.warn(
