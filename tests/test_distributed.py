@@ -51,17 +51,22 @@ MEMORY_LIMIT = 700 * 2**20
 _ANY_HTTP_PORT = {"dashboard_address": "127.0.0.1:0"}
 
 
-@pytest.fixture(scope="module")
-def cluster():
-    cluster = distributed.LocalCluster(
+def _local_cluster(memory_limit, **scheduler_kwargs):
+    """Two single-thread worker processes on 127.0.0.1, no dashboard."""
+    return distributed.LocalCluster(
         n_workers=2,
         threads_per_worker=1,
         processes=True,
         host="127.0.0.1",
         dashboard_address=None,
-        memory_limit=MEMORY_LIMIT,
-        scheduler_kwargs=_ANY_HTTP_PORT,
+        memory_limit=memory_limit,
+        scheduler_kwargs={**_ANY_HTTP_PORT, **scheduler_kwargs},
     )
+
+
+@pytest.fixture(scope="module")
+def cluster():
+    cluster = _local_cluster(MEMORY_LIMIT)
     yield cluster
     cluster.close()
 
@@ -93,15 +98,7 @@ def fragile_client():
     client: test_defaults_repr_close_and_bytes expects the first one, and
     the operators of these tests check that a client need not be the default.
     """
-    cluster = distributed.LocalCluster(
-        n_workers=2,
-        threads_per_worker=1,
-        processes=True,
-        host="127.0.0.1",
-        dashboard_address=None,
-        memory_limit=FRAGILE_LIMIT,
-        scheduler_kwargs={**_ANY_HTTP_PORT, "allowed_failures": 0},
-    )
+    cluster = _local_cluster(FRAGILE_LIMIT, allowed_failures=0)
     client = distributed.Client(cluster, set_as_default=False)
     yield client
     client.close()
