@@ -80,6 +80,14 @@ def _weight_blocks(geom: ConvGeometry, weight: np.ndarray, transposed: bool) -> 
     return np.ascontiguousarray(blocks).reshape(g * taps, *block_shape(geom, transposed))
 
 
+def _pattern_index_dtype(nnz: int, rows: int, cols: int, groups: int) -> np.dtype:
+    """The pattern's index dtype: the single-channel matrix's (``nnz`` blocks, ``rows x cols``),
+    or int64 when ``groups`` copies of its blocks or columns overflow int32."""
+    if groups > 1 and max(nnz * groups, cols * groups) > INT32_MAX:
+        return np.dtype(np.int64)
+    return index_dtype(nnz, rows, cols)
+
+
 def block_pattern(geom: ConvGeometry, *, transposed: bool, threads: int) -> BlockPattern:
     """The BSR pattern of W (or W.T), from the single-channel matrix.
 
@@ -101,9 +109,7 @@ def block_pattern(geom: ConvGeometry, *, transposed: bool, threads: int) -> Bloc
     # Block row (p, group) holds the blocks of row p of the single-channel
     # matrix, in group ``group``'s column block and weight.
     per_row = np.repeat(np.diff(s.indptr), g)
-    # g times the single-channel blocks and columns: int64 if int32 overflows
-    wide = max(len(s.indices) * g, s.shape[1] * g) > INT32_MAX
-    index_dtype = np.int64 if wide else s.indices.dtype
+    index_dtype = _pattern_index_dtype(len(s.indices), *s.shape, g)
     indptr = np.zeros(len(per_row) + 1, dtype=index_dtype)
     np.cumsum(per_row, out=indptr[1:])
     first = np.repeat(np.repeat(s.indptr[:-1], g), per_row)
@@ -282,11 +288,7 @@ class BlockForm(ProductForm):
         if not transposed:
             rows, cols = cols, rows
         g = geometry.groups
-        if g == 1:
-            idx = index_dtype(per_group, rows, cols)
-        else:
-            idx = np.dtype(np.int64) if max(per_group * g, cols * g) > INT32_MAX else \
-                index_dtype(per_group, rows, cols)
+        idx = _pattern_index_dtype(per_group, rows, cols, g)
         return (geometry.nnz * np.dtype(dtype).itemsize + per_group * g * idx.itemsize
                 + (rows * g + 1) * idx.itemsize)
 
