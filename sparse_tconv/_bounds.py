@@ -21,7 +21,10 @@ from typing import Any, NamedTuple
 
 import numpy as np
 import scipy.linalg
+import scipy.sparse as sp
+import scipy.sparse.linalg as spla
 
+from . import _sparsetools
 from ._fourier import check_circulant, circular_blocks
 from ._geometry import ConvGeometry
 from ._indexmap import mode_map
@@ -32,6 +35,8 @@ __all__ = [
     "upper_bound",
     "exact_circulant",
     "dense_interval",
+    "inertia_upper",
+    "product_nnz",
     "lower_bound",
     "start_vector",
     "padding_map_norm",
@@ -47,6 +52,13 @@ EXTRA_GRIDS = 6
 # Explicit matrices up to this many entries (rows x columns) get a dense SVD:
 # an interval as narrow as rounding, for any padding mode.
 _DENSE_SVD_ENTRIES = 4_000_000
+# Gram matrices up to this many stored entries get the inertia certificate
+# (a sparse LDL^T factorisation of t I - G): fill-in grows with it, memory too.
+_INERTIA_GRAM_NNZ = 2**23
+# In three or more dimensions the factorisation's separators are planes, and its
+# cost grows as their size cubed (22 s for a 4-channel 16^3 layer): only Gram
+# matrices up to this order there.
+_INERTIA_ORDER_3D = 4096
 
 
 class NormBounds(NamedTuple):
@@ -295,6 +307,129 @@ def dense_interval(structure: _Structure) -> NormBounds | None:
     top = float(scipy.linalg.eigh(gram, eigvals_only=True, subset_by_index=[n - 1, n - 1])[0])
     error = m * _U64 / (1 - m * _U64) * structure.abs_bound ** 2 + 10.0 * n * _U64 * abs(top)
     return NormBounds(math.sqrt(max(0.0, top - error)), math.sqrt(max(0.0, top + error)))
+
+
+def _gamma(n: int) -> float:
+    """Higham's ``gamma_n = n u / (1 - n u)``: the error factor of an ``n``-term sum."""
+    return n * _U64 / (1 - n * _U64)
+
+
+def _smaller_gram(matrix) -> sp.csr_array:
+    """``W W^H`` or ``W^H W``, whichever is smaller (the same nonzero eigenvalues)."""
+    W = sp.csr_array(matrix)
+    work = np.complex128 if W.dtype.kind == "c" else np.float64
+    W = W.astype(work, copy=False)
+    Wh = sp.csr_array(W.conj().T)
+    return sp.csr_array(W @ Wh if W.shape[0] <= W.shape[1] else Wh @ W)
+
+
+def product_nnz(a: sp.csr_array, b: sp.csr_array) -> int:
+    """Stored entries of ``a @ b`` before cancellation, in O(rows) memory."""
+    if _sparsetools.csr_matmat_maxnnz is not None:
+        idx = np.int64
+        return int(
+            _sparsetools.csr_matmat_maxnnz(
+                a.shape[0],
+                b.shape[1],
+                a.indptr.astype(idx),
+                a.indices.astype(idx),
+                b.indptr.astype(idx),
+                b.indices.astype(idx),
+            )
+        )
+    # pragma: no cover - upper bound: every multiply-add makes a new entry
+    rows_b = np.diff(b.indptr).astype(np.int64)
+    cols_a = np.bincount(a.indices, minlength=a.shape[1]).astype(np.int64)
+    return int(min(int(cols_a @ rows_b), a.shape[0] * b.shape[1]))
+
+
+def _gram_entries_estimate(matrix) -> int:
+    """The stored entries of :func:`_smaller_gram` (before cancellation), without forming it."""
+    W = sp.csr_array(matrix)
+    Wt = sp.csr_array(W.T)
+    return product_nnz(W, Wt) if W.shape[0] <= W.shape[1] else product_nnz(Wt, W)
+
+
+def _nonnegative_norm(left, rights) -> float:
+    """An upper bound on ``||left @ sum(c * R for c, R in rights)||_2``, all entries >= 0.
+
+    ``||B||_2 <= sqrt(||B||_1 ||B||_inf)``, and for ``B >= 0`` the two are
+    the largest column and row sums, ``1^T B`` and ``B 1``: sparse products
+    with vectors, never ``B`` itself (nor the sum).  Sums of non-negative
+    terms err by at most ``gamma_n`` relatively.
+    """
+    n = left.shape[1]
+    right_rows = sum(c * (R @ np.ones(R.shape[1])) for c, R in rights)
+    ones_left = np.ones(left.shape[0]) @ left
+    cols = sum(c * (ones_left @ R) for c, R in rights)
+    rows = left @ right_rows
+    bound = math.sqrt(float(np.max(rows, initial=0.0)) * float(np.max(cols, initial=0.0)))
+    return bound * (1 + 4 * _gamma(2 * n + 2))
+
+
+def inertia_upper(structure: _Structure, t: float) -> float | None:
+    """A certified upper bound just above ``sqrt(t)`` if ``||W||^2 <= t``, else None.
+
+    Sylvester's inertia: ``t I - G`` (``G`` the smaller Gram matrix of the
+    stored W) is positive semi-definite exactly when no eigenvalue of ``G``
+    exceeds ``t``.  A sparse LU factorisation without pivoting (SuperLU with
+    a symmetric ordering and diagonal pivots, so ``L U = P (t I - G) P^T``)
+    with positive pivots ``D`` gives the PSD matrix ``S = L D L^H`` and
+
+    ``P (t I - G) P^T = S + L (U - D L^H) - E``,
+
+    with ``|E| <= gamma_n |L| |U|`` (the LU's backward error).  Hence
+    ``lambda_max(G) <= t + ||L (U - D L^H)|| + ||E|| + (rounding of G and of
+    the shift)``, each norm bounded from non-negative matrices by
+    :func:`_nonnegative_norm`.  None when the matrix is not explicit, the
+    Gram matrix is too large, the ordering was not symmetric, or a pivot is
+    not positive (then some eigenvalue exceeds ``t``, rounding aside).
+    """
+    if structure.matrix is None:
+        return None
+    geom = structure.geometry
+    spatial_dims = sum(1 for L in geom.input_size if L > 1)
+    order = min(math.prod(geom.output_shape), math.prod(geom.input_shape))
+    if spatial_dims >= 3 and order > _INERTIA_ORDER_3D:
+        return None
+    W = structure.matrix()
+    if _gram_entries_estimate(W) > _INERTIA_GRAM_NNZ:
+        return None
+    G = _smaller_gram(W)
+    n = G.shape[0]
+    shifted = sp.csr_array(t * sp.identity(n, dtype=G.dtype, format="csr") - G)
+    # Its CSR arrays read as CSC are its transpose: the same matrix up to G's
+    # rounding, which the bound below covers for it and its transpose alike.
+    M = sp.csc_matrix((shifted.data, shifted.indices, shifted.indptr), shape=shifted.shape)
+    try:
+        lu = spla.splu(M, permc_spec="MMD_AT_PLUS_A", diag_pivot_thresh=0.0,
+                       options=dict(SymmetricMode=True))
+    except (RuntimeError, MemoryError):  # singular, or the fill-in does not fit
+        return None
+    if not np.array_equal(lu.perm_r, lu.perm_c):  # SuperLU pivoted off the diagonal
+        return None
+    L, U = lu.L, sp.csr_array(lu.U)  # L is CSC: its arrays read as CSR are L^T
+    pivots = U.diagonal()
+    if not np.all(pivots.real > 0):
+        return None
+    # L^H, with arrays of its own: scipy sorts L's indices in place on use, and
+    # a real array's conj() is the array itself.
+    DLh = sp.csr_array((np.conj(L.data, out=np.empty_like(L.data)), L.indices.copy(),
+                        L.indptr.copy()), shape=L.shape)
+    DLh.data *= np.repeat(pivots.real, np.diff(DLh.indptr))  # D L^H: row i times d_i
+    absL, absU, absDLh = abs(L), abs(U), abs(DLh)
+    # |fl(U - D L^H) - (U - D L^H)| <= gamma_2 (|U| + |D L^H|), entrywise.
+    asymmetry = [(1.0, abs(U - DLh)), (_gamma(2), absU), (_gamma(2), absDLh)]
+    factor_error = (_nonnegative_norm(absL, asymmetry)
+                    + _gamma(2 * n) * _nonnegative_norm(absL, [(1.0, absU)]))
+    m = max(int(np.diff(W.indptr).max(initial=0)), int(np.bincount(
+        W.indices, minlength=W.shape[1]).max(initial=0)))
+    # |fl(W W^H) - W W^H| <= gamma_m |W| |W|^H; abs_bound is for the exact W,
+    # the stored one is within rounding of it.
+    gram_error = _gamma(m) * (structure.abs_bound * (1 + 1e-6)) ** 2
+    shift_error = _U64 * (t + float(np.abs(G.diagonal()).max(initial=0.0)))
+    top = t + factor_error + gram_error + shift_error
+    return math.sqrt(top) * (1 + 2 * _U64) + 2 * _merge_margin(structure)
 
 
 # ---------------------------------------------------------------------------

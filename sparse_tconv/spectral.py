@@ -24,7 +24,7 @@ import numpy as np
 import scipy.sparse as sp
 from scipy.sparse.linalg import LinearOperator, aslinearoperator, svds
 
-from . import _bounds, _sparsetools
+from . import _bounds
 from ._bounds import NormBounds
 from ._fourier import check_circulant, circular_blocks
 from ._geometry import conv_geometry
@@ -326,26 +326,6 @@ def _norm_power(A, tol, maxiter, gen):
     return estimate
 
 
-def _product_nnz(a: sp.csr_array, b: sp.csr_array) -> int:
-    """Stored entries of ``a @ b`` before cancellation, in O(rows) memory."""
-    if _sparsetools.csr_matmat_maxnnz is not None:
-        idx = np.int64
-        return int(
-            _sparsetools.csr_matmat_maxnnz(
-                a.shape[0],
-                b.shape[1],
-                a.indptr.astype(idx),
-                a.indices.astype(idx),
-                b.indptr.astype(idx),
-                b.indices.astype(idx),
-            )
-        )
-    # pragma: no cover - upper bound: every multiply-add makes a new entry
-    rows_b = np.diff(b.indptr).astype(np.int64)
-    cols_a = np.bincount(a.indices, minlength=a.shape[1]).astype(np.int64)
-    return int(min(int(cols_a @ rows_b), a.shape[0] * b.shape[1]))
-
-
 def _norm_gram(matrix, iterations, max_nnz):
     # Double precision throughout, so that rounding cannot undercut the bound.
     if is_sparse(matrix):
@@ -368,7 +348,7 @@ def _norm_gram(matrix, iterations, max_nnz):
             H = scaled.conj().T.tocsr()
             left, right = (H, scaled) if small_side else (scaled, H)
             if max_nnz is not None:
-                nnz = _product_nnz(left, right)
+                nnz = _bounds.product_nnz(left, right)
                 if nnz > max_nnz:
                     warnings.warn(
                         f"Gram iteration stopped after {done} of {iterations} steps: the "
@@ -593,8 +573,9 @@ def norm_bounds(op, *, rtol=1e-2, maxiter=None) -> NormBounds:
     -----
     RuntimeWarning
         If the interval is still wider than ``rtol`` on return; it holds all
-        the same.  With reflect or replicate padding on inputs too large for
-        a dense SVD this is the rule, not the exception (see Notes).
+        the same.  With reflect or replicate padding on matrices too large
+        for the inertia certificate this is the rule, not the exception (see
+        Notes).
 
     See Also
     --------
@@ -627,9 +608,25 @@ def norm_bounds(op, *, rtol=1e-2, maxiter=None) -> NormBounds:
     norm is exact.  With reflect or replicate padding ``||P|| = sqrt(2)``
     or more per padded dimension: a guaranteed but loose bound, since the
     top singular vectors of these layers often sit at the border, where the
-    padding duplicates input elements.  When the explicit matrix is small
-    (``rows * columns <= 4e6``) and the structural interval is still wider
-    than ``rtol``, a dense SVD closes it.
+    padding duplicates input elements.
+
+    *Inertia certificate.*  When the structural interval stays wider than
+    ``rtol``, the upper bound is tested directly at ``t = lower (1 + rtol/2)``
+    (then ``lower (1 + 0.9 rtol)``): ``||W||^2 <= t`` exactly when
+    ``t I - G`` is positive semi-definite, ``G`` the smaller of ``W^H W``
+    and ``W W^H`` (Sylvester's law of inertia).  A sparse LU factorisation of
+    ``t I - G`` with a symmetric fill-reducing ordering and no pivoting
+    (SuperLU) gives ``L U``; if every pivot ``d_i`` is positive,
+    ``S = L D L^H`` is positive semi-definite and
+    ``t I - G = S + L (U - D L^H) - E`` with the LU's backward error
+    ``|E| <= gamma_n |L| |U|``, so ``||W||^2 <= t + ||L (U - D L^H)|| +
+    gamma_n || |L| |U| ||`` plus the rounding of ``G``; those norms are
+    bounded by ``sqrt(||B||_1 ||B||_inf)`` of non-negative matrices, from
+    products with vectors.  It needs the explicit matrix, a Gram matrix of at
+    most ``2**23`` stored entries, and in three or more dimensions at most
+    4096 rows (the factorisation's cost grows with its separators).  When
+    the explicit matrix is small (``rows * columns <= 4e6``) and the
+    interval is still wider than ``rtol``, a dense SVD closes it.
 
     *Lower bound.*  For any vector ``v``, ``||W v|| / ||v|| <= ||W||``.  The
     vector is the Ritz vector of restarted Lanczos iterations on ``W^H W``
@@ -690,6 +687,12 @@ def norm_bounds(op, *, rtol=1e-2, maxiter=None) -> NormBounds:
         more_lower, _, _ = _bounds.lower_bound(structure, last, upper / (1 + rtol),
                                                maxiter - spent)
         lower = max(lower, more_lower)
+    for widening in (0.5, 0.9):  # a certificate just above the lower bound, by inertia
+        if upper <= lower * (1 + rtol):
+            break
+        certified = _bounds.inertia_upper(structure, (lower * (1 + widening * rtol)) ** 2)
+        if certified is not None:
+            upper = min(upper, certified)
     if upper > lower * (1 + rtol):
         dense = _bounds.dense_interval(structure)
         if dense is not None:
@@ -698,7 +701,8 @@ def norm_bounds(op, *, rtol=1e-2, maxiter=None) -> NormBounds:
     if bounds.gap > rtol:
         mode = structure.geometry.padding_mode
         why = (f"the upper bound of {mode!r} padding carries the padding map's norm "
-               f"{structure.padding_norm:.3g}"
+               f"{structure.padding_norm:.3g}, and the matrix is too large for the "
+               "inertia certificate"
                if mode in ("reflect", "replicate")
                else f"raise maxiter (spent {maxiter})")
         warnings.warn(
