@@ -611,8 +611,9 @@ def norm_bounds(op, *, rtol=1e-2, maxiter=None) -> NormBounds:
     padding duplicates input elements.
 
     *Inertia certificate.*  When the structural interval stays wider than
-    ``rtol``, the upper bound is tested directly at ``t = lower (1 + rtol/2)``
-    (then ``lower (1 + 0.9 rtol)``): ``||W||^2 <= t`` exactly when
+    ``rtol``, the upper bound is tested directly at ``t = (lower (1 + c
+    rtol))^2``, with ``c = 0.1``, then 0.5 and 0.9 while it fails:
+    ``||W||^2 <= t`` exactly when
     ``t I - G`` is positive semi-definite, ``G`` the smaller of ``W^H W``
     and ``W W^H`` (Sylvester's law of inertia).  A sparse LU factorisation of
     ``t I - G`` with a symmetric fill-reducing ordering and no pivoting
@@ -624,9 +625,9 @@ def norm_bounds(op, *, rtol=1e-2, maxiter=None) -> NormBounds:
     bounded by ``sqrt(||B||_1 ||B||_inf)`` of non-negative matrices, from
     products with vectors.  It needs the explicit matrix, a Gram matrix of at
     most ``2**23`` stored entries, and in three or more dimensions at most
-    4096 rows (the factorisation's cost grows with its separators).  When
-    the explicit matrix is small (``rows * columns <= 4e6``) and the
-    interval is still wider than ``rtol``, a dense SVD closes it.
+    4096 rows (the factorisation's cost grows with its separators).  If the
+    interval is still open and the explicit matrix is small (``rows *
+    columns <= 4e6``), a dense SVD closes it to rounding.
 
     *Lower bound.*  For any vector ``v``, ``||W v|| / ||v|| <= ||W||``.  The
     vector is the Ritz vector of restarted Lanczos iterations on ``W^H W``
@@ -687,13 +688,15 @@ def norm_bounds(op, *, rtol=1e-2, maxiter=None) -> NormBounds:
         more_lower, _, _ = _bounds.lower_bound(structure, last, upper / (1 + rtol),
                                                maxiter - spent)
         lower = max(lower, more_lower)
-    for widening in (0.5, 0.9):  # a certificate just above the lower bound, by inertia
+    # A certificate just above the lower bound, by inertia: Lanczos has run to
+    # its stall, so the lower bound is usually close, and the first try holds.
+    for widening in (0.1, 0.5, 0.9):
         if upper <= lower * (1 + rtol):
             break
         certified = _bounds.inertia_upper(structure, (lower * (1 + widening * rtol)) ** 2)
         if certified is not None:
             upper = min(upper, certified)
-    if upper > lower * (1 + rtol):
+    if upper > lower * (1 + rtol):  # a small matrix: exact, by a dense SVD
         dense = _bounds.dense_interval(structure)
         if dense is not None:
             lower, upper = max(lower, dense.lower), min(upper, dense.upper)
