@@ -679,7 +679,10 @@ def norm_bounds(op, *, rtol=1e-2, maxiter=None) -> NormBounds:
     upper = up.value + up.margin
     start = _bounds.start_vector(structure, up)
     lower, spent, last = _bounds.lower_bound(structure, start, upper / (1 + rtol), maxiter)
-    for index in range(1, _bounds.EXTRA_GRIDS + 1):  # other grids, while the gap is open
+    # Other grids, while the gap is open; they differ by a fraction of a percent,
+    # so they cannot make up for the padding map's norm (reflect, replicate).
+    extra_grids = _bounds.EXTRA_GRIDS if structure.padding_norm <= 1 + rtol else 0
+    for index in range(1, extra_grids + 1):
         if upper <= lower * (1 + rtol):
             break
         more = _bounds.upper_bound(structure, index)
