@@ -3,7 +3,10 @@
 ``conv_matrix`` builds the CSR matrix W of an N-d, multi-channel convolution
 (PyTorch semantics); convolution is ``W @ x`` and transposed convolution
 ``W.T @ y``.  ``ConvOperator`` and ``ConvTransposeOperator`` serve both as
-``scipy.sparse.linalg.LinearOperator`` objects with threaded products.
+``scipy.sparse.linalg.LinearOperator`` objects with threaded products;
+``save_operator`` / ``load_operator`` keep one in a file that
+``scipy.sparse.load_npz`` also reads, and ``to_torch`` / ``from_torch_sparse``
+exchange matrices with PyTorch.
 
 Submodules: :mod:`sparse_tconv.direct` (direct convolution kernels),
 :mod:`sparse_tconv.spectral` (singular values, certified norm bounds, Gram
@@ -26,9 +29,10 @@ from ._geometry import (
     conv_transpose_matrix_nnz,
     conv_transpose_output_shape,
 )
+from ._io import load_operator, save_operator
 from ._operator import ConvOperator, ConvTransposeOperator, ProductFormInfo
 from ._parallel import get_num_threads, set_num_threads
-from ._torch import from_torch, to_torch
+from ._torch import from_torch, from_torch_sparse, to_torch
 from ._version import __version__ as __version__
 
 __all__ = [
@@ -46,4 +50,7 @@ __all__ = [
     "set_num_threads",
     "from_torch",
     "to_torch",
+    "from_torch_sparse",
+    "save_operator",
+    "load_operator",
 ]

@@ -379,11 +379,17 @@ def conv_matrix(
 
     Parameters
     ----------
-    weight : array_like, shape (C_out, C_in // groups, k_1, ..., k_N)
+    weight : array_like, shape (C_out, C_in // groups, k_1, ..., k_N) or (k_1, ..., k_N)
         PyTorch's Conv layout; N >= 1 spatial dimensions.  Real or complex;
-        integer weights are converted to float64.  Not modified.
+        integer weights are converted to float64.  Not modified.  A weight
+        with as many dimensions as ``input_shape`` is a single-channel kernel:
+        ``(k_1, ..., k_N)`` on ``(L_1, ..., L_N)`` means ``weight[None, None]``
+        on ``(1, L_1, ..., L_N)`` (``groups`` must be 1).  This is never
+        ambiguous, since a multi-channel weight has one more dimension than
+        its input.
     input_shape : sequence of int
-        One sample, ``(C_in, L_1, ..., L_N)`` (no batch axis).
+        One sample, ``(C_in, L_1, ..., L_N)`` (no batch axis), or
+        ``(L_1, ..., L_N)`` with a single-channel weight.
     stride, dilation : int or sequence of N ints, optional
         Positive.  Default 1.
     padding : int, sequence, 'valid' or 'same', optional
@@ -460,6 +466,12 @@ def conv_matrix(
     >>> (W @ X.ravel()).reshape(2, 2)
     array([[27., 37.],
            [57., 67.]])
+
+    A single-channel kernel may be given without its channel axes, and the
+    input shape without its channel:
+
+    >>> (conv_matrix(K, (3, 3)) != W).nnz
+    0
     """
     return _validated_build(
         weight,
@@ -499,11 +511,15 @@ def conv_transpose_matrix(
 
     Parameters
     ----------
-    weight : array_like, shape (C_in, C_out // groups, k_1, ..., k_N)
+    weight : array_like, shape (C_in, C_out // groups, k_1, ..., k_N) or (k_1, ..., k_N)
         PyTorch's ConvTranspose layout, which is the Conv layout of the
-        forward convolution being transposed.  Not modified.
+        forward convolution being transposed.  Not modified.  A single-channel
+        kernel ``(k_1, ..., k_N)`` with ``input_shape`` ``(O_1, ..., O_N)``
+        means ``weight[None, None]`` on ``(1, O_1, ..., O_N)``, as for
+        :func:`conv_matrix`.
     input_shape : sequence of int
-        One sample of the transposed convolution's input, ``(C_in, O_1, ..., O_N)``.
+        One sample of the transposed convolution's input, ``(C_in, O_1, ..., O_N)``,
+        or ``(O_1, ..., O_N)`` with a single-channel weight.
     stride, padding, dilation, groups, padding_mode, dtype, max_bytes
         As for :func:`conv_matrix`, describing the forward convolution.
         Beyond PyTorch, ``(before, after)`` padding pairs and the non-zero
@@ -558,6 +574,11 @@ def conv_transpose_matrix(
            [0., 0., 2., 3.],
            [0., 2., 0., 3.],
            [4., 6., 6., 9.]])
+
+    The same without the channel axes (a single-channel kernel):
+
+    >>> (conv_transpose_matrix(K, (2, 2), stride=2) != M).nnz
+    0
     """
     return _validated_build(
         weight,

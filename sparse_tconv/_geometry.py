@@ -9,6 +9,7 @@ input.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import math
@@ -22,6 +23,7 @@ from ._validation import (
     as_weight,
     check_padding_mode,
     check_positive_int,
+    is_int,
     normalize_padding,
     normalize_shape,
     normalize_tuple,
@@ -32,6 +34,7 @@ __all__ = [
     "ConvMatrixSize",
     "conv_geometry",
     "conv_transpose_geometry",
+    "expand_single_channel",
     "validate",
     "conv_output_shape",
     "conv_transpose_output_shape",
@@ -65,13 +68,67 @@ def _resolve_padding(padding, kernel, stride, dilation):
     return padding
 
 
+def _length(value) -> int | None:
+    """``len(value)`` of a sequence (not a string), else None (reported later, by its check)."""
+    if isinstance(value, (str, bytes)):
+        return None
+    try:
+        return len(value)
+    except TypeError:
+        return None
+
+
+def expand_single_channel(weight_shape, input_shape, groups=1):
+    """The shapes with the single-channel spelling expanded, and whether it was used.
+
+    A weight ``(k_1, ..., k_N)`` with an input ``(L_1, ..., L_N)`` (as many
+    dimensions) is the one-channel convolution of weight
+    ``(1, 1, k_1, ..., k_N)`` on input ``(1, L_1, ..., L_N)``.  This reads no
+    valid call differently: otherwise an N-d weight has N + 2 dimensions and
+    its input N + 1.  Returns ``(weight_shape, input_shape, expanded)``; the
+    shapes are returned unchanged (and not checked) when the rule does not
+    apply.
+
+    Raises
+    ------
+    ValueError
+        For the single-channel spelling with ``groups`` other than 1.
+    """
+    n = _length(weight_shape)
+    if not n or n != _length(input_shape):
+        return weight_shape, input_shape, False
+    if is_int(groups) and groups != 1:
+        raise ValueError(
+            f"a single-channel weight (as many dimensions as input_shape: "
+            f"weight.shape={tuple(weight_shape)}, input_shape={tuple(input_shape)}) "
+            f"needs groups=1, got groups={groups}"
+        )
+    return (1, 1, *weight_shape), (1, *input_shape), True
+
+
+@contextlib.contextmanager
+def _single_channel_note(expanded: bool, weight_shape, input_shape):
+    """Say how a single-channel spelling was read when the expanded geometry is refused."""
+    try:
+        yield
+    except ValueError as exc:
+        if not expanded:
+            raise
+        raise ValueError(
+            f"{exc} (single-channel weight: weight.shape={tuple(weight_shape)} on "
+            f"input_shape={tuple(input_shape)} is read as weight.shape="
+            f"{(1, 1, *weight_shape)} on input_shape={(1, *input_shape)})"
+        ) from None
+
+
 def _check_weight_and_groups(weight_shape, groups, channels: str):
     """The weight shape and groups; ``weight.shape[0]`` counts the ``channels`` channels."""
     shape = tuple(weight_shape)
     if len(shape) < 3:
         raise ValueError(
             "weight must have at least 3 dimensions (out_channels, in_channels // groups, "
-            f"*kernel_size), got weight.shape={shape}"
+            "*kernel_size), or as many as input_shape for a single-channel kernel, got "
+            f"weight.shape={shape}"
         )
     shape = normalize_shape(shape, "weight.shape")
     groups = check_positive_int(groups, "groups")
@@ -233,7 +290,19 @@ def _check_sizes_and_modes(L, k, s, d, pairs, mode, shape_name, shape):
             )
 
 
-def conv_geometry(
+def conv_geometry(weight_shape, input_shape, *, groups=1, **settings) -> ConvGeometry:
+    """Validate the arguments of a forward convolution and normalise them.
+
+    The keywords are those of :func:`conv_matrix` (``stride``, ``padding``,
+    ``dilation``, ``groups``, ``padding_mode``); a single-channel spelling is
+    expanded first (see :func:`expand_single_channel`).
+    """
+    wshape, ishape, expanded = expand_single_channel(weight_shape, input_shape, groups)
+    with _single_channel_note(expanded, weight_shape, input_shape):
+        return _conv_geometry(wshape, ishape, groups=groups, **settings)
+
+
+def _conv_geometry(
     weight_shape,
     input_shape,
     *,
@@ -243,7 +312,6 @@ def conv_geometry(
     groups=1,
     padding_mode="zeros",
 ) -> ConvGeometry:
-    """Validate the arguments of a forward convolution and normalise them."""
     wshape, groups = _check_weight_and_groups(weight_shape, groups, "output")
     ndim = len(wshape) - 2
     c_out, cpg = wshape[0], wshape[1]
@@ -278,7 +346,22 @@ def conv_geometry(
     )
 
 
-def conv_transpose_geometry(
+def conv_transpose_geometry(weight_shape, input_shape, *, groups=1, **settings) -> ConvGeometry:
+    """Validate the arguments of a transposed convolution.
+
+    ``weight_shape`` is PyTorch's ConvTranspose layout
+    ``(C_in, C_out // groups, *k)``, which is the Conv layout of the forward
+    convolution it transposes, or a single-channel ``k`` (see
+    :func:`expand_single_channel`).  The keywords are those of
+    :func:`conv_transpose_matrix`.  Returns that forward convolution's
+    geometry.
+    """
+    wshape, ishape, expanded = expand_single_channel(weight_shape, input_shape, groups)
+    with _single_channel_note(expanded, weight_shape, input_shape):
+        return _conv_transpose_geometry(wshape, ishape, groups=groups, **settings)
+
+
+def _conv_transpose_geometry(
     weight_shape,
     input_shape,
     *,
@@ -289,12 +372,6 @@ def conv_transpose_geometry(
     groups=1,
     padding_mode="zeros",
 ) -> ConvGeometry:
-    """Validate the arguments of a transposed convolution.
-
-    ``weight_shape`` is PyTorch's ConvTranspose layout
-    ``(C_in, C_out // groups, *k)``, which is the Conv layout of the forward
-    convolution it transposes.  Returns that forward convolution's geometry.
-    """
     wshape, groups = _check_weight_and_groups(weight_shape, groups, "input")
     ndim = len(wshape) - 2
     c_in_t, opg = wshape[0], wshape[1]
@@ -351,11 +428,16 @@ def validate(weight, input_shape, *, transposed: bool, dtype=None, **settings):
     """The private weight copy and the geometry, every argument checked.
 
     ``transposed=True`` reads the arguments of a transposed convolution
-    (PyTorch's ConvTranspose layout and ``output_padding``).
+    (PyTorch's ConvTranspose layout and ``output_padding``).  A single-channel
+    weight ``(k_1, ..., k_N)`` on ``input_shape`` ``(L_1, ..., L_N)`` comes
+    back as ``(1, 1, k_1, ..., k_N)`` (see :func:`expand_single_channel`).
     """
     w = as_weight(weight, dtype)
     make = conv_transpose_geometry if transposed else conv_geometry
-    return w, make(w.shape, input_shape, **settings)
+    geom = make(w.shape, input_shape, **settings)
+    if w.ndim != geom.ndim + 2:  # the single-channel spelling: a view, read-only too
+        w = w.reshape(geom.weight_shape)
+    return w, geom
 
 
 # ---------------------------------------------------------------------------
@@ -373,14 +455,17 @@ def conv_output_shape(
     input_shape : sequence of int
         One sample, ``(C_in, L_1, ..., L_N)``.
     weight_shape : sequence of int
-        ``(C_out, C_in // groups, k_1, ..., k_N)``.
+        ``(C_out, C_in // groups, k_1, ..., k_N)``, or a single-channel
+        ``(k_1, ..., k_N)`` with ``input_shape`` ``(L_1, ..., L_N)`` (see
+        :func:`conv_matrix`).
     stride, padding, dilation, groups
         As for :func:`conv_matrix`.
 
     Returns
     -------
     tuple of int
-        ``(C_out, O_1, ..., O_N)``.
+        ``(C_out, O_1, ..., O_N)``; ``(1, O_1, ..., O_N)`` for a
+        single-channel kernel.
 
     Raises
     ------
@@ -397,6 +482,8 @@ def conv_output_shape(
     --------
     >>> conv_output_shape((10, 16, 16), (20, 10, 5, 5), stride=3, padding=2)
     (20, 6, 6)
+    >>> conv_output_shape((16, 16), (5, 5), stride=3, padding=2)  # single channel
+    (1, 6, 6)
     """
     geom = conv_geometry(
         weight_shape, input_shape, stride=stride, padding=padding, dilation=dilation, groups=groups
@@ -414,7 +501,9 @@ def conv_transpose_output_shape(
     input_shape : sequence of int
         One sample, ``(C_in, O_1, ..., O_N)``.
     weight_shape : sequence of int
-        PyTorch's ConvTranspose layout ``(C_in, C_out // groups, k_1, ..., k_N)``.
+        PyTorch's ConvTranspose layout ``(C_in, C_out // groups, k_1, ..., k_N)``,
+        or a single-channel ``(k_1, ..., k_N)`` with ``input_shape``
+        ``(O_1, ..., O_N)`` (the result is then ``(1, L_1, ..., L_N)``).
     stride, padding, output_padding, dilation, groups
         As for :func:`conv_transpose_matrix`.
 
@@ -507,9 +596,11 @@ def conv_matrix_nnz(
     Parameters
     ----------
     weight_shape : sequence of int
-        ``(C_out, C_in // groups, k_1, ..., k_N)``.
+        ``(C_out, C_in // groups, k_1, ..., k_N)``, or a single-channel
+        ``(k_1, ..., k_N)`` (see :func:`conv_matrix`).
     input_shape : sequence of int
-        ``(C_in, L_1, ..., L_N)``.
+        ``(C_in, L_1, ..., L_N)``, or ``(L_1, ..., L_N)`` with a
+        single-channel kernel.
     stride, padding, dilation, groups, padding_mode
         As for :func:`conv_matrix`.
     dtype : dtype, optional

@@ -1,4 +1,4 @@
-"""PyTorch interoperability: convolution layers in, sparse CSR tensors out.
+"""PyTorch interoperability: convolution layers in, sparse CSR tensors out and back.
 
 PyTorch is an optional dependency (``pip install sparse-tconv[torch]``).  It
 is imported inside the functions of this module, never at import time, so
@@ -11,11 +11,12 @@ import math
 import warnings
 
 import numpy as np
+import scipy.sparse as sp
 
 from ._operator import ConvOperator, ConvTransposeOperator, _ConvOperatorBase
 from ._validation import check_bool, check_int, is_int, is_sparse, normalize_shape
 
-__all__ = ["from_torch", "to_torch"]
+__all__ = ["from_torch", "to_torch", "from_torch_sparse"]
 
 
 def _import_torch(function: str):
@@ -583,7 +584,65 @@ def _tensor(torch, array: np.ndarray):
         return torch.from_numpy(array)
 
 
-def to_torch(matrix, *, index_dtype=None, copy=False):
+# numpy dtypes for the values of a tensor (torch's own dtypes are taken as they are)
+_VALUE_DTYPES = ("float16", "float32", "float64", "complex64", "complex128")
+
+
+def _value_dtype(torch, dtype):
+    """The torch dtype asked for by ``dtype=`` (None: keep the matrix's)."""
+    if dtype is None:
+        return None
+    if isinstance(dtype, torch.dtype):
+        if not (dtype.is_floating_point or dtype.is_complex):
+            raise TypeError(f"dtype must be a floating or complex dtype, got dtype={dtype}")
+        return dtype
+    try:
+        name = np.dtype(dtype).name
+    except TypeError:
+        name = None
+    if name not in _VALUE_DTYPES:
+        raise TypeError(
+            f"dtype must be a torch floating or complex dtype or one of {_VALUE_DTYPES}, "
+            f"got dtype={dtype!r}"
+        )
+    return getattr(torch, name)
+
+
+def _device(torch, device):
+    """``torch.device(device)``, or None; an unknown name is a ValueError naming it."""
+    if device is None:
+        return None
+    try:
+        where = torch.device(device)
+    except (RuntimeError, TypeError) as exc:
+        raise ValueError(
+            f"device must be a torch.device or a device string such as 'cpu' or 'cuda:0', "
+            f"got device={device!r} ({str(exc).splitlines()[0].rstrip(' -:')})"
+        ) from None
+    if where.type == "meta":
+        raise ValueError("device='meta' holds no values; a matrix needs a real device")
+    return where
+
+
+def _convert(torch, tensors, values, dtype, device):
+    """``(crow, col, values)`` in the asked dtype and on the asked device."""
+    if dtype is not None and dtype != values.dtype:
+        if values.dtype.is_complex and not dtype.is_complex:
+            raise TypeError(
+                f"cannot use dtype={dtype} for a complex matrix (dtype {values.dtype}): "
+                "the imaginary part would be discarded"
+            )
+        values = values.to(dtype)
+    tensors = (*tensors, values)
+    if device is None or device == values.device:
+        return tensors
+    try:
+        return tuple(t.to(device) for t in tensors)
+    except (RuntimeError, AssertionError) as exc:  # torch asserts a CUDA build
+        raise ValueError(f"cannot place the tensor on device={device!s}: {exc}") from None
+
+
+def to_torch(matrix, *, dtype=None, device=None, index_dtype=None, copy=False):
     """A scipy sparse matrix or a convolution operator as a ``torch.sparse_csr_tensor``.
 
     Parameters
@@ -597,6 +656,13 @@ def to_torch(matrix, *, index_dtype=None, copy=False):
         Dtype of the tensor's ``crow_indices`` and ``col_indices`` (numpy or
         torch dtypes).  Default ``None``: that of the matrix (the library
         builds int32 indices whenever they fit).
+    dtype : torch or numpy dtype, optional
+        Dtype of the tensor's values, a floating or complex one (e.g.
+        ``torch.float32``, ``np.float32``, ``torch.bfloat16``).  Default
+        ``None``: that of the matrix.  A complex matrix cannot be made real.
+    device : torch.device or str, optional
+        Where the tensor lives, e.g. ``'cpu'`` or ``'cuda:0'``.  Default
+        ``None``: the CPU.
     copy : bool, optional
         ``True``: the tensor gets arrays of its own.  Default ``False``:
         it shares them whenever it can (see Notes).
@@ -604,10 +670,11 @@ def to_torch(matrix, *, index_dtype=None, copy=False):
     Returns
     -------
     torch.Tensor
-        A CPU tensor with layout ``torch.sparse_csr``, the matrix's shape,
-        dtype and stored entries (explicit zeros included), so
-        ``to_torch(op) @ x == op @ x`` for a torch vector or matrix ``x`` of
-        the same dtype.
+        A tensor with layout ``torch.sparse_csr``, the matrix's shape and
+        stored entries (explicit zeros included), in the matrix's dtype
+        unless ``dtype`` is given, so ``to_torch(op) @ x == op @ x`` for a
+        torch vector or matrix ``x`` of the same dtype.  See
+        :func:`from_torch_sparse` for the way back.
 
     Raises
     ------
@@ -617,14 +684,18 @@ def to_torch(matrix, *, index_dtype=None, copy=False):
         If ``matrix`` is neither a scipy sparse matrix/array nor a
         :class:`ConvOperator`/:class:`ConvTransposeOperator` (a dense array,
         another ``LinearOperator``), or if its dtype has no torch equivalent.
+        Also for a ``dtype`` that is not a floating or complex dtype, or a
+        real ``dtype`` for a complex matrix.
     ValueError
         For a sparse array that is not 2-d, an invalid ``index_dtype``, or
-        int32 for a matrix too large for it.
+        int32 for a matrix too large for it; a ``device`` torch does not know
+        or cannot use here (e.g. ``'cuda'`` without a CUDA build).
 
     Notes
     -----
-    Unless ``copy=True``, copies are made only where needed.  The tensor
-    **shares memory** with ``data``, ``indices`` and ``indptr`` of a CSR
+    Unless ``copy=True``, copies are made only where needed.  A tensor on the
+    CPU in the matrix's dtype **shares memory** with ``data``, ``indices`` and
+    ``indptr`` of a CSR
     matrix in canonical format (sorted column indices, no duplicates), which
     is what every matrix of this library is: nothing is copied, and writing
     to the values of one writes to the other.  An operator's matrix is
@@ -641,7 +712,9 @@ def to_torch(matrix, *, index_dtype=None, copy=False):
     - of the index arrays, when ``index_dtype`` differs from theirs (or when
       ``indptr`` and ``indices`` differ in dtype: both become the wider);
     - of any array that is non-contiguous or not in native byte order
-      (torch cannot share it), or read-only in a scipy matrix you pass.
+      (torch cannot share it), or read-only in a scipy matrix you pass;
+    - of the values, in another ``dtype``; of everything, onto another
+      ``device``.
 
     A scipy matrix is checked against torch's CSR invariants (indices in
     range, sorted and distinct per row), which costs about one product; an
@@ -671,8 +744,11 @@ def to_torch(matrix, *, index_dtype=None, copy=False):
     torch.int64
     >>> to_torch(op, copy=True).values().data_ptr() == op.matrix.data.ctypes.data
     False
+    >>> to_torch(op, dtype=torch.float64, device="cpu").dtype
+    torch.float64
     """
     torch = _import_torch("to_torch")
+    value_dtype, where = _value_dtype(torch, dtype), _device(torch, device)
     if isinstance(matrix, _ConvOperatorBase):
         csr = matrix.matrix
         check = False  # valid by construction
@@ -710,8 +786,132 @@ def to_torch(matrix, *, index_dtype=None, copy=False):
             f"the matrix's dtype {csr.data.dtype} has no torch equivalent; convert it first, "
             "e.g. matrix.astype(np.float64)"
         ) from None
+    crow, col, values = _convert(torch, (crow, col), values, value_dtype, where)
     with warnings.catch_warnings():
         # "Sparse CSR tensor support is in beta state", warned once per process.
         warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta state")
         return torch.sparse_csr_tensor(crow, col, values, size=csr.shape,
                                        check_invariants=check)
+
+
+# ---------------------------------------------------------------------------
+# from_torch_sparse
+# ---------------------------------------------------------------------------
+
+# torch value dtypes numpy lacks, widened exactly
+_WIDENED = {"bfloat16": "float32", "float16": "float32", "complex32": "complex64"}
+
+
+def _sparse_layout(torch, tensor):
+    """The layout of a 2-d CSR or COO tensor; the errors name what was given."""
+    if not isinstance(tensor, torch.Tensor):
+        kind = type(tensor)
+        raise TypeError(
+            "tensor must be a torch sparse tensor (layout torch.sparse_csr or torch.sparse_coo), "
+            f"got an object of type {kind.__module__}.{kind.__qualname__}"
+        )
+    layout = tensor.layout
+    if layout == torch.strided:
+        raise TypeError(
+            "tensor must be a sparse tensor (layout torch.sparse_csr or torch.sparse_coo), got "
+            f"a dense tensor (layout torch.strided, shape {tuple(tensor.shape)}); "
+            "scipy.sparse.csr_array(tensor.numpy()) converts a dense one"
+        )
+    if layout not in (torch.sparse_csr, torch.sparse_coo):
+        raise TypeError(
+            f"tensor must have layout torch.sparse_csr or torch.sparse_coo, got layout {layout}; "
+            "convert it first with tensor.to_sparse_csr()"
+        )
+    if tensor.dim() != 2 or tensor.dense_dim() != 0:
+        raise ValueError(
+            f"tensor must be a 2-d sparse matrix, got shape {tuple(tensor.shape)} with "
+            f"{tensor.sparse_dim()} sparse and {tensor.dense_dim()} dense dimensions "
+            f"(layout {layout})"
+        )
+    if tensor.is_meta:
+        raise ValueError("tensor is on the 'meta' device and holds no values")
+    return layout
+
+
+def _values(torch, tensor) -> np.ndarray:
+    name = str(tensor.dtype).removeprefix("torch.")
+    if name in _WIDENED:
+        tensor = tensor.to(getattr(torch, _WIDENED[name]))
+    try:
+        return tensor.numpy()
+    except TypeError:
+        raise TypeError(f"the tensor's dtype {tensor.dtype} has no numpy equivalent") from None
+
+
+def from_torch_sparse(tensor, *, copy=False):
+    """A torch sparse CSR or COO matrix as a :class:`scipy.sparse.csr_array`.
+
+    The way back from :func:`to_torch`.
+
+    Parameters
+    ----------
+    tensor : torch.Tensor
+        A 2-d tensor with layout ``torch.sparse_csr`` (int32 or int64
+        indices) or ``torch.sparse_coo`` (coalesced first, which sums
+        duplicates), on any device (copied to the CPU).  Not modified; its
+        gradient, if any, is not followed.
+    copy : bool, optional
+        ``True``: the result gets arrays of its own.  Default ``False``: on
+        the CPU it shares the tensor's arrays where it can (see Notes).
+
+    Returns
+    -------
+    scipy.sparse.csr_array
+        The same shape and stored entries (explicit zeros included).  Values
+        keep their dtype, except the ones numpy lacks, widened exactly:
+        bfloat16 and float16 to float32, complex32 to complex64.
+
+    Raises
+    ------
+    ImportError
+        If PyTorch is not installed.
+    TypeError
+        If ``tensor`` is not a torch tensor, is dense (``torch.strided``) or
+        has another sparse layout (CSC, BSR, BSC), or its dtype has no numpy
+        equivalent.
+    ValueError
+        If it is not 2-d (a batch, or values with dense dimensions) or is on
+        the ``'meta'`` device.
+
+    Notes
+    -----
+    Unless ``copy=True``, a CSR tensor on the CPU shares its values and index
+    arrays with the result (writing to one writes to the other), except where
+    scipy converts the indices to another dtype (it may narrow int64 indices
+    that fit in int32).  A COO tensor's row indices become row pointers, so
+    only its values and column indices can be shared.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> import torch
+    >>> from sparse_tconv import conv_matrix, from_torch_sparse, to_torch
+    >>> W = conv_matrix(np.arange(6.0).reshape(1, 2, 3), (2, 5), padding=1)
+    >>> back = from_torch_sparse(to_torch(W))
+    >>> type(back).__name__, back.shape, back.dtype, (back != W).nnz
+    ('csr_array', (5, 10), dtype('float64'), 0)
+    >>> (from_torch_sparse(to_torch(W).to_sparse_coo()) != W).nnz
+    0
+    """
+    torch = _import_torch("from_torch_sparse")
+    layout = _sparse_layout(torch, tensor)
+    copy = check_bool(copy, "copy")
+    t = tensor.detach()
+    if t.device.type != "cpu":
+        t = t.cpu()
+    shape = tuple(int(n) for n in t.shape)
+    if layout == torch.sparse_csr:
+        indptr, indices = t.crow_indices().numpy(), t.col_indices().numpy()
+        return sp.csr_array((_values(torch, t.values()), indices, indptr), shape=shape, copy=copy)
+    t = t.coalesce()  # sorted by (row, column), no duplicates
+    rows, indices = t.indices().numpy()
+    indptr = np.zeros(shape[0] + 1, dtype=np.int64)
+    np.cumsum(np.bincount(rows, minlength=shape[0]), out=indptr[1:])
+    matrix = sp.csr_array((_values(torch, t.values()), indices, indptr), shape=shape, copy=copy)
+    matrix.has_canonical_format = True  # coalesced: sorted, distinct per row
+    return matrix

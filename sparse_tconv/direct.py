@@ -68,8 +68,14 @@ def _prepare(x, weight, name: str, transposed: bool, geometry: dict):
     if x.dtype != np.bool_ and not np.issubdtype(x.dtype, np.number):
         raise TypeError(f"{name} must be a numeric array, got {name}.dtype={x.dtype}")
     n = np.ndim(weight) - 2
-    if n < 1:  # let the shared validation report the bad weight
-        validate(weight, x.shape, transposed=transposed, **geometry)
+    if n < 1:
+        # Not the builders' single-channel spelling: with batches allowed, a
+        # kernel with as many dimensions as x would be ambiguous here.
+        raise ValueError(
+            "weight must have at least 3 dimensions (out_channels, in_channels // groups, "
+            f"*kernel_size) for the direct kernels, got weight.shape={np.shape(weight)}; "
+            "for one channel pass weight[None, None] and x[None] (a batch: x[:, None])"
+        )
     if x.ndim not in (n + 1, n + 2):
         raise ValueError(
             f"{name} must be one sample (channels, *spatial) or a batch "

@@ -5,13 +5,21 @@ import json
 import re
 import subprocess
 import sys
+import zipfile
 
 import numpy as np
 import pytest
 import scipy.io
 import scipy.sparse as sp
 
-from sparse_tconv import conv_matrix, conv_matrix_nnz, conv_transpose_matrix
+from sparse_tconv import (
+    ConvOperator,
+    ConvTransposeOperator,
+    conv_matrix,
+    conv_matrix_nnz,
+    conv_transpose_matrix,
+    load_operator,
+)
 from sparse_tconv.tools.cli import main
 
 
@@ -89,8 +97,24 @@ def test_matrix_saves_the_matrix_it_reports(tmp_path, capsys, suffix):
     assert saved.shape == expected.shape
     np.testing.assert_array_equal(sp.csr_array(saved).toarray(), expected.toarray())
     out = capsys.readouterr().out
-    assert f"nnz {expected.nnz:,}" in out.splitlines()[0]  # predicted before building
-    assert out.splitlines()[0].startswith("predicted:")
+    lines = out.splitlines()
+    assert f"nnz {expected.nnz:,}" in lines[0]  # predicted before building
+    assert lines[0].startswith("predicted:")
+    # The geometry as the operator takes it: 'same' resolved to PyTorch's (1, 1) per dimension.
+    assert lines[1] == ("geometry:  ConvOperator, input (2, 7, 6) -> output (3, 7, 6), weight "
+                        "(3, 2, 3, 3), stride (1, 1), padding ((1, 1), (1, 1)), dilation (1, 1), "
+                        "groups 1, padding_mode 'reflect'")
+    assert [line.split(":")[0] for line in lines] == [
+        "predicted", "geometry", "weight", "built", "writing", "saved"]
+    assert lines[4].startswith(f"writing:   {path} (") and lines[4].endswith("uncompressed) ...")
+    if suffix == ".npz":
+        op = load_operator(path)  # the geometry travels with the matrix
+        assert isinstance(op, ConvOperator) and op.padding_mode == "reflect"
+        np.testing.assert_array_equal(op.weight, weight)
+        assert (op.matrix != expected).nnz == 0
+        assert "load_operator() rebuilds the operator" in lines[5]
+    else:
+        assert "(.mtx has no geometry)" in lines[5]
 
 
 def test_matrix_transposed_with_output_padding(tmp_path):
@@ -103,6 +127,10 @@ def test_matrix_transposed_with_output_padding(tmp_path):
     saved = sp.load_npz(path)
     assert saved.dtype == np.float32
     np.testing.assert_array_equal(saved.toarray(), expected.toarray())
+    op = load_operator(path)
+    assert isinstance(op, ConvTransposeOperator)
+    assert op.output_padding == (1, 1) and op.stride == (2, 2) and op.input_shape == (4, 5, 5)
+    assert (op.matrix != expected).nnz == 0 and op.dtype == np.float32
 
 
 def test_crossover_quick_writes_the_map(tmp_path, capsys):
@@ -157,6 +185,16 @@ def test_crossover_skips_matrices_over_the_budget(tmp_path):
          r"--save: the folder of '/no/such/W.npz' does not exist"),
         (["matrix", "--weight-shape", "2,1,3", "--input-shape", "1,9", "--output-padding", "0,1"],
          r"--output-padding applies to --transposed"),
+        (["matrix", "--weight-shape", "2,1,3", "--input-shape", "1,9", "--save", "W.mtx",
+          "--compress"], r"--compress applies to --save FILE\.npz only"),
+        (["matrix", "--weight-shape", "2,1,3", "--input-shape", "1,9", "--weight-key", "a"],
+         r"--weight-key applies to a torch \.pt/\.pth --weight file only"),
+        (["matrix", "--weight", "W.txt", "--input-shape", "1,9"],
+         r"--weight must be a \.npy, \.pt or \.pth file, got 'W\.txt'"),
+        (["matrix", "--weight", "/no/such/w.npy", "--input-shape", "1,9"],
+         r"--weight: '/no/such/w\.npy' does not exist or is not a file"),
+        (["matrix", "--weight-shape", "3,3", "--input-shape", "9,9", "--groups", "3"],
+         r"single-channel weight .* needs groups=1, got groups=3"),
     ],
 )
 def test_user_errors_are_one_line_with_exit_2(capsys, args, message):
@@ -176,7 +214,10 @@ def test_max_bytes_refuses_before_building(capsys):
 
 
 @pytest.mark.parametrize("args", [[], ["frobnicate"], ["matrix"], ["bench", "--repeat", "-1"],
-                                  ["bench", "--batch", "0"], ["crossover", "--max-nnz", "x"]])
+                                  ["bench", "--batch", "0"], ["crossover", "--max-nnz", "x"],
+                                  ["matrix", "--input-shape", "1,9"],
+                                  ["matrix", "--weight-shape", "2,1,3", "--weight", "w.npy",
+                                   "--input-shape", "1,9"]])
 def test_argparse_errors_exit_2(capsys, args):
     with pytest.raises(SystemExit) as exc:
         main(args)
@@ -367,3 +408,143 @@ def test_solve_quick_writes_its_figures(tmp_path):
     assert all(row["vs_dense"] <= 1e-8 and row["fft_residual"] <= 1e-12
                for row in report["exactness"])
     assert all(r["residual"] <= 1e-6 or not r["converged"] for r in report["results"])
+
+
+# --- matrix --weight: a trained layer's weight from a file -----------------------------------
+
+
+def _matrix_lines(capsys):
+    return capsys.readouterr().out.splitlines()
+
+
+def test_matrix_weight_from_npy_keeps_its_dtype(tmp_path, capsys):
+    weight = np.random.default_rng(5).standard_normal((4, 3, 3, 2)).astype(np.float32)
+    np.save(tmp_path / "w.npy", weight)
+    path = tmp_path / "W.npz"
+    assert main(["matrix", "--weight", str(tmp_path / "w.npy"), "--input-shape", "3,8,7",
+                 "--stride", "2", "--padding", "0:1,1:0", "--save", str(path)]) == 0
+    expected = conv_matrix(weight, (3, 8, 7), stride=2, padding=((0, 1), (1, 0)))
+    saved = sp.load_npz(path)
+    assert saved.dtype == np.float32
+    np.testing.assert_array_equal(saved.toarray(), expected.toarray())
+    op = load_operator(path)
+    np.testing.assert_array_equal(op.weight, weight)
+    assert op.padding == ((0, 1), (1, 0)) and op.stride == (2, 2)
+    lines = _matrix_lines(capsys)
+    assert "float32 values" in lines[0]
+    assert lines[2] == f"weight:    (4, 3, 3, 2), float32, from {tmp_path / 'w.npy'}"
+    # --dtype converts it.
+    assert main(["matrix", "--weight", str(tmp_path / "w.npy"), "--input-shape", "3,8,7",
+                 "--dtype", "complex128", "--save", str(tmp_path / "Wc.npz")]) == 0
+    saved = sp.load_npz(tmp_path / "Wc.npz")
+    assert saved.dtype == np.complex128
+    np.testing.assert_array_equal(saved.toarray(), conv_matrix(weight.astype(np.complex128),
+                                                               (3, 8, 7)).toarray())
+
+
+def test_matrix_single_channel_weight(tmp_path, capsys):
+    kernel = np.arange(9.0).reshape(3, 3)
+    np.save(tmp_path / "k.npy", kernel)
+    assert main(["matrix", "--weight", str(tmp_path / "k.npy"), "--input-shape", "7,6",
+                 "--padding", "1", "--save", str(tmp_path / "K.npz")]) == 0
+    expected = conv_matrix(kernel[None, None], (1, 7, 6), padding=1)
+    np.testing.assert_array_equal(sp.load_npz(tmp_path / "K.npz").toarray(), expected.toarray())
+    assert "input (1, 7, 6) -> output (1, 7, 6), weight (1, 1, 3, 3)" in _matrix_lines(capsys)[1]
+
+
+def test_matrix_weight_from_torch_files(tmp_path, capsys):
+    torch = pytest.importorskip("torch")
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3, padding=1), torch.nn.ReLU(),
+                                torch.nn.Conv1d(4, 2, 5))
+    torch.save(model.state_dict(), tmp_path / "model.pt")
+    torch.save({"state_dict": model.state_dict(), "epoch": 3}, tmp_path / "ckpt.pth")
+    torch.save(model[0].weight.detach().to(torch.bfloat16), tmp_path / "w.pt")
+    w0 = model[0].weight.detach().numpy()
+    args = ["--input-shape", "3,9,8", "--padding", "1"]
+    # A state dict's entry, by its key; and the same in a nested checkpoint.
+    for file, key in (("model.pt", "0.weight"), ("ckpt.pth", "state_dict.0.weight")):
+        out = tmp_path / f"{file}.npz"
+        assert main(["matrix", "--weight", str(tmp_path / file), "--weight-key", key, *args,
+                     "--save", str(out)]) == 0
+        saved = sp.load_npz(out)
+        assert saved.dtype == np.float32
+        np.testing.assert_array_equal(saved.toarray(),
+                                      conv_matrix(w0, (3, 9, 8), padding=1).toarray())
+        x = torch.randn(1, 3, 9, 8)
+        np.testing.assert_allclose(saved @ x.numpy().ravel(),
+                                   (model[0](x) - model[0].bias[:, None, None]).detach().numpy()
+                                   .ravel(), rtol=1e-4, atol=1e-5)
+    # A bare tensor, in bfloat16: widened exactly to float32.
+    assert main(["matrix", "--weight", str(tmp_path / "w.pt"), *args,
+                 "--save", str(tmp_path / "bf.npz")]) == 0
+    expected = conv_matrix(model[0].weight.detach().to(torch.bfloat16).float().numpy(),
+                           (3, 9, 8), padding=1)
+    np.testing.assert_array_equal(sp.load_npz(tmp_path / "bf.npz").toarray(), expected.toarray())
+    capsys.readouterr()
+
+
+@pytest.fixture
+def weight_files(tmp_path):
+    torch = pytest.importorskip("torch")
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.Conv2d(4, 2, 1))
+    torch.save(model.state_dict(), tmp_path / "model.pt")
+    torch.save([torch.ones(3)], tmp_path / "list.pt")
+    np.save(tmp_path / "w.npy", np.ones((4, 3, 3, 3)))
+    (tmp_path / "fake.pt").write_bytes((tmp_path / "w.npy").read_bytes())
+    np.save(tmp_path / "obj.npy", np.array([{"a": 1}], dtype=object), allow_pickle=True)
+    np.save(tmp_path / "short.npy", np.ones((4, 3)))
+    np.save(tmp_path / "text.npy", np.array(["a", "b", "c"]))
+    return tmp_path
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--weight", "model.pt"],
+     r"--weight '.*model\.pt' holds a state dict: name the entry with --weight-key: "
+     r"0\.weight \(4, 3, 3, 3\), 1\.weight \(2, 4, 1, 1\)$"),
+    (["--weight", "model.pt", "--weight-key", "2.weight"],
+     r"--weight-key '2\.weight' is not in '.*model\.pt'; its candidates: 0\.weight \(4, 3, 3, 3\)"),
+    (["--weight", "model.pt", "--weight-key", "0.bias"],
+     r"a weight has shape \(out_channels, .*got shape \(4,\)"),
+    (["--weight", "list.pt"], r"holds a list, not a tensor or a state dict"),
+    (["--weight", "fake.pt"],
+     r"torch\.load\(weights_only=True\) cannot read it \(.*\); it reads tensors and state dicts"),
+    (["--weight", "obj.npy"], r"--weight '.*obj\.npy': not a numeric \.npy array"),
+    (["--weight", "short.npy"], r"got shape \(4, 3\)"),
+    (["--weight", "text.npy"], r"a weight must be numeric, got dtype <U1"),
+    (["--weight", "w.npy", "--input-shape", "2,9,9"], r"input_shape\[0\]=2 channels do not match"),
+])
+def test_matrix_weight_file_errors_name_the_option(weight_files, capsys, args, message):
+    args = [a if not a.endswith((".pt", ".npy")) else str(weight_files / a) for a in args]
+    if "--input-shape" not in args:
+        args += ["--input-shape", "3,9,9"]
+    assert main(["matrix", *args]) == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and len(err.strip().splitlines()) == 1
+    assert re.search(message, err.strip()), err
+
+
+def test_matrix_weight_pt_without_torch(tmp_path, capsys, monkeypatch):
+    (tmp_path / "w.pt").write_bytes(b"anything")
+    monkeypatch.setitem(sys.modules, "torch", None)  # import torch -> ImportError
+    assert main(["matrix", "--weight", str(tmp_path / "w.pt"), "--input-shape", "3,9,9"]) == 2
+    assert re.search(r"--weight '.*w\.pt': reading a \.pt/\.pth file needs PyTorch "
+                     r"\(pip install 'sparse-tconv\[torch\]'\)", capsys.readouterr().err)
+
+
+@pytest.mark.parametrize("flags, kind", [([], zipfile.ZIP_STORED),
+                                         (["--compress"], zipfile.ZIP_DEFLATED)])
+def test_matrix_compress_is_opt_in(tmp_path, capsys, flags, kind):
+    path = tmp_path / "W.npz"
+    assert main(["matrix", "--weight-shape", "4,2,3,3", "--input-shape", "2,9,9",
+                 "--save", str(path), *flags]) == 0
+    with zipfile.ZipFile(path) as archive:
+        assert {info.compress_type for info in archive.infolist()} == {kind}
+    weight = np.random.default_rng(0).standard_normal((4, 2, 3, 3))
+    np.testing.assert_array_equal(sp.load_npz(path).toarray(),
+                                  conv_matrix(weight, (2, 9, 9)).toarray())
+    lines = _matrix_lines(capsys)
+    how = "compressed" if flags else "uncompressed"
+    assert re.fullmatch(rf"writing:   {re.escape(str(path))} \(.* of arrays, {how}\) \.\.\.",
+                        lines[-2])
+    assert re.match(rf"saved:     {re.escape(str(path))} \(.*\) in \d+\.\d s, ", lines[-1])

@@ -22,7 +22,8 @@ X2D = (2, 8, 8)
 
 @pytest.mark.parametrize("kwargs, error, match", [
     (dict(weight=np.ones((3, 3))), ValueError,
-     r"weight must have at least 3 dimensions.*weight\.shape=\(3, 3\)"),
+     r"weight must have at least 3 dimensions.*or as many as input_shape for a single-channel "
+     r"kernel, got weight\.shape=\(3, 3\)"),
     (dict(input_shape=(2, 8)), ValueError,
      r"input_shape must be \(channels, \*spatial\) with 2 spatial dimensions"
      r".*input_shape=\(2, 8\)"),

@@ -1,4 +1,4 @@
-"""from_torch / to_torch: PyTorch layers in, sparse CSR tensors out."""
+"""from_torch / to_torch / from_torch_sparse: PyTorch layers in, sparse tensors out and back."""
 
 from __future__ import annotations
 
@@ -16,7 +16,13 @@ import pytest
 import scipy.sparse as sp
 from scipy.sparse.linalg import aslinearoperator
 
-from sparse_tconv import ConvOperator, ConvTransposeOperator, from_torch, to_torch
+from sparse_tconv import (
+    ConvOperator,
+    ConvTransposeOperator,
+    from_torch,
+    from_torch_sparse,
+    to_torch,
+)
 
 from reference import tolerance
 
@@ -730,6 +736,185 @@ def test_to_torch_dtype_without_torch_equivalent():
         to_torch(matrix)
 
 
+@pytest.mark.parametrize("dtype, expected", [
+    (torch.float32, torch.float32), (np.float32, torch.float32), ("float32", torch.float32),
+    (torch.float64, torch.float64), (torch.bfloat16, torch.bfloat16),
+    (np.complex64, torch.complex64), (torch.complex128, torch.complex128),
+])
+def test_to_torch_dtype(dtype, expected):
+    matrix = _random_csr(8)
+    t = to_torch(matrix, dtype=dtype)
+    assert t.dtype == expected and t.layout == torch.sparse_csr
+    # The values are those of the matrix rounded once to the dtype (torch's own cast).
+    expected_values = torch.from_numpy(matrix.data).to(expected)
+    assert torch.equal(t.values(), expected_values)
+    # Only the values are converted: the index arrays are still shared.
+    assert t.col_indices().data_ptr() == matrix.indices.ctypes.data
+    assert (t.values().data_ptr() == matrix.data.ctypes.data) == (expected == torch.float64)
+
+
+def test_to_torch_device_cpu_shares_and_products_agree():
+    rng = np.random.default_rng(9)
+    op = ConvOperator(rng.standard_normal((4, 3, 3, 3)), (3, 9, 8), stride=(1, 2), padding=1)
+    for device in ("cpu", torch.device("cpu")):
+        t = to_torch(op, device=device)
+        assert t.device == torch.device("cpu")
+        assert t.values().data_ptr() == op.matrix.data.ctypes.data
+    X = rng.standard_normal((op.shape[1], 5))
+    _check(torch.sparse.mm(t, torch.from_numpy(X)).numpy(), op @ X, np.float64)
+    t32 = to_torch(op, dtype=torch.float32, device="cpu")
+    _check(torch.sparse.mm(t32, torch.from_numpy(X.astype(np.float32))).numpy(), op @ X,
+           np.float32)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
+def test_to_torch_and_back_on_cuda():
+    rng = np.random.default_rng(10)
+    op = ConvOperator(rng.standard_normal((4, 3, 3, 3)), (3, 9, 8), padding=1)
+    t = to_torch(op, device="cuda", dtype=torch.float32)
+    assert t.device.type == "cuda" and t.layout == torch.sparse_csr
+    x = rng.standard_normal(op.shape[1]).astype(np.float32)
+    _check((t @ torch.from_numpy(x).cuda()).cpu().numpy(), op @ x, np.float32)
+    back = from_torch_sparse(t)
+    np.testing.assert_array_equal(back.indptr, op.matrix.indptr)
+    np.testing.assert_array_equal(back.indices, op.matrix.indices)
+    np.testing.assert_array_equal(back.data, op.matrix.data.astype(np.float32))
+
+
+def test_to_torch_dtype_and_device_errors():
+    matrix = _random_csr(11)
+    with pytest.raises(TypeError, match=r"dtype must be a floating or complex dtype, "
+                                        r"got dtype=torch\.int32"):
+        to_torch(matrix, dtype=torch.int32)
+    with pytest.raises(TypeError, match=r"dtype must be a torch floating or complex dtype or one "
+                                        r"of .*got dtype='int64'"):
+        to_torch(matrix, dtype="int64")
+    with pytest.raises(TypeError, match=r"got dtype='bogus'"):
+        to_torch(matrix, dtype="bogus")
+    with pytest.raises(TypeError, match=r"cannot use dtype=torch\.float64 for a complex matrix"):
+        to_torch(matrix.astype(np.complex128), dtype=torch.float64)
+    with pytest.raises(ValueError, match=r"device must be a torch\.device or a device string "
+                                         r"such as 'cpu' or 'cuda:0', got device='gpu' "
+                                         r"\(Expected one of"):
+        to_torch(matrix, device="gpu")
+    with pytest.raises(ValueError, match=r"got device=2\.5"):
+        to_torch(matrix, device=2.5)
+    with pytest.raises(ValueError, match=r"device='meta' holds no values"):
+        to_torch(matrix, device="meta")
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="CUDA is available here")
+def test_to_torch_unavailable_device_is_named():
+    with pytest.raises(ValueError, match=r"cannot place the tensor on device=cuda: "
+                                         r".*not compiled with CUDA"):
+        to_torch(_random_csr(12), device="cuda")
+
+
+# ---------------------------------------------------------------------------
+# from_torch_sparse
+# ---------------------------------------------------------------------------
+
+
+def _assert_same_csr(a, b):
+    assert isinstance(a, sp.csr_array) and a.shape == b.shape and a.dtype == b.dtype
+    np.testing.assert_array_equal(a.indptr, b.indptr)
+    np.testing.assert_array_equal(a.indices, b.indices)
+    np.testing.assert_array_equal(a.data, b.data)
+
+
+@pytest.mark.parametrize("index_dtype", [np.int32, np.int64])
+@pytest.mark.parametrize("dtype", [np.float32, np.float64, np.complex64, np.complex128])
+def test_from_torch_sparse_round_trip_is_exact(dtype, index_dtype):
+    matrix = _random_csr(13, dtype)
+    matrix.data[::5] = 0  # explicit zeros survive too
+    back = from_torch_sparse(to_torch(matrix, index_dtype=index_dtype))
+    assert back.indices.dtype == index_dtype
+    _assert_same_csr(back, matrix)
+    # COO (coalesced by torch's own rule) gives the same canonical CSR.
+    coo = to_torch(matrix).to_sparse_coo()
+    _assert_same_csr(from_torch_sparse(coo), matrix)
+
+
+def test_from_torch_sparse_coo_sums_duplicates():
+    rows, cols = np.array([2, 0, 2, 1, 0]), np.array([1, 3, 1, 0, 0])
+    values = np.array([1.0, 2.0, 3.0, 4.0, 5.0])
+    tensor = torch.sparse_coo_tensor(torch.from_numpy(np.stack([rows, cols])),
+                                     torch.from_numpy(values), size=(3, 4), check_invariants=True)
+    assert not tensor.is_coalesced()
+    expected = sp.coo_array((values, (rows, cols)), shape=(3, 4)).tocsr()  # scipy sums them
+    expected.sum_duplicates()
+    got = from_torch_sparse(tensor)
+    np.testing.assert_array_equal(got.indptr, expected.indptr)
+    np.testing.assert_array_equal(got.indices, expected.indices)
+    np.testing.assert_array_equal(got.data, expected.data)
+    assert got.has_canonical_format
+    assert not tensor.is_coalesced()  # the argument is not modified
+    empty = from_torch_sparse(torch.sparse_coo_tensor(torch.zeros((2, 0), dtype=torch.long),
+                                                      torch.zeros(0), size=(3, 2),
+                                                      check_invariants=True))
+    assert empty.shape == (3, 2) and empty.nnz == 0
+
+
+def test_from_torch_sparse_of_an_operator_and_a_product():
+    rng = np.random.default_rng(14)
+    op = ConvTransposeOperator(rng.standard_normal((4, 2, 3, 3)), (4, 5, 5), stride=2,
+                               output_padding=1)
+    t = to_torch(op)
+    _assert_same_csr(from_torch_sparse(t), op.matrix)
+    # A matrix torch computed itself: the product of two sparse tensors.
+    square = torch.sparse.mm(t.to_sparse_coo().t(), t.to_sparse_coo())
+    gram = op.matrix.T @ op.matrix
+    np.testing.assert_allclose(from_torch_sparse(square).toarray(), gram.toarray(),
+                               rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("dtype, expected", [(torch.bfloat16, np.float32),
+                                             (torch.float16, np.float32),
+                                             (torch.int64, np.int64), (torch.bool, np.bool_)])
+def test_from_torch_sparse_dtypes(dtype, expected):
+    dense = torch.tensor([[0.0, 1.5, 0.0], [-2.0, 0.0, 3.0]]).to(dtype)
+    got = from_torch_sparse(dense.to_sparse_csr())
+    assert got.dtype == expected
+    np.testing.assert_array_equal(got.toarray(), dense.to(torch.float64).numpy().astype(expected))
+
+
+def test_from_torch_sparse_shares_unless_copy():
+    tensor = to_torch(_random_csr(15))
+    shared, own = from_torch_sparse(tensor), from_torch_sparse(tensor, copy=True)
+    assert shared.data.ctypes.data == tensor.values().data_ptr()
+    assert shared.indices.ctypes.data == tensor.col_indices().data_ptr()
+    assert own.data.ctypes.data != tensor.values().data_ptr()
+    _assert_same_csr(own, shared)
+    with pytest.raises(TypeError, match=r"copy must be a bool, got copy=1"):
+        from_torch_sparse(tensor, copy=1)
+    # A tensor that requires grad is read without its graph.
+    leaf = to_torch(_random_csr(16)).detach().requires_grad_(True)
+    _assert_same_csr(from_torch_sparse(leaf), _random_csr(16))
+
+
+def test_from_torch_sparse_errors():
+    dense = torch.eye(3)
+    with pytest.raises(TypeError, match=r"got a dense tensor \(layout torch\.strided, "
+                                        r"shape \(3, 3\)\)"):
+        from_torch_sparse(dense)
+    for layout in ("csc", "bsr"):
+        tensor = (dense.to_sparse_csc() if layout == "csc" else dense.to_sparse_bsr((1, 1)))
+        with pytest.raises(TypeError, match=rf"got layout torch\.sparse_{layout}; convert it "
+                                            r"first with tensor\.to_sparse_csr\(\)"):
+            from_torch_sparse(tensor)
+    with pytest.raises(TypeError, match=r"torch sparse tensor .*got an object of type "
+                                        r".*csr_array"):
+        from_torch_sparse(_random_csr(17))
+    batch = torch.stack([dense, dense]).to_sparse_csr()
+    with pytest.raises(ValueError, match=r"2-d sparse matrix, got shape \(2, 3, 3\)"):
+        from_torch_sparse(batch)
+    hybrid = torch.ones(3, 4, 2).to_sparse(2)
+    with pytest.raises(ValueError, match=r"2 sparse and 1 dense dimensions"):
+        from_torch_sparse(hybrid)
+    with pytest.raises(ValueError, match=r"'meta' device"):
+        from_torch_sparse(dense.to_sparse_csr().to("meta"))
+
+
 # ---------------------------------------------------------------------------
 # torch is optional
 # ---------------------------------------------------------------------------
@@ -741,6 +926,8 @@ def test_without_torch(monkeypatch):
         from_torch(object(), (1, 5))
     with pytest.raises(ImportError, match=r"pip install sparse-tconv\[torch\]"):
         to_torch(_random_csr())
+    with pytest.raises(ImportError, match=r"from_torch_sparse needs PyTorch"):
+        from_torch_sparse(object())
 
 
 def test_import_does_not_import_torch():

@@ -1,7 +1,8 @@
 """The ``sparse-tconv`` command (also ``python -m sparse_tconv``).
 
 ``bench`` compares the CSR product with direct kernels and peers, ``matrix``
-builds (and saves) W for a geometry given on the command line, ``crossover``
+builds (and saves) W for a geometry given on the command line, with random
+weights or a trained layer's weight read from a file, ``crossover``
 maps where each method is fastest, ``perf`` runs the performance figures of
 :mod:`sparse_tconv.tools.perf`.  User errors print one line and exit with 2.
 """
@@ -18,8 +19,10 @@ from pathlib import Path
 import numpy as np
 
 from .. import conv_matrix, conv_matrix_nnz, conv_transpose_matrix, conv_transpose_matrix_nnz
+from .._geometry import ConvGeometry, conv_geometry, conv_transpose_geometry, validate
+from .._io import write_npz
 from .._parallel import resolve_threads
-from .._validation import PADDING_MODES
+from .._validation import PADDING_MODES, as_weight
 from . import compare, perf
 from .configs import Config, select
 from .outputs import output_path_problem
@@ -117,13 +120,24 @@ def _padding(text: str):
     return _int_or_tuple(text, "--padding")
 
 
-def _add_geometry(parser: argparse.ArgumentParser, required: bool) -> None:
+def _add_geometry(parser: argparse.ArgumentParser, required: bool,
+                  weight_file: bool = False) -> None:
+    """The geometry options; ``weight_file``: ``--weight``, exclusive with ``--weight-shape``."""
     g = parser.add_argument_group("geometry (PyTorch's conventions)")
-    g.add_argument("--weight-shape", required=required, metavar="O,I,K...",
-                   help="weight shape, e.g. 64,3,7,7 (Conv layout; ConvTranspose layout "
-                        "with --transposed)")
+    weight = g.add_mutually_exclusive_group(required=required) if weight_file else g
+    weight.add_argument("--weight-shape", required=required and not weight_file,
+                        metavar="O,I,K...",
+                        help="weight shape, e.g. 64,3,7,7 (Conv layout; ConvTranspose layout "
+                             "with --transposed); K... alone for one channel in and out")
+    if weight_file:
+        weight.add_argument("--weight", metavar="PATH",
+                            help="the weight itself: a .npy file, or a torch .pt/.pth file "
+                                 "holding a tensor or a state dict (see --weight-key)")
+        g.add_argument("--weight-key", metavar="KEY",
+                       help="the state-dict entry of --weight, e.g. conv1.weight "
+                            "(nested dicts: keys joined by '.')")
     g.add_argument("--input-shape", required=required, metavar="C,L...",
-                   help="one input sample, e.g. 3,224,224")
+                   help="one input sample, e.g. 3,224,224 (L... alone with a K... weight)")
     g.add_argument("--stride", default="1", metavar="S[,S...]")
     g.add_argument("--padding", default="0",
                    help="P, P1,P2,..., before:after pairs (0:1,1:2), 'same' or 'valid'")
@@ -136,7 +150,8 @@ def _add_geometry(parser: argparse.ArgumentParser, required: bool) -> None:
                    help="transposed convolution only")
 
 
-def _geometry(args) -> Config:
+def _geometry(args, weight_shape: tuple[int, ...] | None = None) -> Config:
+    """The configuration of the command line; ``weight_shape`` replaces ``--weight-shape``."""
     kwargs = dict(
         stride=_int_or_tuple(args.stride, "--stride"),
         padding=_padding(args.padding),
@@ -148,7 +163,8 @@ def _geometry(args) -> Config:
         kwargs["output_padding"] = _int_or_tuple(args.output_padding, "--output-padding")
     elif any(_ints(args.output_padding, "--output-padding")):
         raise UsageError("--output-padding applies to --transposed convolutions only")
-    weight_shape = _ints(args.weight_shape, "--weight-shape")
+    if weight_shape is None:
+        weight_shape = _ints(args.weight_shape, "--weight-shape")
     input_shape = _ints(args.input_shape, "--input-shape")
     config = Config("cli", f"weight {weight_shape}, input {input_shape}", weight_shape,
                     input_shape, kwargs, transposed=args.transposed,
@@ -241,38 +257,188 @@ def _distributed_figures(args, threads, configs):
 
 # --- matrix ----------------------------------------------------------------------------------
 
+_WEIGHT_SUFFIXES = (".npy", ".pt", ".pth")
+
+
 def _matrix(args) -> int:
-    config = _geometry(args)
-    dtype = np.dtype(args.dtype)
+    _check_save_options(args)
+    weight = _read_weight(args.weight, args.weight_key, args.input_shape) if args.weight else None
+    config = _geometry(args, None if weight is None else weight.shape)
+    # The weight's own dtype unless --dtype (float64 for random weights), by the builders' rule.
+    dtype = as_weight(np.empty(0, "float64" if weight is None else weight.dtype), args.dtype).dtype
     size_of = conv_transpose_matrix_nnz if config.transposed else conv_matrix_nnz
     size = size_of(config.weight_shape, config.input_shape, dtype=dtype, **config.kwargs)
     print(f"predicted: shape {size.shape}, nnz {size.nnz:,}, {size.nbytes:,} bytes "
           f"({size.dtype} values, {size.index_dtype} indices)")
-    if args.save and Path(args.save).suffix not in (".npz", ".mtx"):
-        raise UsageError(f"--save must end in .npz or .mtx, got {args.save!r}")
+    make = conv_transpose_geometry if config.transposed else conv_geometry
+    geom = make(config.weight_shape, config.input_shape, **config.kwargs)
+    print(f"geometry:  {_describe(geom, config.transposed)}")
     _output_path(args.save, "--save", force=args.force)
-    weight = np.random.default_rng(args.seed).standard_normal(config.weight_shape).astype(dtype)
+    if weight is None:
+        weight = np.random.default_rng(args.seed).standard_normal(config.weight_shape).astype(dtype)
+        print(f"weight:    {config.weight_shape}, random normal (--seed {args.seed})")
+    else:
+        entry = f"[{args.weight_key!r}]" if args.weight_key else ""
+        print(f"weight:    {weight.shape}, {weight.dtype}, from {args.weight}{entry}")
     builder = conv_transpose_matrix if config.transposed else conv_matrix
     start = time.perf_counter()
-    W = builder(weight, config.input_shape, max_bytes=args.max_bytes, **config.kwargs)
+    W = builder(weight, config.input_shape, dtype=dtype, max_bytes=args.max_bytes, **config.kwargs)
     seconds = time.perf_counter() - start
     nbytes = W.data.nbytes + W.indices.nbytes + W.indptr.nbytes
     print(f"built:     shape {W.shape}, nnz {W.nnz:,}, {nbytes:,} bytes in {seconds*1e3:.1f} ms "
           f"({seconds / max(W.nnz, 1) * 1e9:.2f} ns per entry)")
     if args.save:
-        _save(W, args.save)
-        print(f"saved:     {args.save}")
+        _save(W, args.save, weight, config, dtype, compress=args.compress)
     return 0
 
 
-def _save(W, path: str) -> None:
-    import scipy.io
-    import scipy.sparse as sp
+def _check_save_options(args) -> None:
+    if args.save and Path(args.save).suffix not in (".npz", ".mtx"):
+        raise UsageError(f"--save must end in .npz or .mtx, got {args.save!r}")
+    if args.compress and not (args.save and args.save.endswith(".npz")):
+        raise UsageError("--compress applies to --save FILE.npz only")
+    if args.weight_key is not None and not (
+            args.weight and Path(args.weight).suffix.lower() in (".pt", ".pth")):
+        raise UsageError("--weight-key applies to a torch .pt/.pth --weight file only")
 
+
+def _describe(geom: ConvGeometry, transposed: bool) -> str:
+    """The operator's arguments, as load_operator rebuilds them from a saved .npz."""
+    shapes = (geom.output_shape, geom.input_shape) if transposed else (
+        geom.input_shape, geom.output_shape)
+    text = (f"{'ConvTransposeOperator' if transposed else 'ConvOperator'}, input {shapes[0]} "
+            f"-> output {shapes[1]}, weight {geom.weight_shape}, stride {geom.stride}, "
+            f"padding {geom.padding}, dilation {geom.dilation}, groups {geom.groups}, "
+            f"padding_mode {geom.padding_mode!r}")
+    if transposed:
+        text += f", output_padding {geom.output_padding}"
+    return text
+
+
+def _read_weight(path: str, key: str | None, input_shape: str) -> np.ndarray:
+    """The weight of ``--weight PATH`` (and ``--weight-key``), checked before any build."""
+    suffix = Path(path).suffix.lower()
+    if suffix not in _WEIGHT_SUFFIXES:
+        raise UsageError(f"--weight must be a .npy, .pt or .pth file, got {path!r}")
+    if not Path(path).is_file():
+        raise UsageError(f"--weight: {path!r} does not exist or is not a file")
+    weight = _read_npy(path) if suffix == ".npy" else _read_torch(path, key)
+    if weight.dtype == np.bool_ or not np.issubdtype(weight.dtype, np.number):
+        raise UsageError(f"--weight {path!r}: a weight must be numeric, got dtype {weight.dtype}")
+    spatial = len(_ints(input_shape, "--input-shape"))
+    if weight.ndim < 3 and weight.ndim != spatial:
+        raise UsageError(
+            f"--weight {path!r}: a weight has shape (out_channels, in_channels // groups, "
+            f"*kernel_size), or (*kernel_size) alone for one channel in and out (as many "
+            f"dimensions as --input-shape), got shape {weight.shape}"
+        )
+    return weight
+
+
+def _read_npy(path: str) -> np.ndarray:
+    try:
+        value = np.load(path, allow_pickle=False)
+    except ValueError as exc:  # e.g. an object array, which would need pickle
+        raise UsageError(f"--weight {path!r}: not a numeric .npy array ({exc})") from None
+    if not isinstance(value, np.ndarray):
+        value.close()
+        raise UsageError(f"--weight {path!r} is an .npz archive, not a .npy array")
+    return value
+
+
+def _load_failure(exc: BaseException) -> str:
+    """The reason in torch.load's message: after 'WeightsUnpickler error:' if there is one."""
+    text = str(exc)
+    marker = "WeightsUnpickler error:"
+    if marker in text:
+        text = text.split(marker, 1)[1]
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    return lines[0] if lines else type(exc).__name__
+
+
+def _read_torch(path: str, key: str | None) -> np.ndarray:
+    try:
+        import torch
+    except ImportError:
+        raise UsageError(
+            f"--weight {path!r}: reading a .pt/.pth file needs PyTorch "
+            "(pip install 'sparse-tconv[torch]'); or save the weight with numpy.save as .npy"
+        ) from None
+    from .._validation import _as_array
+
+    try:  # weights_only: tensors and plain containers, never arbitrary objects
+        value = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # torch raises many kinds (pickle, zip, runtime) for a bad file
+        raise UsageError(
+            f"--weight {path!r}: torch.load(weights_only=True) cannot read it "
+            f"({_load_failure(exc)}); it reads tensors and state dicts, not pickled objects"
+        ) from None
+    if isinstance(value, torch.Tensor):
+        if key is not None:
+            raise UsageError(f"--weight-key {key!r}: {path!r} holds one tensor, not a state dict")
+        tensor = value
+    elif isinstance(value, dict):
+        tensors = _tensors(torch, value)
+        if key is None or key not in tensors:
+            raise UsageError(_key_problem(path, key, tensors))
+        tensor = tensors[key]
+    else:
+        raise UsageError(f"--weight {path!r} holds a {type(value).__name__}, not a tensor "
+                         "or a state dict")
+    if tensor.layout != torch.strided:
+        raise UsageError(f"--weight {path!r}: the weight is a {tensor.layout} tensor, not dense")
+    return _as_array(tensor)
+
+
+def _tensors(torch, mapping, prefix: str = "") -> dict:
+    """The tensors of a (nested) state dict, by their keys joined with '.'."""
+    found = {}
+    for name, value in mapping.items():
+        if isinstance(value, torch.Tensor):
+            found[f"{prefix}{name}"] = value
+        elif isinstance(value, dict):
+            found.update(_tensors(torch, value, f"{prefix}{name}."))
+    return found
+
+
+def _key_problem(path: str, key: str | None, tensors: dict) -> str:
+    """Which keys to give: the tensors that can be convolution weights (ndim >= 3) first."""
+    weights = [k for k, t in tensors.items() if t.dim() >= 3] or list(tensors)
+    shown = ", ".join(f"{k} {tuple(tensors[k].shape)}" for k in weights[:12])
+    if len(weights) > 12:
+        shown += f", ... ({len(weights) - 12} more)"
+    if not tensors:
+        return f"--weight {path!r} holds a dict with no tensors"
+    if key is None:
+        return f"--weight {path!r} holds a state dict: name the entry with --weight-key: {shown}"
+    return f"--weight-key {key!r} is not in {path!r}; its candidates: {shown}"
+
+
+def _human(nbytes: int) -> str:
+    for unit, scale in (("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
+        if nbytes >= scale:
+            return f"{nbytes / scale:.1f} {unit}"
+    return f"{nbytes} bytes"
+
+
+def _save(W, path: str, weight, config: Config, dtype, *, compress: bool) -> None:
+    """Write W (with its geometry and weight for .npz), saying so before and after."""
+    import scipy.io
+
+    nbytes = W.data.nbytes + W.indices.nbytes + W.indptr.nbytes
+    how = "compressed" if compress else "uncompressed"
+    print(f"writing:   {path} ({_human(nbytes)} of arrays, {how}) ...", flush=True)
+    start = time.perf_counter()
     if path.endswith(".npz"):
-        sp.save_npz(path, W)
+        w, geom = validate(weight, config.input_shape, transposed=config.transposed, dtype=dtype,
+                           **config.kwargs)
+        write_npz(path, W, geom, w, transposed=config.transposed, compress=compress)
+        note = "with its geometry: sparse_tconv.load_operator() rebuilds the operator"
     else:
         scipy.io.mmwrite(path, W)
+        note = "the matrix only (.mtx has no geometry)"
+    seconds = time.perf_counter() - start
+    print(f"saved:     {path} ({_human(os.path.getsize(path))}) in {seconds:.1f} s, {note}")
 
 
 # --- crossover -------------------------------------------------------------------------------
@@ -326,14 +492,21 @@ def _parser() -> argparse.ArgumentParser:
     _add_geometry(bench, required=False)
 
     matrix = sub.add_parser("matrix", help="build W for a geometry, optionally save it")
-    _add_geometry(matrix, required=True)
-    matrix.add_argument("--dtype", default="float64",
-                        choices=["float32", "float64", "complex64", "complex128"])
+    _add_geometry(matrix, required=True, weight_file=True)
+    matrix.add_argument("--dtype", default=None,
+                        choices=["float32", "float64", "complex64", "complex128"],
+                        help="value dtype (default: that of --weight; float64 for random "
+                             "weights)")
     matrix.add_argument("--seed", type=_non_negative_int, default=0,
-                        help="seed of the random weights")
+                        help="seed of the random weights (with --weight-shape)")
     matrix.add_argument("--max-bytes", type=_positive_int, default=None,
                         help="refuse to build a matrix larger than this")
-    matrix.add_argument("--save", metavar="PATH", help="write W as .npz (scipy) or .mtx")
+    matrix.add_argument("--save", metavar="PATH",
+                        help="write W as .npz (scipy.sparse.load_npz reads it; it also holds the "
+                             "geometry and weight, for sparse_tconv.load_operator) or as .mtx "
+                             "(Matrix Market: the matrix only, no geometry)")
+    matrix.add_argument("--compress", action="store_true",
+                        help="compress the .npz: often 10x smaller, about 4x slower to write")
     matrix.add_argument("--force", action="store_true", help="overwrite the --save file")
 
     cross = sub.add_parser("crossover", help="map where CSR, direct and FFT kernels win")
