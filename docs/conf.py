@@ -4,9 +4,16 @@ Build (CI runs exactly this, warnings are errors)::
 
     sphinx-build -W --keep-going -b html docs docs/_build/html
 
-Everything here works offline: no intersphinx, no remote images.
+Everything here works offline, when building and when reading: no
+intersphinx, no remote images, and the math renderer (MathJax, from the
+``sphinx-mathjax-offline`` package of the ``docs`` extra) is copied into the
+build's ``_static/mathjax`` instead of being loaded from a CDN.
+``python tests/test_docs.py --expect-math HTML_DIR`` checks a build for that
+(CI runs it).  No ``-j``: sphinx-mathjax-offline does not declare itself
+parallel-safe, which -W would turn into an error.
 """
 
+import inspect
 import os
 import re
 import sys
@@ -28,6 +35,8 @@ extensions = [
     "sphinx.ext.autodoc",
     "sphinx.ext.autosummary",
     "sphinx.ext.mathjax",
+    # MathJax 3's files, copied into _static/mathjax; sets mathjax_path to them.
+    "sphinx-mathjax-offline",
     "numpydoc",
     "matplotlib.sphinxext.plot_directive",
 ]
@@ -65,7 +74,13 @@ html_theme_options = {
     "navigation_with_keys": False,
     "show_toc_level": 2,
     "secondary_sidebar_items": ["page-toc"],
+    # Show the left "Section Navigation" only where a section has sub-pages
+    # (the API reference); on one-level pages it would be an empty column
+    # taking a quarter of the width from the text and the code.
+    "sidebar_includehidden": False,
 }
+html_static_path = ["_static"]
+html_css_files = ["layout.css"]
 html_show_sourcelink = False
 
 
@@ -91,5 +106,29 @@ def _check_api_page(app):
         )
 
 
+def _constructor_signature(app, what, name, obj, options, signature, return_annotation):
+    """The ``__init__`` signature of a LinearOperator subclass.
+
+    autodoc reads a class's signature from ``__new__`` before ``__init__``
+    whenever ``__new__`` is user-defined, and scipy's ``LinearOperator``
+    defines ``__new__(cls, *args, **kwargs)``: every operator page would show
+    ``(*args, **kwargs)``.  ``inspect.signature`` resolves the class as
+    Python does (the ``__init__`` of the subclass).
+    """
+    from scipy.sparse.linalg import LinearOperator
+
+    if what != "class" or not (isinstance(obj, type) and issubclass(obj, LinearOperator)):
+        return None
+    if obj.__init__ is LinearOperator.__init__:
+        return None
+    from sphinx.util.inspect import stringify_signature
+
+    sig = stringify_signature(
+        inspect.signature(obj), show_annotation=False, show_return_annotation=False
+    )
+    return sig, return_annotation
+
+
 def setup(app):
     app.connect("builder-inited", _check_api_page)
+    app.connect("autodoc-process-signature", _constructor_signature)

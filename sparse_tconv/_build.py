@@ -400,7 +400,12 @@ def conv_matrix(
     groups : int, optional
         Blocked connections; must divide ``C_in`` and ``C_out``.  Default 1.
     padding_mode : {'zeros', 'reflect', 'replicate', 'circular'}, optional
-        How the padded input is extended.  Default ``'zeros'``.
+        How the padded input is extended, as PyTorch does.  Default
+        ``'zeros'``.  In scipy's and numpy's names: ``'reflect'`` is
+        ``scipy.ndimage``'s ``'mirror'`` (numpy.pad's ``'reflect'``: the edge
+        is not repeated; ndimage's ``'reflect'`` repeats it), ``'replicate'``
+        is ndimage's ``'nearest'`` (numpy's ``'edge'``), ``'circular'`` is
+        ``'wrap'`` in both.
     dtype : dtype, optional
         float32, float64, complex64 or complex128.  Default: that of
         ``weight`` (float64 for integers).

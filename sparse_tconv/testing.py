@@ -11,6 +11,9 @@ the normal equations all silently converge to a wrong answer when it is not.
 from __future__ import annotations
 
 import numbers
+import operator
+from collections.abc import Callable
+from typing import Any, NamedTuple
 
 import numpy as np
 from scipy.sparse.linalg import LinearOperator, aslinearoperator
@@ -22,17 +25,66 @@ from ._validation import is_sparse
 __all__ = ["dottest", "assert_conv_matches_reference"]
 
 
-def _as_operator(op) -> LinearOperator:
-    if isinstance(op, LinearOperator):
-        return op
-    if is_sparse(op) or isinstance(op, np.ndarray):
+class _Products(NamedTuple):
+    """What the dot test needs of an operator: its shape, dtype and two products."""
+
+    shape: tuple[int, int]
+    dtype: np.dtype
+    matvec: Callable[[np.ndarray], Any]
+    rmatvec: Callable[[np.ndarray], Any]
+
+
+def _products(op) -> _Products:
+    """The shape, dtype and products of a LinearOperator, matrix or duck-typed operator."""
+    if isinstance(op, LinearOperator) or is_sparse(op) or isinstance(op, np.ndarray):
         if op.ndim != 2:
             raise ValueError(f"op must be 2-D, got an array with op.shape={op.shape}")
-        return aslinearoperator(op)
-    raise TypeError(
-        "op must be a scipy LinearOperator, a scipy sparse matrix or a 2-D numpy array, "
-        f"got op of type {type(op).__name__}"
-    )
+        A = aslinearoperator(op)
+        return _Products(A.shape, np.dtype(A.dtype), A.matvec, A.rmatvec)
+    # Any other operator (PyLops', a class of one's own) by what the test calls.
+    lacking = [
+        name for name in ("shape", "matvec", "rmatvec")
+        if not hasattr(op, name) or (name != "shape" and not callable(getattr(op, name)))
+    ]
+    if lacking:
+        raise TypeError(
+            "op must be a scipy LinearOperator, a scipy sparse matrix, a 2-D numpy array or "
+            "an object with shape and callable matvec and rmatvec (a PyLops operator, for "
+            f"one), got op of type {type(op).__name__}, lacking {', '.join(lacking)}"
+        )
+    shape = _operator_shape(op.shape)
+    # A dtype the operator states is used as it is; PyLops gives strings such as
+    # "float64".  Without one, the dtype of a product tells (as scipy infers it).
+    if getattr(op, "dtype", None) is not None:
+        try:
+            dtype = np.dtype(op.dtype)
+        except TypeError:
+            raise TypeError(f"op.dtype must be a numpy dtype, got op.dtype={op.dtype!r}") from None
+    else:
+        dtype = np.asarray(op.matvec(np.zeros(shape[1]))).dtype
+    return _Products(shape, dtype, op.matvec, op.rmatvec)
+
+
+def _operator_shape(shape) -> tuple[int, int]:
+    """``shape`` as a pair of non-negative ints, or a ValueError naming it."""
+    try:
+        pair = tuple(operator.index(d) for d in shape if not isinstance(d, (bool, np.bool_)))
+    except TypeError:  # not iterable, or not ints
+        pair = ()
+    if len(pair) != 2 or len(shape) != 2 or min(pair) < 0:
+        raise ValueError(f"op.shape must be a pair of non-negative ints, got op.shape={shape!r}")
+    return pair[0], pair[1]
+
+
+def _product(function, vector: np.ndarray, length: int, name: str, shape) -> np.ndarray:
+    """``function(vector)`` as a 1-D array, checked to have ``length`` entries."""
+    result = np.asarray(function(vector))
+    if result.size != length:
+        raise ValueError(
+            f"op.{name} returned an array of shape {result.shape} for an input of shape "
+            f"{vector.shape}; op.shape={shape} needs {length} values"
+        )
+    return result.ravel()
 
 
 def _random_vector(rng: np.random.Generator, size: int, dtype: np.dtype) -> np.ndarray:
@@ -48,9 +100,14 @@ def dottest(op, *, rtol=None, rng=None):
 
     Parameters
     ----------
-    op : LinearOperator, scipy sparse matrix or 2-D ndarray
+    op : LinearOperator, scipy sparse matrix, 2-D ndarray or operator-like
         The operator ``A`` of shape ``(m, n)``; its ``matvec`` and ``rmatvec``
-        (for a matrix: ``A @ u`` and ``A.conj().T @ v``) are compared.
+        (for a matrix: ``A @ u`` and ``A.conj().T @ v``) are compared.  Any
+        object with a ``shape`` ``(m, n)`` and methods ``matvec`` and
+        ``rmatvec`` that take and return 1-D arrays will do: a PyLops
+        operator, a class of your own.  Its ``dtype`` is used where it has
+        one (a numpy dtype or its name); otherwise the dtype of ``matvec``
+        applied to a float64 zero vector (one extra product).
     rtol : float, optional
         Relative tolerance, relative to the Cauchy-Schwarz bound of the two
         sides (see Notes).  Default ``100 * eps``, with ``eps`` the machine
@@ -74,10 +131,13 @@ def dottest(op, *, rtol=None, rng=None):
         If the identity does not hold within the tolerance; the message gives
         both sides, their difference and the tolerance.
     TypeError
-        If ``op`` is not an operator or matrix, ``rtol`` is not a real
-        number, or ``rng`` is not a seed or generator.
+        If ``op`` is not an operator or matrix (nor has ``shape``, ``matvec``
+        and ``rmatvec``), its ``dtype`` is not a numpy dtype, ``rtol`` is not
+        a real number, or ``rng`` is not a seed or generator.
     ValueError
-        If ``op`` is not 2-D, or ``rtol`` is not positive and finite.
+        If ``op`` is not 2-D (its ``shape`` is not two non-negative ints), a
+        product returns the wrong number of values, or ``rtol`` is not
+        positive and finite.
 
     See Also
     --------
@@ -113,6 +173,20 @@ def dottest(op, *, rtol=None, rng=None):
     >>> bool(np.isclose(lhs, rhs))
     True
 
+    Any object with ``shape``, ``matvec`` and ``rmatvec`` is tested the same
+    way, a PyLops operator or a plain class:
+
+    >>> class Scaled:  # x -> d * x; the adjoint multiplies by conj(d)
+    ...     def __init__(self, d):
+    ...         self.d, self.shape, self.dtype = d, (d.size, d.size), d.dtype
+    ...     def matvec(self, x):
+    ...         return self.d * x
+    ...     def rmatvec(self, y):
+    ...         return self.d.conj() * y
+    >>> lhs, rhs = dottest(Scaled(rng.standard_normal(6) + 1j * rng.standard_normal(6)))
+    >>> lhs.dtype
+    dtype('complex128')
+
     A wrong adjoint is caught:
 
     >>> from scipy.sparse.linalg import LinearOperator
@@ -124,7 +198,7 @@ def dottest(op, *, rtol=None, rng=None):
     ...
     AssertionError: dot test failed: <A u, v> = ... != <u, A^H v> = ...
     """
-    A = _as_operator(op)
+    A = _products(op)
     dtype = work_dtype(A.dtype)
     eps = float(np.finfo(dtype).eps)
     if rtol is None:
@@ -140,8 +214,8 @@ def dottest(op, *, rtol=None, rng=None):
     m, n = A.shape
     u = _random_vector(gen, n, dtype)
     v = _random_vector(gen, m, dtype)
-    Au = np.asarray(A.matvec(u)).ravel()
-    AHv = np.asarray(A.rmatvec(v)).ravel()
+    Au = _product(A.matvec, u, m, "matvec", A.shape)
+    AHv = _product(A.rmatvec, v, n, "rmatvec", A.shape)
     lhs = np.vdot(v, Au)
     rhs = np.vdot(AHv, u)
     scale = max(
@@ -226,7 +300,8 @@ def assert_conv_matches_reference(
     w, geom = validate(weight, input_shape, transposed=transpose, **geometry)
     gen = generator(rng)
     dtype = work_dtype(W.dtype)
-    samples = _random_vector(gen, batch * W.shape[1], dtype).reshape(batch, *input_shape)
+    sample_shape = geom.output_shape if transpose else geom.input_shape  # with its channel
+    samples = _random_vector(gen, batch * W.shape[1], dtype).reshape(batch, *sample_shape)
     got = (W @ samples.reshape(batch, -1).T).T
     if transpose:
         expected = direct.conv_transpose(samples, w, method="naive", **geometry)

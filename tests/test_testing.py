@@ -169,3 +169,109 @@ def test_reference_check_catches_a_wrong_entry(monkeypatch):
     weight = np.random.default_rng(0).standard_normal((2, 2, 3, 3))
     with pytest.raises(AssertionError, match=r"W @ x differs from the loop reference by"):
         assert_conv_matches_reference(weight, (2, 6, 6), padding=1)
+
+
+class _DenseOperator:
+    """A plain class (no scipy base) with matvec/rmatvec of a dense matrix; with
+    ``dtype=False`` it has no dtype attribute, so dottest must infer it."""
+
+    def __init__(self, A, adjoint=None, dtype=True):
+        self.A, self.shape = A, A.shape
+        self.adjoint = A.conj().T if adjoint is None else adjoint
+        if dtype:
+            self.dtype = A.dtype
+
+    def matvec(self, x):
+        return self.A @ x
+
+    def rmatvec(self, y):
+        return self.adjoint @ y
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("has_dtype", [True, False])
+def test_plain_class_passes(dtype, has_dtype):
+    A = random_array(np.random.default_rng(8), (9, 6), dtype)
+    lhs, rhs = dottest(_DenseOperator(A, dtype=has_dtype), rng=4)
+    # Without a dtype attribute the one of A @ (float64 zeros) is used: float64
+    # or complex128, whatever A's precision.
+    expected = np.dtype(dtype) if has_dtype else np.result_type(dtype, np.float64)
+    assert lhs.dtype == rhs.dtype == expected
+    # The same random vectors, the dense products: both sides recomputed.
+    gen = np.random.default_rng(4)
+    u, v = random_array(gen, 6, expected), random_array(gen, 9, expected)
+    rtol = 1e-4 if expected in (np.float32, np.complex64) else 1e-12
+    np.testing.assert_allclose(lhs, np.vdot(v, A @ u), rtol=rtol)
+    np.testing.assert_allclose(rhs, np.vdot(A.conj().T @ v, u), rtol=rtol)
+
+
+@pytest.mark.parametrize("dtype", [np.float64, np.complex128])
+def test_plain_class_with_a_wrong_adjoint_fails(dtype):
+    A = random_array(np.random.default_rng(9), (7, 5), dtype)
+    wrong = A.T.copy()  # the plain transpose: wrong when complex, so perturb it as well
+    wrong[1, 2] += 1.0
+    with pytest.raises(AssertionError, match="dot test failed"):
+        dottest(_DenseOperator(A, adjoint=wrong))
+
+
+def test_plain_class_dtype_by_name():
+    # PyLops states dtypes by name ("float32"); the name is read as the dtype.
+    A = random_array(np.random.default_rng(10), (4, 4), np.float32)
+    op = _DenseOperator(A)
+    op.dtype = "float32"
+    lhs, _ = dottest(op)
+    assert lhs.dtype == np.float32
+
+
+@pytest.mark.parametrize(
+    "change, error, match",
+    [
+        (dict(shape=(3,)), ValueError, r"op.shape must be a pair .*op.shape=\(3,\)"),
+        (dict(shape=(3, 2.0)), ValueError, r"op.shape=\(3, 2.0\)"),
+        (dict(shape=(3, -1)), ValueError, r"op.shape=\(3, -1\)"),
+        (dict(dtype="no dtype"), TypeError, "op.dtype must be a numpy dtype.*'no dtype'"),
+        (dict(matvec=None), TypeError, "lacking matvec"),
+        (dict(matvec=lambda x: np.ones(4)), ValueError,
+         r"op.matvec returned an array of shape \(4,\).*op.shape=\(3, 2\) needs 3 values"),
+        (dict(rmatvec=lambda y: np.ones(3)), ValueError,
+         r"op.rmatvec returned an array of shape \(3,\).*needs 2 values"),
+    ],
+)
+def test_plain_class_invalid(change, error, match):
+    op = _DenseOperator(np.ones((3, 2)))
+    for name, value in change.items():
+        setattr(op, name, value)
+    with pytest.raises(error, match=match):
+        dottest(op)
+
+
+def test_object_without_products_is_refused():
+    class ShapeOnly:
+        shape = (2, 2)
+
+    with pytest.raises(TypeError, match="ShapeOnly, lacking matvec, rmatvec"):
+        dottest(ShapeOnly())
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.complex128])
+def test_pylops_operators(dtype):
+    pylops = pytest.importorskip("pylops")
+    rng = np.random.default_rng(11)
+    weight = random_array(rng, (3, 2, 3, 3), dtype)
+    op = ConvOperator(weight, (2, 7, 6), stride=2, padding=1)
+    # PyLops' own wrapper of a scipy operator, with the sample shapes.
+    wrapped = pylops.LinearOperator(op, dims=op.input_shape, dimsd=op.output_shape)
+    assert not isinstance(wrapped, LinearOperator)  # duck-typed, not a scipy subclass
+    lhs, rhs = dottest(wrapped)
+    assert lhs.dtype == np.dtype(dtype)
+    assert dottest(wrapped) == dottest(op)  # same vectors, same products
+    # A PyLops operator of its own (dense matrix) and a composition with ours.
+    dense = pylops.MatrixMult(random_array(rng, (5, op.shape[0]), dtype),
+                              dtype=np.dtype(dtype).name)
+    dottest(dense @ wrapped)
+    # ... and a wrong adjoint in a PyLops operator is caught.
+    A = random_array(rng, (6, 4), dtype)
+    bad = pylops.FunctionOperator(lambda x: A @ x, lambda y: 2 * (A.conj().T @ y), 6, 4,
+                                  dtype=np.dtype(dtype).name)
+    with pytest.raises(AssertionError, match="dot test failed"):
+        dottest(bad)
