@@ -15,7 +15,8 @@ import numpy as np
 from ._validation import check_int
 
 __all__ = ["get_num_threads", "set_num_threads", "resolve_threads", "run_parallel",
-           "balanced_ranges", "even_ranges"]
+           "balanced_ranges", "even_ranges", "SCATTER_PARTS", "SCATTER_PART_NNZ",
+           "scatter_parts", "disjoint_phases", "run_phases"]
 
 ENV_VAR = "SPARSE_TCONV_NUM_THREADS"
 
@@ -25,6 +26,21 @@ ENV_VAR = "SPARSE_TCONV_NUM_THREADS"
 # 4->4 channel 5x5 and 1-channel convolutions: 2 threads lose below 400 k
 # entries and win from about 900 k).
 MIN_PARALLEL_NNZ = 1 << 19
+
+# The number of parts a scatter product (a stored matrix's transpose times a
+# vector, on the matrix's own arrays) is cut into, whatever the number of
+# threads: the parts, hence the order in which each output element is summed,
+# depend on the matrix alone.  At most SCATTER_PARTS (enough to keep 8 threads
+# busy in each of two phases, see disjoint_phases), with at least
+# SCATTER_PART_NNZ entries each (what is worth a thread, as MIN_PARALLEL_NNZ):
+# a part costs some 20-30 us of numpy and kernel calls.
+SCATTER_PARTS = 32
+SCATTER_PART_NNZ = 1 << 19
+
+
+def scatter_parts(nnz: int) -> int:
+    """How many parts a scatter product over ``nnz`` entries is cut into (not a thread count)."""
+    return max(1, min(SCATTER_PARTS, nnz // max(1, SCATTER_PART_NNZ)))
 
 _setting: int | None = None
 _pool: ThreadPoolExecutor | None = None
@@ -191,3 +207,35 @@ def even_ranges(n: int, parts: int) -> list[tuple[int, int]]:
     """
     cuts = np.linspace(0, n, max(1, parts) + 1).astype(int)
     return [(a, b) for a, b in zip(cuts[:-1].tolist(), cuts[1:].tolist()) if b > a]
+
+
+def disjoint_phases(spans) -> list[list[int]]:
+    """Deal parts into phases whose parts write disjoint ranges of the output.
+
+    ``spans[k] = (lo, hi)`` is the half-open range of output elements part
+    ``k`` adds into (``lo >= hi``: none).  Each part goes, in order, to the
+    first phase none of whose parts it overlaps.  Running the phases one
+    after the other, the parts of a phase at once, adds into every element
+    in an order fixed by the spans alone: the result does not depend on the
+    number of threads.  Parts of a convolution write overlapping ranges only
+    near their ends, so there are two phases, or a few more where circular
+    padding wraps a part's range round.
+    """
+    phases: list[list[int]] = []
+    taken: list[list[tuple[int, int]]] = []
+    for k, (lo, hi) in enumerate(spans):
+        for phase, ranges in zip(phases, taken):
+            if all(hi <= a or b <= lo for a, b in ranges) or hi <= lo:
+                phase.append(k)
+                ranges.append((lo, hi))
+                break
+        else:
+            phases.append([k])
+            taken.append([(lo, hi)])
+    return phases
+
+
+def run_phases(func, phases, threads: int) -> None:
+    """``func(part)`` for every part of every phase: the phases in order, each on ``threads``."""
+    for phase in phases:
+        run_parallel(func, phase, threads)

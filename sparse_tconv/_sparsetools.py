@@ -14,7 +14,8 @@ from __future__ import annotations
 
 import importlib
 
-__all__ = ["csr_matvec", "csr_matvecs", "bsr_matvec", "dia_matvec", "csr_matmat_maxnnz"]
+__all__ = ["csr_matvec", "csr_matvecs", "csc_matvec", "csc_matvecs", "bsr_matvec", "dia_matvec",
+           "csr_matmat_maxnnz"]
 
 
 def _kernel(name: str):
@@ -27,6 +28,10 @@ def _kernel(name: str):
 
 csr_matvec = _kernel("csr_matvec")
 csr_matvecs = _kernel("csr_matvecs")
+# The scatters ``y[Ai[k]] += Ax[k] * x[j]`` (csc_matvecs: a row of n_vecs per entry): the
+# transposed products of a stored matrix on its own arrays (keep_transpose=False).
+csc_matvec = _kernel("csc_matvec")
+csc_matvecs = _kernel("csc_matvecs")
 bsr_matvec = _kernel("bsr_matvec")
 dia_matvec = _kernel("dia_matvec")
 # The symbolic pass of a sparse product: its exact nnz in O(rows) memory.

@@ -341,3 +341,80 @@ def test_dropped_operators_free_their_matrices_at_once():
         assert ref() is None
     finally:
         gc.enable()
+
+
+# -- shapes: errors that name the sample shape, and one channel without its axis
+
+
+@pytest.mark.parametrize("complex_weight", [False, True])
+def test_wrong_lengths_name_the_expected_length_and_sample_shape(complex_weight):
+    weight = np.ones((2, 1, 3, 3)) * (1j if complex_weight else 1)
+    op = ConvOperator(weight, (1, 32, 32), padding=1)  # 1024 -> 2048
+    fwd = (r"a ConvOperator with input_shape \(1, 32, 32\) takes vectors of length 1024 "
+           r"\(or \(1024, K\) arrays\) in matvec/matmat; use op\.conv\(x\) for shaped input")
+    adj = (r"a ConvOperator with output_shape \(2, 32, 32\) takes vectors of length 2048 "
+           r"\(or \(2048, K\) arrays\) in rmatvec/rmatmat; use op\."
+           + (r"H\.conv_transpose\(y\)" if complex_weight else r"conv_transpose\(y\)"))
+    image = np.ones((32, 32))
+    for call in (lambda: op @ image, lambda: op.dot(image), lambda: op.matmat(image),
+                 lambda: op.matvec(image)):
+        with pytest.raises(ValueError, match=r"x has shape \(32, 32\); " + fwd):
+            call()
+    with pytest.raises(ValueError, match=r"x has shape \(1, 32, 32\); " + fwd):
+        op @ image[None]  # a sample, not a vector: scipy's 'expected 1-d or 2-d' otherwise
+    with pytest.raises(ValueError, match=r"x has shape \(1023,\); " + fwd):
+        op.matvec(np.ones(1023))
+    with pytest.raises(ValueError, match=r"x has shape \(1024,\); " + fwd):
+        op.matmat(np.ones(1024))  # matmat wants 2-D
+    for call in (lambda: op.rmatvec(np.ones(1024)), lambda: op.rmatmat(np.ones((1024, 2)))):
+        with pytest.raises(ValueError, match=r"y has shape \(1024(, 2)?,?\); " + adj):
+            call()
+    # .T and .H are ConvTransposeOperators: their input is the output_shape
+    tfwd = (r"a ConvTransposeOperator with input_shape \(2, 32, 32\) takes vectors of length "
+            r"2048 .* use op\.conv_transpose\(x\) for shaped input")
+    for call in (lambda: op.T @ np.ones(1024), lambda: op.H @ np.ones((1024, 3)),
+                 lambda: op.T.dot(np.ones((2, 32, 32)))):
+        with pytest.raises(ValueError, match=r"x has shape \(.*\); " + tfwd):
+            call()
+    # right lengths still work, as vectors, columns and blocks
+    x = np.ones(1024)
+    assert (op @ x).shape == (2048,) and (op @ x[:, None]).shape == (2048, 1)
+    assert op.matmat(np.ones((1024, 0))).shape == (2048, 0)
+
+
+@pytest.mark.parametrize("keep_transpose", [True, False])
+@pytest.mark.parametrize("weight_shape, input_shape, kwargs", [
+    ((1, 1, 3, 3), (1, 8, 7), dict(padding=1)),  # 1 -> 1: both sides without channel axes
+    ((3, 1, 3, 3), (1, 8, 7), dict(stride=2)),  # 1 -> 3: the result keeps its axis
+    ((1, 1, 5), (1, 20), dict(padding=2, padding_mode="reflect")),  # 1-D
+])
+def test_one_channel_without_its_axis_equals_the_channel_form(weight_shape, input_shape,
+                                                               kwargs, keep_transpose):
+    rng = np.random.default_rng(12)
+    op = ConvOperator(rng.standard_normal(weight_shape), input_shape,
+                      keep_transpose=keep_transpose, **kwargs)
+    x = rng.standard_normal(input_shape[1:])
+    full = op.conv(x[None])
+    squeezed = op.conv(x)
+    expected = full[0] if op.output_shape[0] == 1 else full
+    assert squeezed.shape == expected.shape
+    np.testing.assert_array_equal(squeezed, expected)
+    dense, _, _ = reference_conv_matrix(op.weight, input_shape, op.stride, op.padding,
+                                        op.dilation, op.groups, op.padding_mode)
+    np.testing.assert_allclose(squeezed.ravel(), dense @ x.ravel(), rtol=1e-12, atol=1e-12)
+    # the transposed convolution and the transposed operator follow the same rule
+    y = rng.standard_normal(op.output_shape)
+    back = op.conv_transpose(y)
+    if op.output_shape[0] == 1:
+        np.testing.assert_array_equal(op.conv_transpose(y[0]), back[0])
+        np.testing.assert_array_equal(op.T.conv_transpose(y[0]), back[0])
+        np.testing.assert_array_equal(op.T.conv(x), squeezed)
+    else:
+        with pytest.raises(ValueError, match=r"y must have shape \(3, 3, 3\) \(one sample\) or"):
+            op.conv_transpose(y[0])
+    np.testing.assert_array_equal(op.T.conv_transpose(y), back)
+    # no batch form without the channel axis: (B, L1, L2) is neither a sample nor a batch
+    if len(input_shape) == 3:
+        with pytest.raises(ValueError, match=r"x must have shape \(1, 8, 7\) \(one sample\), "
+                                             r"\(8, 7\) \(one channel, its axis left out\) or"):
+            op.conv(rng.standard_normal((4, 8, 7)))

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 import sparse_tconv
-from sparse_tconv import ConvOperator, ConvTransposeOperator, conv_matrix
+from sparse_tconv import ConvOperator, ConvTransposeOperator, _parallel, conv_matrix
 
 from reference import seed_of
 
@@ -85,27 +85,32 @@ def test_a_forked_child_can_multiply():
 
 
 OPERATORS = {
-    "blocks": lambda rng: ConvOperator(rng.standard_normal((4, 3, 3, 3)), (3, 9, 9), padding=1),
-    "diagonals": lambda rng: ConvOperator(rng.standard_normal((1, 1, 3, 3)), (1, 9, 9),
-                                          padding=1),
-    "csr": lambda rng: ConvOperator(rng.standard_normal((2, 1, 3, 3)), (1, 9, 9), padding=1,
-                                    padding_mode="reflect"),
-    "complex": lambda rng: ConvOperator(rng.standard_normal((3, 2, 3)) + 1j, (2, 9), padding=1),
-    "transposed": lambda rng: ConvTransposeOperator(rng.standard_normal((4, 2, 3, 3)), (4, 5, 5),
-                                                    stride=2, output_padding=1, threads=1),
+    "blocks": lambda rng, **kw: ConvOperator(rng.standard_normal((4, 3, 3, 3)), (3, 9, 9),
+                                             padding=1, **kw),
+    "diagonals": lambda rng, **kw: ConvOperator(rng.standard_normal((1, 1, 3, 3)), (1, 9, 9),
+                                                padding=1, **kw),
+    "csr": lambda rng, **kw: ConvOperator(rng.standard_normal((2, 1, 3, 3)), (1, 9, 9),
+                                          padding=1, padding_mode="reflect", **kw),
+    "complex": lambda rng, **kw: ConvOperator(rng.standard_normal((3, 2, 3)) + 1j, (2, 9),
+                                              padding=1, **kw),
+    "transposed": lambda rng, **kw: ConvTransposeOperator(rng.standard_normal((4, 2, 3, 3)),
+                                                          (4, 5, 5), stride=2,
+                                                          output_padding=1, threads=1, **kw),
 }
 
 
+@pytest.mark.parametrize("keep_transpose", [True, False])
 @pytest.mark.parametrize("view", ["op", "T", "H", "TT"])
 @pytest.mark.parametrize("name", sorted(OPERATORS))
 @pytest.mark.parametrize("copier", ["pickle", "deepcopy"])
-def test_operators_pickle_and_deep_copy(name, view, copier):
+def test_operators_pickle_and_deep_copy(name, view, copier, keep_transpose):
     rng = np.random.default_rng(seed_of("pickle", name, view, copier))
-    op = OPERATORS[name](rng)
+    op = OPERATORS[name](rng, keep_transpose=keep_transpose)
     op = {"op": op, "T": op.T, "H": op.H, "TT": op.T.T}[view]
     clone = pickle.loads(pickle.dumps(op)) if copier == "pickle" else copy.deepcopy(op)
     assert type(clone) is type(op) and clone.shape == op.shape and clone.dtype == op.dtype
     assert clone.threads == op.threads and clone.input_shape == op.input_shape
+    assert clone.keep_transpose is keep_transpose
     x = rng.standard_normal(op.shape[1])
     y = rng.standard_normal(op.shape[0])
     # The same geometry and weight give the same products, bit for bit.
@@ -126,3 +131,40 @@ def test_what_an_operator_shares_is_read_only(name):
                 array[:1] = 0
     fresh = op.with_weight(rng.standard_normal(op.weight.shape))
     assert not fresh.matrix.data.flags.writeable
+
+
+def test_phases_never_put_overlapping_parts_together():
+    spans = [(0, 5), (4, 9), (8, 13), (12, 17), (0, 17), (16, 20), (3, 3)]
+    phases = _parallel.disjoint_phases(spans)
+    assert sorted(k for phase in phases for k in phase) == list(range(len(spans)))
+    for phase in phases:
+        for i in phase:
+            for j in phase:
+                (a, b), (c, d) = spans[i], spans[j]
+                assert i == j or b <= c or d <= a or a >= b or c >= d
+    # neighbours alternate; the part that overlaps everything is alone; the empty one fits first
+    assert phases == [[0, 2, 5, 6], [1, 3], [4]]
+
+
+@pytest.mark.parametrize("name", ["blocks", "csr"])
+def test_lean_products_from_many_threads_at_once(name, monkeypatch):
+    # Phased scatters run from several caller threads at once into their own outputs.
+    monkeypatch.setattr(_parallel, "MIN_PARALLEL_NNZ", 0)
+    monkeypatch.setattr(_parallel, "SCATTER_PART_NNZ", 1)
+    rng = np.random.default_rng(seed_of("lean-threads", name))
+    op = OPERATORS[name](rng, keep_transpose=False, threads=2)
+    ys = rng.standard_normal((6, op.shape[0]))
+    expected = [op.rmatvec(y) for y in ys]
+    results = [None] * len(ys)
+
+    def work(i):
+        results[i] = op.rmatvec(ys[i])
+
+    workers = [threading.Thread(target=work, args=(i,)) for i in range(len(ys))]
+    for t in workers:
+        t.start()
+    for t in workers:
+        t.join(TIMEOUT)
+    assert not any(t.is_alive() for t in workers)
+    for got, want in zip(results, expected):
+        np.testing.assert_array_equal(got, want)

@@ -3,9 +3,11 @@
 A *product form* is how an operator stores one matrix (W or W.T) for its
 products: the canonical CSR, dense channel blocks (BSR) or diagonals (DIA).
 The operator holds one form for its own products (``forward``) and one for
-its transpose (``backward``), chooses their kind from the geometry once
-(:func:`sparse_tconv._forms.form_for`), and otherwise only calls the methods
-below: a new form is one new module with one new class, added to
+its transpose (``backward``), or, with ``keep_transpose=False``, one form
+only (``lean``) whose :meth:`~ProductForm.multiply_transposed` serves the
+other direction on the same arrays.  It chooses their kind from the geometry
+once (:func:`sparse_tconv._forms.form_for`), and otherwise only calls the
+methods below: a new form is one new module with one new class, added to
 ``sparse_tconv._forms.FORMS``.
 """
 
@@ -66,8 +68,21 @@ class ProductForm(abc.ABC):
     @classmethod
     @abc.abstractmethod
     def build(cls, geometry: ConvGeometry, weight: np.ndarray, *, transposed: bool,
-              backward: bool, threads: int, canonical: Canonical) -> ProductForm:
-        """The form of W (``transposed=False``) or W.T for a validated weight."""
+              backward: bool, threads: int, canonical: Canonical,
+              lean: bool = False) -> ProductForm:
+        """The form of W (``transposed=False``) or W.T for a validated weight.
+
+        ``lean``: the one form of a ``keep_transpose=False`` operator, which
+        serves both directions and builds nothing more for either (some forms
+        would otherwise run a block of columns on the canonical CSR).
+        """
+
+    @classmethod
+    def lean_transposed(cls, geometry: ConvGeometry, transposed: bool) -> bool:
+        """Which matrix a ``keep_transpose=False`` operator whose own matrix is W
+        (``transposed=False``) or W.T stores: W.T if True.  Its own by default; a
+        form may prefer the orientation on which both directions run faster."""
+        return transposed
 
     @property
     def pattern(self) -> object | None:
@@ -76,18 +91,27 @@ class ProductForm(abc.ABC):
 
     @classmethod
     def refill(cls, pattern: object | None, geometry: ConvGeometry, weight: np.ndarray, *,
-               transposed: bool, backward: bool, threads: int,
-               canonical: Canonical) -> ProductForm:
+               transposed: bool, backward: bool, threads: int, canonical: Canonical,
+               lean: bool = False) -> ProductForm:
         """The form for a new weight on the :attr:`pattern` of a form already built.
 
         Only the values are computed; without a pattern, the form is built.
         """
         return cls.build(geometry, weight, transposed=transposed, backward=backward,
-                         threads=threads, canonical=canonical)
+                         threads=threads, canonical=canonical, lean=lean)
 
     @abc.abstractmethod
     def multiply(self, x: np.ndarray, threads: int) -> np.ndarray:
         """The matrix times a 1-D ``x`` or a 2-D block of columns, on ``threads`` threads."""
+
+    @abc.abstractmethod
+    def multiply_transposed(self, y: np.ndarray, threads: int) -> np.ndarray:
+        """The plain transpose of the matrix (no conjugation) times a 1-D ``y`` or a
+        2-D block of columns, on the form's own arrays, in the canonical numbering.
+
+        What a ``keep_transpose=False`` operator runs instead of a second form;
+        its result does not depend on ``threads``.
+        """
 
     @property
     def nbytes(self) -> int:

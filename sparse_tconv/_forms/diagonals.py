@@ -31,7 +31,7 @@ from .._validation import cast_if_safe
 from .base import ProductForm
 from .csr import csr_product
 
-__all__ = ["DiagonalForm", "build_diagonals", "dia_product"]
+__all__ = ["DiagonalForm", "build_diagonals", "dia_product", "dia_transposed_product"]
 
 
 def build_diagonals(
@@ -129,6 +129,58 @@ def _dia_matvec_threaded(matrix, x, threads, out=None):
     return out
 
 
+def dia_transposed_product(matrix: sp.dia_array, y: np.ndarray, threads: int) -> np.ndarray:
+    """``matrix.T @ y`` on the DIA arrays of a square ``matrix``, for a 1-D or 2-D ``y``.
+
+    Element ``j`` of the result is ``sum_d data[d, j] * y[j - offset[d]]``
+    over the diagonals that reach it, summed from the last diagonal to the
+    first: the order of scipy's DIA kernel on the transposed matrix (its
+    diagonals are these, negated and reversed), so the result is bit for bit
+    that product.  Each term is a slice of one stored diagonal times a
+    shifted slice of ``y``, given to scipy's serial DIA kernel as a
+    single-diagonal problem; threads take disjoint ranges of the output.
+    A ``y`` needing a wider dtype than the matrix uses scipy's product on
+    ``matrix.T`` (a copy of the diagonals).
+    """
+    y = cast_if_safe(y, matrix.dtype)
+    if y.dtype != matrix.dtype or _sparsetools.dia_matvec is None:
+        return matrix.T @ y
+    if matrix.data.size < _parallel.MIN_PARALLEL_NNZ:
+        threads = 1
+    if y.ndim == 2:
+        columns = np.ascontiguousarray(y.T)
+        out = np.empty((y.shape[1], matrix.shape[1]), dtype=matrix.dtype)
+        for column, result in zip(columns, out):
+            _dia_transposed_threaded(matrix, column, threads, result)
+        return out.T
+    return _dia_transposed_threaded(matrix, np.ascontiguousarray(y), threads)
+
+
+def _dia_transposed_threaded(matrix, y, threads, out=None):
+    n = matrix.shape[0]
+    offsets = matrix.offsets.tolist()
+    data = matrix.data
+    matvec = _sparsetools.dia_matvec
+    zero = np.zeros(1, dtype=matrix.offsets.dtype)  # one diagonal, offset 0: y += d * x
+    if out is None:
+        out = np.empty(n, dtype=matrix.dtype)
+
+    def multiply(rows):
+        # Each diagonal over the whole range, as scipy's kernel runs them (cutting
+        # the range into cache-sized slices costs more in calls, 2x at 32 k).
+        a, b = rows
+        out[a:b] = 0  # the kernel adds into its output
+        for d in range(len(offsets) - 1, -1, -1):
+            off = offsets[d]
+            lo, hi = max(a, off), min(b, n + off)  # j - off must be a row
+            if lo < hi:
+                matvec(hi - lo, hi - lo, 1, hi - lo, zero, data[d, lo:hi],
+                       y[lo - off : hi - off], out[lo:hi])
+
+    run_parallel(multiply, even_ranges(n, threads), threads)
+    return out
+
+
 def _is_batch(x: np.ndarray) -> bool:
     return x.ndim == 2 and x.shape[1] > 1
 
@@ -159,10 +211,13 @@ class DiagonalForm(ProductForm):
     # No index arrays to share on refill (the diagonals are all values): the
     # base class's pattern (None) and refill (a build) apply.
 
-    def __init__(self, matrix: sp.dia_array, transposed: bool, canonical):
+    def __init__(self, matrix: sp.dia_array, transposed: bool, canonical, lean: bool = False):
         self.matrix = matrix
         self.transposed = transposed
         self._canonical = canonical
+        # keep_transpose=False: a block of columns runs on the diagonals, column
+        # by column, so that no CSR matrix is built for it.
+        self.lean = lean
 
     @staticmethod
     def applies(geometry) -> bool:
@@ -185,14 +240,21 @@ class DiagonalForm(ProductForm):
         return taps * n * np.dtype(dtype).itemsize + taps * index_dtype(n).itemsize
 
     @classmethod
-    def build(cls, geometry, weight, *, transposed, backward, threads, canonical):
+    def build(cls, geometry, weight, *, transposed, backward, threads, canonical, lean=False):
         matrix = build_diagonals(geometry, weight, transposed=transposed, threads=threads)
-        return cls(matrix, transposed, canonical)
+        return cls(matrix, transposed, canonical, lean)
 
     def multiply(self, x, threads):
-        if _is_batch(x) or not _all_finite(x):
+        if (_is_batch(x) and not self.lean) or not _all_finite(x):
             return csr_product(self._canonical(), x, threads)
         return dia_product(self.matrix, x, threads)
+
+    def multiply_transposed(self, y, threads):
+        if not _all_finite(y):
+            # the canonical CSR's transpose (scipy's serial CSC kernel), as the
+            # default operators' W.T would: infinities reach only the rows that read them
+            return self._canonical().T @ y
+        return dia_transposed_product(self.matrix, y, threads)
 
     @property
     def nbytes(self) -> int:
