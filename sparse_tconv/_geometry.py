@@ -35,6 +35,7 @@ __all__ = [
     "conv_geometry",
     "conv_transpose_geometry",
     "expand_single_channel",
+    "transpose_output_padding",
     "validate",
     "conv_output_shape",
     "conv_transpose_output_shape",
@@ -119,6 +120,22 @@ def _single_channel_note(expanded: bool, weight_shape, input_shape):
             f"input_shape={tuple(input_shape)} is read as weight.shape="
             f"{(1, 1, *weight_shape)} on input_shape={(1, *input_shape)})"
         ) from None
+
+
+def transpose_output_padding(geom: ConvGeometry) -> tuple[int, ...]:
+    """The ``output_padding`` of the transposed convolution of ``geom``, from the sizes.
+
+    The transposed convolution maps the forward output ``O`` back onto the
+    forward input ``L``; ``output_padding = L - ((O - 1) s - lo - hi + d (k - 1) + 1)``.
+    Derived rather than read from ``geom.output_padding``, which is zero for
+    the geometry of a forward convolution even where its transpose needs more
+    (the stride does not divide evenly).
+    """
+    return tuple(
+        n - ((o - 1) * s - lo - hi + d * (k - 1) + 1)
+        for n, o, s, (lo, hi), d, k in zip(geom.input_size, geom.output_size, geom.stride,
+                                            geom.padding, geom.dilation, geom.kernel_size)
+    )
 
 
 def _check_weight_and_groups(weight_shape, groups, channels: str):

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ._geometry import ConvGeometry
+from ._geometry import ConvGeometry, transpose_output_padding
 from ._operator import ConvOperator, ConvTransposeOperator, _ConvOperatorBase
 from ._parallel import resolve_threads
 from ._validation import check_positive_int
@@ -33,20 +33,6 @@ WEIGHT_KEY = "sparse_tconv_weight"
 _FORMAT = "sparse_tconv.operator"
 _VERSION = 1
 _CLASSES = {cls.__name__: cls for cls in (ConvOperator, ConvTransposeOperator)}
-
-
-def _output_padding(geom: ConvGeometry) -> tuple[int, ...]:
-    """The ``output_padding`` that gives the forward input size back from its output.
-
-    Derived from the sizes rather than read from ``geom.output_padding``: the
-    transpose of a :class:`ConvOperator` keeps its forward geometry, whose
-    ``output_padding`` is zero even where the stride does not divide evenly.
-    """
-    return tuple(
-        n - ((o - 1) * s - lo - hi + d * (k - 1) + 1)
-        for n, o, s, (lo, hi), d, k in zip(geom.input_size, geom.output_size, geom.stride,
-                                            geom.padding, geom.dilation, geom.kernel_size)
-    )
 
 
 def operator_record(geom: ConvGeometry, weight: np.ndarray, *, transposed: bool) -> dict:
@@ -67,7 +53,7 @@ def operator_record(geom: ConvGeometry, weight: np.ndarray, *, transposed: bool)
         padding_mode=geom.padding_mode,
     )
     if transposed:
-        record["output_padding"] = list(_output_padding(geom))
+        record["output_padding"] = list(transpose_output_padding(geom))
     return record
 
 

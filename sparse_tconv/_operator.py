@@ -28,7 +28,7 @@ from scipy.sparse.linalg import LinearOperator
 
 from ._build import build, refill
 from ._forms import form_for
-from ._geometry import validate
+from ._geometry import transpose_output_padding, validate
 from ._parallel import resolve_threads
 from ._validation import as_weight, check_positive_int
 
@@ -927,4 +927,6 @@ class ConvTransposeOperator(_ConvOperatorBase):
 
     @property
     def output_padding(self) -> tuple[int, ...]:
-        return self._geometry.output_padding
+        # From the sizes: the transpose of a ConvOperator keeps the forward
+        # geometry, whose own output_padding is 0 whatever its sizes.
+        return transpose_output_padding(self._geometry)

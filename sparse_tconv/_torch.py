@@ -268,7 +268,7 @@ def _conv_padding(module, layer, ndim: int, batched: bool):
 
 
 def from_torch(module, input_shape, *, output_size=None, dtype=None, threads=None,
-               max_bytes=None):
+               max_bytes=None, keep_transpose=True):
     """The operator and bias of a PyTorch convolution layer.
 
     Parameters
@@ -298,6 +298,9 @@ def from_torch(module, input_shape, *, output_size=None, dtype=None, threads=Non
     threads, max_bytes : int, optional
         As for :class:`ConvOperator`: ``max_bytes`` refuses, before anything
         is allocated, an operator whose product form would need more bytes.
+    keep_transpose : bool, optional
+        As for :class:`ConvOperator`: ``False`` stores one product form for
+        both directions (half the memory once both have run).  Default True.
 
     Returns
     -------
@@ -468,7 +471,8 @@ def from_torch(module, input_shape, *, output_size=None, dtype=None, threads=Non
     sample_shape, batched = _split_input_shape(input_shape, module, ndim)
     weight = _to_numpy(torch, module.weight)
     op = _build_operator(module, layer, transposed, ndim, weight, sample_shape, batched,
-                         output_size, dict(dtype=dtype, threads=threads, max_bytes=max_bytes))
+                         output_size, dict(dtype=dtype, threads=threads, max_bytes=max_bytes,
+                              keep_transpose=keep_transpose))
     if module.bias is None:
         return op, None
     bias = _to_numpy(torch, module.bias)

@@ -601,6 +601,21 @@ def test_weight_is_copied():
     np.testing.assert_array_equal(b, before[2])
 
 
+@pytest.mark.parametrize("transposed", [False, True])
+def test_keep_transpose_is_passed_on(transposed):
+    # One stored form serves the layer's forward and backward products alike.
+    torch.manual_seed(5)
+    layer = (nn.ConvTranspose2d if transposed else nn.Conv2d)(4, 3, 3, stride=2, padding=1)
+    op, _ = from_torch(layer, (4, 9, 9), keep_transpose=False)
+    assert op.keep_transpose is False
+    x = torch.randn(1, 4, 9, 9, dtype=torch.float64)
+    with torch.no_grad():
+        expected = (layer.double()(x) - layer.bias.double()[:, None, None]).numpy().ravel()
+    np.testing.assert_allclose(op.matvec(x.numpy().ravel()), expected, rtol=1e-12, atol=1e-12)
+    y = np.random.default_rng(5).standard_normal(op.shape[0])
+    np.testing.assert_allclose(op.rmatvec(y), op.matrix.T @ y, rtol=1e-12, atol=1e-12)
+
+
 # ---------------------------------------------------------------------------
 # to_torch
 # ---------------------------------------------------------------------------

@@ -418,3 +418,18 @@ def test_one_channel_without_its_axis_equals_the_channel_form(weight_shape, inpu
         with pytest.raises(ValueError, match=r"x must have shape \(1, 8, 7\) \(one sample\), "
                                              r"\(8, 7\) \(one channel, its axis left out\) or"):
             op.conv(rng.standard_normal((4, 8, 7)))
+
+
+@pytest.mark.parametrize("input_size, kwargs", [
+    (8, dict(stride=2)),  # the stride does not divide: the transpose needs output_padding 1
+    (9, dict(stride=3, padding=1, dilation=2)),
+    (10, dict(stride=4, padding=((2, 0),))),
+])
+def test_the_transpose_of_a_conv_operator_reports_its_output_padding(input_size, kwargs):
+    # Rebuilding the transpose from its own reported arguments gives the same matrix.
+    weight = np.random.default_rng(0).standard_normal((2, 1, 3))
+    transposed = ConvOperator(weight, (1, input_size), **kwargs).T
+    rebuilt = ConvTransposeOperator(weight, transposed.input_shape,
+                                    output_padding=transposed.output_padding, **kwargs)
+    assert rebuilt.shape == transposed.shape
+    assert (rebuilt.matrix != transposed.matrix).nnz == 0
