@@ -1,12 +1,15 @@
-"""The matrix product against direct kernels and peers: ``sparse-tconv bench`` and ``crossover``.
+"""The matrix product against peers and direct kernels: ``sparse-tconv bench`` and ``crossover``.
 
 Every figure is a time measured in one run, reported as a ratio to the
-operator's threaded product ``W @ x`` of the same geometry (on dense channel
-blocks where the layer has them, else on the CSR matrix; the keys say
-"csr" for both), and that product itself against the memory-bandwidth bound
-measured in the same run.  Direct
-kernels are :mod:`sparse_tconv.direct`'s; peers (PyTorch, PyLops) are timed
-only when they are installed.
+operator's threaded product of the same geometry (its ``W @ x`` on dense
+channel blocks, diagonals or the CSR matrix, whichever it holds; the keys
+say "csr" for all: ``csr`` is ``W @ x``, ``csr_transpose`` its ``W.T @ y``),
+and that product itself against the memory-bandwidth bound measured in the
+same run.  The sparse-product peers (scipy's serial CSR, torch.sparse_csr,
+sparse_convolution) multiply the same matrix; direct kernels are
+:mod:`sparse_tconv.direct`'s; PyTorch's and PyLops' kernels are timed when
+installed.  Tables and plots name every method in words (:func:`label`) and
+mark what was skipped, and why.
 """
 
 from __future__ import annotations
@@ -14,7 +17,9 @@ from __future__ import annotations
 import importlib
 import math
 import sys
+import textwrap
 import time
+import warnings
 from contextlib import contextmanager
 from typing import Any
 
@@ -23,7 +28,7 @@ import numpy as np
 from .. import ConvOperator, conv_matrix, conv_matrix_nnz, direct
 from .._validation import normalize_padding
 from .configs import CONFIGS, QUICK_CONFIGS, Config
-from .timing import best_time, measure_bandwidth
+from .timing import Timing, best_time, measure_bandwidth, paired_stats, time_stats
 
 __all__ = [
     "BENCH_CONFIGS",
@@ -31,7 +36,14 @@ __all__ = [
     "Progress",
     "available_peers",
     "compare_config",
+    "label",
+    "reference_of",
+    "spconv_mode",
+    "spconv_peer",
+    "torch_csr",
+    "torch_csr_products",
     "format_comparison",
+    "markdown_table",
     "plot_comparison",
     "crossover_grid",
     "run_crossover",
@@ -51,23 +63,51 @@ _NAIVE_MAX_POSITIONS = 4096
 
 
 class Progress:
-    """A one-line progress bar on stderr (a line per step when not a terminal)."""
+    """A one-line progress bar on stderr (a line per change when not a terminal).
 
-    def __init__(self, total: int, stream=None, width: int = 30):
+    :meth:`begin` names the step that starts running now, :meth:`update`
+    renames it while it runs (its sub-steps), :meth:`end` counts it done.
+    The line always names what is running at the moment it is printed, never
+    what just finished.  ``clock`` is the timer (a fake one in tests).
+    """
+
+    def __init__(self, total: int, stream=None, width: int = 30, clock=time.perf_counter):
         self.total, self.done, self.width = max(total, 1), 0, width
         self.stream = sys.stderr if stream is None else stream
         self.tty = hasattr(self.stream, "isatty") and self.stream.isatty()
-        self.start = time.perf_counter()
+        self.clock = clock
+        self.start = clock()
+        self.running: str | None = None
+
+    def begin(self, label: str) -> None:
+        """Start a step: the line shows ``label`` until the next call."""
+        self.running = label
+        self._write(f"running: {label}")
+
+    def update(self, label: str) -> None:
+        """Rename the running step (what part of it runs now)."""
+        self.begin(label)
+
+    def end(self, result: str = "") -> None:
+        """The running step is done (``result``: a word on its outcome, shown once)."""
+        self.done = min(self.done + 1, self.total)
+        finished, self.running = self.running, None
+        last = self.done >= self.total
+        if result or last:
+            self._write(f"done: {finished}{': ' + result if result else ''}", newline=last)
 
     def step(self, label: str) -> None:
-        self.done += 1
+        """A step reported after the fact (one call per finished step)."""
+        self.running = label
+        self.end()
+
+    def _write(self, text: str, newline: bool = False) -> None:
         filled = self.width * self.done // self.total
-        elapsed = time.perf_counter() - self.start
-        line = (f"[{'#' * filled}{'.' * (self.width - filled)}] {self.done}/{self.total} "
-                f"{elapsed:5.0f} s  {label}")
+        elapsed = self.clock() - self.start
+        line = (f"[{'#' * filled}{'.' * (self.width - filled)}] {self.done}/{self.total} done "
+                f"{elapsed:5.0f} s  {text}")
         if self.tty:
-            end = "\n" if self.done >= self.total else ""
-            self.stream.write("\r" + line[:120].ljust(120) + end)
+            self.stream.write("\r" + line[:120].ljust(120) + ("\n" if newline else ""))
         else:
             self.stream.write(line + "\n")
         self.stream.flush()
@@ -90,13 +130,23 @@ def _import(name: str):
         return None
 
 
+# Optional libraries timed beside the operator: import name, the reason a
+# column is skipped without it, how to install it.
+_PEER_LIBRARIES = (
+    ("torch", "pip install torch (CPU wheel)"),
+    ("pylops", "pip install pylops"),
+    ("sparse_convolution", "pip install sparse-convolution"),
+)
+
+
 def available_peers() -> tuple[dict, list[str]]:
     """Installed peer libraries and a note for each missing one."""
     found, notes = {}, []
-    for name, extra in (("torch", "pip install torch"), ("pylops", "pip install pylops")):
+    for name, extra in _PEER_LIBRARIES:
         module = _import(name)
         if module is None:
-            notes.append(f"{name} not installed: its columns are omitted ({extra} to add them)")
+            notes.append(f"{name} not installed: its columns are marked skipped ({extra} to add "
+                         "them)")
         else:
             found[name] = module
     return found, notes
@@ -113,36 +163,53 @@ def _torch_padding(padding, ndim: int):
 
 
 def _torch_kernel(torch, config: Config, weight, x, dtype):
-    """``torch.nn.functional.conv{N}d`` (or the transposed one) on this geometry, if it has one."""
+    """``torch.nn.functional.conv{N}d`` (or the transposed one) on this geometry, or why not."""
     import torch.nn.functional as F
 
     ndim = len(config.weight_shape) - 2
     kwargs = dict(config.kwargs)
-    if kwargs.pop("padding_mode", "zeros") != "zeros" or ndim > 3:
-        return None
+    if kwargs.pop("padding_mode", "zeros") != "zeros":
+        return "padding mode"
+    if ndim > 3:
+        return f"{ndim}-D"
     kwargs["padding"] = _torch_padding(kwargs.get("padding", 0), ndim)
-    if kwargs["padding"] is None or (config.transposed and isinstance(kwargs["padding"], str)):
-        return None
+    if kwargs["padding"] is None:
+        return "uneven padding"
+    if config.transposed and isinstance(kwargs["padding"], str):
+        return "string padding"
     func = getattr(F, f"conv_transpose{ndim}d" if config.transposed else f"conv{ndim}d")
     w = torch.from_numpy(weight.astype(dtype))
     t = torch.from_numpy(x.astype(dtype))[None]
     return lambda: func(t, w, **kwargs)
 
 
-def _pylops_applies(config: Config) -> bool:
-    """PyLops' ConvolveND covers one channel, stride 1, an odd kernel centred ('same')."""
+def _pylops_skip(config: Config) -> str | None:
+    """Why PyLops' ConvolveND cannot compute this geometry (None: it can).
+
+    It covers one channel, stride 1, an odd kernel centred ('same').
+    """
     kw, k = config.kwargs, config.weight_shape[2:]
     centred = kw.get("padding") == "same" or (
         len(set(k)) == 1 and kw.get("padding") == (k[0] - 1) // 2
     )
-    return (not config.transposed and config.weight_shape[:2] == (1, 1) and centred
-            and all(kk % 2 == 1 for kk in k) and kw.get("stride", 1) == 1
-            and kw.get("dilation", 1) == 1 and kw.get("padding_mode", "zeros") == "zeros")
+    if config.transposed:
+        return "transposed"
+    if config.weight_shape[:2] != (1, 1):
+        return "channels"
+    if kw.get("stride", 1) != 1 or kw.get("dilation", 1) != 1:
+        return "stride/dilation"
+    if not (centred and all(kk % 2 == 1 for kk in k)) or kw.get("padding_mode", "zeros") != "zeros":
+        return "not 'same'"
+    return None
+
+
+def _pylops_applies(config: Config) -> bool:
+    return _pylops_skip(config) is None
 
 
 def pylops_operator(config: Config, weight):
     """PyLops' N-d FFT convolution computing the same as ``conv_matrix`` (see _pylops_applies)."""
-    from pylops.signalprocessing import ConvolveND  # type: ignore[import-not-found]
+    from pylops.signalprocessing import ConvolveND  # type: ignore[import-untyped, import-not-found, unused-ignore]
 
     k = config.weight_shape[2:]
     dims = config.input_shape[1:]
@@ -168,123 +235,459 @@ def _n_positions(op) -> int:
     return math.prod(op.output_shape[1:])
 
 
+# --- sparse-product peers --------------------------------------------------------------------
+
+def torch_csr(torch, matrix):
+    """A ``torch.sparse_csr_tensor`` on a scipy CSR matrix's own arrays (no copy)."""
+    # The arrays are read-only (torch only reads them) and the layout is beta in
+    # torch: its warnings about both say nothing about this use.
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        parts = [torch.from_numpy(np.asarray(a)) for a in (matrix.indptr, matrix.indices,
+                                                            matrix.data)]
+        return torch.sparse_csr_tensor(*parts, size=matrix.shape, check_invariants=False)
+
+
+def torch_csr_products(torch, W):
+    """``W @ x`` and ``W.T @ y`` as a PyTorch user runs them (set torch's threads around them).
+
+    ``W.T @ y`` multiplies the CSR tensor of the transpose, built the way a
+    user would (``W.T.tocsr()`` in scipy, then the tensor): torch's own
+    transposed CSR product is not threaded.  Returns two functions of a
+    numpy vector, and the transpose's build time in seconds.
+    """
+    forward = torch_csr(torch, W)
+    start = time.perf_counter()
+    backward = torch_csr(torch, W.T.tocsr())
+    transpose_s = time.perf_counter() - start
+
+    def product(tensor):
+        return lambda v: tensor @ torch.from_numpy(v)
+
+    return product(forward), product(backward), transpose_s
+
+
+def _spconv_image(config: Config, image_shape=None):
+    """This geometry as sparse_convolution's 2-D single channel one: (image, kernel, pads).
+
+    A 1-D signal is a 1 x L image.  A string: why it does not apply.
+    """
+    kw = config.kwargs
+    ndim = len(config.weight_shape) - 2
+    if config.transposed:
+        return "transposed"
+    if ndim > 2:
+        return f"{ndim}-D"
+    if config.weight_shape[:2] != (1, 1):
+        c_out, c_in = config.weight_shape[:2]
+        return f"{c_in}->{c_out} ch"
+    for name in ("stride", "dilation"):
+        value = kw.get(name, 1)
+        if np.any(np.asarray(value) != 1):
+            return f"{name} {value}"
+    if kw.get("padding_mode", "zeros") != "zeros" or config.kwargs.get("groups", 1) != 1:
+        return "padding mode"
+    image = tuple(image_shape or config.input_shape[1:])
+    kernel = tuple(config.weight_shape[2:])
+    if ndim == 1:
+        image, kernel = (1, *image), (1, *kernel)
+    return image, kernel
+
+
+def _spconv_kernel(weight, kernel_shape):
+    # sparse_convolution convolves (scipy.signal.convolve2d); PyTorch correlates: flip.
+    return np.ascontiguousarray(weight.reshape(kernel_shape)[::-1, ::-1])
+
+
+SPCONV_MODES = ("full", "same", "valid")
+
+
+def spconv_mode(spconv, config: Config, rng=None) -> str:
+    """The ``Toeplitz_convolution2d`` mode that computes this geometry, or ``skipped: why``.
+
+    Its modes fix the padding (scipy.signal's full/same/valid); the one that
+    matches is found numerically, on a small image with the same kernel and
+    padding: the mode whose output equals ``conv_matrix(...) @ x``.
+    """
+    geometry = _spconv_image(config)
+    if isinstance(geometry, str):
+        return f"skipped: {geometry}"
+    image, kernel = geometry
+    rng = np.random.default_rng(3) if rng is None else rng
+    small = tuple(1 if n == 1 and k == 1 else k + 4 for n, k in zip(image, kernel))
+    spatial = small[1:] if len(config.weight_shape) == 3 else small
+    weight = rng.standard_normal(config.weight_shape)
+    x = rng.standard_normal(small)
+    expected = conv_matrix(weight, (1, *spatial), **config.kwargs) @ x.ravel()
+    for mode in SPCONV_MODES:
+        conv = spconv.Toeplitz_convolution2d(small, _spconv_kernel(weight, kernel), mode=mode,
+                                             method="precomputed")
+        out = np.asarray(conv(x, batching=False)).ravel()
+        if out.shape == expected.shape and np.allclose(out, expected, rtol=1e-10, atol=1e-12):
+            return mode
+    return "skipped: no mode fits"
+
+
+def _close(a, b) -> bool:
+    """Equal to rounding: sums in another order differ by a few ulps of the largest term."""
+    return a.shape == b.shape and bool(np.allclose(a, b, rtol=1e-9, atol=1e-9 * np.abs(b).max()))
+
+
+def _time(func, repeat: int, min_time: float = 0.05) -> Timing:
+    return time_stats(func, repeat, min_time)
+
+
+def _paired(funcs, repeat: int, min_time: float = 0.05) -> list[Timing]:
+    return paired_stats(funcs, repeat, min_time)
+
+
+def _sparse_peers(r, config, op, W, weight, x, y, *, threads, repeat, peers, progress):
+    """torch.sparse_csr (both directions) and sparse_convolution (build, product) on W.
+
+    (scipy's serial product, the baseline, is timed with the operator's.)
+    """
+    timings, skipped, paired = r["timing"], r["skipped"], r["paired"]
+    flat = x.ravel()
+    torch = peers.get("torch")
+    if torch is None:
+        skipped["csr_torch"] = skipped["csr_torch_transpose"] = "skipped: not installed"
+    else:
+        if progress:
+            progress.update(f"({config.name}) peers: torch.sparse_csr W @ x, W.T @ y")
+        forward, backward, r["torch_transpose_build_s"] = torch_csr_products(torch, W)
+        with _torch_threads(torch, threads):  # set once: setting it costs milliseconds
+            # Verified before it is timed: the same products, to rounding.
+            same = (_close(forward(flat).numpy(), op.matvec(flat))
+                    and _close(backward(y).numpy(), op.rmatvec(y)))
+            if same:
+                # in alternating rounds with the operator's same products: their
+                # ratio compares calls made under the same load
+                own_f, own_b, timings["csr_torch"], timings["csr_torch_transpose"] = _paired(
+                    [lambda: op.matvec(flat), lambda: op.rmatvec(y), lambda: forward(flat),
+                     lambda: backward(y)], repeat)
+                paired["csr_torch"], paired["csr_torch_transpose"] = own_f.min, own_b.min
+            else:
+                skipped["csr_torch"] = skipped["csr_torch_transpose"] = "skipped: output differs"
+        del forward, backward  # the transpose's CSR: as large as W
+    spconv = peers.get("sparse_convolution")
+    if spconv is None:
+        skipped["spconv_build"] = skipped["spconv"] = "skipped: not installed"
+        return
+    if progress:
+        progress.update(f"({config.name}) peers: sparse_convolution build and W @ x")
+    peer = spconv_peer(spconv, config, weight, op, x)
+    if isinstance(peer, str):
+        skipped["spconv_build"] = skipped["spconv"] = peer
+        return
+    r["spconv_mode"], build, apply = peer
+    own, timings["spconv_build"] = _paired([lambda: config.build(weight), build],
+                                           max(1, min(repeat, 3)), min_time=0)
+    paired["spconv_build"] = own.min
+    own, timings["spconv"] = _paired([lambda: op.matvec(flat), apply], repeat)
+    paired["spconv"] = own.min
+
+
+def spconv_peer(spconv, config: Config, weight, op, x):
+    """sparse_convolution's ``Toeplitz_convolution2d(method='precomputed')`` on this geometry.
+
+    Returns ``(mode, build, apply)``: its mode, a function building it and
+    one applying a built one to ``x``, after checking that its output equals
+    ``op @ x``; or ``'skipped: why'`` where it does not apply.
+    """
+    mode = spconv_mode(spconv, config)
+    if mode.startswith("skipped"):
+        return mode
+    image, kernel = _spconv_image(config)
+    k = _spconv_kernel(weight, kernel)
+
+    def build():
+        return spconv.Toeplitz_convolution2d(image, k, mode=mode, method="precomputed")
+
+    conv = build()
+    x2 = np.asarray(x).reshape(image)
+    if not _close(np.asarray(conv(x2, batching=False)).ravel(), op.matvec(np.ravel(x))):
+        return "skipped: output differs"
+    return mode, build, lambda: conv(x2, batching=False)
+
+
+def _dense_peers(r, config, weight, x, *, threads, repeat, peers):
+    """PyTorch's direct kernels (float64, float32; 1 and all threads) and PyLops' FFT."""
+    timings, skipped = r["timing"], r["skipped"]
+    torch = peers.get("torch")
+    for dtype, name in ((np.float64, "f64"), (np.float32, "f32")):
+        keys = [f"torch_{name}_1t", f"torch_{name}_{threads}t"]
+        run = None if torch is None else _torch_kernel(torch, config, weight, x, dtype)
+        if run is None or isinstance(run, str):
+            for key in dict.fromkeys(keys):
+                skipped[key] = f"skipped: {run or 'not installed'}"
+            continue
+        with torch.no_grad(), _torch_threads(torch, 1):
+            timings[keys[0]] = _time(run, repeat)
+        with torch.no_grad(), _torch_threads(torch, threads):
+            timings[keys[1]] = _time(run, repeat)
+    why = "not installed" if "pylops" not in peers else _pylops_skip(config)
+    if why:
+        skipped["pylops_fft"] = f"skipped: {why}"
+    else:
+        pylops_op, flat = pylops_operator(config, weight), x.ravel()
+        timings["pylops_fft"] = _time(lambda: pylops_op.matvec(flat), repeat)
+
+
+# The operator's figure each time is compared with: the same product (or build).
+_REFERENCE = {"csr_torch_transpose": "csr_transpose", "spconv_build": "build"}
+
+# Timings read the canonical CSR matrix: the bound of a product reading it.
+_CSR_READERS = ("csr_serial", "csr_torch", "csr_torch_transpose")
+
+
+def reference_of(key: str) -> str:
+    """The operator's timing that ``key``'s ratio is taken over."""
+    return _REFERENCE.get(key, "csr")
+
+
 def compare_config(config: Config, *, threads: int, bandwidth: float, repeat: int,
                    peers: dict, progress: Progress | None = None) -> dict:
-    """Times (s) and ratios for one configuration: CSR, direct kernels, peers.
+    """Times (s) and ratios for one configuration: the operator, direct kernels, peers.
 
-    ``r['times']`` maps each method to its best time for one sample; every
-    ``r['vs_csr'][m]`` is that time over the threaded CSR product ``W @ x``.
+    ``r['times']`` maps each method to its best time for one sample and
+    ``r['timing']`` to its min, median and max over ``repeat`` rounds;
+    ``r['vs_csr'][m]`` is that time over the operator's same product (``W.T
+    @ y`` for torch's transposed product, the CSR build for
+    sparse_convolution's build, else ``W @ x``), so above 1 means the
+    operator is ahead.  The sparse peers run in rounds alternating with the
+    operator's product, whose best time there is ``r['paired'][m]``.
+    ``r['skipped'][m]`` says why a method has no time.
     """
     rng = np.random.default_rng(0)
+    name = f"({config.name})"
+    if progress:
+        progress.begin(f"{name} operator: build W, W @ x, W.T @ y, batch; scipy's W @ x")
     weight, op, x = _operator_and_input(config, threads, rng)
     W = op.matrix
     y = rng.standard_normal(W.shape[0])
     matrix_bytes = W.data.nbytes + W.indices.nbytes + W.indptr.nbytes
     r: dict[str, Any] = dict(config=config.name, description=config.description,
                              threads=threads, nnz=int(W.nnz), shape=list(W.shape),
-                             matrix_bytes=int(matrix_bytes))
-    times = {}
-    times["build"] = best_time(lambda: config.build(weight), repeat, min_time=0)
-    times["csr"] = best_time(lambda: op.matvec(x.ravel()), repeat)
-    times["csr_serial"] = best_time(lambda: W @ x.ravel(), repeat)
+                             matrix_bytes=int(matrix_bytes), form=op.product_form.name,
+                             repeat=repeat, timing={}, skipped={}, paired={})
+    timings = r["timing"]
+    timings["build"] = _time(lambda: config.build(weight), repeat, min_time=0)
+    timings["csr"] = _time(lambda: op.matvec(x.ravel()), repeat)
+    timings["csr_serial"] = _time(lambda: W @ x.ravel(), repeat)
     op.rmatvec(y)  # builds the transposed products' matrix once, outside the timing
-    times["csr_transpose"] = best_time(lambda: op.rmatvec(y), repeat)
+    timings["csr_transpose"] = _time(lambda: op.rmatvec(y), repeat)
     batch = config.batch or 8
     X = rng.standard_normal((W.shape[1], batch))
-    times["csr_batch_per_column"] = best_time(lambda: op.matmat(X), repeat) / batch
+    t = _time(lambda: op.matmat(X), repeat)
+    timings["csr_batch_per_column"] = Timing(t.min / batch, t.median / batch, t.max / batch,
+                                               t.rounds)
     r["batch"] = batch
     # what the operator's product reads: its dense channel blocks, or the CSR
     r["product_bytes"] = int(op.product_form.nbytes)
     r["bound_s"] = (r["product_bytes"] + x.nbytes + y.nbytes) / bandwidth
-    r["csr_of_bound"] = r["bound_s"] / times["csr"]
+    r["csr_bound_s"] = (matrix_bytes + x.nbytes + y.nbytes) / bandwidth
     if progress:
-        progress.step(f"{config.name}: CSR")
-
-    x_sample = x
+        progress.end()
+        progress.begin(f"{name} direct kernels: naive, fast, fft")
     for method in direct.METHODS:
         if method == "naive" and _n_positions(op) > _NAIVE_MAX_POSITIONS:
+            r["skipped"][method] = "skipped: too large"
             continue
-        run = _direct_kernel(method, config, weight, x_sample)
-        times[method] = best_time(run, 1 if method == "naive" else repeat,
-                                  min_time=0 if method == "naive" else 0.05)
+        run = _direct_kernel(method, config, weight, x)
+        timings[method] = _time(run, 1 if method == "naive" else repeat,
+                                min_time=0 if method == "naive" else 0.05)
     if progress:
-        progress.step(f"{config.name}: direct kernels")
-
-    torch = peers.get("torch")
-    if torch is not None:
-        for dtype, label in ((np.float64, "f64"), (np.float32, "f32")):
-            run = _torch_kernel(torch, config, weight, x_sample, dtype)
-            if run is None:
-                continue
-            with torch.no_grad(), _torch_threads(torch, 1):
-                times[f"torch_{label}_1t"] = best_time(run, repeat)
-            with torch.no_grad(), _torch_threads(torch, threads):
-                times[f"torch_{label}_{threads}t"] = best_time(run, repeat)
-    if "pylops" in peers and _pylops_applies(config):
-        pylops_op, flat = pylops_operator(config, weight), x_sample.ravel()
-        times["pylops_fft"] = best_time(lambda: pylops_op.matvec(flat), repeat)
+        progress.end()
+        progress.begin(f"{name} peers: torch.sparse_csr, sparse_convolution, torch conv, PyLops")
+    _sparse_peers(r, config, op, W, weight, x, y, threads=threads, repeat=repeat, peers=peers,
+                  progress=progress)
     if progress:
-        progress.step(f"{config.name}: peers")
+        progress.update(f"{name} peers: torch.nn.functional, PyLops")
+    _dense_peers(r, config, weight, x, threads=threads, repeat=repeat, peers=peers)
+    if progress:
+        progress.end()
+    times = {k: v.min for k, v in timings.items()}
     r["times"] = times
-    r["vs_csr"] = {k: v / times["csr"] for k, v in times.items()}
+    r["timing"] = {k: v._asdict() for k, v in timings.items()}
+    # A peer timed in alternating rounds with the operator is compared with
+    # the operator's time from those rounds.
+    r["vs_csr"] = {k: v / r["paired"].get(k, times[reference_of(k)]) for k, v in times.items()}
+    r["csr_of_bound"] = r["bound_s"] / times["csr"]
+    r["of_bound"] = {k: r["csr_bound_s"] / times[k] for k in _CSR_READERS if k in times}
+    r["of_bound"]["csr"] = r["csr_of_bound"]
+    r["of_bound"]["csr_transpose"] = r["bound_s"] / times["csr_transpose"]
     return r
 
 
-_CSR_COLUMNS = [
-    ("build", "build ms"),
-    ("csr", "W@x ms"),
-    ("csr_transpose", "WT@y ms"),
-    ("csr_batch_per_column", "batch/col"),
-    ("csr_serial", "scipy 1t"),
-]
+# --- labels and tables -----------------------------------------------------------------------
+
+_LABELS = {
+    "build": "build W (conv_matrix, CSR)",
+    "csr": "operator W @ x",
+    "csr_transpose": "operator W.T @ y",
+    "csr_batch_per_column": "operator W @ X, per column",
+    "csr_serial": "scipy CSR W @ x, 1 thread",
+    "csr_torch": "torch.sparse_csr W @ x",
+    "csr_torch_transpose": "torch.sparse_csr W.T @ y",
+    "spconv_build": "sparse_convolution build",
+    "spconv": "sparse_convolution W @ x",
+    "naive": "direct: Python loop",
+    "fast": "direct: im2col view + matmul",
+    "fft": "direct: scipy.fft",
+    "pylops_fft": "PyLops ConvolveND (FFT)",
+}
+
+_FORM_NAMES = {"blocks": "channel blocks", "diagonals": "diagonals", "csr": "CSR"}
 
 
-def _peer_columns(results) -> list[str]:
-    seen = []
+def label(key: str, threads: int | None = None) -> str:
+    """The human name of a timing key (``csr_transpose`` -> 'operator W.T @ y')."""
+    if key in _LABELS:
+        text = _LABELS[key]
+        if key.startswith("csr_torch") and threads:
+            text += f", {threads} threads"
+        return text
+    parts = key.split("_")
+    if len(parts) == 3 and parts[0] == "torch" and parts[2].endswith("t"):
+        n = parts[2][:-1]
+        return f"torch conv {parts[1]}, {n} thread{'s' if n != '1' else ''}"
+    return key
+
+
+def _ms(seconds: float) -> str:
+    ms = seconds * 1e3
+    return f"{ms:.3g}" if ms < 1 else f"{ms:.1f}" if ms >= 100 else f"{ms:.2f}"
+
+
+def _ratio(value: float) -> str:
+    return f"{value:.0f}x" if value >= 10 else f"{value:.2g}x"
+
+
+def _cell(r: dict, key: str) -> str:
+    """``ms (ratio x)`` or ``skipped: why``."""
+    if key in r["times"]:
+        return f"{_ms(r['times'][key])} ({_ratio(r['vs_csr'][key])})"
+    return r.get("skipped", {}).get(key, "skipped")
+
+
+_OPERATOR_COLUMNS = ["build", "csr", "csr_transpose", "csr_batch_per_column"]
+_SPARSE_PEERS = ["csr_serial", "csr_torch", "csr_torch_transpose", "spconv_build", "spconv"]
+_SHORT = {
+    "csr_serial": "scipy 1t W@x", "csr_torch": "torch CSR W@x",
+    "csr_torch_transpose": "torch CSR WT@y", "spconv_build": "spconv build",
+    "spconv": "spconv W@x", "naive": "naive loop", "fast": "fast (im2col)", "fft": "fft",
+    "pylops_fft": "PyLops FFT",
+}
+
+
+def _short(key: str) -> str:
+    if key in _SHORT:
+        return _SHORT[key]
+    return label(key).replace("torch conv ", "torch ").replace(" threads", "t") \
+        .replace(" thread", "t")
+
+
+def _other_columns(results) -> list[str]:
+    """Direct kernels and dense peers present in any result (timed or skipped)."""
+    seen: list[str] = []
     for r in results:
-        for key in r["times"]:
-            if key not in seen and key not in dict(_CSR_COLUMNS):
+        for key in [*r["times"], *r.get("skipped", {})]:
+            if key not in seen and key not in _OPERATOR_COLUMNS + _SPARSE_PEERS:
                 seen.append(key)
     return seen
 
 
+def _table(results, keys, width: int) -> list[str]:
+    """Right-aligned columns, each at least ``width`` wide and one space apart."""
+    cells = [[_cell(r, k) for k in keys] for r in results]
+    widths = [max([width, len(_short(k)) + 1] + [len(row[j]) + 1 for row in cells])
+              for j, k in enumerate(keys)]
+    lines = [f"{'cfg':<4}" + "".join(f"{_short(k):>{w}}" for k, w in zip(keys, widths))]
+    for r, row in zip(results, cells):
+        lines.append(f"{r['config']:<4}" + "".join(f"{c:>{w}}" for c, w in zip(row, widths)))
+    return lines
+
+
+def _spread_lines(results) -> list[str]:
+    """Per configuration: the largest median/min over its timings, and which one."""
+    rounds = sorted({r.get("repeat", 0) for r in results})
+    lines = [f"spread (median / min over {', '.join(map(str, rounds))} round(s) per timing; "
+             "1.00 = every round the same):"]
+    for r in results:
+        timing = r.get("timing", {})
+        spreads = {k: t["median"] / t["min"] for k, t in timing.items()
+                   if t["rounds"] > 1 and t["min"] > 0}
+        if not spreads:
+            lines.append(f"  ({r['config']}) one round only: no spread (use --repeat 3 or more)")
+            continue
+        worst = max(spreads, key=lambda k: spreads[k])
+        lines.append(f"  ({r['config']}) operator W @ x {spreads.get('csr', math.nan):.2f}, "
+                     f"W.T @ y {spreads.get('csr_transpose', math.nan):.2f}; largest "
+                     f"{spreads[worst]:.2f} ({label(worst)})")
+    return lines
+
+
 def format_comparison(results: list[dict], machine: dict, notes: list[str]) -> str:
-    """The bench table: CSR figures, then every other method as a ratio to ``W @ x``."""
+    """The bench tables: the operator's figures, the sparse peers, the direct kernels."""
+    threads = machine["threads"]
     lines = [
-        f"{machine['date']}, {machine['threads']} threads, float64; read bandwidth "
+        f"{machine['date']}, {threads} threads, float64; read bandwidth "
         f"{machine['bandwidth_all']/1e9:.1f} GB/s ({machine['bandwidth_1']/1e9:.1f} on 1 thread)",
         "",
-        "Sparse matrix, by the operator (dense channel blocks where the layer has them, else CSR; "
-        "times in ms; batch/col: matmat time per column; scipy 1t: scipy's serial CSR W @ x)",
-        f"{'cfg':<4}{'nnz':>12}{'MB':>8}" + "".join(f"{h:>11}" for _, h in _CSR_COLUMNS)
-        + f"{'of bound':>10}",
+        "The operator (times in ms, best of the rounds; median beside W@x; form: what its "
+        "products read; batch/col: matmat time per column)",
+        f"{'cfg':<4}{'form':>15}{'nnz':>13}{'MB':>8}{'build':>9}{'W@x':>9}{'median':>9}"
+        f"{'of bound':>9}{'WT@y':>9}{'of bound':>9}{'batch/col':>10}",
     ]
     for r in results:
-        t = r["times"]
-        lines.append(f"{r['config']:<4}{r['nnz']:>12,}{r['matrix_bytes']/1e6:>8.1f}"
-                     + "".join(f"{t[k]*1e3:>11.3f}" for k, _ in _CSR_COLUMNS)
-                     + f"{r['csr_of_bound']:>10.2f}")
-    others = _peer_columns(results)
+        t, bound = r["times"], r.get("of_bound", {})
+        median = r.get("timing", {}).get("csr", {}).get("median", t["csr"])
+        lines.append(
+            f"{r['config']:<4}{_FORM_NAMES.get(r.get('form', ''), r.get('form', '')):>15}"
+            f"{r['nnz']:>13,}{r['matrix_bytes']/1e6:>8.1f}{_ms(t['build']):>9}"
+            f"{_ms(t['csr']):>9}{_ms(median):>9}{r['csr_of_bound']:>9.2f}"
+            f"{_ms(t['csr_transpose']):>9}{bound.get('csr_transpose', math.nan):>9.2f}"
+            f"{_ms(t['csr_batch_per_column']):>10}")
+    lines += ["", "Sparse products on the same matrix: time in ms (peer time / the operator's "
+              "same product; > 1: the operator is ahead)"]
+    lines += _table(results, _SPARSE_PEERS, 16)
     lines += ["", "Direct kernels and peers: time in ms "
-              "(time / matrix W@x; > 1 means the matrix is faster)",
-              f"{'cfg':<4}" + "".join(f"{k:>20}" for k in others)]
-    for r in results:
-        cells = []
-        for k in others:
-            if k in r["times"]:
-                cells.append(f"{r['times'][k]*1e3:.3f} ({r['vs_csr'][k]:.2g}x)")
-            else:
-                cells.append("-")
-        lines.append(f"{r['config']:<4}" + "".join(f"{c:>20}" for c in cells))
+              "(time / matrix W@x; > 1 means the matrix is faster)"]
+    lines += _table(results, _other_columns(results), 15)
     lines.append("")
     for r in results:
-        lines.append(f"  ({r['config']}) {r['description']}")
-    lines.append("\nof bound: (bytes of the matrix form W@x reads + x + y) / read bandwidth over "
-                 "the W@x time; "
-                 "naive: Python loop over output positions (small sizes only); fast: im2col "
-                 "as a strided view + matmul; fft: scipy.fft; torch_f64_1t: "
-                 "torch.nn.functional on 1 thread, float64; '-': not applicable or skipped")
+        extra = f"; sparse_convolution mode '{r['spconv_mode']}'" if r.get("spconv_mode", "") \
+            in SPCONV_MODES else ""
+        lines.append(f"  ({r['config']}) {r['description']}{extra}")
+    lines += [""] + _spread_lines(results)
+    lines.append(
+        f"\nof bound: (bytes the product reads + x + y) / read bandwidth over its time (the "
+        "operator reads its product form; torch and scipy the CSR matrix, whose column is in "
+        "--json). "
+        f"torch CSR: torch.sparse_csr_tensor on W's arrays, {threads} threads; its W.T@y "
+        "multiplies the CSR of W.T built as a user would (W.T.tocsr()), since torch's "
+        "transposed CSR product is serial. spconv: sparse_convolution's "
+        "Toeplitz_convolution2d(method='precomputed'), 2-D one channel (a 1-D signal as a "
+        "1 x L image), checked equal to W @ x first; its build is over conv_matrix's. "
+        "naive: Python loop over output positions (small sizes only); fast: im2col "
+        "as a strided view + matmul; fft: scipy.fft; torch f64 1t: "
+        "torch.nn.functional on 1 thread, float64")
     lines += [f"note: {n}" for n in notes]
+    return "\n".join(lines)
+
+
+def markdown_table(results: list[dict]) -> str:
+    """The README's table of the sparse peers: ms, and in brackets the peer over the operator."""
+    head = ["config", "nnz", "form", "`W @ x`", "of bound", "`W.T @ y`", *(
+        label(k, results[0]["threads"] if results else None) for k in _SPARSE_PEERS)]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for r in results:
+        t = r["times"]
+        cells = [f"({r['config']}) {r['description']}", f"{r['nnz']/1e6:.1f} M",
+                 _FORM_NAMES.get(r.get("form", ""), ""), _ms(t["csr"]),
+                 f"{r['csr_of_bound']:.2f}", _ms(t["csr_transpose"]),
+                 *(_cell(r, k) for k in _SPARSE_PEERS)]
+        lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
@@ -301,27 +704,76 @@ def _pyplot():
     return plt
 
 
-def plot_comparison(results: list[dict], path, title: str = "") -> None:
-    """Bar chart: every method's time over the CSR product's, per configuration (log scale)."""
-    plt = _pyplot()
-    methods = ["csr_transpose", "csr_serial"] + [m for m in _peer_columns(results)]
-    fig, ax = plt.subplots(figsize=(11.5, 1.0 + 0.75 * len(results)))
-    height = 0.8 / len(methods)
-    cmap = plt.get_cmap("tab20")
-    for j, m in enumerate(methods):
-        ys = [i + j * height for i in range(len(results))]
-        vals = [r["vs_csr"].get(m, np.nan) for r in results]
-        ax.barh(ys, vals, height=height, label=m, color=cmap(j % 20))
-    ax.axvline(1.0, color="k", lw=1)
+_BAR_INCHES = 0.2  # height of one bar: readable labels at the docs' width
+
+
+def _bar_panel(plt, ax, results, keys, threads, *, colors, xlabel):
+    """Horizontal bars of ``vs_csr`` per configuration; skipped ones hatched and labelled."""
+    n = len(keys)
+    height = 0.86 / n
+    ratios = [r["vs_csr"][k] for r in results for k in keys if k in r["times"]]
+    lo = min([*ratios, 1.0]) / 3
+    hi = max([*ratios, 1.0]) * 8
+    for j, key in enumerate(keys):
+        for i, r in enumerate(results):
+            y = i + (j - (n - 1) / 2) * height
+            if key in r["times"]:
+                value = r["vs_csr"][key]
+                ax.barh(y, value - lo, left=lo, height=height * 0.9, color=colors[j])
+                ax.text(value * 1.08, y, f"{_ms(r['times'][key])} ms", va="center", fontsize=8)
+            else:
+                ax.barh(y, 1.0 - lo, left=lo, height=height * 0.9, facecolor="none",
+                        edgecolor=colors[j], hatch="///", lw=0.6)
+                ax.text(lo * 1.1, y, r.get("skipped", {}).get(key, "skipped"), va="center",
+                        fontsize=7.5, color="0.25",
+                        bbox=dict(facecolor="white", edgecolor="none", pad=0.3))
     ax.set_xscale("log")
-    ax.set_yticks([i + 0.4 - height / 2 for i in range(len(results))])
-    ax.set_yticklabels([f"({r['config']}) {r['description']}" for r in results], fontsize=8)
-    ax.invert_yaxis()
-    ax.set_xlabel("time / threaded matrix product W @ x  (left of 1: faster than it)")
-    ax.set_title(title or "sparse-tconv bench")
-    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    ax.set_xlim(lo, hi)
+    ax.axvline(1.0, color="k", lw=1)
+    ax.set_yticks(range(len(results)))
+    ax.set_yticklabels([f"({r['config']})\n" + textwrap.fill(r["description"], 22)
+                        for r in results], fontsize=9)
+    ax.set_ylim(len(results) - 0.5, -0.5)
+    ax.set_xlabel(xlabel, fontsize=10)
+    ax.tick_params(axis="x", labelsize=9)
+    ax.grid(axis="x", which="major", color="0.85", lw=0.6)
+    ax.set_axisbelow(True)
+    handles = [plt.Rectangle((0, 0), 1, 1, color=c) for c in colors[:n]]
+    handles.append(plt.Rectangle((0, 0), 1, 1, facecolor="none", edgecolor="0.3", hatch="///"))
+    names = [label(k, threads) + (" (over its W @ x)" if k == "csr_transpose" else "")
+             for k in keys]
+    return handles, names + ["skipped (why is written on it)"]
+
+
+def plot_comparison(results: list[dict], path, title: str = "") -> None:
+    """Two panels of bars: the sparse products' times over the operator's, then the kernels'.
+
+    Each bar is a ratio (log scale; right of 1: slower than the operator)
+    with its absolute time written beside it; a skipped method is a hatched
+    placeholder that says why.
+    """
+    plt = _pyplot()
+    threads = results[0]["threads"] if results else None
+    sparse = ["csr_transpose", *_SPARSE_PEERS]
+    others = _other_columns(results)
+    panels = [(sparse, "sparse products on the same matrix",
+               "time / the operator's same product (W.T @ y for the transposed products, "
+               "conv_matrix for builds, else W @ x)")]
+    if others:
+        panels.append((others, "direct convolution kernels and PyTorch / PyLops",
+                       "time / the operator's W @ x (right of 1: the matrix product is faster)"))
+    heights = [len(results) * len(keys) * _BAR_INCHES + 2.2 for keys, _, _ in panels]
+    fig, axes = plt.subplots(len(panels), 1, figsize=(10, sum(heights) + 0.4), squeeze=False,
+                             gridspec_kw=dict(height_ratios=heights), layout="constrained")
+    for ax, (keys, name, xlabel) in zip(axes[:, 0], panels):
+        cmap = plt.get_cmap("tab10" if keys is sparse else "Dark2")
+        handles, names = _bar_panel(plt, ax, results, keys, threads,
+                                    colors=[cmap(j % 8) for j in range(len(keys))], xlabel=xlabel)
+        # above the bars, under the panel's name, so that no bar is hidden
+        ax.legend(handles, names, title=name, title_fontsize=11, alignment="left", fontsize=9,
+                  ncol=3, loc="lower left", bbox_to_anchor=(0.0, 1.0), frameon=False)
+    fig.suptitle(title or "sparse-tconv bench", fontsize=12)
+    fig.savefig(path, dpi=100)
     plt.close(fig)
 
 
@@ -372,6 +824,8 @@ def run_crossover(grid: dict, *, threads: int, repeat: int, max_nnz: int = 150_0
     for n in grid["images"]:
         for C in grid["channels"]:
             for k in grid["kernels"]:
+                if progress:
+                    progress.begin(f"{C}x{n}x{n}, k{k}: W @ x, fast, fft")
                 cell = _crossover_cell(C, k, n, threads=threads, repeat=repeat, max_nnz=max_nnz,
                                        rng=rng)
                 t = {m: cell["times"][m] for m in CROSSOVER_METHODS if m in cell["times"]}
@@ -382,7 +836,7 @@ def run_crossover(grid: dict, *, threads: int, repeat: int, max_nnz: int = 150_0
                     cell["csr_over_best_direct"] = t["csr"] / min(t["fast"], t["fft"])
                 cells.append(cell)
                 if progress:
-                    progress.step(f"{C}x{n}x{n}, k{k}: {cell['winner']}")
+                    progress.end(f"{cell['winner']} wins")
     return cells
 
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import gc
+import inspect
 import json
 import sys
 import time
@@ -21,7 +22,9 @@ from typing import Any
 
 import numpy as np
 
+from .. import ConvOperator
 from .._parallel import resolve_threads
+from . import compare
 from .configs import CONFIGS, QUICK_CONFIGS, Config, select
 from .outputs import output_path_problem
 from .timing import (
@@ -29,10 +32,12 @@ from .timing import (
     measure_bandwidth,
     measure_block_gemm_rate,
     measure_fresh_write,
+    paired_stats,
     settle,
+    time_stats,
 )
 
-__all__ = ["TARGETS", "run_config", "main"]
+__all__ = ["TARGETS", "SMOKE_VERDICT", "run_config", "main"]
 
 
 # The targets of the performance issue: (figure, comparison, bound, configs it
@@ -45,7 +50,18 @@ TARGETS = [
     ("batch_over_matvec", "<=", 8.0, "c", "batch_bound_over_matvec"),
     ("rebuild_speedup", ">=", 3.0, "bcdefg", "rebuild_speedup_bound"),
     ("build_peak_over_matrix", "<=", 1.2, "bcdefg", None),
+    # issue 18: ahead of every sparse peer where it applies; float32; one stored form
+    ("torch_csr_over_matvec", ">=", 1.0, "bcdefg", None),
+    ("torch_csr_over_rmatvec", ">=", 1.0, "bcdefg", None),
+    ("spconv_over_matvec", ">=", 1.0, "bcdefg", None),
+    ("float32_speedup", ">=", 1.6, "bcg", "float32_speedup_bound"),
+    ("single_form_memory_ratio", "<=", 0.6, "c", None),
+    ("single_form_rmatvec_over_matvec", "<=", 1.3, "c", None),
+    ("single_form_rmatvec_over_matvec", "<=", 1.5, "bdefg", None),
 ]
+
+# What a --quick run says instead of a verdict: its sizes are not the targets'.
+SMOKE_VERDICT = "smoke run: not comparable"
 
 
 def _peak_build_bytes(config: Config, weight) -> int:
@@ -101,10 +117,12 @@ def _product_figures(op, x, y, *, bandwidth, repeat) -> dict:
     matrix_bytes = W.data.nbytes + W.indices.nbytes + W.indptr.nbytes
     r: dict[str, Any] = {}
     r["scipy_matvec_s"] = best_time(lambda: W @ x, repeat)
-    r["matvec_s"] = best_time(lambda: op.matvec(x), repeat)
+    matvec = time_stats(lambda: op.matvec(x), repeat)
+    r["matvec_s"], r["matvec_median_s"] = matvec.min, matvec.median
     op.rmatvec(y)  # builds the transposed products' matrix once, outside the timing
     r["scipy_transpose_matvec_s"] = best_time(lambda: W.T @ y, repeat)
-    r["rmatvec_s"] = best_time(lambda: op.rmatvec(y), repeat)
+    rmatvec = time_stats(lambda: op.rmatvec(y), repeat)
+    r["rmatvec_s"], r["rmatvec_median_s"] = rmatvec.min, rmatvec.median
     r["matvec_speedup"] = r["scipy_matvec_s"] / r["matvec_s"]
     r["rmatvec_speedup"] = r["scipy_matvec_s"] / r["rmatvec_s"]
     r["rmatvec_over_matvec"] = r["rmatvec_s"] / r["matvec_s"]
@@ -121,6 +139,103 @@ def _product_figures(op, x, y, *, bandwidth, repeat) -> dict:
     r["csr_speedup_bound"] = r["scipy_matvec_s"] / ((matrix_bytes + vectors) / bandwidth)
     # ... and any product reading the operator's product form.
     r["matvec_speedup_bound"] = r["scipy_matvec_s"] / r["bound_s"]
+    return r
+
+
+def _peer_figures(config: Config, op, weight, x, y, *, threads, repeat, peers) -> dict:
+    """torch.sparse_csr (both directions, all threads) and sparse_convolution, on W.
+
+    Each ratio is the peer's time over the operator's same figure, the two
+    timed in alternating rounds (the same load for both): above 1, the
+    operator is ahead.  ``skipped`` says why a peer has no figure.
+    """
+    r: dict[str, Any] = {"skipped": {}}
+    skipped = r["skipped"]
+    torch = peers.get("torch")
+    if torch is None:
+        skipped["torch_csr"] = "skipped: torch not installed"
+    else:
+        forward, backward, _ = compare.torch_csr_products(torch, op.matrix)
+        old = torch.get_num_threads()
+        torch.set_num_threads(threads)
+        try:
+            own_f, own_b, peer_f, peer_b = paired_stats(
+                [lambda: op.matvec(x), lambda: op.rmatvec(y), lambda: forward(x),
+                 lambda: backward(y)], repeat)
+        finally:
+            torch.set_num_threads(old)
+        del forward, backward
+        r["torch_csr_matvec_s"], r["torch_csr_rmatvec_s"] = peer_f.min, peer_b.min
+        # the operator's own times in those rounds, which the ratios divide by
+        r["torch_csr_paired_matvec_s"], r["torch_csr_paired_rmatvec_s"] = own_f.min, own_b.min
+        r["torch_csr_over_matvec"] = peer_f.min / own_f.min
+        r["torch_csr_over_rmatvec"] = peer_b.min / own_b.min
+    spconv = peers.get("sparse_convolution")
+    peer = "skipped: not installed" if spconv is None else compare.spconv_peer(
+        spconv, config, weight, op, x)
+    if isinstance(peer, str):
+        skipped["spconv"] = peer
+        return r
+    r["spconv_mode"], build, apply = peer
+    own, theirs = paired_stats([lambda: config.build(weight), build], max(1, min(repeat, 3)),
+                               min_time=0)
+    r["spconv_build_s"], r["spconv_build_over_build"] = theirs.min, theirs.min / own.min
+    own, theirs = paired_stats([lambda: op.matvec(x), apply], repeat)
+    r["spconv_matvec_s"], r["spconv_over_matvec"] = theirs.min, theirs.min / own.min
+    return r
+
+
+def _float32_figures(config: Config, weight, x, y, *, threads, bandwidth, repeat) -> dict:
+    """The products in float32: half the bytes of the values, against float64 and the bound."""
+    op = config.operator(weight.astype(np.float32), threads=threads)
+    x32, y32 = x.astype(np.float32), y.astype(np.float32)
+    r: dict[str, Any] = {}
+    r["float32_matvec_s"] = best_time(lambda: op.matvec(x32), repeat)
+    op.rmatvec(y32)  # its transposed form, outside the timing
+    r["float32_rmatvec_s"] = best_time(lambda: op.rmatvec(y32), repeat)
+    r["float32_product_bytes"] = op.product_form.nbytes
+    r["float32_bound_s"] = (op.product_form.nbytes + x32.nbytes + y32.nbytes) / bandwidth
+    r["float32_fraction_of_bound"] = r["float32_bound_s"] / r["float32_matvec_s"]
+    return r
+
+
+def _held_bytes(make) -> tuple[int, Any]:
+    """Bytes still allocated (tracemalloc) when ``make()`` returns, and what it returned."""
+    gc.collect()
+    tracemalloc.start()
+    try:
+        value = make()
+        return tracemalloc.get_traced_memory()[0], value
+    finally:
+        tracemalloc.stop()
+
+
+def single_form_supported() -> bool:
+    """Whether the operators take ``keep_transpose=`` (one stored form for both directions)."""
+    return "keep_transpose" in inspect.signature(ConvOperator).parameters
+
+
+def _single_form_figures(config: Config, weight, x, y, *, threads, repeat) -> dict:
+    """``keep_transpose=False`` against the default: memory held after both products, speed.
+
+    Skipped (with the reason) while the operators have no such option.
+    """
+    if not single_form_supported():
+        return {"skipped": {"single_form": "skipped: ConvOperator has no keep_transpose option"}}
+
+    def used(**options):
+        op = config.operator(weight, threads=threads, **options)
+        op.matvec(x)
+        op.rmatvec(y)
+        return op
+
+    r: dict[str, Any] = {}
+    r["default_held_bytes"], _ = _held_bytes(used)
+    r["single_form_held_bytes"], op = _held_bytes(lambda: used(keep_transpose=False))
+    r["single_form_memory_ratio"] = r["single_form_held_bytes"] / r["default_held_bytes"]
+    r["single_form_matvec_s"] = best_time(lambda: op.matvec(x), repeat)
+    r["single_form_rmatvec_s"] = best_time(lambda: op.rmatvec(y), repeat)
+    r["single_form_rmatvec_over_matvec"] = r["single_form_rmatvec_s"] / r["single_form_matvec_s"]
     return r
 
 
@@ -156,6 +271,7 @@ def run_config(
     write_bandwidth: float,
     repeat: int,
     cold_settle: float = 0.0,
+    peers: dict | None = None,
 ) -> dict:
     """Every figure for one configuration (times in seconds, ratios as floats).
 
@@ -180,14 +296,29 @@ def run_config(
     if config.batch:
         r.update(_batch_figures(op, config.batch, r["matvec_s"], rng, threads=threads,
                                 repeat=repeat))
+    r.update(_peer_figures(config, op, weight, x, y, threads=threads, repeat=repeat,
+                           peers=peers if peers is not None else compare.available_peers()[0]))
+    del op, W
+    gc.collect()  # before the float32 operator and the single-form ones are built
+    r.update(_float32_figures(config, weight, x, y, threads=threads, bandwidth=bandwidth,
+                              repeat=repeat))
+    r["float32_speedup"] = r["matvec_s"] / r["float32_matvec_s"]
+    r["float32_rmatvec_speedup"] = r["rmatvec_s"] / r["float32_rmatvec_s"]
+    # Reading fewer bytes gains at most their ratio.
+    r["float32_speedup_bound"] = r["bound_s"] / r["float32_bound_s"]
+    gc.collect()
+    single = _single_form_figures(config, weight, x, y, threads=threads, repeat=repeat)
+    r["skipped"].update(single.pop("skipped", {}))
+    r.update(single)
     return r
 
 
-def _verdicts(results: list[dict]) -> list[dict]:
+def _verdicts(results: list[dict], smoke: bool = False) -> list[dict]:
+    """One row per target and configuration it applies to; ``smoke``: a --quick run."""
     rows = []
     for figure, cmp, bound, applies, limit_name in TARGETS:
         for r in results:
-            if r["config"] not in applies or figure not in r:
+            if r["config"] not in applies or r.get(figure) is None:
                 continue
             value = r[figure]
             met = value <= bound if cmp == "<=" else value >= bound
@@ -197,6 +328,7 @@ def _verdicts(results: list[dict]) -> list[dict]:
                 limit = r[limit_name]
                 row["limit"] = limit
                 row["reachable"] = limit <= bound if cmp == "<=" else limit >= bound
+            row["verdict"] = SMOKE_VERDICT if smoke else _verdict_word(row)
             rows.append(row)
     return rows
 
@@ -209,6 +341,54 @@ def _verdict_word(v) -> str:
     if "limit" in v:
         return f"NOT MET (physical limit here {v['limit']:.2f})"
     return "NOT MET"
+
+
+def _ms_ratio(r: dict, time_key: str, ratio_key: str, skip_key: str) -> str:
+    """``ms (ratio x)``, or the reason the figure is skipped."""
+    if time_key not in r:
+        return r.get("skipped", {}).get(skip_key, "skipped")
+    return f"{r[time_key]*1e3:.2f} ({r[ratio_key]:.2f}x)"
+
+
+def _mb(nbytes: float) -> str:
+    return f"{nbytes/1e6:.0f} MB" if nbytes >= 1e7 else f"{nbytes/1e6:.2f} MB"
+
+
+def _peer_lines(results) -> list[str]:
+    """The sparse peers, float32 and the single stored form, per configuration."""
+    head = (f"{'cfg':<4}{'Wx ms':>8}{'median':>8}{'torch CSR Wx':>22}{'torch CSR WTy':>22}"
+            f"{'spconv Wx':>22}{'spconv build':>22}")
+    lines = ["", "sparse peers on the same matrix: ms (peer / the operator's same figure; > 1: "
+             "the operator is ahead); the operator's W@x min and median", head]
+    for r in results:
+        lines.append(
+            f"{r['config']:<4}{r['matvec_s']*1e3:>8.2f}{r['matvec_median_s']*1e3:>8.2f}"
+            f"{_ms_ratio(r, 'torch_csr_matvec_s', 'torch_csr_over_matvec', 'torch_csr'):>22}"
+            f"{_ms_ratio(r, 'torch_csr_rmatvec_s', 'torch_csr_over_rmatvec', 'torch_csr'):>22}"
+            f"{_ms_ratio(r, 'spconv_matvec_s', 'spconv_over_matvec', 'spconv'):>22}"
+            f"{_ms_ratio(r, 'spconv_build_s', 'spconv_build_over_build', 'spconv'):>22}")
+    lines += ["", "float32 products (the values take half the bytes): ms, float64 time over "
+              "float32's, the most reading fewer bytes can gain (limit), fraction of the bound",
+              f"{'cfg':<4}{'f32 Wx':>9}{'f32 WTy':>9}{'Wx x':>7}{'WTy x':>7}{'limit':>7}"
+              f"{'of bound':>9}{'(f64)':>7}"]
+    for r in results:
+        lines.append(
+            f"{r['config']:<4}{r['float32_matvec_s']*1e3:>9.2f}{r['float32_rmatvec_s']*1e3:>9.2f}"
+            f"{r['float32_speedup']:>7.2f}{r['float32_rmatvec_speedup']:>7.2f}"
+            f"{r['float32_speedup_bound']:>7.2f}{r['float32_fraction_of_bound']:>9.2f}"
+            f"{r['matvec_fraction_of_bound']:>7.2f}")
+    lines.append("\nkeep_transpose=False (one stored product form for both directions):")
+    for r in results:
+        if "single_form_memory_ratio" in r:
+            lines.append(
+                f"  ({r['config']}) held after matvec + rmatvec "
+                f"{_mb(r['single_form_held_bytes'])} vs {_mb(r['default_held_bytes'])} "
+                f"by default ({r['single_form_memory_ratio']:.2f}x); rmatvec "
+                f"{r['single_form_rmatvec_s']*1e3:.2f} ms = "
+                f"{r['single_form_rmatvec_over_matvec']:.2f}x its matvec")
+        else:
+            lines.append(f"  ({r['config']}) {r['skipped'].get('single_form', 'skipped')}")
+    return lines
 
 
 def _format(results, verdicts, machine) -> str:
@@ -282,11 +462,13 @@ def _format(results, verdicts, machine) -> str:
         "scipy's W @ x over the time to read the product form, or the CSR matrix, at the measured "
         "bandwidth (the most a product reading it can gain)"
     )
-    lines.append("\ntargets:")
+    lines += _peer_lines(results)
+    lines.append("\ntargets:" + (f" ({SMOKE_VERDICT}: --quick sizes are not the targets')"
+                                  if machine.get("quick") else ""))
     for v in verdicts:
         lines.append(
-            f"  ({v['config']}) {v['figure']:<24} {v['value']:8.2f}  target {v['target']:<7}"
-            f" ratio {v['ratio_to_target']:.2f}  {_verdict_word(v)}"
+            f"  ({v['config']}) {v['figure']:<32} {v['value']:8.2f}  target {v['target']:<7}"
+            f" ratio {v['ratio_to_target']:.2f}  {v['verdict']}"
         )
     return "\n".join(lines)
 
@@ -325,24 +507,32 @@ def main(argv=None) -> int:
         bandwidth_all=measure_bandwidth(threads, size, repeat),
         fresh_write_all=measure_fresh_write(threads, size, repeat),
         date=time.strftime("%Y-%m-%d"),
+        quick=bool(args.quick),
     )
     cold_settle = 0.0 if (args.quick or args.no_cold) else 3.0
     if cold_settle:
         machine["cold_settle_s"] = cold_settle
         machine["fresh_write_cold"] = measure_fresh_write(threads, size, cold=True,
                                                           settle_s=cold_settle)
+    peers, notes = compare.available_peers()
     results = []
     for i, config in enumerate(configs, 1):
-        print(f"[{i}/{len(configs)}] {config.name}: {config.description}", file=sys.stderr)
+        print(f"[{i}/{len(configs)}] running now: ({config.name}) {config.description}",
+              file=sys.stderr)
         results.append(run_config(config, threads=threads, bandwidth=machine["bandwidth_all"],
                                   write_bandwidth=machine["fresh_write_all"], repeat=repeat,
-                                  cold_settle=cold_settle))
+                                  cold_settle=cold_settle, peers=peers))
         gc.collect()  # the previous configuration's matrices, before the next is measured
-    verdicts = _verdicts(results)
+    verdicts = _verdicts(results, smoke=args.quick)
+    if args.quick:
+        print(f"{SMOKE_VERDICT}: a --quick run measures small configurations in seconds; its "
+              "figures check that everything runs, not the targets\n")
     print(_format(results, verdicts, machine))
+    print("\n".join(f"note: {n}" for n in notes if "pylops" not in n))
     if args.json:
         with open(args.json, "w") as f:
-            json.dump(dict(machine=machine, results=results, targets=verdicts), f, indent=1)
+            json.dump(dict(machine=machine, results=results, targets=verdicts, notes=notes), f,
+                      indent=1)
     return 0
 
 

@@ -11,6 +11,7 @@ import gc
 import math
 import os
 import time
+from typing import NamedTuple
 
 import numpy as np
 
@@ -18,6 +19,9 @@ from .._parallel import run_parallel
 
 __all__ = [
     "cpu_count",
+    "Timing",
+    "time_stats",
+    "paired_stats",
     "best_time",
     "measure_bandwidth",
     "settle",
@@ -34,11 +38,27 @@ def cpu_count() -> int:
         return os.cpu_count() or 1
 
 
-def best_time(func, repeat: int = 5, min_time: float = 0.05) -> float:
-    """Best wall time of ``func()`` in seconds, over ``repeat`` rounds.
+class Timing(NamedTuple):
+    """Seconds per call over the rounds of one measurement: best, median, worst."""
+
+    min: float
+    median: float
+    max: float
+    rounds: int
+
+    @property
+    def spread(self) -> float:
+        """Median over best: 1.0 when every round took the same time."""
+        return self.median / self.min if self.min > 0 else math.nan
+
+
+def time_stats(func, repeat: int = 5, min_time: float = 0.05) -> Timing:
+    """Wall time of ``func()`` in seconds over ``repeat`` rounds: min, median, max.
 
     A round calls ``func`` enough times to last ``min_time``, so that very
-    short calls are not dominated by the timer.
+    short calls are not dominated by the timer.  The minimum is the figure
+    to compare (the least disturbed round); the median beside it shows how
+    much the machine varied during the measurement.
     """
     func()  # warm up: first-touch page faults, lazy imports
     number = 1
@@ -47,13 +67,43 @@ def best_time(func, repeat: int = 5, min_time: float = 0.05) -> float:
     once = time.perf_counter() - start
     if once < min_time:
         number = max(1, int(min_time / max(once, 1e-9)))
-    best = math.inf
-    for _ in range(repeat):
+    rounds = []
+    for _ in range(max(1, repeat)):
         start = time.perf_counter()
         for _ in range(number):
             func()
-        best = min(best, (time.perf_counter() - start) / number)
-    return best
+        rounds.append((time.perf_counter() - start) / number)
+    return Timing(min(rounds), float(np.median(rounds)), max(rounds), len(rounds))
+
+
+def paired_stats(funcs, repeat: int = 5, min_time: float = 0.05) -> list[Timing]:
+    """:func:`time_stats` of several functions measured in alternating rounds.
+
+    Round after round each function runs once in turn, so that the ratio of
+    two of them compares calls made under the same conditions: on a shared
+    machine the load changes from second to second, and two functions timed
+    one after the other can see different machines.
+    """
+    numbers = []
+    for func in funcs:
+        func()  # warm up
+        start = time.perf_counter()
+        func()
+        once = time.perf_counter() - start
+        numbers.append(max(1, int(min_time / max(once, 1e-9))) if once < min_time else 1)
+    rounds: list[list[float]] = [[] for _ in funcs]
+    for _ in range(max(1, repeat)):
+        for func, number, times in zip(funcs, numbers, rounds):
+            start = time.perf_counter()
+            for _ in range(number):
+                func()
+            times.append((time.perf_counter() - start) / number)
+    return [Timing(min(t), float(np.median(t)), max(t), len(t)) for t in rounds]
+
+
+def best_time(func, repeat: int = 5, min_time: float = 0.05) -> float:
+    """Best wall time of ``func()`` in seconds, over ``repeat`` rounds (see :func:`time_stats`)."""
+    return time_stats(func, repeat, min_time).min
 
 
 def measure_bandwidth(threads: int, nbytes: int = 1 << 30, repeat: int = 5) -> float:
