@@ -101,6 +101,11 @@ class _Structure:
         """``||P||`` of the padding map (see :func:`padding_map_norm`)."""
         return padding_map_norm(self.geometry)
 
+    @functools.cached_property
+    def gram_entries(self) -> int | None:
+        """The stored entries of the smaller Gram matrix (see :func:`_gram_entries`)."""
+        return _gram_entries(self)
+
 
 def structure_of(op) -> _Structure:
     """The geometry, weight and products of a convolution operator (else TypeError)."""
@@ -343,9 +348,28 @@ def product_nnz(a: sp.csr_array, b: sp.csr_array) -> int:
     return int(min(int(cols_a @ rows_b), a.shape[0] * b.shape[1]))
 
 
-def _gram_entries_estimate(matrix) -> int:
-    """The stored entries of :func:`_smaller_gram` (before cancellation), without forming it."""
-    W = sp.csr_array(matrix)
+def _gram_entries(structure: _Structure) -> int | None:
+    """The stored entries of :func:`_smaller_gram`, without forming it; None if far too many.
+
+    First a bound from the geometry alone (entries of W times the most a row
+    or column of W can hold: ``C/groups * prod(k)`` taps, times ``||P||^2``
+    copies of a padded input element); only when it is within a factor 256
+    of the certificate's budget is the exact count taken from the explicit
+    matrix (a pass of scipy's ``csr_matmat_maxnnz``, seconds on 10^7 entries).
+    """
+    geom = structure.geometry
+    taps = math.prod(geom.kernel_size)
+    rows, cols = math.prod(geom.output_shape), math.prod(geom.input_shape)
+    if structure.transposed:
+        rows, cols = cols, rows
+    per_row = float((geom.in_channels // geom.groups) * taps)
+    per_col = (geom.out_channels // geom.groups) * taps * structure.padding_norm ** 2
+    if structure.transposed:
+        per_row, per_col = per_col, per_row
+    loose = geom.nnz * (per_col if rows <= cols else per_row)
+    if structure.matrix is None or loose > 256 * _INERTIA_GRAM_NNZ:
+        return None
+    W = sp.csr_array(structure.matrix())
     Wt = sp.csr_array(W.T)
     return product_nnz(W, Wt) if W.shape[0] <= W.shape[1] else product_nnz(Wt, W)
 
@@ -392,9 +416,10 @@ def inertia_upper(structure: _Structure, t: float) -> float | None:
     order = min(math.prod(geom.output_shape), math.prod(geom.input_shape))
     if spatial_dims >= 3 and order > _INERTIA_ORDER_3D:
         return None
-    W = structure.matrix()
-    if _gram_entries_estimate(W) > _INERTIA_GRAM_NNZ:
+    entries = structure.gram_entries
+    if entries is None or entries > _INERTIA_GRAM_NNZ:
         return None
+    W = structure.matrix()
     G = _smaller_gram(W)
     n = G.shape[0]
     shifted = sp.csr_array(t * sp.identity(n, dtype=G.dtype, format="csr") - G)
