@@ -87,20 +87,30 @@ def dia_product(matrix: sp.dia_array, x: np.ndarray, threads: int) -> np.ndarray
     result is bit for bit ``matrix @ x``.  A block of columns is multiplied
     column by column (scipy has no multi-vector DIA kernel).
     """
+    return _column_by_column(matrix, x, threads, _dia_matvec_threaded, matrix.shape[0],
+                             lambda v: matrix @ v)
+
+
+def _column_by_column(matrix, x, threads, kernel, n_out, fallback):
+    """``kernel`` (a threaded one-vector product) on a 1-D ``x`` or each column of a 2-D one.
+
+    An ``x`` needing a wider dtype than the matrix (or no scipy kernel) goes
+    to ``fallback``; small matrices run on one thread.
+    """
     x = cast_if_safe(x, matrix.dtype)
     if x.dtype != matrix.dtype or _sparsetools.dia_matvec is None:
-        return matrix @ x
+        return fallback(x)
     if matrix.data.size < _parallel.MIN_PARALLEL_NNZ:
         threads = 1
     if x.ndim == 2:
         # One contiguous row per column, both ways: the result comes back as
         # the transpose of a C-ordered array (a view, no copy).
         columns = np.ascontiguousarray(x.T)
-        out = np.empty((x.shape[1], matrix.shape[0]), dtype=matrix.dtype)
+        out = np.empty((x.shape[1], n_out), dtype=matrix.dtype)
         for column, result in zip(columns, out):
-            _dia_matvec_threaded(matrix, column, threads, result)
+            kernel(matrix, column, threads, result)
         return out.T
-    return _dia_matvec_threaded(matrix, np.ascontiguousarray(x), threads)
+    return kernel(matrix, np.ascontiguousarray(x), threads)
 
 
 def _dia_matvec_threaded(matrix, x, threads, out=None):
@@ -142,18 +152,8 @@ def dia_transposed_product(matrix: sp.dia_array, y: np.ndarray, threads: int) ->
     A ``y`` needing a wider dtype than the matrix uses scipy's product on
     ``matrix.T`` (a copy of the diagonals).
     """
-    y = cast_if_safe(y, matrix.dtype)
-    if y.dtype != matrix.dtype or _sparsetools.dia_matvec is None:
-        return matrix.T @ y
-    if matrix.data.size < _parallel.MIN_PARALLEL_NNZ:
-        threads = 1
-    if y.ndim == 2:
-        columns = np.ascontiguousarray(y.T)
-        out = np.empty((y.shape[1], matrix.shape[1]), dtype=matrix.dtype)
-        for column, result in zip(columns, out):
-            _dia_transposed_threaded(matrix, column, threads, result)
-        return out.T
-    return _dia_transposed_threaded(matrix, np.ascontiguousarray(y), threads)
+    return _column_by_column(matrix, y, threads, _dia_transposed_threaded, matrix.shape[1],
+                             lambda v: matrix.T @ v)
 
 
 def _dia_transposed_threaded(matrix, y, threads, out=None):
