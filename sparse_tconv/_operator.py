@@ -142,7 +142,7 @@ def _rebuild_operator(cls, geometry, weight, threads, keep_transpose=True, store
     weight = np.array(weight)  # unpickled arrays are writeable: own a read-only one
     weight.flags.writeable = False
     op = cls._from_slots(geometry, weight, threads, keep_transpose=keep_transpose, stored=stored)
-    op._forward_slot.get()
+    op._first_slot().get()
     return op
 
 
@@ -174,14 +174,17 @@ class _ConvOperatorBase(LinearOperator):
                            **settings)
         if threads is not None:
             resolve_threads(threads)  # a bad setting fails here, not at the first product
+        form = form_for(geom)
         if max_bytes is not None:
-            form = form_for(geom)
-            stored = (self._transposed if keep_transpose
-                      else form.lean_transposed(geom, self._transposed))
+            if keep_transpose:
+                stored = self._transposed != form.vectors_via_transpose(geom, self._transposed,
+                                                                       w.dtype)
+            else:
+                stored = form.lean_transposed(geom, self._transposed)
             _check_form_size(form, geom, w.dtype, stored, max_bytes)
         self._setup(geom, w, threads, keep_transpose)
         # Built now, not on first use: construction is where the cost is expected.
-        self._forward_slot.get()
+        self._first_slot().get()
 
     def __reduce__(self):
         # The geometry and the weight travel; the matrices are rebuilt on
@@ -291,8 +294,24 @@ class _ConvOperatorBase(LinearOperator):
                 arrays.update((id(a), a) for a in (m.data, m.indices, m.indptr))
         return sum(a.nbytes for a in _distinct_buffers(arrays.values()))
 
+    def _vector_on_other_form(self, transposed: bool, x: np.ndarray) -> bool:
+        """Whether ``x`` times the matrix ``transposed`` (W.T if True) runs on the other
+        matrix's form, through its transposed product (the form's
+        ``vectors_via_transpose``: single-precision channel blocks with
+        enough rows)."""
+        return (self._keep_transpose and x.ndim == 1 and x.dtype == self.dtype
+                and self._form.vectors_via_transpose(self._geometry, transposed, self.dtype))
+
+    def _first_slot(self) -> _Lazy:
+        """The form built with the operator: the one its vector products run on."""
+        if self._vector_on_other_form(self._transposed, np.empty(0, self.dtype)):
+            return self._backward_slot
+        return self._forward_slot
+
     def _forward_product(self, x: np.ndarray) -> np.ndarray:
         """This operator's matrix times a 1-D ``x`` or a 2-D block of columns."""
+        if self._vector_on_other_form(self._transposed, x):
+            return self._backward_slot.get().multiply_transposed(x, self._n_threads())
         form = self._forward_slot.get()
         if form.transposed != self._transposed:  # keep_transpose=False: the stored W.T or W
             return form.multiply_transposed(x, self._n_threads())
@@ -300,6 +319,8 @@ class _ConvOperatorBase(LinearOperator):
 
     def _backward_product(self, y: np.ndarray) -> np.ndarray:
         """``matrix.T @ y`` for a 1-D ``y`` or a 2-D block of columns."""
+        if self._vector_on_other_form(not self._transposed, y):
+            return self._forward_slot.get().multiply_transposed(y, self._n_threads())
         form = self._backward_slot.get()
         if form.transposed == self._transposed:  # keep_transpose=False: this matrix's form
             return form.multiply_transposed(y, self._n_threads())
@@ -615,7 +636,7 @@ class _ConvOperatorBase(LinearOperator):
                     slots[name] = _form_slot(self._form, geom, w, matrix_transposed, backward,
                                              threads, canonical, pattern=old.built.pattern)
         op = type(self)._from_slots(geom, w, threads, self._keep_transpose, **slots)
-        op._forward_slot.get()  # the new values are computed now, as by the constructor
+        op._first_slot().get()  # the new values are computed now, as by the constructor
         return op
 
 

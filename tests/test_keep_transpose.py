@@ -239,3 +239,38 @@ def test_max_bytes_counts_the_stored_form():
     ConvOperator(weight, shape, padding=1, keep_transpose=False, max_bytes=exact)
     with pytest.raises(MemoryError, match=f"would need {exact} bytes"):
         ConvOperator(weight, shape, padding=1, keep_transpose=False, max_bytes=exact - 1)
+
+
+BLOCK_CASES = [c for c in CASES if c[-1] == "blocks"]
+BLOCK_IDS = [i for i, c in zip(IDS, CASES) if c[-1] == "blocks"]
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.complex64])
+@pytest.mark.parametrize("case", BLOCK_CASES, ids=BLOCK_IDS)
+def test_default_single_precision_vectors_run_on_long_block_rows(case, dtype, thread_small):
+    # keep_transpose=True in single precision: a vector times a matrix whose
+    # blocks are at least as tall as wide runs on the other matrix's form (its
+    # scatter); results stay the matrix's, to rounding, whatever the thread
+    # count.
+    cls, weight_shape, input_shape, kwargs, _ = case
+    weight = random_array(np.random.default_rng(4), weight_shape, dtype)
+    results = []
+    for threads in (1, 2, 3):
+        op = cls(weight, input_shape, keep_transpose=True, threads=threads, **kwargs)
+        rng = np.random.default_rng(5)
+        x, y = random_array(rng, op.shape[1], dtype), random_array(rng, op.shape[0], dtype)
+        results.append((op.matvec(x), op.rmatvec(y)))
+        dense = op.matrix.toarray().astype(np.complex128)
+        np.testing.assert_allclose(results[-1][0], dense @ x, **_tol(dtype))
+        np.testing.assert_allclose(results[-1][1], dense.conj().T @ y, **_tol(dtype))
+        # Blocks at least as tall as wide run on the other matrix's scatter: the
+        # forms built are those the two vector products read.
+        built = {name for name, slot in (("forward", op._forward_slot),
+                                         ("backward", op._backward_slot))
+                 if slot.built is not None}
+        via = [op._form.vectors_via_transpose(op._geometry, t, op.dtype)
+               for t in (op._transposed, not op._transposed)]
+        assert built == {"backward" if via[0] else "forward", "forward" if via[1] else "backward"}
+    for other in results[1:]:
+        for got, first in zip(other, results[0]):
+            np.testing.assert_array_equal(got, first)

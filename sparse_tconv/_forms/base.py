@@ -78,6 +78,13 @@ class ProductForm(abc.ABC):
         """
 
     @classmethod
+    def vectors_via_transpose(cls, geometry: ConvGeometry, transposed: bool, dtype) -> bool:
+        """Whether a vector times the matrix ``transposed`` (W.T if True) of ``dtype``
+        runs faster as the other matrix's form's :meth:`multiply_transposed` than
+        as this matrix's own :meth:`multiply`.  False by default."""
+        return False
+
+    @classmethod
     def lean_transposed(cls, geometry: ConvGeometry, transposed: bool) -> bool:
         """Which matrix a ``keep_transpose=False`` operator whose own matrix is W
         (``transposed=False``) or W.T stores: W.T if True.  Its own by default; a
