@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 
 from .. import conv_matrix, conv_matrix_nnz, conv_transpose_matrix, conv_transpose_matrix_nnz
-from .._geometry import ConvGeometry, conv_geometry, conv_transpose_geometry, validate
+from .._geometry import ConvGeometry, validate
 from .._io import write_npz
 from .._parallel import resolve_threads
 from .._validation import PADDING_MODES, as_weight
@@ -270,16 +270,18 @@ def _matrix(args) -> int:
     size = size_of(config.weight_shape, config.input_shape, dtype=dtype, **config.kwargs)
     print(f"predicted: shape {size.shape}, nnz {size.nnz:,}, {size.nbytes:,} bytes "
           f"({size.dtype} values, {size.index_dtype} indices)")
-    make = conv_transpose_geometry if config.transposed else conv_geometry
-    geom = make(config.weight_shape, config.input_shape, **config.kwargs)
-    print(f"geometry:  {_describe(geom, config.transposed)}")
-    _output_path(args.save, "--save", force=args.force)
     if weight is None:
         weight = np.random.default_rng(args.seed).standard_normal(config.weight_shape).astype(dtype)
-        print(f"weight:    {config.weight_shape}, random normal (--seed {args.seed})")
+        source = f"{config.weight_shape}, random normal (--seed {args.seed})"
     else:
         entry = f"[{args.weight_key!r}]" if args.weight_key else ""
-        print(f"weight:    {weight.shape}, {weight.dtype}, from {args.weight}{entry}")
+        source = f"{weight.shape}, {weight.dtype}, from {args.weight}{entry}"
+    # The geometry and weight as the builder reads them, and as a saved .npz records them.
+    w, geom = validate(weight, config.input_shape, transposed=config.transposed, dtype=dtype,
+                       **config.kwargs)
+    print(f"geometry:  {_describe(geom, config.transposed)}")
+    _output_path(args.save, "--save", force=args.force)
+    print(f"weight:    {source}")
     builder = conv_transpose_matrix if config.transposed else conv_matrix
     start = time.perf_counter()
     W = builder(weight, config.input_shape, dtype=dtype, max_bytes=args.max_bytes, **config.kwargs)
@@ -288,7 +290,7 @@ def _matrix(args) -> int:
     print(f"built:     shape {W.shape}, nnz {W.nnz:,}, {nbytes:,} bytes in {seconds*1e3:.1f} ms "
           f"({seconds / max(W.nnz, 1) * 1e9:.2f} ns per entry)")
     if args.save:
-        _save(W, args.save, weight, config, dtype, compress=args.compress)
+        _save(W, args.save, geom, w, transposed=config.transposed, compress=args.compress)
     return 0
 
 
@@ -421,7 +423,7 @@ def _human(nbytes: int) -> str:
     return f"{nbytes} bytes"
 
 
-def _save(W, path: str, weight, config: Config, dtype, *, compress: bool) -> None:
+def _save(W, path: str, geom: ConvGeometry, weight, *, transposed: bool, compress: bool) -> None:
     """Write W (with its geometry and weight for .npz), saying so before and after."""
     import scipy.io
 
@@ -430,9 +432,7 @@ def _save(W, path: str, weight, config: Config, dtype, *, compress: bool) -> Non
     print(f"writing:   {path} ({_human(nbytes)} of arrays, {how}) ...", flush=True)
     start = time.perf_counter()
     if path.endswith(".npz"):
-        w, geom = validate(weight, config.input_shape, transposed=config.transposed, dtype=dtype,
-                           **config.kwargs)
-        write_npz(path, W, geom, w, transposed=config.transposed, compress=compress)
+        write_npz(path, W, geom, weight, transposed=transposed, compress=compress)
         note = "with its geometry: sparse_tconv.load_operator() rebuilds the operator"
     else:
         scipy.io.mmwrite(path, W)
