@@ -35,6 +35,7 @@ __all__ = [
     "upper_bound",
     "exact_circulant",
     "dense_interval",
+    "inertia_applies",
     "inertia_upper",
     "product_nnz",
     "lower_bound",
@@ -105,6 +106,21 @@ class _Structure:
     def gram_entries(self) -> int | None:
         """The stored entries of the smaller Gram matrix (see :func:`_gram_entries`)."""
         return _gram_entries(self)
+
+    @functools.cached_property
+    def gram(self) -> sp.csr_array:
+        """The smaller Gram matrix of the stored W (:func:`_smaller_gram`), formed once
+        for every shift the inertia certificate tries."""
+        assert self.matrix is not None
+        return _smaller_gram(self.matrix())
+
+    @functools.cached_property
+    def most_terms(self) -> int:
+        """The most stored entries in a row or a column of W: the terms of a Gram entry."""
+        assert self.matrix is not None
+        W = sp.csr_array(self.matrix())
+        return max(int(np.diff(W.indptr).max(initial=0)),
+                   int(np.bincount(W.indices, minlength=W.shape[1]).max(initial=0)))
 
 
 def structure_of(op) -> _Structure:
@@ -391,6 +407,20 @@ def _nonnegative_norm(left, rights) -> float:
     return bound * (1 + 4 * _gamma(2 * n + 2))
 
 
+def inertia_applies(structure: _Structure) -> bool:
+    """Whether :func:`inertia_upper` is tried: an explicit matrix, a Gram matrix of at most
+    ``2**23`` entries, and in three or more dimensions at most 4096 rows."""
+    if structure.matrix is None:
+        return False
+    geom = structure.geometry
+    spatial_dims = sum(1 for L in geom.input_size if L > 1)
+    order = min(math.prod(geom.output_shape), math.prod(geom.input_shape))
+    if spatial_dims >= 3 and order > _INERTIA_ORDER_3D:
+        return False
+    entries = structure.gram_entries
+    return entries is not None and entries <= _INERTIA_GRAM_NNZ
+
+
 def inertia_upper(structure: _Structure, t: float) -> float | None:
     """A certified upper bound just above ``sqrt(t)`` if ``||W||^2 <= t``, else None.
 
@@ -409,18 +439,9 @@ def inertia_upper(structure: _Structure, t: float) -> float | None:
     Gram matrix is too large, the ordering was not symmetric, or a pivot is
     not positive (then some eigenvalue exceeds ``t``, rounding aside).
     """
-    if structure.matrix is None:
+    if not inertia_applies(structure):
         return None
-    geom = structure.geometry
-    spatial_dims = sum(1 for L in geom.input_size if L > 1)
-    order = min(math.prod(geom.output_shape), math.prod(geom.input_shape))
-    if spatial_dims >= 3 and order > _INERTIA_ORDER_3D:
-        return None
-    entries = structure.gram_entries
-    if entries is None or entries > _INERTIA_GRAM_NNZ:
-        return None
-    W = structure.matrix()
-    G = _smaller_gram(W)
+    G = structure.gram
     n = G.shape[0]
     shifted = sp.csr_array(t * sp.identity(n, dtype=G.dtype, format="csr") - G)
     # Its CSR arrays read as CSC are its transpose: the same matrix up to G's
@@ -447,11 +468,9 @@ def inertia_upper(structure: _Structure, t: float) -> float | None:
     asymmetry = [(1.0, abs(U - DLh)), (_gamma(2), absU), (_gamma(2), absDLh)]
     factor_error = (_nonnegative_norm(absL, asymmetry)
                     + _gamma(2 * n) * _nonnegative_norm(absL, [(1.0, absU)]))
-    m = max(int(np.diff(W.indptr).max(initial=0)), int(np.bincount(
-        W.indices, minlength=W.shape[1]).max(initial=0)))
     # |fl(W W^H) - W W^H| <= gamma_m |W| |W|^H; abs_bound is for the exact W,
     # the stored one is within rounding of it.
-    gram_error = _gamma(m) * (structure.abs_bound * (1 + 1e-6)) ** 2
+    gram_error = _gamma(structure.most_terms) * (structure.abs_bound * (1 + 1e-6)) ** 2
     shift_error = _U64 * (t + float(np.abs(G.diagonal()).max(initial=0.0)))
     top = t + factor_error + gram_error + shift_error
     return math.sqrt(top) * (1 + 2 * _U64) + 2 * _merge_margin(structure)

@@ -294,17 +294,20 @@ class _ConvOperatorBase(LinearOperator):
                 arrays.update((id(a), a) for a in (m.data, m.indices, m.indptr))
         return sum(a.nbytes for a in _distinct_buffers(arrays.values()))
 
-    def _vector_on_other_form(self, transposed: bool, x: np.ndarray) -> bool:
-        """Whether ``x`` times the matrix ``transposed`` (W.T if True) runs on the other
+    def _vectors_via_transpose(self, transposed: bool) -> bool:
+        """Whether vectors times the matrix ``transposed`` (W.T if True) run on the other
         matrix's form, through its transposed product (the form's
-        ``vectors_via_transpose``: single-precision channel blocks with
-        enough rows)."""
-        return (self._keep_transpose and x.ndim == 1 and x.dtype == self.dtype
-                and self._form.vectors_via_transpose(self._geometry, transposed, self.dtype))
+        ``vectors_via_transpose``: single-precision channel blocks with enough rows)."""
+        return self._keep_transpose and self._form.vectors_via_transpose(
+            self._geometry, transposed, self.dtype)
+
+    def _vector_on_other_form(self, transposed: bool, x: np.ndarray) -> bool:
+        """:meth:`_vectors_via_transpose`, for a vector ``x`` of the operator's dtype."""
+        return x.ndim == 1 and x.dtype == self.dtype and self._vectors_via_transpose(transposed)
 
     def _first_slot(self) -> _Lazy:
         """The form built with the operator: the one its vector products run on."""
-        if self._vector_on_other_form(self._transposed, np.empty(0, self.dtype)):
+        if self._vectors_via_transpose(self._transposed):
             return self._backward_slot
         return self._forward_slot
 

@@ -706,9 +706,11 @@ def norm_bounds(op, *, rtol=1e-2, maxiter=None) -> NormBounds:
     bounds = NormBounds(float(lower), float(upper))
     if bounds.gap > rtol:
         mode = structure.geometry.padding_mode
+        certificate = ("the inertia certificate did not close it"
+                       if _bounds.inertia_applies(structure)
+                       else "the matrix is too large for the inertia certificate")
         why = (f"the upper bound of {mode!r} padding carries the padding map's norm "
-               f"{structure.padding_norm:.3g}, and the matrix is too large for the "
-               "inertia certificate"
+               f"{structure.padding_norm:.3g}, and {certificate}"
                if mode in ("reflect", "replicate")
                else f"raise maxiter (spent {maxiter})")
         warnings.warn(
