@@ -20,7 +20,6 @@ import math
 import threading
 from collections.abc import Iterable
 from types import SimpleNamespace
-from typing import NamedTuple
 
 import numpy as np
 import scipy.sparse as sp
@@ -35,18 +34,31 @@ from ._validation import as_weight, check_positive_int
 __all__ = ["ConvOperator", "ConvTransposeOperator", "ProductFormInfo"]
 
 
-class ProductFormInfo(NamedTuple):
+class ProductFormInfo:
     """What an operator's ``matvec`` multiplies (see :attr:`ConvOperator.product_form`)."""
 
-    name: str
-    """``'blocks'`` (dense channel blocks, BSR), ``'diagonals'`` (DIA) or ``'csr'``."""
-    nbytes: int
-    """Bytes a product reads: values and index arrays."""
-    matrix: sp.sparray
-    """The scipy matrix itself (read-only), rows and columns numbered as the form chooses."""
-    transposed: bool = False
-    """Whether ``matvec`` multiplies by ``matrix.T`` (``keep_transpose=False``: the one
-    form an operator and its ``.T`` share, stored for one of them)."""
+    __slots__ = ("name", "nbytes", "transposed", "_form")
+
+    def __init__(self, name: str, nbytes: int, form, transposed: bool = False):
+        self.name = name
+        """``'blocks'`` (dense channel blocks, BSR), ``'diagonals'`` (DIA) or ``'csr'``."""
+        self.nbytes = nbytes
+        """Bytes a product reads: values and index arrays."""
+        self.transposed = transposed
+        """Whether ``matvec`` multiplies by ``matrix.T`` (``keep_transpose=False``: the one
+        form an operator and its ``.T`` share, stored for one of them)."""
+        self._form = form
+
+    @property
+    def matrix(self) -> sp.sparray:
+        """The scipy matrix itself (read-only), rows and columns numbered as the form
+        chooses.  The diagonals' whole DIA matrix is built on first access: their
+        products read less (see Notes of :class:`ConvOperator`)."""
+        return self._form.matrix
+
+    def __repr__(self) -> str:
+        return (f"ProductFormInfo(name={self.name!r}, nbytes={self.nbytes}, "
+                f"transposed={self.transposed})")
 
 
 def _read_only(matrix):
@@ -263,8 +275,7 @@ class _ConvOperatorBase(LinearOperator):
         ``nbytes`` is what a product reads, the figure that bounds its speed.
         """
         form = self._forward_slot.get()
-        return ProductFormInfo(form.name, form.nbytes, form.matrix,
-                               form.transposed != self._transposed)
+        return ProductFormInfo(form.name, form.nbytes, form, form.transposed != self._transposed)
 
     @property
     def keep_transpose(self) -> bool:
@@ -752,10 +763,16 @@ class ConvOperator(_ConvOperatorBase):
 
     *Diagonals.*  With one channel, stride 1, zeros padding and an output as
     large as the input (``'same'``-like padding, every dilated kernel shorter
-    than its dimension), each kernel tap is one diagonal of W: the operator
-    stores W and W.T as scipy DIA matrices (8 bytes per value, with explicit
-    zeros where a tap falls into the padding, no index) and multiplies with
-    scipy's serial DIA kernel on one row range per thread.  A block of
+    than its dimension), each kernel tap is one diagonal of W, with
+    explicit zeros where a tap falls into the padding (scipy's DIA layout,
+    values and no index).  Away from the borders of the first dimension a
+    diagonal's values repeat with that dimension's flat stride, so the
+    operator stores, for W and for W.T, the border rows' values and one
+    period of the interior's (a few MB at any size: 16 MB against 170 MB for
+    the whole DIA matrix of a 9x9 blur of 512x512, which
+    ``product_form.matrix`` builds when asked) and multiplies with scipy's
+    serial DIA kernel, a chunk of rows per call (the period stays in cache),
+    threads taking disjoint chunks.  A block of
     several columns (``matmat``, a batch) runs on ``matrix`` (or
     ``transpose_matrix``), built on first use: scipy's multi-vector CSR
     kernel reads it once for all the columns, 1.5x faster per column than
@@ -792,11 +809,12 @@ class ConvOperator(_ConvOperatorBase):
     the same way, entry by entry.  Parts of rows that write disjoint outputs
     run at once, in phases, from a partition fixed by the matrix: results do
     not depend on the number of threads, and equal the default's to
-    rounding (bit for bit with diagonals, whose transposed product sums in
-    the order of scipy's DIA kernel on W.T's diagonals).  Diagonals run a
-    block of columns column by column on the diagonals (no CSR matrix is
-    built for it); a vector with a NaN or infinity still goes to ``matrix``,
-    built on first use.  Measured on the 64->64 3x3 layer at 56x56 (2
+    rounding (bit for bit with diagonals, whose one form holds the banded
+    diagonals of both W and W.T: a few MB, and the transposed product sums
+    in the order of scipy's DIA kernel on W.T's diagonals, as the default).
+    Diagonals run a block of columns column by column on the diagonals (no
+    CSR matrix is built for it); a vector with a NaN or infinity still goes
+    to ``matrix``, built on first use.  Measured on the 64->64 3x3 layer at 56x56 (2
     threads), ``rmatvec`` takes 1.0-1.2x the time of ``matvec``.
 
     *Sharing.*  Every array the operator builds (``matrix``,

@@ -139,3 +139,50 @@ def test_non_finite_inputs_reach_only_the_rows_that_read_them(bad):
                                                 torch.from_numpy(weight), padding=1)[0].numpy()
     np.testing.assert_array_equal(op.rmatvec(x.ravel()), back.ravel())
     np.testing.assert_array_equal(op.matvec(np.zeros(16)), np.zeros(16))  # back to finite
+
+
+def _small_chunks(mp):
+    """Chunks of a few rows, so that small matrices have an interior of several."""
+    mp.setattr(_dia, "_CHUNK_BYTES", 1)
+    mp.setattr(_dia, "_MIN_CHUNK_ROWS", 1)
+
+
+@given(same_size_geometries(), st.booleans(), st.integers(0, 2**32 - 1))
+def test_banded_diagonals_over_random_geometries(case, keep_transpose, seed):
+    # The edge rows and one period of the interior, chunk by chunk: the CSR
+    # products bit for bit, in both directions and both modes.
+    weight_shape, input_shape, kwargs = case
+    rng = np.random.default_rng(seed)
+    weight = rng.standard_normal(weight_shape)
+    with pytest.MonkeyPatch.context() as mp:
+        _small_chunks(mp)
+        op = ConvOperator(weight, input_shape, keep_transpose=keep_transpose, **kwargs)
+        x, y = rng.standard_normal(op.shape[1]), rng.standard_normal(op.shape[0])
+        np.testing.assert_array_equal(op.matvec(x), op.matrix @ x)
+        np.testing.assert_array_equal(op.rmatvec(y), op.transpose_matrix @ y)
+        np.testing.assert_array_equal(op.T.matvec(y), op.transpose_matrix @ y)
+
+
+@pytest.mark.parametrize("transposed", [False, True])
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_banded_diagonals_store_one_period_of_the_interior(dtype, transposed):
+    rng = np.random.default_rng(3)
+    weight = random_array(rng, (1, 1, 5, 3), dtype)
+    w, geom = validate(weight, (1, 40, 30), transposed=False, padding=[(2, 2), (0, 2)])
+    with pytest.MonkeyPatch.context() as mp:
+        _small_chunks(mp)
+        mp.setattr(_parallel, "MIN_PARALLEL_NNZ", 0)
+        banded = _dia.BandedDiagonals(geom, w, transposed=transposed)
+        predicted = _dia.DiagonalForm.predict_nbytes(geom, w.dtype, transposed=transposed,
+                                                     backward=False)
+        x = random_array(rng, 1200, dtype)
+        products = [banded.matvec(x, threads) for threads in (1, 2, 3)]
+    dia = _dia.build_diagonals(geom, w, transposed=transposed)
+    csr = build(geom, w, transposed=transposed, threads=1)
+    # two edge windows and chunks of one period (30 rows) between them
+    assert len(banded.pieces) > 20 and banded.nbytes == predicted
+    assert banded.nbytes < 0.75 * (dia.data.nbytes + dia.offsets.nbytes)
+    assert {id(p.values) for p in banded.pieces[1:-1]} == {id(banded.pieces[1].values)}
+    for product in products:
+        np.testing.assert_array_equal(product, csr @ x)
+        np.testing.assert_array_equal(product, dia @ x)

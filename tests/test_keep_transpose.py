@@ -148,7 +148,12 @@ def test_one_form_is_held_after_both_directions(case):
     # The default holds a second form of (about) as many bytes.
     default_forms = [default._forward_slot.built, default._backward_slot.built]
     assert all(f is not None for f in default_forms)
-    assert lean.nbytes <= 0.6 * default.nbytes
+    if case[-1] == "diagonals":
+        # Their one form holds both matrices' banded diagonals (a few MB at any
+        # size): the transposed product sums as W.T's own kernel does.
+        assert lean.nbytes == default.nbytes
+    else:
+        assert lean.nbytes <= 0.6 * default.nbytes
     # .T and .H (real) share the form, and build nothing more
     for other in (lean.T, lean.H, lean.T.T):
         other.matvec(np.ones(other.shape[1]))

@@ -97,7 +97,10 @@ def _build_figures(config: Config, op, weight, new_weight, *, threads, write_ban
     # with_weight writes the values of the operator's product form (and
     # nothing else): timed as a write of that many bytes into fresh memory on
     # the same threads, since the speed of a write depends on its size.
-    r["values_bytes"] = int(op.product_form.matrix.data.nbytes)
+    form = op.product_form
+    # (the diagonals' stored arrays are all values; their whole DIA matrix is
+    # not what with_weight writes)
+    r["values_bytes"] = int(form.nbytes if form.name == "diagonals" else form.matrix.data.nbytes)
     r["rebuild_floor_s"] = r["values_bytes"] / measure_fresh_write(
         threads, r["values_bytes"], repeat)
     r["rebuild_speedup_bound"] = r["build_s"] / r["rebuild_floor_s"]

@@ -161,8 +161,8 @@ def measure_block_gemm_rate(op, n_vecs: int, threads: int, blocks: int = 256) ->
     below: ``2 * nnz * n_vecs / rate`` seconds.  For an operator without
     dense channel blocks the blocks are 1x1.
     """
-    matrix = op.product_form.matrix
-    r, c = matrix.blocksize if matrix.format == "bsr" else (1, 1)
+    form = op.product_form
+    r, c = form.matrix.blocksize if form.name == "blocks" else (1, 1)
     rng = np.random.default_rng(1)
     a = [rng.standard_normal((blocks, r, c)) for _ in range(threads)]
     b = [rng.standard_normal((blocks, c, n_vecs)) for _ in range(threads)]
