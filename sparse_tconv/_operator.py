@@ -775,8 +775,8 @@ class ConvOperator(_ConvOperatorBase):
     threads taking disjoint chunks.  A block of
     several columns (``matmat``, a batch) runs on ``matrix`` (or
     ``transpose_matrix``), built on first use: scipy's multi-vector CSR
-    kernel reads it once for all the columns, 1.5x faster per column than
-    the DIA kernel column by column, for 12 more bytes per entry; so does a
+    kernel reads it once for all the columns, 1.2x faster per column than
+    the DIA kernel on transposed columns, for 12 more bytes per entry; so does a
     vector with a NaN or infinity (the diagonals' stored zeros would carry it,
     times zero, to rows that do not read it).  The results are bit for bit
     scipy's CSR products with ``matrix``/``transpose_matrix``.
