@@ -37,6 +37,8 @@ __all__ = [
     "dense_interval",
     "inertia_applies",
     "inertia_upper",
+    "psd_deficit",
+    "border_upper",
     "product_nnz",
     "lower_bound",
     "start_vector",
@@ -426,29 +428,47 @@ def inertia_upper(structure: _Structure, t: float) -> float | None:
 
     Sylvester's inertia: ``t I - G`` (``G`` the smaller Gram matrix of the
     stored W) is positive semi-definite exactly when no eigenvalue of ``G``
-    exceeds ``t``.  A sparse LU factorisation without pivoting (SuperLU with
-    a symmetric ordering and diagonal pivots, so ``L U = P (t I - G) P^T``)
-    with positive pivots ``D`` gives the PSD matrix ``S = L D L^H`` and
-
-    ``P (t I - G) P^T = S + L (U - D L^H) - E``,
-
-    with ``|E| <= gamma_n |L| |U|`` (the LU's backward error).  Hence
-    ``lambda_max(G) <= t + ||L (U - D L^H)|| + ||E|| + (rounding of G and of
-    the shift)``, each norm bounded from non-negative matrices by
-    :func:`_nonnegative_norm`.  None when the matrix is not explicit, the
-    Gram matrix is too large, the ordering was not symmetric, or a pivot is
-    not positive (then some eigenvalue exceeds ``t``, rounding aside).
+    exceeds ``t``; :func:`psd_deficit` tests it.  Hence ``lambda_max(G) <=
+    t + deficit + (rounding of G and of the shift)``.  None when the matrix
+    is not explicit, the Gram matrix is too large, or the factorisation
+    fails (then some eigenvalue exceeds ``t``, rounding aside).
     """
     if not inertia_applies(structure):
         return None
     G = structure.gram
     n = G.shape[0]
-    shifted = sp.csr_array(t * sp.identity(n, dtype=G.dtype, format="csr") - G)
-    # Its CSR arrays read as CSC are its transpose: the same matrix up to G's
-    # rounding, which the bound below covers for it and its transpose alike.
-    M = sp.csc_matrix((shifted.data, shifted.indices, shifted.indptr), shape=shifted.shape)
+    deficit = psd_deficit(sp.csr_array(t * sp.identity(n, dtype=G.dtype, format="csr") - G))
+    if deficit is None:
+        return None
+    # |fl(W W^H) - W W^H| <= gamma_m |W| |W|^H; abs_bound is for the exact W,
+    # the stored one is within rounding of it.
+    gram_error = _gamma(structure.most_terms) * (structure.abs_bound * (1 + 1e-6)) ** 2
+    shift_error = _U64 * (t + float(np.abs(G.diagonal()).max(initial=0.0)))
+    top = t + deficit + gram_error + shift_error
+    return math.sqrt(top) * (1 + 2 * _U64) + 2 * _merge_margin(structure)
+
+
+def psd_deficit(M: sp.csr_array) -> float | None:
+    """``e >= 0`` with ``M >= -e I`` for a Hermitian ``M``, if its factorisation shows it; else None.
+
+    A sparse LU factorisation without pivoting (SuperLU with a symmetric
+    ordering and diagonal pivots, so ``L U = P M P^T``) with positive
+    pivots ``D`` gives the PSD matrix ``S = L D L^H`` and
+
+    ``P M P^T = S + L (U - D L^H) - E``,
+
+    with ``|E| <= gamma_n |L| |U|`` (the LU's backward error), so ``e =
+    ||L (U - D L^H)|| + ||E||``, each norm bounded from non-negative
+    matrices by :func:`_nonnegative_norm`: a few units of roundoff times
+    ``n ||M||``.  None when the ordering was not symmetric, a pivot is not
+    positive, or the fill-in does not fit in memory.
+    """
+    n = M.shape[0]
+    # Its CSR arrays read as CSC are its transpose: the same matrix up to the
+    # rounding of its entries, which the callers cover for it and its transpose alike.
+    csc = sp.csc_matrix((M.data, M.indices, M.indptr), shape=M.shape)
     try:
-        lu = spla.splu(M, permc_spec="MMD_AT_PLUS_A", diag_pivot_thresh=0.0,
+        lu = spla.splu(csc, permc_spec="MMD_AT_PLUS_A", diag_pivot_thresh=0.0,
                        options=dict(SymmetricMode=True))
     except (RuntimeError, MemoryError):  # singular, or the fill-in does not fit
         return None
@@ -466,14 +486,140 @@ def inertia_upper(structure: _Structure, t: float) -> float | None:
     absL, absU, absDLh = abs(L), abs(U), abs(DLh)
     # |fl(U - D L^H) - (U - D L^H)| <= gamma_2 (|U| + |D L^H|), entrywise.
     asymmetry = [(1.0, abs(U - DLh)), (_gamma(2), absU), (_gamma(2), absDLh)]
-    factor_error = (_nonnegative_norm(absL, asymmetry)
-                    + _gamma(2 * n) * _nonnegative_norm(absL, [(1.0, absU)]))
-    # |fl(W W^H) - W W^H| <= gamma_m |W| |W|^H; abs_bound is for the exact W,
-    # the stored one is within rounding of it.
-    gram_error = _gamma(structure.most_terms) * (structure.abs_bound * (1 + 1e-6)) ** 2
-    shift_error = _U64 * (t + float(np.abs(G.diagonal()).max(initial=0.0)))
-    top = t + factor_error + gram_error + shift_error
-    return math.sqrt(top) * (1 + 2 * _U64) + 2 * _merge_margin(structure)
+    return (_nonnegative_norm(absL, asymmetry)
+            + _gamma(2 * n) * _nonnegative_norm(absL, [(1.0, absU)]))
+
+
+# The border certificate forms the frame's rows of the Gram matrix and the
+# coupling term's Gram matrix: the frame of border_frame(wide=True) when the
+# first is estimated at most _BORDER_WIDE_NNZ entries, else the narrow one, up
+# to _BORDER_NNZ.
+_BORDER_WIDE_NNZ = 2**23
+_BORDER_NNZ = 2**25
+
+
+def border_frame(geom: ConvGeometry, wide: bool) -> np.ndarray:
+    """The input elements near the borders that reflect or replicate padding copies.
+
+    A boolean mask over the input (channel-major): along each padded
+    dimension the coordinates the padding copies (``wide=False``), or every
+    coordinate from the border to the deepest of them and at least 2 deep
+    (``wide=True``: a tighter certificate, at about twice the frame).  An
+    element outside the frame is read only by the taps that read it under
+    zero padding, so W's columns there are zero padding's.
+    """
+    inside = np.zeros(tuple(geom.input_size), dtype=bool)
+    for d, (L, (lo, hi)) in enumerate(zip(geom.input_size, geom.padding)):
+        outside = np.concatenate([np.arange(-lo, 0), np.arange(L, L + hi)]).astype(np.int64)
+        copied = np.unique(mode_map(outside, L, geom.padding_mode)) if len(outside) else []
+        near = np.zeros(L, dtype=bool)
+        near[copied] = True
+        if wide:
+            low = [c for c in copied if 2 * c < L]
+            high = [c for c in copied if 2 * c >= L]
+            if low:
+                near[: max(2, max(low) + 1)] = True
+            if high:
+                near[min(L - 2, min(high)):] = True
+        inside |= near.reshape([-1 if e == d else 1 for e in range(geom.ndim)])
+    return np.broadcast_to(inside, (geom.in_channels, *geom.input_size)).ravel()
+
+
+def _gram_row_entries(geom: ConvGeometry) -> int:
+    """At most how many entries a row of ``W^H W`` holds (taps two kernels apart)."""
+    reach = math.prod(min(L, 2 * (k - 1) * d + 1)
+                      for L, k, d in zip(geom.input_size, geom.kernel_size, geom.dilation))
+    return (geom.in_channels // geom.groups) * reach
+
+
+def border_upper(structure: _Structure, lower: float, widenings) -> float | None:
+    """A certified upper bound from the frame of :func:`border_frame` and zero padding's.
+
+    Split W's columns into the frame F and the rest R.  The rest's columns
+    are zero padding's, so ``||G_RR|| <= ||W_R||^2 <= u^2`` with ``u`` the
+    structural bound of the zero-padded convolution (:func:`upper_bound`).
+    For ``t > u^2`` and any ``x = (x_F, x_R)``, minimising over ``x_R``,
+
+    ``x^H (t I - G) x >= x_F^H (t I - G_FF - q G_FR G_FR^H) x_F``,
+    ``q = 1 / (t - u^2)``,
+
+    so ``||W||^2 <= t`` once the frame-sized ``S(t) = t I - G_FF - q G_FR
+    G_FR^H`` is positive semi-definite, which :func:`psd_deficit` tests (up
+    to its deficit, and the rounding of ``S``'s three products, both added
+    to ``t``).  Tried at ``t = (max(lower, u) (1 + c))^2`` for each ``c`` in
+    ``widenings`` until one holds, then twice halfway back towards the last
+    that did not: the tightest that holds is returned.  None for zeros and
+    circular padding, without the explicit matrix, when the frame holds
+    every element, or when even the narrow frame's rows of the Gram matrix
+    would hold more than ``2**25`` entries.
+    """
+    geom = structure.geometry
+    if geom.padding_mode not in ("reflect", "replicate") or structure.matrix is None:
+        return None
+    per_row = _gram_row_entries(geom)
+    frame = border_frame(geom, wide=True)
+    if np.count_nonzero(frame) * per_row > _BORDER_WIDE_NNZ:
+        frame = border_frame(geom, wide=False)
+        if np.count_nonzero(frame) * per_row > _BORDER_NNZ:
+            return None
+    if frame.all() or not frame.any():
+        return None
+    zeros = dataclasses.replace(structure, geometry=dataclasses.replace(geom, padding_mode="zeros"))
+    interior = upper_bound(zeros, 0)
+    u = interior.value + interior.margin
+    stored = sp.csr_array(structure.matrix())
+    work = np.complex128 if stored.dtype.kind == "c" else np.float64
+    # W and W^T as CSR (W^T's rows are W's columns): one of them is stored, the
+    # other one conversion away
+    other = sp.csr_array(stored.T)
+    W, W_t = (other, stored) if structure.transposed else (stored, other)
+    W, W_t = W.astype(work, copy=False), W_t.astype(work, copy=False)
+    in_frame, rest = np.flatnonzero(frame), np.flatnonzero(~frame)
+    frame_h = W_t[in_frame].conj()  # W_F^H, frame x outputs
+    rows = sp.csr_array(frame_h @ W)  # the frame's rows of G = W^H W
+    g_ff = sp.csr_array(rows[:, in_frame])
+    g_fr = sp.csr_array(rows[:, rest])
+    coupling = sp.csr_array(g_fr @ sp.csr_array(g_fr.conj().T))
+    identity = sp.identity(len(in_frame), dtype=work, format="csr")
+    a = structure.abs_bound * (1 + 1e-6)  # || |W| ||, the stored W's within rounding
+    gamma_m = _gamma(structure.most_terms)
+    gamma_k = _gamma(int(np.diff(g_fr.indptr).max(initial=0)))
+    u2 = u * u * (1 + 4 * _U64)  # >= u^2
+
+    def certified(c: float) -> float | None:
+        t = (max(lower, u) * (1 + c)) ** 2
+        if not t > u2 * (1 + 1e-9):  # the rest's bound must stay below the shift
+            return None
+        q = 1.0 / (t - u2) * (1 + 4 * _U64)  # >= 1 / (t - ||G_RR||)
+        deficit = psd_deficit(sp.csr_array(t * identity - g_ff - q * coupling))
+        if deficit is None:
+            return None
+        # The computed S against S(t) of the stored W: the Gram products' errors
+        # (gamma_m |W|^H |W| each), the coupling product's (gamma_k, on top of
+        # G_FR's error times ||G_FR|| + its computed norm), and 3 roundings per entry.
+        fr_error = gamma_m * a * a
+        fr_abs = (1 + gamma_m) * a * a
+        coupling_error = gamma_k * fr_abs ** 2 + fr_error * (fr_abs + a * a)
+        assembly = 3 * _U64 * (t + fr_abs + q * (1 + gamma_k) * fr_abs ** 2)
+        top = t + deficit + fr_error + q * coupling_error + assembly
+        return math.sqrt(top) * (1 + 2 * _U64)
+
+    failed = 0.0
+    for c in widenings:
+        best = certified(c)
+        if best is None:
+            failed = c
+            continue
+        # two halvings of the step between the last refused widening and this one
+        for _ in range(2):
+            middle = (failed + c) / 2
+            tighter = certified(middle)
+            if tighter is None:
+                failed = middle
+            else:
+                best, c = tighter, middle
+        return best
+    return None
 
 
 # ---------------------------------------------------------------------------

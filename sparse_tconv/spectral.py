@@ -703,12 +703,23 @@ def norm_bounds(op, *, rtol=1e-2, maxiter=None) -> NormBounds:
         dense = _bounds.dense_interval(structure)
         if dense is not None:
             lower, upper = max(lower, dense.lower), min(upper, dense.upper)
+    border = None
+    if upper > lower * (1 + rtol) and not _bounds.inertia_applies(structure):
+        # reflect and replicate past the inertia certificate: the frame of copied
+        # elements certified apart, the rest by zero padding's bound
+        border = _bounds.border_upper(structure, lower, (max(rtol, 0.02), 0.05, 0.075, 0.1, 0.25))
+        if border is not None:
+            upper = min(upper, border)
     bounds = NormBounds(float(lower), float(upper))
     if bounds.gap > rtol:
         mode = structure.geometry.padding_mode
-        certificate = ("the inertia certificate did not close it"
-                       if _bounds.inertia_applies(structure)
-                       else "the matrix is too large for the inertia certificate")
+        if _bounds.inertia_applies(structure):
+            certificate = "the inertia certificate did not close it"
+        elif border is not None:
+            certificate = ("the matrix is too large for the inertia certificate, and the "
+                           "border certificate leaves this much")
+        else:
+            certificate = "the matrix is too large for the inertia and border certificates"
         why = (f"the upper bound of {mode!r} padding carries the padding map's norm "
                f"{structure.padding_norm:.3g}, and {certificate}"
                if mode in ("reflect", "replicate")

@@ -73,6 +73,11 @@ LAYERS = [
           (4, 32, 32), dict(padding=1, padding_mode="replicate")),
     Layer("refl16", "Conv2d(4->4, 5x5, padding 2, reflect), 16x16", (4, 4, 5, 5), (4, 16, 16),
           dict(padding=2, padding_mode="reflect")),
+    # past the inertia certificate's size: the border certificate
+    Layer("refl32", "Conv2d(32->32, 3x3, padding 1, reflect), 32x32", (32, 32, 3, 3),
+          (32, 32, 32), dict(padding=1, padding_mode="reflect")),
+    Layer("repl32", "Conv2d(32->32, 3x3, padding 1, replicate), 32x32", (32, 32, 3, 3),
+          (32, 32, 32), dict(padding=1, padding_mode="replicate")),
 ]
 
 QUICK_LAYERS = [
