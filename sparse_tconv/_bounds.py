@@ -449,7 +449,7 @@ def inertia_upper(structure: _Structure, t: float) -> float | None:
 
 
 def psd_deficit(M: sp.csr_array) -> float | None:
-    """``e >= 0`` with ``M >= -e I`` for a Hermitian ``M``, if its factorisation shows it; else None.
+    """``e >= 0`` with ``M >= -e I`` for a Hermitian ``M``, if its factorisation shows it.
 
     A sparse LU factorisation without pivoting (SuperLU with a symmetric
     ordering and diagonal pivots, so ``L U = P M P^T``) with positive
