@@ -511,7 +511,8 @@ def border_frame(geom: ConvGeometry, wide: bool) -> np.ndarray:
     inside = np.zeros(tuple(geom.input_size), dtype=bool)
     for d, (L, (lo, hi)) in enumerate(zip(geom.input_size, geom.padding)):
         outside = np.concatenate([np.arange(-lo, 0), np.arange(L, L + hi)]).astype(np.int64)
-        copied = np.unique(mode_map(outside, L, geom.padding_mode)) if len(outside) else []
+        copied: list[int] = (np.unique(mode_map(outside, L, geom.padding_mode)).tolist()
+                             if len(outside) else [])
         near = np.zeros(L, dtype=bool)
         near[copied] = True
         if wide:
