@@ -574,8 +574,8 @@ def norm_bounds(op, *, rtol=1e-2, maxiter=None) -> NormBounds:
     RuntimeWarning
         If the interval is still wider than ``rtol`` on return; it holds all
         the same.  With reflect or replicate padding on matrices too large
-        for the inertia certificate this is the rule, not the exception (see
-        Notes).
+        for the inertia certificate this is the rule, not the exception: the
+        border certificate then leaves a few percent (see Notes).
 
     See Also
     --------
@@ -628,6 +628,24 @@ def norm_bounds(op, *, rtol=1e-2, maxiter=None) -> NormBounds:
     4096 rows (the factorisation's cost grows with its separators).  If the
     interval is still open and the explicit matrix is small (``rows *
     columns <= 4e6``), a dense SVD closes it to rounding.
+
+    *Border certificate.*  Reflect and replicate padding past those limits:
+    split W's columns into a frame ``F`` near the borders, holding every
+    input element the padding copies (and, when its Gram rows are estimated
+    at most ``2**23`` entries, every element from the border to the deepest
+    copied one), and the rest ``R``.  The rest's columns are those of zero
+    padding, so ``||G_RR|| <= u^2`` with ``u`` zero padding's structural
+    bound.  For ``t > u^2``, minimising ``x^H (t I - G) x`` over ``x_R``
+    leaves ``x_F^H (t I - G_FF - G_FR G_FR^H / (t - u^2)) x_F``: if that
+    frame-sized matrix is positive semi-definite, ``||W||^2 <= t``.  It is
+    tested as above (plus the rounding of its three products) at ``t =
+    (max(lower, u) (1 + c))^2`` for ``c`` from ``max(rtol, 0.02)`` up to
+    0.25 until one holds, then twice halfway back.  The top singular
+    vectors of such layers sit at the border, where no bound from the
+    interior reaches: an 8-channel reflect layer at 32x32 has norm 2.237
+    against 2.016 with zero padding.  Reflect ``Conv2d(32->32, 3x3)`` at
+    32x32: 1.5% in 4.8 s; ``Conv2d(64->64)``: 4.3% in 18 s (svds, an
+    estimate: 8.8 s).
 
     *Lower bound.*  For any vector ``v``, ``||W v|| / ||v|| <= ||W||``.  The
     vector is the Ritz vector of restarted Lanczos iterations on ``W^H W``
