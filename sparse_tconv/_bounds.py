@@ -28,6 +28,7 @@ from . import _sparsetools
 from ._fourier import check_circulant, circular_blocks
 from ._geometry import ConvGeometry
 from ._indexmap import mode_map
+from ._parallel import balanced_ranges, get_num_threads, run_parallel
 
 __all__ = [
     "NormBounds",
@@ -533,6 +534,25 @@ def _gram_row_entries(geom: ConvGeometry) -> int:
     return (geom.in_channels // geom.groups) * reach
 
 
+def _threaded_product(a: sp.csr_array, b: sp.csr_array) -> sp.csr_array:
+    """``a @ b``, ranges of ``a``'s rows on the threads of :func:`get_num_threads`.
+
+    scipy's product kernels release the GIL; each row of the result is the
+    same product, alone, whatever the split.
+    """
+    parts = balanced_ranges(a.indptr, get_num_threads())
+    if len(parts) <= 1:
+        return sp.csr_array(a @ b)
+    products: list[Any] = [None] * len(parts)
+
+    def multiply(i):
+        start, stop = parts[i]
+        products[i] = sp.csr_array(a[start:stop] @ b)
+
+    run_parallel(multiply, range(len(parts)), len(parts))
+    return sp.csr_array(sp.vstack(products, format="csr"))
+
+
 def border_upper(structure: _Structure, lower: float, widenings) -> float | None:
     """A certified upper bound from the frame of :func:`border_frame` and zero padding's.
 
@@ -576,11 +596,11 @@ def border_upper(structure: _Structure, lower: float, widenings) -> float | None
     W, W_t = (other, stored) if structure.transposed else (stored, other)
     W, W_t = W.astype(work, copy=False), W_t.astype(work, copy=False)
     in_frame, rest = np.flatnonzero(frame), np.flatnonzero(~frame)
-    frame_h = W_t[in_frame].conj()  # W_F^H, frame x outputs
-    rows = sp.csr_array(frame_h @ W)  # the frame's rows of G = W^H W
+    frame_h = sp.csr_array(W_t[in_frame].conj())  # W_F^H, frame x outputs
+    rows = _threaded_product(frame_h, W)  # the frame's rows of G = W^H W
     g_ff = sp.csr_array(rows[:, in_frame])
     g_fr = sp.csr_array(rows[:, rest])
-    coupling = sp.csr_array(g_fr @ sp.csr_array(g_fr.conj().T))
+    coupling = _threaded_product(g_fr, sp.csr_array(g_fr.conj().T))
     identity = sp.identity(len(in_frame), dtype=work, format="csr")
     a = structure.abs_bound * (1 + 1e-6)  # || |W| ||, the stored W's within rounding
     gamma_m = _gamma(structure.most_terms)
