@@ -213,7 +213,9 @@ def _abs_bound(geom: ConvGeometry, weight: np.ndarray) -> float:
     its norm at frequency 0: ``|| |V| || <= || sum_t |w[:, :, t]| ||`` per group.
     """
     g = geom.groups
-    a = np.abs(weight).reshape(g, geom.out_channels // g, geom.in_channels // g, -1).sum(-1)
+    # in double precision whatever the weight's: single-precision sums would round down
+    magnitudes = np.abs(weight).astype(np.float64)
+    a = magnitudes.reshape(g, geom.out_channels // g, geom.in_channels // g, -1).sum(-1)
     return float(max(np.linalg.norm(block, 2) for block in a)) * padding_map_norm(geom)
 
 
@@ -602,9 +604,15 @@ def border_upper(structure: _Structure, lower: float, widenings) -> float | None
     g_fr = sp.csr_array(rows[:, rest])
     coupling = _threaded_product(g_fr, sp.csr_array(g_fr.conj().T))
     identity = sp.identity(len(in_frame), dtype=work, format="csr")
-    a = structure.abs_bound * (1 + 1e-6)  # || |W| ||, the stored W's within rounding
-    gamma_m = _gamma(structure.most_terms)
-    gamma_k = _gamma(int(np.diff(g_fr.indptr).max(initial=0)))
+    # || |W| || of the stored W: its merged entries may exceed the sum of their
+    # taps' magnitudes by their rounding in the stored precision
+    taps = math.prod(geom.kernel_size)
+    merged = 2 * taps * float(np.finfo(structure.dtype).eps)
+    a = structure.abs_bound * (1 + 1e-6) * (1 + merged)
+    # a complex product errs by up to sqrt(2) gamma_2: gamma_(2m + 2) covers m terms
+    complex_factor = 2 if work is np.complex128 else 1
+    gamma_m = _gamma(complex_factor * (structure.most_terms + 1))
+    gamma_k = _gamma(complex_factor * (int(np.diff(g_fr.indptr).max(initial=0)) + 1))
     u2 = u * u * (1 + 4 * _U64)  # >= u^2
 
     def certified(c: float) -> float | None:
@@ -622,7 +630,8 @@ def border_upper(structure: _Structure, lower: float, widenings) -> float | None
         fr_abs = (1 + gamma_m) * a * a
         coupling_error = gamma_k * fr_abs ** 2 + fr_error * (fr_abs + a * a)
         assembly = 3 * _U64 * (t + fr_abs + q * (1 + gamma_k) * fr_abs ** 2)
-        top = t + deficit + fr_error + q * coupling_error + assembly
+        # (four additions, and the square root and the product: a few ulps)
+        top = (t + deficit + fr_error + q * coupling_error + assembly) * (1 + 8 * _U64)
         return math.sqrt(top) * (1 + 2 * _U64)
 
     failed = 0.0
