@@ -644,8 +644,8 @@ def norm_bounds(op, *, rtol=1e-2, maxiter=None) -> NormBounds:
     vectors of such layers sit at the border, where no bound from the
     interior reaches: an 8-channel reflect layer at 32x32 has norm 2.237
     against 2.016 with zero padding.  Reflect ``Conv2d(32->32, 3x3)`` at
-    32x32: 1.5% in 4.8 s; ``Conv2d(64->64)``: 4.3% in 18 s (svds, an
-    estimate: 8.8 s).
+    32x32: 1.5% in 4.8 s; ``Conv2d(64->64)``: 4.3% in 16 s (svds, an
+    estimate: 9.1 s).
 
     *Lower bound.*  For any vector ``v``, ``||W v|| / ||v|| <= ||W||``.  The
     vector is the Ritz vector of restarted Lanczos iterations on ``W^H W``
