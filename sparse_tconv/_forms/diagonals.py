@@ -37,7 +37,7 @@ from .._validation import cast_if_safe
 from .base import ProductForm
 from .csr import csr_product
 
-__all__ = ["DiagonalForm", "BandedDiagonals", "build_diagonals", "dia_product"]
+__all__ = ["DiagonalForm", "BandedDiagonals", "build_diagonals"]
 
 
 def _offsets(geom: ConvGeometry, transposed: bool) -> tuple[np.ndarray, np.ndarray]:
@@ -183,7 +183,8 @@ class _Layout:
         rows = self.top_rows[1] - self.top_rows[0]
         if self.top < self.bottom:
             rows += self.bottom_rows[1] - self.bottom_rows[0] + self.period_rows
-        return taps * rows * self.period * itemsize + self.offsets.nbytes
+        # (the offsets stored in the smallest index dtype for the shape, as scipy's)
+        return taps * (rows * self.period * itemsize + index_dtype(self.n).itemsize)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -233,19 +234,24 @@ class BandedDiagonals:
             shifted = (self.offsets + (start - first_column)).astype(self.offsets.dtype)
             return _Piece(start, stop, first_column, values, phase, shifted)
 
-        n, period = layout.n, layout.period
+        n, period, lowest = layout.n, layout.period, int(layout.offsets.min())
+
+        def chunks(start, stop, values, window_column, periodic):
+            # Rows in chunks, each call reading from the first column its rows
+            # reach: element j of a window's diagonal is column window_column + j,
+            # of the interior's period the columns at position j mod period.
+            for a in range(start, stop, layout.chunk):
+                first = max(window_column, a + lowest)
+                phase = first % period if periodic else first - window_column
+                yield piece(a, min(stop, a + layout.chunk), first, values, phase)
+
         if layout.top >= layout.bottom:
-            return [piece(0, n, 0, window(layout.top_rows))]
-        pieces = [piece(0, layout.top, 0, window(layout.top_rows))]
+            return list(chunks(0, n, window(layout.top_rows), 0, False))
         interior = np.tile(window(None), (1, layout.period_rows))
-        lowest = int(layout.offsets.min())
-        for start in range(layout.top, layout.bottom, layout.chunk):
-            first = start + lowest
-            pieces.append(piece(start, min(layout.bottom, start + layout.chunk), first,
-                                interior, first % period))
-        bottom_first = layout.bottom_rows[0] * period
-        pieces.append(piece(layout.bottom, n, bottom_first, window(layout.bottom_rows)))
-        return pieces
+        bottom_column = layout.bottom_rows[0] * period
+        return [*chunks(0, layout.top, window(layout.top_rows), 0, False),
+                *chunks(layout.top, layout.bottom, interior, 0, True),
+                *chunks(layout.bottom, n, window(layout.bottom_rows), bottom_column, False)]
 
     def arrays(self) -> list[np.ndarray]:
         seen: dict[int, np.ndarray] = {}
@@ -273,69 +279,27 @@ class BandedDiagonals:
         return out
 
 
-def dia_product(matrix: sp.dia_array, x: np.ndarray, threads: int) -> np.ndarray:
-    """``matrix @ x`` for a 1-D ``x`` or a 2-D block of columns, on ``threads`` threads.
-
-    Each thread runs scipy's serial DIA kernel on its range of rows, so the
-    result is bit for bit ``matrix @ x``.  A block of columns is multiplied
-    column by column (scipy has no multi-vector DIA kernel).
-    """
-    return _column_by_column(matrix, x, threads, _dia_matvec_threaded, lambda v: matrix @ v)
-
-
-def _column_by_column(matrix, x, threads, kernel, fallback):
-    """``kernel`` (a threaded one-vector product) on a 1-D ``x`` or each column of a 2-D one.
+def _banded_product(banded: BandedDiagonals, x: np.ndarray, threads: int,
+                    fallback) -> np.ndarray:
+    """``banded @ x`` for a 1-D ``x`` or a 2-D block of columns (column by column).
 
     An ``x`` needing a wider dtype than the matrix (or no scipy kernel) goes
     to ``fallback``; small matrices run on one thread.
     """
-    x = cast_if_safe(x, matrix.dtype)
-    if x.dtype != matrix.dtype or _sparsetools.dia_matvec is None:
+    x = cast_if_safe(x, banded.dtype)
+    if x.dtype != banded.dtype or _sparsetools.dia_matvec is None:
         return fallback(x)
-    if matrix.shape[0] * len(matrix.offsets) < _parallel.MIN_PARALLEL_NNZ:
+    if banded.shape[0] * len(banded.offsets) < _parallel.MIN_PARALLEL_NNZ:
         threads = 1
     if x.ndim == 2:
         # One contiguous row per column, both ways: the result comes back as
         # the transpose of a C-ordered array (a view, no copy).
         columns = np.ascontiguousarray(x.T)
-        out = np.empty((x.shape[1], matrix.shape[0]), dtype=matrix.dtype)
+        out = np.empty((x.shape[1], banded.shape[0]), dtype=banded.dtype)
         for column, result in zip(columns, out):
-            kernel(matrix, column, threads, result)
+            banded.matvec(column, threads, result)
         return out.T
-    return kernel(matrix, np.ascontiguousarray(x), threads)
-
-
-def _dia_matvec_threaded(matrix, x, threads, out=None):
-    n_rows, n_cols = matrix.shape
-    offsets = matrix.offsets
-    length = matrix.data.shape[1]
-    flat = matrix.data.reshape(-1)
-    below = max(0, -int(offsets.min())) if len(offsets) else 0
-    matvec = _sparsetools.dia_matvec
-    if out is None:
-        out = np.empty(n_rows, dtype=matrix.dtype)
-
-    def multiply(rows):
-        a, b = rows
-        out[a:b] = 0  # the kernel adds into its output
-        # Rows a..b as a problem of their own: shift the columns by ``skip``
-        # (as far back as the lowest diagonal reaches), which moves every
-        # offset up by ``a - skip`` and the start of each diagonal's values.
-        skip = a - min(a, below)
-        matvec(b - a, n_cols - skip, len(offsets), length,
-                    (offsets + (a - skip)).astype(offsets.dtype), flat[skip:], x[skip:],
-                    out[a:b])
-
-    # (on this thread when threads <= 1)
-    run_parallel(multiply, even_ranges(n_rows, threads), threads)
-    return out
-
-
-def _banded_product(banded: BandedDiagonals, x: np.ndarray, threads: int,
-                    fallback) -> np.ndarray:
-    """``banded @ x`` for a 1-D ``x`` or a 2-D block of columns (column by column)."""
-    return _column_by_column(banded, x, threads, lambda m, v, t, out=None: m.matvec(v, t, out),
-                             fallback)
+    return banded.matvec(np.ascontiguousarray(x), threads)
 
 
 def _is_batch(x: np.ndarray) -> bool:
@@ -408,10 +372,7 @@ class DiagonalForm(ProductForm):
     @classmethod
     def predict_nbytes(cls, geometry, dtype, *, transposed, backward) -> int:
         itemsize = np.dtype(dtype).itemsize
-        layout = _Layout.of(geometry, transposed, itemsize)
-        # scipy's (and ours) offsets in the smallest index dtype for the shape
-        offsets = len(layout.offsets) * index_dtype(layout.n).itemsize
-        return layout.nbytes(itemsize) - layout.offsets.nbytes + offsets
+        return _Layout.of(geometry, transposed, itemsize).nbytes(itemsize)
 
     @classmethod
     def build(cls, geometry, weight, *, transposed, backward, threads, canonical, lean=False):
