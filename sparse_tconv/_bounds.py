@@ -164,11 +164,16 @@ def padding_map_norm(geom: ConvGeometry) -> float:
         return 1.0
     norm = 1.0
     for L, (lo, hi) in zip(geom.input_size, geom.padding):
-        outside = np.concatenate([np.arange(-lo, 0), np.arange(L, L + hi)]).astype(np.int64)
-        if len(outside):
-            counts = np.unique(mode_map(outside, L, geom.padding_mode), return_counts=True)[1]
-            norm *= math.sqrt(1 + int(counts.max()))
+        sources = _padding_sources(L, lo, hi, geom.padding_mode)
+        if len(sources):
+            norm *= math.sqrt(1 + int(np.unique(sources, return_counts=True)[1].max()))
     return norm
+
+
+def _padding_sources(L: int, lo: int, hi: int, mode: str) -> np.ndarray:
+    """The input coordinate each of a dimension's ``lo + hi`` padded positions copies."""
+    outside = np.concatenate([np.arange(-lo, 0), np.arange(L, L + hi)]).astype(np.int64)
+    return mode_map(outside, L, mode) if len(outside) else outside
 
 
 def _circulant_grids(geom: ConvGeometry, count: int) -> list[tuple[int, ...]]:
@@ -513,9 +518,7 @@ def border_frame(geom: ConvGeometry, wide: bool) -> np.ndarray:
     """
     inside = np.zeros(tuple(geom.input_size), dtype=bool)
     for d, (L, (lo, hi)) in enumerate(zip(geom.input_size, geom.padding)):
-        outside = np.concatenate([np.arange(-lo, 0), np.arange(L, L + hi)]).astype(np.int64)
-        copied: list[int] = (np.unique(mode_map(outside, L, geom.padding_mode)).tolist()
-                             if len(outside) else [])
+        copied: list[int] = np.unique(_padding_sources(L, lo, hi, geom.padding_mode)).tolist()
         near = np.zeros(L, dtype=bool)
         near[copied] = True
         if wide:
