@@ -38,15 +38,16 @@ import numpy as np
 import scipy.sparse as sp
 from numpy.lib.stride_tricks import as_strided
 
-from ._geometry import ConvGeometry, ConvMatrixSize, matrix_size, validate
+from ._geometry import ConvGeometry, ConvMatrixSize, given_shapes, matrix_size, validate
 from ._indexmap import DimMap, Family
 from ._parallel import even_ranges, resolve_threads, run_parallel
-from ._validation import check_size
+from ._validation import INT64_MAX, check_positive_int
 
 __all__ = [
     "conv_matrix",
     "conv_transpose_matrix",
     "build",
+    "check_size",
     "refill",
     "Layout",
     "layout",
@@ -301,6 +302,37 @@ def canonical_csr(data, indices, indptr, shape) -> sp.csr_array:
     return matrix
 
 
+def check_size(size: ConvMatrixSize, geom: ConvGeometry, transposed: bool, max_bytes=None,
+               what: str = "the matrix") -> ConvMatrixSize:
+    """``size`` if it can be built within ``max_bytes``; else a clear error, before allocating.
+
+    Raises
+    ------
+    TypeError, ValueError
+        If ``max_bytes`` is not None or a positive int.
+    ValueError
+        If no machine could index or hold the matrix: more entries or rows
+        than int64 indices (numpy's and scipy's widest) address, or more than
+        2**63 bytes.  The message names ``input_shape`` and the figures.
+    MemoryError
+        If the bytes exceed ``max_bytes``.
+    """
+    given, _ = given_shapes(geom, transposed)
+    described = (f"{what} would need {size.nbytes} bytes (nnz={size.nnz}, shape={size.shape}, "
+                 f"{size.dtype} values, {size.index_dtype} indices)")
+    arguments = f"input_shape={given}, weight.shape={geom.weight_shape}"
+    if max(size.nnz, *size.shape) > INT64_MAX:
+        raise ValueError(f"{described}: more entries or rows than int64 indices can address "
+                         f"({arguments})")
+    if size.nbytes > INT64_MAX:
+        raise ValueError(f"{described}: more bytes than any address space ({arguments})")
+    if max_bytes is not None:
+        max_bytes = check_positive_int(max_bytes, "max_bytes")
+        if size.nbytes > max_bytes:
+            raise MemoryError(f"{described}, more than max_bytes={max_bytes}")
+    return size
+
+
 @contextlib.contextmanager
 def allocation_context(size: ConvMatrixSize, what: str = "the matrix"):
     """Say what was being built when numpy cannot allocate it."""
@@ -327,7 +359,7 @@ def build(
     few neighbouring positions at once instead of one element from each of
     ``C`` distant planes.
     """
-    size = check_size(matrix_size(geom, weight.dtype, transposed))
+    size = check_size(matrix_size(geom, weight.dtype, transposed), geom, transposed)
     with allocation_context(size):
         lay = layout(geom, transposed, channels_last)  # its maps are O(size) too
         indptr = _indptr(lay, size.index_dtype)
@@ -356,7 +388,7 @@ def refill(
 
 def _validated_build(weight, input_shape, *, transposed, dtype, max_bytes, **settings):
     w, geom = validate(weight, input_shape, transposed=transposed, dtype=dtype, **settings)
-    check_size(matrix_size(geom, w.dtype, transposed), max_bytes)
+    check_size(matrix_size(geom, w.dtype, transposed), geom, transposed, max_bytes)
     return build(geom, w, transposed=transposed, threads=resolve_threads(None))
 
 
@@ -427,11 +459,15 @@ def conv_matrix(
         Inconsistent shapes, non-positive stride, dilation or groups, negative
         padding, unknown padding or mode, ``'same'`` with stride > 1, a
         dilated kernel larger than the padded input, reflect padding not
-        smaller than the input, circular padding larger than the input.
+        smaller than the input, circular padding larger than the input; a
+        size no machine can hold (an input, output or matrix of more than
+        2**63 bytes, or more entries than int64 indices address), with the
+        figure and ``input_shape``.
     TypeError
         Non-numeric or boolean weights, non-integer arguments, unsupported dtype.
     MemoryError
-        If ``max_bytes`` is exceeded.
+        If ``max_bytes`` is exceeded, or this machine cannot allocate the
+        matrix (the message gives its size).
 
     See Also
     --------

@@ -20,6 +20,7 @@ import numpy as np
 
 from ._validation import (
     INT32_MAX,
+    INT64_MAX,
     as_weight,
     check_padding_mode,
     check_positive_int,
@@ -37,6 +38,8 @@ __all__ = [
     "expand_single_channel",
     "transpose_output_padding",
     "validate",
+    "given_shapes",
+    "check_addressable",
     "conv_output_shape",
     "conv_transpose_output_shape",
     "conv_matrix_nnz",
@@ -452,9 +455,36 @@ def validate(weight, input_shape, *, transposed: bool, dtype=None, **settings):
     w = as_weight(weight, dtype)
     make = conv_transpose_geometry if transposed else conv_geometry
     geom = make(w.shape, input_shape, **settings)
+    check_addressable(geom, transposed, w.dtype)
     if w.ndim != geom.ndim + 2:  # the single-channel spelling: a view, read-only too
         w = w.reshape(geom.weight_shape)
     return w, geom
+
+
+def given_shapes(geom: ConvGeometry, transposed: bool):
+    """``(input_shape, output_shape)`` as the caller names them (a transposed one's are swapped)."""
+    if transposed:
+        return geom.output_shape, geom.input_shape
+    return geom.input_shape, geom.output_shape
+
+
+def check_addressable(geom: ConvGeometry, transposed: bool, dtype) -> None:
+    """Refuse, naming ``input_shape``, a convolution whose input or output no array can hold.
+
+    An array of more than ``2**63 - 1`` bytes cannot exist on any machine
+    (numpy's sizes are int64): such a geometry is a wrong argument, not a
+    shortage of memory, so it is a :class:`ValueError` raised before anything
+    is allocated.
+    """
+    itemsize = np.dtype(dtype).itemsize
+    given, result = given_shapes(geom, transposed)
+    for shape, what in ((given, "has"), (result, f"gives an output of shape {result} with")):
+        n = math.prod(shape)
+        if n * itemsize > INT64_MAX:
+            raise ValueError(
+                f"input_shape={given} {what} {n:.3g} elements ({n * itemsize:.3g} bytes of "
+                f"{np.dtype(dtype)}), more than any array can hold (2**63 bytes)"
+            )
 
 
 # ---------------------------------------------------------------------------

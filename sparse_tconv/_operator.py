@@ -27,9 +27,9 @@ from scipy.sparse.linalg import LinearOperator
 
 from ._build import build, refill
 from ._forms import form_for
-from ._geometry import transpose_output_padding, validate
+from ._geometry import given_shapes, transpose_output_padding, validate
 from ._parallel import resolve_threads
-from ._validation import as_weight, check_positive_int
+from ._validation import INT64_MAX, as_weight, check_positive_int
 
 __all__ = ["ConvOperator", "ConvTransposeOperator", "ProductFormInfo"]
 
@@ -187,13 +187,12 @@ class _ConvOperatorBase(LinearOperator):
         if threads is not None:
             resolve_threads(threads)  # a bad setting fails here, not at the first product
         form = form_for(geom)
-        if max_bytes is not None:
-            if keep_transpose:
-                stored = self._transposed != form.vectors_via_transpose(geom, self._transposed,
-                                                                       w.dtype)
-            else:
-                stored = form.lean_transposed(geom, self._transposed)
-            _check_form_size(form, geom, w.dtype, stored, max_bytes)
+        if keep_transpose:
+            stored = self._transposed != form.vectors_via_transpose(geom, self._transposed,
+                                                                   w.dtype)
+        else:
+            stored = form.lean_transposed(geom, self._transposed)
+        _check_form_size(form, geom, w.dtype, stored, max_bytes, self._transposed)
         self._setup(geom, w, threads, keep_transpose)
         # Built now, not on first use: construction is where the cost is expected.
         self._first_slot().get()
@@ -665,11 +664,22 @@ def _distinct_buffers(arrays: Iterable[np.ndarray]) -> list[np.ndarray]:
     return list(seen.values())
 
 
-def _check_form_size(form, geometry, dtype, transposed, max_bytes) -> None:
-    """Refuse, before building, a product form larger than ``max_bytes``."""
-    max_bytes = check_positive_int(max_bytes, "max_bytes")
+def _check_form_size(form, geometry, dtype, transposed, max_bytes, given_transposed) -> None:
+    """Refuse, before building, a product form no machine could hold, or larger than ``max_bytes``.
+
+    ``transposed`` says which matrix the form stores, ``given_transposed``
+    which convolution the caller described (for the shapes the error names).
+    """
+    if max_bytes is not None:
+        max_bytes = check_positive_int(max_bytes, "max_bytes")
     nbytes = form.predict_nbytes(geometry, dtype, transposed=transposed, backward=False)
-    if nbytes > max_bytes:
+    if nbytes > INT64_MAX:
+        given, _ = given_shapes(geometry, given_transposed)
+        raise ValueError(
+            f"the operator's product form ({form.name}) would need {nbytes:.3g} bytes "
+            f"(nnz={geometry.nnz:.3g}), more than any address space (2**63 bytes): "
+            f"input_shape={given}, weight.shape={geometry.weight_shape}")
+    if max_bytes is not None and nbytes > max_bytes:
         raise MemoryError(
             f"the operator's product form ({form.name}) would need {nbytes} bytes "
             f"(nnz={geometry.nnz}, {np.dtype(dtype)} values), more than max_bytes={max_bytes}"
@@ -728,10 +738,12 @@ class ConvOperator(_ConvOperatorBase):
     Raises
     ------
     ValueError, TypeError
-        As for :func:`conv_matrix`, and for an invalid ``threads`` or
+        As for :func:`conv_matrix` (a product form no machine can hold
+        included), and for an invalid ``threads`` (at most 1024) or
         ``max_bytes``.
     MemoryError
-        If ``max_bytes`` is exceeded.
+        If ``max_bytes`` is exceeded, or this machine cannot allocate the
+        product form.
 
     See Also
     --------

@@ -11,13 +11,9 @@ kernel that fits) are in :mod:`._geometry`.
 from __future__ import annotations
 
 import numbers
-from typing import TYPE_CHECKING
 
 import numpy as np
 import scipy.sparse as sp
-
-if TYPE_CHECKING:
-    from ._geometry import ConvMatrixSize
 
 __all__ = [
     "PADDING_MODES",
@@ -40,7 +36,6 @@ __all__ = [
     "check_padding_mode",
     "as_weight",
     "cast_if_safe",
-    "check_size",
 ]
 
 PADDING_MODES = ("zeros", "reflect", "replicate", "circular")
@@ -297,7 +292,12 @@ def as_weight(weight, dtype=None) -> np.ndarray:
                 f"cannot use dtype={target} for a complex weight (weight.dtype={arr.dtype}): "
                 "the imaginary part would be discarded"
             )
-    out = np.array(arr, dtype=target, copy=True)
+    try:
+        out = np.array(arr, dtype=target, copy=True)
+    except MemoryError as exc:  # a broadcast view, say: its copy is as large as its shape
+        raise MemoryError(f"weight.shape={arr.shape} needs {arr.size * target.itemsize} bytes "
+                          f"as {target}, which this machine could not allocate for the "
+                          f"operator's own copy ({exc})") from None
     out.flags.writeable = False
     return out
 
@@ -313,27 +313,3 @@ def cast_if_safe(x: np.ndarray, dtype) -> np.ndarray:
     if x.dtype != dtype and np.can_cast(x.dtype, dtype, casting="safe"):
         return x.astype(dtype)
     return x
-
-
-def check_size(size: ConvMatrixSize, max_bytes=None, what: str = "the matrix") -> ConvMatrixSize:
-    """``size`` if it can be built within ``max_bytes``; else a clear error, before allocating.
-
-    Raises
-    ------
-    TypeError, ValueError
-        If ``max_bytes`` is not None or a positive int.
-    MemoryError
-        If the entries or rows could not be indexed by int64 (numpy's and
-        scipy's widest), the bytes exceed 2**63, or they exceed ``max_bytes``.
-    """
-    described = (f"{what} would need {size.nbytes} bytes (nnz={size.nnz}, shape={size.shape}, "
-                 f"{size.dtype} values, {size.index_dtype} indices)")
-    if max(size.nnz, *size.shape) > INT64_MAX:
-        raise MemoryError(f"{described}: more entries or rows than int64 indices can address")
-    if size.nbytes > INT64_MAX:
-        raise MemoryError(f"{described}: more bytes than any address space")
-    if max_bytes is not None:
-        max_bytes = check_positive_int(max_bytes, "max_bytes")
-        if size.nbytes > max_bytes:
-            raise MemoryError(f"{described}, more than max_bytes={max_bytes}")
-    return size

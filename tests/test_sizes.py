@@ -1,12 +1,20 @@
 """Sizes known before building, for any size: exact Python ints in O(kernel) memory,
 and builds refused with a clear error before numpy's allocator is reached."""
 
+import math
+import re
 import tracemalloc
 
 import numpy as np
 import pytest
 
-from sparse_tconv import conv_matrix, conv_matrix_nnz, conv_transpose_matrix_nnz
+from sparse_tconv import (
+    ConvOperator,
+    ConvTransposeOperator,
+    conv_matrix,
+    conv_matrix_nnz,
+    conv_transpose_matrix_nnz,
+)
 
 
 def _traced_peak(func):
@@ -67,9 +75,36 @@ def test_bad_budgets(max_bytes, error, match):
         conv_matrix(np.ones((1, 1, 3)), (1, 10), max_bytes=max_bytes)
 
 
+@pytest.mark.parametrize("make", [conv_matrix, ConvOperator, ConvTransposeOperator])
+@pytest.mark.parametrize("input_shape", [(1, 10**20), (1, 10**10, 10**10), (1, 2**40, 2**30)])
+def test_inputs_no_array_can_hold_are_a_value_error_naming_the_shape(make, input_shape):
+    # a wrong argument, not a shortage of memory: ValueError, and nothing allocated
+    weight = np.ones((1, 1) + (1,) * (len(input_shape) - 1))
+    n = math.prod(input_shape)
+    message = re.escape(f"input_shape={input_shape} has {n:.3g} elements ({8 * n:.3g} bytes "
+                        "of float64), more than any array can hold (2**63 bytes)")
+    _, peak = _traced_peak(lambda: pytest.raises(ValueError, make, weight, input_shape))
+    assert peak < 1 << 20
+    with pytest.raises(ValueError, match=message):
+        make(weight, input_shape)
+
+
+def test_an_output_no_array_can_hold_is_named():
+    # the input fits; a transposed convolution's output does not
+    with pytest.raises(ValueError, match=r"input_shape=\(1, 10\*\*18\) gives an output"
+                                         .replace(r"10\*\*18", str(10**18))):
+        ConvTransposeOperator(np.ones((1, 1, 3)), (1, 10**18), stride=100)
+
+
 def test_sizes_beyond_int64_are_refused_by_name():
-    with pytest.raises(MemoryError, match=r"more entries or rows than int64 indices can address"):
-        conv_matrix(np.ones((1, 1, 3)), (1, 10**20))
+    # the vectors fit, the matrix's entries cannot be indexed
+    with pytest.raises(ValueError, match=r"more entries or rows than int64 indices can address "
+                                         r"\(input_shape=\(64, 10000000000000000\), "
+                                         r"weight.shape=\(64, 64, 3\)\)"):
+        conv_matrix(np.ones((64, 64, 3)), (64, 10**16))
+    with pytest.raises(ValueError, match=r"product form \(blocks\) would need 9.83e\+20 bytes .*"
+                                         r"more than any address space"):
+        ConvOperator(np.ones((64, 64, 3)), (64, 10**16))
 
 
 def test_an_allocation_failure_says_what_was_built(monkeypatch):
@@ -88,6 +123,7 @@ def test_an_allocation_failure_says_what_was_built(monkeypatch):
 
 
 def test_sizes_beyond_any_address_space_are_refused():
-    # nnz fits int64, the bytes do not: numpy would say "array is too big".
-    with pytest.raises(MemoryError, match=r"more bytes than any address space"):
-        conv_matrix(np.ones((1, 1, 3)), (1, 2**61))
+    # the vectors and nnz fit int64, the matrix's bytes do not: numpy would say "array is
+    # too big"
+    with pytest.raises(ValueError, match=r"more bytes than any address space"):
+        conv_matrix(np.ones((1, 1, 3), np.float32), (1, 2**60))
