@@ -148,5 +148,28 @@ def test_operator_arguments():
 def test_bad_environment_variable(monkeypatch):
     monkeypatch.setenv("SPARSE_TCONV_NUM_THREADS", "many")
     with pytest.raises(ValueError, match="SPARSE_TCONV_NUM_THREADS must be a positive integer, "
-                                         "got SPARSE_TCONV_NUM_THREADS='many'"):
+                                         "at most 1024, got SPARSE_TCONV_NUM_THREADS='many'"):
         sparse_tconv.get_num_threads()
+    monkeypatch.setenv("SPARSE_TCONV_NUM_THREADS", "100000")
+    with pytest.raises(ValueError, match="got SPARSE_TCONV_NUM_THREADS='100000'"):
+        sparse_tconv.get_num_threads()
+
+
+@pytest.mark.parametrize("threads", [1025, 10**9, 10**18])
+def test_more_threads_than_can_be_started_are_refused(threads, restore_threads):
+    # before anything is built or started: 10**9 threads once sized arrays and started a
+    # thread per row range (1.7 GB for a 300x300 layer)
+    message = rf"threads must be at most 1024 .*, got threads={threads}"
+    with pytest.raises(ValueError, match=message):
+        ConvOperator(W2D, X2D, threads=threads)
+    with pytest.raises(ValueError, match=message):
+        sparse_tconv.set_num_threads(threads)
+
+
+def test_more_threads_than_rows_give_the_same_products(restore_threads):
+    # the most threads allowed, on a layer with fewer rows than threads: every range is
+    # cut to what the rows allow, and the products are those of one thread
+    w = np.random.default_rng(0).standard_normal((3, 2, 3, 3))
+    many, one = (ConvOperator(w, (2, 9, 9), threads=t) for t in (1024, 1))
+    x, y = np.arange(many.shape[1], dtype=float), np.arange(many.shape[0], dtype=float)
+    assert np.array_equal(many @ x, one @ x) and np.array_equal(many.rmatvec(y), one.rmatvec(y))
