@@ -528,7 +528,10 @@ class DistributedConvOperator(LinearOperator):
     its ``memory_limit`` (the task holding the geometry too, if it is gone).
     When no worker has room for it, or that rebuild fails as well, the
     product raises :class:`RuntimeError` saying that the operator is
-    unusable and why.
+    unusable and why; when a worker is lost under each of the product's
+    attempts, a :class:`RuntimeError` says so and that the blocks are being
+    rebuilt (never Dask's bare ``FutureCancelledError``).  Blocks cancelled
+    while the constructor builds them are submitted again too.
 
     *Copies.*  ``pickle``, ``copy.copy`` and ``copy.deepcopy`` raise
     :class:`TypeError`: the blocks are futures on the client's cluster.
@@ -632,9 +635,21 @@ class DistributedConvOperator(LinearOperator):
         future only reports its cancellation.
         """
         distributed = _import_distributed()
+        for _ in range(_ATTEMPTS):  # blocks a restart cancelled while building: sent again
+            with self._client.as_current():  # wait() uses the current client, not the futures'
+                try:
+                    distributed.wait([f for _, fs in self._blocks.values() for f in fs])
+                except concurrent.futures.CancelledError:  # read from the statuses below
+                    pass
+            statuses = {f.status for _, fs in self._blocks.values() for f in fs}
+            if "cancelled" not in statuses or "error" in statuses:  # an error is reported
+                break
+            try:
+                self._rebuild_lost()
+            except BaseException:
+                self.close()
+                raise
         blocks = [(m, i, f) for m, futures in self._blocks.values() for i, f in enumerate(futures)]
-        with self._client.as_current():  # wait() uses the current client, not the futures'
-            distributed.wait([f for _, _, f in blocks])
         for matrix, i, future in blocks:
             if future.status == "finished":
                 continue
@@ -643,6 +658,12 @@ class DistributedConvOperator(LinearOperator):
             except distributed.KilledWorker as exc:
                 self.close()
                 raise _killed_while_building(exc, self._plan, matrix, i) from exc
+            except concurrent.futures.CancelledError as exc:
+                self.close()
+                raise RuntimeError(
+                    f"{matrix.describe(i)} was cancelled {_ATTEMPTS} times while being built "
+                    f"(workers lost or the cluster restarted: {exc}); build the operator "
+                    "again once the cluster is stable") from exc
             except BaseException:
                 self.close()
                 raise
@@ -836,10 +857,27 @@ class DistributedConvOperator(LinearOperator):
                 return combine(client.gather(futures))
             except Exception as exc:
                 self._check_rebuilt(rebuilt, exc)
-                if attempt == _ATTEMPTS - 1 or not self._may_retry(exc):
+                if not self._may_retry(exc):
                     raise
+                if attempt == _ATTEMPTS - 1:
+                    raise self._lost_every_attempt(exc) from exc
             finally:
                 del x_future, futures  # released on the cluster
+
+    def _lost_every_attempt(self, exc: BaseException) -> RuntimeError:
+        """What a product says when a worker was lost under each of its attempts.
+
+        Dask's own error (``FutureCancelledError``, ``KilledWorker``, a closed
+        comm) says only that a task is gone, not why nor what comes next.
+        """
+        self._rebuild_lost()  # the next product finds them submitted again
+        gone = sum(f.status in _GONE for _, fs in self._blocks.values() for f in fs)
+        return RuntimeError(
+            f"a Dask worker died or was lost during each of {_ATTEMPTS} attempts at this "
+            f"product ({type(exc).__name__}: {exc}); the operator's blocks are rebuilt from "
+            f"the geometry on the remaining workers ({gone} still to rebuild now), so the "
+            "product can be called again once the cluster is stable"
+        )
 
     def _may_retry(self, exc) -> bool:
         """Whether another attempt can succeed: the input was lost, or a block is to rebuild."""

@@ -616,6 +616,73 @@ def test_blocks_cancelled_by_a_restart_are_rebuilt_or_reported(fragile):
         assert _bounded(60, op.rmatvec, y).tobytes() == (local.transpose_matrix @ y).tobytes()
 
 
+class _LosingGather:
+    """``client.gather`` losing its futures the first ``times`` calls, as a dying worker does."""
+
+    def __init__(self, client, times):
+        self.gather, self.times, self.calls = client.gather, times, 0
+
+    def __call__(self, futures, *args, **kwargs):
+        self.calls += 1
+        if self.calls <= self.times:
+            from distributed.client import FutureCancelledError
+
+            raise FutureCancelledError(futures[0].key, "worker-lost")
+        return self.gather(futures, *args, **kwargs)
+
+
+@pytest.mark.parametrize("product", ["matvec", "rmatvec"])
+def test_a_product_that_loses_its_futures_is_retried_then_says_why(two_workers, monkeypatch,
+                                                                     product):
+    rng = np.random.default_rng(seed_of("lost-gather", product))
+    weight = rng.standard_normal((3, 2, 3, 3))
+    local = ConvOperator(weight, (2, 12, 12), padding=1, threads=1)
+    with DistributedConvOperator(weight, (2, 12, 12), padding=1, client=two_workers,
+                                 n_blocks=3) as op:
+        v = rng.standard_normal(op.shape[1] if product == "matvec" else op.shape[0])
+        expected = local.matvec(v) if product == "matvec" else local.rmatvec(v)
+        # lost twice: the third attempt completes
+        monkeypatch.setattr(two_workers, "gather", _LosingGather(two_workers, 2))
+        np.testing.assert_allclose(getattr(op, product)(v), expected, rtol=1e-12, atol=1e-12)
+        # lost at every attempt: an error that says what happened and what comes next,
+        # not Dask's bare FutureCancelledError
+        monkeypatch.setattr(two_workers, "gather", _LosingGather(two_workers, 3))
+        with pytest.raises(RuntimeError, match=r"a Dask worker died or was lost during each of "
+                                               r"3 attempts at this product "
+                                               r"\(FutureCancelledError: .*\); the operator's "
+                                               r"blocks are rebuilt from the geometry") as info:
+            getattr(op, product)(v)
+        from distributed.client import FutureCancelledError
+
+        assert isinstance(info.value.__cause__, FutureCancelledError)
+        monkeypatch.undo()
+        np.testing.assert_allclose(getattr(op, product)(v), expected, rtol=1e-12, atol=1e-12)
+
+
+def test_blocks_cancelled_while_building_are_built_again(two_workers, monkeypatch):
+    # the first submission of every block is cancelled at once, as a restart in the middle
+    # of the constructor would: the constructor submits them again and the operator works
+    rng = np.random.default_rng(seed_of("cancel-build"))
+    weight = rng.standard_normal((3, 2, 3, 3))
+    submit = DistributedConvOperator._submit_block
+    cancelled = []
+
+    def cancel_first(self, matrix, i, worker, tag=""):
+        future = submit(self, matrix, i, worker, tag)
+        if not tag:
+            future.cancel()
+            cancelled.append(future.key)
+        return future
+
+    monkeypatch.setattr(DistributedConvOperator, "_submit_block", cancel_first)
+    with DistributedConvOperator(weight, (2, 12, 12), padding=1, client=two_workers,
+                                 n_blocks=3) as op:
+        assert cancelled and not set(cancelled) & {f.key for f in op.futures}
+        x = rng.standard_normal(op.shape[1])
+        expected = conv_matrix(weight, (2, 12, 12), padding=1) @ x
+        assert op.matvec(x).tobytes() == expected.tobytes()
+
+
 def test_an_operator_is_not_pickled_or_copied(two_workers):
     import cloudpickle
 
