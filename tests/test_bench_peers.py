@@ -174,23 +174,36 @@ def test_progress_line_shows_the_running_step_and_the_clock():
     assert "2/2 done" in lines[3] and "done: (a) direct kernels: fft" in lines[3]
 
 
-def test_skipped_peers_are_marked_in_the_table_and_json(monkeypatch):
-    # nothing installed: every peer column of the row says so, none is blank
+def test_missing_peers_are_named_once_not_per_configuration(monkeypatch):
+    # nothing installed: the peers' columns are left out, and one note names each library
     _fast_timing(monkeypatch, _Recorder(), [])
-    r = compare.compare_config(_SMALL_3D, threads=1, bandwidth=1e10, repeat=1, peers={})
+    results = [compare.compare_config(c, threads=1, bandwidth=1e10, repeat=1, peers={})
+               for c in (_SMALL_2D, _SMALL_3D)]
+    _, notes = _available_with(monkeypatch, installed=())
     machine = dict(date="d", threads=1, bandwidth_all=1e10, bandwidth_1=1e10)
-    text = compare.format_comparison([r], machine, ["torch not installed"])
+    text = compare.format_comparison(results, machine, notes)
+    assert "skipped: not installed" not in text and "not installed" not in text.split("note:")[0]
     peer_table = text.split("Sparse products on the same matrix")[1].split("\n\n")[0]
-    header, row = peer_table.splitlines()[1:3]
-    assert row.startswith("v ")
-    assert row.count("skipped: not installed") == 4  # torch both ways, sparse_convolution x2
-    assert re.search(r"\d\.\d+ \(1(\.0)?x\)", row)  # scipy's serial product is always there
-    for key in ("csr_torch", "csr_torch_transpose", "spconv", "spconv_build", "pylops_fft",
-                "torch_f64_1t"):
-        assert r["skipped"][key].startswith("skipped: ")
-    direct_table = text.split("Direct kernels and peers")[1]
-    # torch conv f64 and f32 (one thread here) and PyLops
-    assert direct_table.splitlines()[2].count("skipped: not installed") == 3
+    header = peer_table.splitlines()[1]
+    assert "scipy 1t W@x" in header and "torch" not in header and "spconv" not in header
+    direct_header = text.split("Direct kernels and peers")[1].splitlines()[1]
+    assert "torch" not in direct_header and "PyLops" not in direct_header
+    for library in ("torch", "pylops", "sparse_convolution"):
+        assert text.count(f"note: {library} not installed") == 1
+    assert "pip install torch==2.13.0" in text  # the README's pin, not a plain torch
+    for r in results:
+        assert sorted(r["not_installed"]) == ["pylops", "sparse_convolution", "torch"]
+        assert not any(k.startswith(("torch", "csr_torch", "spconv", "pylops"))
+                       for k in [*r["times"], *r["skipped"]])
+    assert compare.missing_peers(results) == ["PyTorch", "PyLops", "sparse_convolution"]
+    assert "torch" not in compare.markdown_table(results)
+
+
+def _available_with(monkeypatch, installed):
+    """available_peers() as if only the libraries in ``installed`` could be imported."""
+    real = compare._import
+    monkeypatch.setattr(compare, "_import", lambda name: real(name) if name in installed else None)
+    return compare.available_peers()
 
 
 def test_sparse_convolution_skip_names_the_geometry(monkeypatch):
@@ -220,8 +233,11 @@ def test_labels_are_human_and_tables_show_no_internal_keys(monkeypatch):
 
 def test_plot_has_human_legends_and_hatched_skipped_bars(tmp_path, monkeypatch):
     plt = pytest.importorskip("matplotlib.pyplot")
+    # sparse_convolution skips the 3-D layer (a hatched bar); torch and PyLops are missing
+    spconv = pytest.importorskip("sparse_convolution")
     _fast_timing(monkeypatch, _Recorder(), [])
-    results = [compare.compare_config(c, threads=1, bandwidth=1e10, repeat=1, peers={})
+    results = [compare.compare_config(c, threads=1, bandwidth=1e10, repeat=1,
+                                      peers={"sparse_convolution": spconv})
                for c in (_SMALL_2D, _SMALL_3D)]
     figures = []
     monkeypatch.setattr(plt, "close", figures.append)
@@ -233,11 +249,15 @@ def test_plot_has_human_legends_and_hatched_skipped_bars(tmp_path, monkeypatch):
     assert "scipy CSR W @ x, 1 thread" in legends
     keys = {k for r in results for k in [*r["times"], *r["skipped"]] if "_" in k}
     assert not any(re.search(rf"(?<![\w.]){k}(?!\w)", t) for k in keys for t in legends)
+    # the missing libraries: one legend entry, no bar
+    missing = [t for t in legends if t.startswith("not installed")]
+    assert missing == ["not installed, left out: PyTorch, PyLops"]
     skipped = sum(len(r["skipped"]) for r in results)
     hatched = [p for ax in fig.axes for p in ax.patches if p.get_hatch()]
-    assert len(hatched) == skipped  # one placeholder per skipped entry, none left blank
+    assert skipped > 0 and len(hatched) == skipped  # one placeholder per skipped entry
     texts = [t.get_text() for ax in fig.axes for t in ax.texts]
     assert sum(t.startswith("skipped: ") for t in texts) == skipped
+    assert not any("not installed" in t for t in texts)
     assert any(t.endswith(" ms") for t in texts)  # absolute times beside the ratios
     plt.close(fig)
 

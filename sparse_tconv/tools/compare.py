@@ -35,6 +35,7 @@ __all__ = [
     "BENCH_QUICK_CONFIGS",
     "Progress",
     "available_peers",
+    "missing_peers",
     "compare_config",
     "label",
     "reference_of",
@@ -130,26 +131,47 @@ def _import(name: str):
         return None
 
 
-# Optional libraries timed beside the operator: import name, the reason a
-# column is skipped without it, how to install it.
+# Optional libraries timed beside the operator: import name, its name in the
+# notes and the legend, how to install it (the README's pins), and the
+# prefixes of the timing keys it owns.
 _PEER_LIBRARIES = (
-    ("torch", "pip install torch (CPU wheel)"),
-    ("pylops", "pip install pylops"),
-    ("sparse_convolution", "pip install sparse-convolution"),
+    ("torch", "PyTorch", "pip install torch==2.13.0", ("csr_torch", "torch_")),
+    ("pylops", "PyLops", "pip install pylops", ("pylops",)),
+    ("sparse_convolution", "sparse_convolution", "pip install sparse-convolution", ("spconv",)),
 )
 
 
 def available_peers() -> tuple[dict, list[str]]:
     """Installed peer libraries and a note for each missing one."""
     found, notes = {}, []
-    for name, extra in _PEER_LIBRARIES:
+    for name, human, install, _ in _PEER_LIBRARIES:
         module = _import(name)
         if module is None:
-            notes.append(f"{name} not installed: its columns are marked skipped ({extra} to add "
-                         "them)")
+            notes.append(f"{name} not installed: the {human} columns are left out "
+                         f"({install} to add them)")
         else:
             found[name] = module
     return found, notes
+
+
+def _peer_of(key: str) -> str | None:
+    """The import name of the optional library that times ``key``; None for the project's own."""
+    for name, _, _, prefixes in _PEER_LIBRARIES:
+        if key.startswith(prefixes):
+            return name
+    return None
+
+
+def _not_installed(r: dict, key: str) -> bool:
+    """Whether ``key`` has no figure in ``r`` because its library is missing (column left out)."""
+    return _peer_of(key) in r.get("not_installed", ())
+
+
+def missing_peers(results) -> list[str]:
+    """The human names of the peer libraries missing from every result, in the notes' order."""
+    missing = set.intersection(*(set(r.get("not_installed", ())) for r in results)) \
+        if results else set()
+    return [human for name, human, _, _ in _PEER_LIBRARIES if name in missing]
 
 
 def _torch_padding(padding, ndim: int):
@@ -350,7 +372,7 @@ def _sparse_peers(r, config, op, W, weight, x, y, *, threads, repeat, peers, pro
     flat = x.ravel()
     torch = peers.get("torch")
     if torch is None:
-        skipped["csr_torch"] = skipped["csr_torch_transpose"] = "skipped: not installed"
+        _mark_not_installed(r, "torch")
     else:
         if progress:
             progress.update(f"({config.name}) peers: torch.sparse_csr W @ x, W.T @ y")
@@ -371,7 +393,7 @@ def _sparse_peers(r, config, op, W, weight, x, y, *, threads, repeat, peers, pro
         del forward, backward  # the transpose's CSR: as large as W
     spconv = peers.get("sparse_convolution")
     if spconv is None:
-        skipped["spconv_build"] = skipped["spconv"] = "skipped: not installed"
+        _mark_not_installed(r, "sparse_convolution")
         return
     if progress:
         progress.update(f"({config.name}) peers: sparse_convolution build and W @ x")
@@ -385,6 +407,12 @@ def _sparse_peers(r, config, op, W, weight, x, y, *, threads, repeat, peers, pro
     paired["spconv_build"] = own.min
     own, timings["spconv"] = _paired([lambda: op.matvec(flat), apply], repeat)
     paired["spconv"] = own.min
+
+
+def _mark_not_installed(r: dict, name: str) -> None:
+    """Record that peer library ``name`` is missing: its columns are left out, not skipped."""
+    if name not in r["not_installed"]:
+        r["not_installed"].append(name)
 
 
 def spconv_peer(spconv, config: Config, weight, op, x):
@@ -412,25 +440,33 @@ def spconv_peer(spconv, config: Config, weight, op, x):
 
 def _dense_peers(r, config, weight, x, *, threads, repeat, peers):
     """PyTorch's direct kernels (float64, float32; 1 and all threads) and PyLops' FFT."""
-    timings, skipped = r["timing"], r["skipped"]
     torch = peers.get("torch")
-    for dtype, name in ((np.float64, "f64"), (np.float32, "f32")):
-        keys = [f"torch_{name}_1t", f"torch_{name}_{threads}t"]
-        run = None if torch is None else _torch_kernel(torch, config, weight, x, dtype)
-        if run is None or isinstance(run, str):
-            for key in dict.fromkeys(keys):
-                skipped[key] = f"skipped: {run or 'not installed'}"
-            continue
-        with torch.no_grad(), _torch_threads(torch, 1):
-            timings[keys[0]] = _time(run, repeat)
-        with torch.no_grad(), _torch_threads(torch, threads):
-            timings[keys[1]] = _time(run, repeat)
-    why = "not installed" if "pylops" not in peers else _pylops_skip(config)
+    if torch is None:
+        _mark_not_installed(r, "torch")
+    else:
+        _torch_kernels(r, torch, config, weight, x, threads=threads, repeat=repeat)
+    if "pylops" not in peers:
+        _mark_not_installed(r, "pylops")
+        return
+    why = _pylops_skip(config)
     if why:
-        skipped["pylops_fft"] = f"skipped: {why}"
+        r["skipped"]["pylops_fft"] = f"skipped: {why}"
     else:
         pylops_op, flat = pylops_operator(config, weight), x.ravel()
-        timings["pylops_fft"] = _time(lambda: pylops_op.matvec(flat), repeat)
+        r["timing"]["pylops_fft"] = _time(lambda: pylops_op.matvec(flat), repeat)
+
+
+def _torch_kernels(r, torch, config, weight, x, *, threads, repeat):
+    """``torch.nn.functional``'s convolution in float64 and float32, on 1 and all threads."""
+    for dtype, name in ((np.float64, "f64"), (np.float32, "f32")):
+        keys = dict.fromkeys([f"torch_{name}_1t", f"torch_{name}_{threads}t"])
+        run = _torch_kernel(torch, config, weight, x, dtype)
+        if isinstance(run, str):
+            r["skipped"].update(dict.fromkeys(keys, f"skipped: {run}"))
+            continue
+        for key, n in zip(keys, (1, threads)):
+            with torch.no_grad(), _torch_threads(torch, n):
+                r["timing"][key] = _time(run, repeat)
 
 
 # The operator's figure each time is compared with: the same product (or build).
@@ -456,7 +492,8 @@ def compare_config(config: Config, *, threads: int, bandwidth: float, repeat: in
     sparse_convolution's build, else ``W @ x``), so above 1 means the
     operator is ahead.  The sparse peers run in rounds alternating with the
     operator's product, whose best time there is ``r['paired'][m]``.
-    ``r['skipped'][m]`` says why a method has no time.
+    ``r['skipped'][m]`` says why a method has no time; the methods of a
+    peer library listed in ``r['not_installed']`` have neither.
     """
     rng = np.random.default_rng(0)
     name = f"({config.name})"
@@ -469,7 +506,7 @@ def compare_config(config: Config, *, threads: int, bandwidth: float, repeat: in
     r: dict[str, Any] = dict(config=config.name, description=config.description,
                              threads=threads, nnz=int(W.nnz), shape=list(W.shape),
                              matrix_bytes=int(matrix_bytes), form=op.product_form.name,
-                             repeat=repeat, timing={}, skipped={}, paired={})
+                             repeat=repeat, timing={}, skipped={}, paired={}, not_installed=[])
     timings = r["timing"]
     timings["build"] = _time(lambda: config.build(weight), repeat, min_time=0)
     timings["csr"] = _time(lambda: op.matvec(x.ravel()), repeat)
@@ -567,7 +604,14 @@ def _cell(r: dict, key: str) -> str:
     """``ms (ratio x)`` or ``skipped: why``."""
     if key in r["times"]:
         return f"{_ms(r['times'][key])} ({_ratio(r['vs_csr'][key])})"
+    if _not_installed(r, key):
+        return "not installed"
     return r.get("skipped", {}).get(key, "skipped")
+
+
+def _shown(results, keys) -> list[str]:
+    """``keys`` less those of peer libraries missing from every result (named once instead)."""
+    return [k for k in keys if not results or not all(_not_installed(r, k) for r in results)]
 
 
 _OPERATOR_COLUMNS = ["build", "csr", "csr_transpose", "csr_batch_per_column"]
@@ -650,7 +694,7 @@ def format_comparison(results: list[dict], machine: dict, notes: list[str]) -> s
             f"{_ms(t['csr_batch_per_column']):>10}")
     lines += ["", "Sparse products on the same matrix: time in ms (peer time / the operator's "
               "same product; > 1: the operator is ahead)"]
-    lines += _table(results, _SPARSE_PEERS, 16)
+    lines += _table(results, _shown(results, _SPARSE_PEERS), 16)
     lines += ["", "Direct kernels and peers: time in ms "
               "(time / matrix W@x; > 1 means the matrix is faster)"]
     lines += _table(results, _other_columns(results), 15)
@@ -678,15 +722,16 @@ def format_comparison(results: list[dict], machine: dict, notes: list[str]) -> s
 
 def markdown_table(results: list[dict]) -> str:
     """The README's table of the sparse peers: ms, and in brackets the peer over the operator."""
+    peers = _shown(results, _SPARSE_PEERS)
     head = ["config", "nnz", "form", "`W @ x`", "of bound", "`W.T @ y`", *(
-        label(k, results[0]["threads"] if results else None) for k in _SPARSE_PEERS)]
+        label(k, results[0]["threads"] if results else None) for k in peers)]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in results:
         t = r["times"]
         cells = [f"({r['config']}) {r['description']}", f"{r['nnz']/1e6:.1f} M",
                  _FORM_NAMES.get(r.get("form", ""), ""), _ms(t["csr"]),
                  f"{r['csr_of_bound']:.2f}", _ms(t["csr_transpose"]),
-                 *(_cell(r, k) for k in _SPARSE_PEERS)]
+                 *(_cell(r, k) for k in peers)]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -750,11 +795,12 @@ def plot_comparison(results: list[dict], path, title: str = "") -> None:
 
     Each bar is a ratio (log scale; right of 1: slower than the operator)
     with its absolute time written beside it; a skipped method is a hatched
-    placeholder that says why.
+    placeholder that says why.  A peer library that is not installed has no
+    bars: the first legend names it once.
     """
     plt = _pyplot()
     threads = results[0]["threads"] if results else None
-    sparse = ["csr_transpose", *_SPARSE_PEERS]
+    sparse = ["csr_transpose", *_shown(results, _SPARSE_PEERS)]
     others = _other_columns(results)
     panels = [(sparse, "sparse products on the same matrix",
                "time / the operator's same product (W.T @ y for the transposed products, "
@@ -765,10 +811,14 @@ def plot_comparison(results: list[dict], path, title: str = "") -> None:
     heights = [len(results) * len(keys) * _BAR_INCHES + 2.2 for keys, _, _ in panels]
     fig, axes = plt.subplots(len(panels), 1, figsize=(10, sum(heights) + 0.4), squeeze=False,
                              gridspec_kw=dict(height_ratios=heights), layout="constrained")
+    missing = missing_peers(results)
     for ax, (keys, name, xlabel) in zip(axes[:, 0], panels):
         cmap = plt.get_cmap("tab10" if keys is sparse else "Dark2")
         handles, names = _bar_panel(plt, ax, results, keys, threads,
                                     colors=[cmap(j % 8) for j in range(len(keys))], xlabel=xlabel)
+        if missing and keys is sparse:  # once, in the first legend: no bar stands for them
+            handles.append(plt.Rectangle((0, 0), 1, 1, facecolor="none", edgecolor="none"))
+            names.append(f"not installed, left out: {', '.join(missing)}")
         # above the bars, under the panel's name, so that no bar is hidden
         ax.legend(handles, names, title=name, title_fontsize=11, alignment="left", fontsize=9,
                   ncol=3, loc="lower left", bbox_to_anchor=(0.0, 1.0), frameon=False)
