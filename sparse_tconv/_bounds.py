@@ -127,12 +127,15 @@ class _Structure:
 
 
 def structure_of(op) -> _Structure:
-    """The geometry, weight and products of a convolution operator (else TypeError)."""
+    """The geometry, weight and products of a convolution operator (else TypeError).
+
+    A local operator also gives its CSR matrix (built on first use); a
+    distributed one does not, its matrix being the sum of its blocks.
+    """
     from ._operator import _ConvOperatorBase
 
-    if isinstance(op, _ConvOperatorBase):
-        transposed, matrix = op._transposed, (lambda: op.matrix)
-    else:
+    local = isinstance(op, _ConvOperatorBase)
+    if not local:
         try:
             from .distributed import DistributedConvOperator
         except ImportError:  # pragma: no cover - the module imports without dask
@@ -142,9 +145,9 @@ def structure_of(op) -> _Structure:
                 "op must be a ConvOperator, ConvTransposeOperator or DistributedConvOperator "
                 f"(its geometry gives the bounds), got op of type {type(op).__name__}"
             )
-        transposed, matrix = op.transposed, None
-    return _Structure(op._geometry, op._weight, np.dtype(op.dtype), op.matvec, op.rmatvec,
-                      op.shape[1], transposed, matrix)
+    conv = op.convolution
+    return _Structure(conv.geometry, conv.weight, np.dtype(op.dtype), op.matvec, op.rmatvec,
+                      op.shape[1], conv.transposed, (lambda: op.matrix) if local else None)
 
 
 # ---------------------------------------------------------------------------

@@ -32,6 +32,7 @@ from ._validation import (
 
 __all__ = [
     "ConvGeometry",
+    "Convolution",
     "ConvMatrixSize",
     "conv_geometry",
     "conv_transpose_geometry",
@@ -274,6 +275,38 @@ class ConvGeometry:
         from ._indexmap import transpose_dim_map
 
         return tuple(transpose_dim_map(*self._dim_args(a)) for a in range(self.ndim))
+
+
+@dataclass(frozen=True, eq=False)
+class Convolution:
+    """One convolution as the library's algorithms read it: geometry, weight and direction.
+
+    ``transposed=False`` describes W, the matrix of the forward convolution;
+    ``True`` describes W.T, the transposed convolution, on the same geometry
+    and weight.  Operators give theirs as ``op.convolution``; preconditioners,
+    norm bounds and files read this record, not the operator's attributes.
+    """
+
+    geometry: ConvGeometry
+    weight: np.ndarray
+    """Read-only, ``geometry.weight_shape`` (the forward layout, which is PyTorch's
+    ConvTranspose layout of the transposed convolution)."""
+    transposed: bool = False
+
+    @property
+    def T(self) -> Convolution:
+        """The same convolution in the other direction."""
+        return dataclasses.replace(self, transposed=not self.transposed)
+
+    @property
+    def input_shape(self) -> tuple[int, ...]:
+        """The shape of one sample the matrix multiplies (its columns)."""
+        return given_shapes(self.geometry, self.transposed)[0]
+
+    @property
+    def output_shape(self) -> tuple[int, ...]:
+        """The shape of one sample the matrix gives (its rows)."""
+        return given_shapes(self.geometry, self.transposed)[1]
 
 
 def _normalize_window(kernel, stride, padding, dilation, padding_mode):

@@ -170,7 +170,7 @@ def save_operator(file, op, *, compress=False) -> None:
     if not isinstance(compress, (bool, np.bool_)):
         raise TypeError(f"compress must be a bool, got compress={compress!r}")
     transposed = isinstance(op, ConvTransposeOperator)
-    write_npz(file, op.matrix, op._geometry, op.weight, transposed=transposed,
+    write_npz(file, op.matrix, op.convolution.geometry, op.weight, transposed=transposed,
               compress=bool(compress))
 
 

@@ -27,11 +27,11 @@ from scipy.sparse.linalg import LinearOperator
 
 from ._build import build, refill
 from ._forms import form_for
-from ._geometry import given_shapes, transpose_output_padding, validate
+from ._geometry import Convolution, given_shapes, transpose_output_padding, validate
 from ._parallel import resolve_threads
 from ._validation import INT64_MAX, as_weight, check_positive_int
 
-__all__ = ["ConvOperator", "ConvTransposeOperator", "ProductFormInfo"]
+__all__ = ["ConvOperator", "ConvTransposeOperator", "ProductFormInfo", "CONV_OPERATORS"]
 
 
 class ProductFormInfo:
@@ -340,6 +340,15 @@ class _ConvOperatorBase(LinearOperator):
         return form.multiply(y, self._n_threads())
 
     # -- geometry ---------------------------------------------------------
+
+    @property
+    def convolution(self) -> Convolution:
+        """What this operator multiplies: a frozen record of its geometry, its
+        weight (forward layout) and its direction (``transposed``), with ``.T``.
+
+        What the solvers, norm bounds and files read of an operator.
+        """
+        return Convolution(self._geometry, self._weight, self._transposed)
 
     @property
     def weight(self) -> np.ndarray:
@@ -984,3 +993,7 @@ class ConvTransposeOperator(_ConvOperatorBase):
         # From the sizes: the transpose of a ConvOperator keeps the forward
         # geometry, whose own output_padding is 0 whatever its sizes.
         return transpose_output_padding(self._geometry)
+
+
+CONV_OPERATORS = (ConvOperator, ConvTransposeOperator)
+"""The local operators, for ``isinstance`` checks (the distributed one is apart)."""

@@ -337,7 +337,7 @@ def _forward_weight(op) -> np.ndarray:
     convolution with the conjugated weights.
     """
     w = op.weight
-    return np.conj(w) if op._transposed and np.iscomplexobj(w) else w
+    return np.conj(w) if op.convolution.transposed and np.iscomplexobj(w) else w
 
 
 def _flipped(blocks: np.ndarray, grid: tuple[int, ...], half: bool) -> np.ndarray:
@@ -396,7 +396,7 @@ def _fourier_pieces(op, geom: ConvGeometry, threads: int):
     fine = _FourierBasis(geom.in_channels, geom.groups, geom.stride, M, real, threads)
     coarse = _FourierBasis(geom.out_channels, geom.groups, (1,) * geom.ndim, M, real, threads)
     B = _flipped(circular_blocks(geom, w), M, real)  # (g, *F, opg, cpg * S)
-    if op._transposed:  # op == V^H: from the coarse grid to the fine one
+    if op.convolution.transposed:  # op == V^H: from the coarse grid to the fine one
         return coarse, fine, np.conj(np.swapaxes(B, -1, -2))
     return fine, coarse, B
 
@@ -409,7 +409,7 @@ def _gram(Bop: np.ndarray) -> np.ndarray:
 def is_exact(op) -> bool:
     """Whether W is a (subsampled) circulant, block diagonalised exactly by the DFT."""
     try:
-        check_circulant(op._geometry)
+        check_circulant(op.convolution.geometry)
     except NotImplementedError:
         return False
     return True
@@ -444,7 +444,7 @@ def gram_diagonal(op) -> np.ndarray:
     otherwise the squared column norms of the matrix (taps that land on one
     element add up before they are squared).
     """
-    geom: ConvGeometry = op._geometry
+    geom: ConvGeometry = op.convolution.geometry
     if geom.padding_mode != "zeros":
         from .spectral import column_norms  # spectral sits above the operators, as this does
 
@@ -452,14 +452,14 @@ def gram_diagonal(op) -> np.ndarray:
     power = np.abs(op.weight.astype(np.complex128 if np.iscomplexobj(op.weight)
                                     else np.float64)) ** 2
     g = geom.groups
-    if op._transposed:  # rows of W: sum over the input channels of each output channel
+    if op.convolution.transposed:  # rows of W: sum over the input channels of each output channel
         power = power.sum(axis=1)
     else:  # columns of W: sum over the output channels of each group
         opg, cpg = geom.out_channels // g, geom.in_channels // g
         power = power.reshape(g, opg, cpg, *geom.kernel_size).sum(axis=1)
         power = power.reshape(geom.in_channels, *geom.kernel_size)
     for axis in range(geom.ndim):
-        V = _window_counts(geom, axis, on_input=not op._transposed)
+        V = _window_counts(geom, axis, on_input=not op.convolution.transposed)
         power = np.moveaxis(np.tensordot(power, V, axes=([1 + axis], [1])), -1, 1 + axis)
     return power
 
@@ -483,7 +483,7 @@ def _matching_scale(op, model_diagonal: np.ndarray, shift: float) -> np.ndarray:
 
 def _circulant(op, damp: float, boost: float, threads: int, correct: bool):
     exact = is_exact(op)
-    geom = op._geometry if exact else _circulant_geometry(op)
+    geom = op.convolution.geometry if exact else _circulant_geometry(op)
     basis, _, Bop = _fourier_pieces(op, geom, threads)
     H = _gram(Bop)
     shift = _total_shift(H, damp, boost)
@@ -496,8 +496,8 @@ def _circulant(op, damp: float, boost: float, threads: int, correct: bool):
 def _circulant_geometry(op) -> ConvGeometry:
     """The circulant of the operator's kernel on its Gram side's grid (NotImplementedError
     where there is none)."""
-    geom: ConvGeometry = op._geometry
-    if op._transposed:
+    geom: ConvGeometry = op.convolution.geometry
+    if op.convolution.transposed:
         size = tuple(o * s for o, s in zip(geom.output_size, geom.stride))
     else:
         size = geom.input_size
@@ -538,8 +538,8 @@ def _gram_kernel(op):
     transposed convolution, whose lags are those of the stride-1 kernel that
     are multiples of the stride, counted on the coarse grid).
     """
-    geom: ConvGeometry = op._geometry
-    if not op._transposed and any(s > 1 for s in geom.stride):
+    geom: ConvGeometry = op.convolution.geometry
+    if not op.convolution.transposed and any(s > 1 for s in geom.stride):
         raise NotImplementedError(
             "the cosine preconditioners need a Toeplitz Gram matrix, and a strided "
             f"convolution's (stride={geom.stride}) is Toeplitz only per polyphase component; "
@@ -551,7 +551,7 @@ def _gram_kernel(op):
                           padding=tuple((0, r) for r in reach), dilation=geom.dilation,
                           groups=geom.groups, padding_mode="circular")
     B = circular_blocks(small, _forward_weight(op))  # (g, F, opg, cpg)
-    H = _gram(np.conj(np.swapaxes(B, -1, -2)) if op._transposed else B)
+    H = _gram(np.conj(np.swapaxes(B, -1, -2)) if op.convolution.transposed else B)
     g, _, m, _ = H.shape
     H = np.moveaxis(H.reshape(g, *grid, m, m), (-2, -1), (1, 2))
     G = np.fft.ifftn(H, axes=tuple(range(3, 3 + geom.ndim)))
@@ -561,7 +561,7 @@ def _gram_kernel(op):
     for axis, (r, E, s) in enumerate(zip(reach, grid, geom.stride)):
         lag = np.arange(E)
         lag = np.where(lag <= r, lag, lag - E)  # index j holds lag j mod E
-        step = s if op._transposed else 1
+        step = s if op.convolution.transposed else 1
         keep = np.flatnonzero(lag % step == 0)
         G = np.take(G, keep, axis=3 + axis)
         lags.append(lag[keep] // step)
@@ -601,7 +601,7 @@ def _cosine(op, damp: float, boost: float, threads: int, dct_type: Literal[1, 2]
         lam = np.moveaxis(np.tensordot(lam, cos, axes=([3 + axis], [1])), -1, 3 + axis)
     H = np.moveaxis(lam, (1, 2), (-2, -1))  # (g, *F, m, m), Hermitian PSD
     shift = _total_shift(H, damp, boost)
-    basis = _CosineBasis(channels, op._geometry.groups, size, dct_type, axes, threads)
+    basis = _CosineBasis(channels, op.convolution.geometry.groups, size, dct_type, axes, threads)
     scale = None
     if correct and dct_type == 1:
         scale = _reflect_weights(op, axes)
@@ -628,7 +628,7 @@ def _reflect_weights(op, axes) -> np.ndarray | None:
     kernel, ``W = D^{-1} S D`` with S symmetric and diagonalised by the
     orthonormal DCT-I, ``D = diag(1/sqrt(2), 1, ..., 1, 1/sqrt(2))`` per axis.
     """
-    geom: ConvGeometry = op._geometry
+    geom: ConvGeometry = op.convolution.geometry
     channels, size = _gram_side(op)
     if geom.padding_mode != "reflect":
         return None
@@ -638,7 +638,7 @@ def _reflect_weights(op, axes) -> np.ndarray | None:
             continue  # no reflection read at one end: not this structure
         ends = np.ones(size[a])
         # W = D^{-1} S D: W^H W = D S D^{-2} S D ~ D S^2 D; a transposed one's is the inverse.
-        ends[[0, -1]] = math.sqrt(0.5) if op._transposed else math.sqrt(2.0)
+        ends[[0, -1]] = math.sqrt(0.5) if op.convolution.transposed else math.sqrt(2.0)
         weights *= ends.reshape([size[a] if b == a else 1 for b in range(-1, len(size))])
     return weights
 
@@ -680,7 +680,7 @@ def _axis_matrix(op, axis: int, vector: np.ndarray) -> np.ndarray:
     """The dense one-dimensional convolution of ``vector`` along ``axis``, in op's geometry."""
     from ._build import build  # the same builder, so the padding mode folds taps alike
 
-    geom: ConvGeometry = op._geometry
+    geom: ConvGeometry = op.convolution.geometry
     lo, hi = geom.padding[axis]
     line = conv_geometry((1, 1, vector.size), (1, geom.input_size[axis]),
                          stride=geom.stride[axis], padding=((lo, hi),),
@@ -688,12 +688,12 @@ def _axis_matrix(op, axis: int, vector: np.ndarray) -> np.ndarray:
     # the stored output size (a transposed convolution's output_padding may trim it)
     line = dataclasses.replace(line, output_size=(geom.output_size[axis],))
     A = build(line, vector.reshape(1, 1, -1), transposed=False, threads=1).toarray()
-    return A.T if op._transposed else A
+    return A.T if op.convolution.transposed else A
 
 
 def _kronecker(op, damp: float, boost: float):
     """``W^H W`` of ``sigma A_1 (x) ... (x) A_N``, diagonalised axis by axis."""
-    geom: ConvGeometry = op._geometry
+    geom: ConvGeometry = op.convolution.geometry
     if geom.in_channels != 1 or geom.out_channels != 1:
         raise NotImplementedError(
             "kind='kronecker' needs one input and one output channel, got weight.shape="
@@ -730,7 +730,7 @@ def _kronecker(op, damp: float, boost: float):
 def _block_jacobi(op, damp: float, boost: float):
     """The ``m x m`` diagonal blocks of ``W^H W`` at every position, from the matrix."""
     channels, size = _gram_side(op)
-    groups = op._geometry.groups
+    groups = op.convolution.geometry.groups
     m, positions = channels // groups, math.prod(size)
     H = np.zeros((groups, positions, m, m), dtype=np.result_type(op.dtype, np.float64))
     if m == 1:
@@ -761,12 +761,12 @@ def auto_kind(op) -> str:
     DCT-I, for reflect; half-sample, DCT-II, for the others); otherwise the
     (shifted) circulant of the kernel, else block-Jacobi.
     """
-    geom: ConvGeometry = op._geometry
+    geom: ConvGeometry = op.convolution.geometry
     if is_exact(op):
         return "circulant"
     if _separable(op) and max(_gram_side(op)[1]) <= _KRONECKER_AUTO_SIZE:
         return "kronecker"
-    toeplitz = op._transposed or all(s == 1 for s in geom.stride)
+    toeplitz = op.convolution.transposed or all(s == 1 for s in geom.stride)
     cosine = "dct1" if geom.padding_mode == "reflect" else "dct2"
     if toeplitz and _low_pass(op):
         return cosine
@@ -866,7 +866,7 @@ def exact_solve(op, y: np.ndarray, damp: float, threads: int) -> np.ndarray:
     With ``damp == 0`` the minimum-norm least-squares solution.  ``y`` is
     flat and in double precision; so is the result.
     """
-    geom: ConvGeometry = op._geometry
+    geom: ConvGeometry = op.convolution.geometry
     check_circulant(geom, "the exact FFT solve")
     inside, outside, Bop = _fourier_pieces(op, geom, threads)
     inverse = _filter(Bop, damp, np.finfo(np.float64).eps * max(op.shape))

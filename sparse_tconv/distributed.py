@@ -30,7 +30,7 @@ import numpy as np
 from scipy.sparse.linalg import LinearOperator
 
 from ._build_rows import balanced_row_ranges, build_rows, row_offsets
-from ._geometry import index_dtype, matrix_size, validate
+from ._geometry import Convolution, index_dtype, matrix_size, validate
 from ._parallel import run_parallel
 from ._validation import INT32_MAX, cast_if_safe, check_choice, check_positive_int
 
@@ -754,6 +754,12 @@ class DistributedConvOperator(LinearOperator):
         (``transpose()`` and ``.T`` are LinearOperator's transpose.)
         """
         return self._transposed
+
+    @property
+    def convolution(self) -> Convolution:
+        """Geometry, weight and direction, as :attr:`ConvOperator.convolution
+        <sparse_tconv.ConvOperator.convolution>` gives them."""
+        return Convolution(self._geometry, self._weight, self._transposed)
 
     @property
     def adjoint_method(self) -> str:

@@ -21,7 +21,7 @@ from typing import NamedTuple
 import numpy as np
 from scipy.sparse.linalg import LinearOperator, cg
 
-from ._operator import ConvOperator, ConvTransposeOperator
+from ._operator import CONV_OPERATORS
 from ._parallel import resolve_threads
 from ._preconditioners import (
     KINDS,
@@ -42,7 +42,6 @@ from ._validation import (
 __all__ = ["normal_operator", "preconditioner", "tikhonov", "TikhonovInfo"]
 
 _METHODS = ("auto", "fft", "cg")
-_CONV_OPERATORS = (ConvOperator, ConvTransposeOperator)
 
 
 class TikhonovInfo(NamedTuple):
@@ -66,7 +65,7 @@ class TikhonovInfo(NamedTuple):
 
 
 def _check_operator(op) -> None:
-    if not isinstance(op, _CONV_OPERATORS):
+    if not isinstance(op, CONV_OPERATORS):
         raise TypeError(
             "op must be a ConvOperator or ConvTransposeOperator, got op of type "
             f"{type(op).__name__}"
@@ -630,7 +629,7 @@ def tikhonov(op, y, damp, *, rtol=1e-6, maxiter=None, x0=None, callback=None, M=
     if method == "fft" and not exact:
         from ._fourier import check_circulant
 
-        check_circulant(op._geometry, "method='fft'")
+        check_circulant(op.convolution.geometry, "method='fft'")
     work = _double(op)
     pre, name = (None, "circulant") if method == "fft" else _resolve_m(work, M, damp)
     x, iterations, value = _solve(work, y_flat, damp, method, pre, start, rtol, maxiter,

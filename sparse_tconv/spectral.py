@@ -28,7 +28,7 @@ from . import _bounds
 from ._bounds import NormBounds
 from ._fourier import check_circulant, circular_blocks
 from ._geometry import conv_geometry
-from ._operator import ConvOperator, ConvTransposeOperator
+from ._operator import CONV_OPERATORS
 from ._random import gaussian, generator, work_dtype
 from ._validation import (
     as_weight,
@@ -49,7 +49,6 @@ __all__ = [
     "compose",
 ]
 
-_CONV_OPERATORS = (ConvOperator, ConvTransposeOperator)
 _METHODS = ("svds", "power", "gram")
 # Gram iteration switches to dense arithmetic once a product is this full.
 _DENSE_FRACTION = 0.25
@@ -65,7 +64,7 @@ def _explicit_matrix(obj, name: str):
 
     The matrix is a CSR array, or a dense 2-D ndarray for a dense input.
     """
-    if isinstance(obj, _CONV_OPERATORS):
+    if isinstance(obj, CONV_OPERATORS):
         return obj.matrix, (obj.input_shape, obj.output_shape)
     if is_sparse(obj):
         if obj.ndim != 2:
@@ -109,7 +108,7 @@ def _conj(matrix: sp.csr_array) -> sp.csr_array:
 
 def _adjoint_csr(obj, matrix: sp.csr_array) -> sp.csr_array:
     """``matrix^H`` as CSR, from the operator's ready-built transpose when it has one."""
-    if isinstance(obj, _CONV_OPERATORS):
+    if isinstance(obj, CONV_OPERATORS):
         return _conj(obj.transpose_matrix)
     return _conj(matrix.T.tocsr())
 
@@ -255,7 +254,7 @@ def conv_singular_values(
 
 def _norm_operand(obj):
     """``(LinearOperator or None, explicit matrix or None)`` for operator_norm."""
-    if isinstance(obj, _CONV_OPERATORS):
+    if isinstance(obj, CONV_OPERATORS):
         return obj, obj.matrix
     if is_sparse(obj) or isinstance(obj, np.ndarray):
         matrix, _ = _explicit_matrix(obj, "op")
@@ -511,7 +510,7 @@ def operator_norm(
     if max_nnz is not None:
         max_nnz = check_positive_int(max_nnz, "max_nnz")
     gen = generator(rng)
-    if method == "gram" and iterations is None and isinstance(op, _CONV_OPERATORS):
+    if method == "gram" and iterations is None and isinstance(op, CONV_OPERATORS):
         with warnings.catch_warnings():  # the width of the interval is not asked for here
             warnings.simplefilter("ignore", RuntimeWarning)
             return norm_bounds(op, maxiter=1).upper

@@ -433,3 +433,23 @@ def test_the_transpose_of_a_conv_operator_reports_its_output_padding(input_size,
                                     output_padding=transposed.output_padding, **kwargs)
     assert rebuilt.shape == transposed.shape
     assert (rebuilt.matrix != transposed.matrix).nnz == 0
+
+
+@pytest.mark.parametrize("cls", [ConvOperator, ConvTransposeOperator])
+def test_the_convolution_record_says_what_the_operator_multiplies(cls):
+    # the record the solvers, bounds and files read: shapes and direction as the operator's,
+    # the weight the operator's own (read-only), and .T the other direction
+    weight = np.random.default_rng(0).standard_normal((4, 2, 3, 3))
+    op = cls(weight, (4, 9, 7), stride=2,
+             padding=1, groups=2)
+    conv = op.convolution
+    assert conv.transposed is (cls is ConvTransposeOperator)
+    assert (conv.input_shape, conv.output_shape) == (op.input_shape, op.output_shape)
+    assert conv.weight is op.weight and not conv.weight.flags.writeable
+    assert conv.T.transposed is not conv.transposed and conv.T.geometry is conv.geometry
+    assert (conv.T.input_shape, conv.T.output_shape) == (op.output_shape, op.input_shape)
+    assert op.T.convolution.transposed is conv.T.transposed
+    assert (op.T.convolution.input_shape, op.T.convolution.output_shape) == (
+        conv.T.input_shape, conv.T.output_shape)
+    with pytest.raises(AttributeError):
+        conv.transposed = True  # frozen
