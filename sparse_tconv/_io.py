@@ -12,6 +12,7 @@ two more entries, which scipy does not read, make the operator rebuildable:
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import zipfile
@@ -174,6 +175,11 @@ def save_operator(file, op, *, compress=False) -> None:
               compress=bool(compress))
 
 
+# What reading a member of a truncated, hand-edited or corrupted archive raises: a
+# missing member, an object array refused, a 0-d or text entry, a cut-short file.
+_DAMAGED = (KeyError, TypeError, ValueError, EOFError, OSError, zipfile.BadZipFile)
+
+
 def _read_record(archive, name: str) -> dict:
     """The geometry record of an open archive, checked."""
     if GEOMETRY_KEY not in archive.files or WEIGHT_KEY not in archive.files:
@@ -183,7 +189,11 @@ def _read_record(archive, name: str) -> dict:
             "scipy.sparse.load_npz reads the matrix it holds"
         )
     try:
-        record = json.loads(str(archive[GEOMETRY_KEY]))
+        text = str(archive[GEOMETRY_KEY])
+    except _DAMAGED as exc:
+        raise ValueError(f"{name}: damaged archive ({type(exc).__name__}: {exc})") from None
+    try:
+        record = json.loads(text)
     except (ValueError, TypeError) as exc:
         raise ValueError(f"{name}: its {GEOMETRY_KEY} entry is not valid JSON ({exc})") from None
     if not isinstance(record, dict) or record.get("format") != _FORMAT:
@@ -193,9 +203,21 @@ def _read_record(archive, name: str) -> dict:
             f"{name} holds geometry format version {record.get('version')!r}; this "
             f"sparse_tconv ({__version__}) reads version {_VERSION}"
         )
-    if record.get("operator") not in _CLASSES:
+    if not isinstance(record.get("operator"), str) or record["operator"] not in _CLASSES:
         raise ValueError(f"{name}: unknown operator {record.get('operator')!r}")
     return record
+
+
+def _read_archive(archive, name: str):
+    """The geometry record, the weight and the matrix's shape of an open archive."""
+    with archive:
+        record = _read_record(archive, name)
+        try:
+            weight = archive[WEIGHT_KEY]
+            shape = tuple(int(n) for n in archive["shape"])
+        except _DAMAGED as exc:
+            raise ValueError(f"{name}: damaged archive ({type(exc).__name__}: {exc})") from None
+    return record, weight, shape
 
 
 def _arguments(record: dict, name: str) -> dict:
@@ -276,20 +298,21 @@ def load_operator(file, *, threads=None, max_bytes=None):
         resolve_threads(threads)
     if max_bytes is not None:
         check_positive_int(max_bytes, "max_bytes")
-    try:
-        archive = np.load(file, allow_pickle=False)
-    except ValueError as exc:  # e.g. a pickle, refused
-        raise ValueError(f"{name} is not an .npz archive ({exc})") from None
-    if not isinstance(archive, np.lib.npyio.NpzFile):
-        raise ValueError(f"{name} is not an .npz archive but a single .npy array")
-    try:
-        with archive:
-            record = _read_record(archive, name)
-            weight = archive[WEIGHT_KEY]
-            shape = tuple(int(n) for n in archive["shape"])
-    except (KeyError, zipfile.BadZipFile) as exc:
-        raise ValueError(f"{name}: damaged archive ({exc})") from None
+    with contextlib.ExitStack() as stack:
+        # A path is opened here, so that it is closed whatever np.load raises
+        # (it leaves its own handle open on a truncated archive).
+        if isinstance(file, (str, os.PathLike)):
+            file = stack.enter_context(open(file, "rb"))
+        try:
+            archive = np.load(file, allow_pickle=False)
+        except (ValueError, EOFError, zipfile.BadZipFile) as exc:  # a pickle, empty, cut short
+            raise ValueError(f"{name} is not an .npz archive, or a damaged one "
+                             f"({type(exc).__name__}: {exc})") from None
+        if not isinstance(archive, np.lib.npyio.NpzFile):
+            raise ValueError(f"{name} is not an .npz archive but a single .npy array")
+        record, weight, shape = _read_archive(archive, name)
     cls = _CLASSES[record["operator"]]
+
     arguments = _arguments(record, name)
     try:
         op = cls(weight, **arguments, threads=threads, max_bytes=max_bytes)

@@ -228,3 +228,23 @@ def test_load_passes_threads_and_max_bytes(tmp_path):
         load_operator(tmp_path / "missing.npz", threads=0)
     with pytest.raises(TypeError, match=r"max_bytes must be an int, got max_bytes='1GB'"):
         load_operator(tmp_path / "W.npz", max_bytes="1GB")
+
+
+@pytest.mark.parametrize("damage", ["empty", "truncated", "object weight", "text shape"])
+def test_damaged_archives_are_a_value_error_naming_the_file(tmp_path, damage):
+    path = tmp_path / "W.npz"
+    save_operator(path, _op(CASES[0]))
+    if damage in ("empty", "truncated"):
+        data = path.read_bytes()
+        path.write_bytes(b"" if damage == "empty" else data[: len(data) // 2])
+    else:
+        with np.load(path) as archive:
+            entries = dict(archive)
+        if damage == "object weight":
+            entries["sparse_tconv_weight"] = np.array([object()], dtype=object)
+        else:
+            entries["shape"] = np.array("many")
+        np.savez(path, **entries)
+    with pytest.raises(ValueError, match=r"W\.npz.*(not an \.npz archive, or a damaged one|"
+                                         r"damaged archive)"):
+        load_operator(path)
