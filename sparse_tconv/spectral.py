@@ -59,6 +59,29 @@ _DENSE_FRACTION = 0.25
 # ---------------------------------------------------------------------------
 
 
+# The weights' magnitudes within which every method holds: Lanczos and the
+# power iteration square the products' norms, and the certificates' rounding
+# bounds assume no underflow (measured: power iteration gives 0 at 1e-100 and
+# inf at 1e80, the bounds' eigensolver fails at 1e80).  A norm scales with
+# the weight: scale it by a power of two into this range, exactly.
+_WEIGHT_RANGE = (2.0**-200, 2.0**200)
+
+
+def _check_weight(weight, name: str = "weight") -> None:
+    """Refuse, by name, a weight whose norm the methods here cannot bound."""
+    magnitudes = np.abs(weight)
+    if not np.all(np.isfinite(magnitudes)):
+        raise ValueError(f"{name} must be finite: it has NaN or infinite entries, "
+                         "so the operator has no norm")
+    largest = float(magnitudes.max(initial=0.0))
+    low, high = _WEIGHT_RANGE
+    if largest and not low <= largest <= high:
+        raise ValueError(
+            f"{name}'s largest magnitude {largest:.3g} is outside [2**-200, 2**200], where "
+            "the norm methods' products neither overflow nor underflow; scale the weight "
+            "by a power of two (exact) and the norm by the same factor")
+
+
 def _explicit_matrix(obj, name: str):
     """``(matrix, sample shapes or None)`` of an operator or matrix argument.
 
@@ -232,6 +255,7 @@ def conv_singular_values(
     True
     """
     w = as_weight(weight)
+    _check_weight(w)
     geom = conv_geometry(
         w.shape,
         input_shape,
@@ -255,6 +279,7 @@ def conv_singular_values(
 def _norm_operand(obj):
     """``(LinearOperator or None, explicit matrix or None)`` for operator_norm."""
     if isinstance(obj, CONV_OPERATORS):
+        _check_weight(obj.convolution.weight, "op's weight")
         return obj, obj.matrix
     if is_sparse(obj) or isinstance(obj, np.ndarray):
         matrix, _ = _explicit_matrix(obj, "op")
@@ -687,6 +712,7 @@ def norm_bounds(op, *, rtol=1e-2, maxiter=None) -> NormBounds:
     rtol = check_tol(rtol, "rtol")
     maxiter = 200 if maxiter is None else check_positive_int(maxiter, "maxiter")
     structure = _bounds.structure_of(op)
+    _check_weight(structure.weight, "op's weight")
     exact = _bounds.exact_circulant(structure)
     if exact is not None:
         return exact

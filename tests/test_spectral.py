@@ -15,6 +15,7 @@ from sparse_tconv.spectral import (
     compose,
     conv_singular_values,
     gram_matrix,
+    norm_bounds,
     operator_norm,
 )
 
@@ -478,3 +479,33 @@ def test_compose_checks_shapes():
         compose([[1.0]], a)
     with pytest.raises(ValueError, match=r"inner must be 2-D"):
         compose(c, np.ones(40))
+
+
+@pytest.mark.parametrize("scale, match", [
+    (np.nan, r"op's weight must be finite"),
+    (np.inf, r"op's weight must be finite"),
+    (1e80, r"op's weight's largest magnitude .* is outside \[2\*\*-200, 2\*\*200\]"),
+    (1e-100, r"op's weight's largest magnitude .* is outside \[2\*\*-200, 2\*\*200\]"),
+])
+def test_norms_of_weights_no_method_can_bound_are_refused_by_name(scale, match):
+    # measured before: power iteration gave 0 at 1e-100 and inf at 1e80, the certificate's
+    # eigensolver raised LinAlgError at 1e80 and gave lower > upper at 1e160
+    w = np.random.default_rng(0).standard_normal((2, 3, 3, 3))
+    w[0, 0, 0, 0] = scale if not np.isfinite(scale) else w[0, 0, 0, 0]
+    op = ConvOperator(w * (scale if np.isfinite(scale) else 1.0), (3, 6, 6), padding=1)
+    with pytest.raises(ValueError, match=match):
+        norm_bounds(op)
+    for method in ("svds", "power", "gram"):
+        with pytest.raises(ValueError, match=match):
+            operator_norm(op, method=method)
+
+
+@pytest.mark.parametrize("scale", [2.0**-190, 2.0**190])
+def test_norm_bounds_hold_at_the_ends_of_the_weight_range(scale):
+    # the interval contains the dense SVD's norm at both ends of the accepted range
+    w = np.random.default_rng(1).standard_normal((2, 3, 3, 3))
+    op = ConvOperator(w * scale, (3, 6, 6), padding=1)
+    exact = np.linalg.norm(ConvOperator(w, (3, 6, 6), padding=1).matrix.toarray(), 2) * scale
+    bounds = norm_bounds(op)
+    assert bounds.lower <= exact * (1 + 1e-12) and exact <= bounds.upper * (1 + 1e-12)
+    assert bounds.upper <= bounds.lower * 1.02
