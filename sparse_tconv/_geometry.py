@@ -343,6 +343,26 @@ def _check_sizes_and_modes(L, k, s, d, pairs, mode, shape_name, shape):
             )
 
 
+# The index maps compute padded coordinates ``p * stride + t * dilation - lo``
+# (and products such as ``O * stride``) in int64; every such figure must fit.
+_COORDINATE_MAX = 2**62
+
+
+def _check_coordinates(L, O, k, s, d, pairs) -> None:
+    """Refuse, by name, settings whose padded coordinates int64 cannot hold.
+
+    (A stride of 2**62 gives an output of one element in PyTorch; here the
+    index arithmetic would overflow, so it is refused before any is done.)
+    """
+    for axis, (n, o, kk, ss, dd, (lo, hi)) in enumerate(zip(L, O, k, s, d, pairs)):
+        largest = o * ss + kk * dd + 2 * (n + lo + hi)  # a bound on what the maps compute
+        if largest > _COORDINATE_MAX:
+            raise ValueError(
+                f"stride={tuple(s)}, dilation={tuple(d)} and padding={tuple(pairs)} give "
+                f"padded coordinates up to {largest:.3g} in spatial dimension {axis}, beyond "
+                "2**62: they cannot be indexed with int64")
+
+
 def conv_geometry(weight_shape, input_shape, *, groups=1, **settings) -> ConvGeometry:
     """Validate the arguments of a forward convolution and normalise them.
 
@@ -384,6 +404,7 @@ def _conv_geometry(
         _conv_out_size(n, kk, s, d, lo, hi)
         for n, kk, s, d, (lo, hi) in zip(L, kernel, stride, dilation, pairs)
     )
+    _check_coordinates(L, O, kernel, stride, dilation, pairs)
     return ConvGeometry(
         in_channels=ishape[0],
         out_channels=c_out,
@@ -462,6 +483,7 @@ def _conv_transpose_geometry(
             f"output_padding={output_padding}"
         )
     _check_sizes_and_modes(L, kernel, stride, dilation, pairs, mode, "output size", L)
+    _check_coordinates(L, O, kernel, stride, dilation, pairs)
     return ConvGeometry(
         in_channels=opg * groups,
         out_channels=c_in_t,

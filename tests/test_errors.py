@@ -173,3 +173,24 @@ def test_more_threads_than_rows_give_the_same_products(restore_threads):
     many, one = (ConvOperator(w, (2, 9, 9), threads=t) for t in (1024, 1))
     x, y = np.arange(many.shape[1], dtype=float), np.arange(many.shape[0], dtype=float)
     assert np.array_equal(many @ x, one @ x) and np.array_equal(many.rmatvec(y), one.rmatvec(y))
+
+
+@pytest.mark.parametrize("settings", [dict(stride=2**62), dict(stride=10**20),
+                                      dict(padding=2**62), dict(stride=(1, 2**63))])
+def test_settings_beyond_int64_coordinates_are_refused_by_name(settings):
+    # they overflowed inside the index maps (OverflowError), and conv_matrix_nnz accepted them
+    message = r"give padded coordinates up to .* beyond 2\*\*62: they cannot be indexed"
+    for build in (lambda: sparse_tconv.conv_matrix(W2D, X2D, **settings),
+                  lambda: sparse_tconv.conv_matrix_nnz(W2D.shape, X2D, **settings),
+                  lambda: ConvOperator(W2D, X2D, **settings)):
+        with pytest.raises(ValueError, match=message):
+            build()
+
+
+def test_a_large_stride_that_int64_holds_gives_torchs_one_output():
+    torch = pytest.importorskip("torch")
+    x = np.random.default_rng(0).standard_normal(X2D)
+    W = sparse_tconv.conv_matrix(W2D, X2D, stride=2**40)
+    expected = torch.nn.functional.conv2d(torch.from_numpy(x)[None], torch.from_numpy(W2D),
+                                          stride=2**40)
+    np.testing.assert_allclose(W @ x.ravel(), expected.numpy().ravel(), rtol=1e-12)
