@@ -28,6 +28,8 @@ from ._validation import (
     normalize_padding,
     normalize_shape,
     normalize_tuple,
+    private_copy,
+    weight_and_dtype,
 )
 
 __all__ = [
@@ -142,6 +144,11 @@ def transpose_output_padding(geom: ConvGeometry) -> tuple[int, ...]:
     )
 
 
+# The builder and the batched products index arrays of 2 N + 4 dimensions;
+# numpy has 64.
+MAX_SPATIAL_DIMS = 30
+
+
 def _check_weight_and_groups(weight_shape, groups, channels: str):
     """The weight shape and groups; ``weight.shape[0]`` counts the ``channels`` channels."""
     shape = tuple(weight_shape)
@@ -152,6 +159,12 @@ def _check_weight_and_groups(weight_shape, groups, channels: str):
             f"weight.shape={shape}"
         )
     shape = normalize_shape(shape, "weight.shape")
+    if len(shape) - 2 > MAX_SPATIAL_DIMS:
+        raise ValueError(
+            f"at most {MAX_SPATIAL_DIMS} spatial dimensions are supported (a batch of samples "
+            f"needs 2 N + 4 of numpy's 64 array dimensions), got weight.shape={shape} with "
+            f"{len(shape) - 2}"
+        )
     groups = check_positive_int(groups, "groups")
     if shape[0] % groups:
         raise ValueError(
@@ -507,10 +520,11 @@ def validate(weight, input_shape, *, transposed: bool, dtype=None, **settings):
     weight ``(k_1, ..., k_N)`` on ``input_shape`` ``(L_1, ..., L_N)`` comes
     back as ``(1, 1, k_1, ..., k_N)`` (see :func:`expand_single_channel`).
     """
-    w = as_weight(weight, dtype)
+    arr, target = weight_and_dtype(weight, dtype)
     make = conv_transpose_geometry if transposed else conv_geometry
-    geom = make(w.shape, input_shape, **settings)
-    check_addressable(geom, transposed, w.dtype)
+    geom = make(arr.shape, input_shape, **settings)
+    check_addressable(geom, transposed, target)
+    w = private_copy(arr, target)  # after every check: nothing is copied for a refusal
     if w.ndim != geom.ndim + 2:  # the single-channel spelling: a view, read-only too
         w = w.reshape(geom.weight_shape)
     return w, geom

@@ -29,7 +29,7 @@ from ._build import build, refill
 from ._forms import form_for
 from ._geometry import Convolution, given_shapes, transpose_output_padding, validate
 from ._parallel import resolve_threads
-from ._validation import INT64_MAX, as_weight, check_positive_int
+from ._validation import INT64_MAX, check_positive_int, private_copy, weight_and_dtype
 
 __all__ = ["ConvOperator", "ConvTransposeOperator", "ProductFormInfo", "CONV_OPERATORS"]
 
@@ -633,12 +633,13 @@ class _ConvOperatorBase(LinearOperator):
         ValueError
             If the weight's shape differs.
         """
-        w = as_weight(weight, dtype)
-        if w.shape != self._weight.shape:
+        arr, target = weight_and_dtype(weight, dtype)
+        if arr.shape != self._weight.shape:
             raise ValueError(
                 f"weight must have the shape of this operator's weight {self._weight.shape}, "
-                f"got weight.shape={w.shape}"
+                f"got weight.shape={arr.shape}"
             )
+        w = private_copy(arr, target)
         geom, threads, transposed = self._geometry, self._threads, self._transposed
         mslot = (_refilled_csr_slot(self._matrix_slot, geom, w, transposed, threads)
                  or _csr_slot(geom, w, transposed, threads))

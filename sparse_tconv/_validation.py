@@ -35,6 +35,8 @@ __all__ = [
     "normalize_padding",
     "check_padding_mode",
     "as_weight",
+    "weight_and_dtype",
+    "private_copy",
     "cast_if_safe",
 ]
 
@@ -260,6 +262,16 @@ def as_weight(weight, dtype=None) -> np.ndarray:
     Integer weights become float64 and float16 becomes float32; the result is
     one of float32, float64, complex64, complex128.
     """
+    return private_copy(*weight_and_dtype(weight, dtype))
+
+
+def weight_and_dtype(weight, dtype=None) -> tuple[np.ndarray, np.dtype]:
+    """``weight`` as an array (not copied where it is one) and the dtype of its copy.
+
+    Everything :func:`as_weight` checks, without the copy: a caller checks the
+    shapes first, so that a weight whose copy would not fit (a broadcast
+    view, say) is refused for its shape before anything is allocated.
+    """
     arr = _as_array(weight)
     if arr.dtype == np.bool_:
         raise TypeError("weight must be numeric, got a boolean weight (dtype=bool)")
@@ -292,6 +304,11 @@ def as_weight(weight, dtype=None) -> np.ndarray:
                 f"cannot use dtype={target} for a complex weight (weight.dtype={arr.dtype}): "
                 "the imaginary part would be discarded"
             )
+    return arr, target
+
+
+def private_copy(arr: np.ndarray, target: np.dtype) -> np.ndarray:
+    """A read-only copy of ``arr`` in ``target`` (see :func:`weight_and_dtype`)."""
     try:
         out = np.array(arr, dtype=target, copy=True)
     except MemoryError as exc:  # a broadcast view, say: its copy is as large as its shape

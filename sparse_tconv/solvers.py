@@ -64,6 +64,15 @@ class TikhonovInfo(NamedTuple):
 # ---------------------------------------------------------------------------
 
 
+def _check_damp(damp) -> float:
+    """A damping whose square (what the normal equations add) is a finite float64."""
+    damp = check_tol(damp, "damp")
+    if not np.isfinite(damp * damp):
+        raise ValueError(f"damp must be at most 1e154 (its square is added to W^H W and must "
+                         f"be a finite float64), got damp={damp!r}")
+    return damp
+
+
 def _check_operator(op) -> None:
     if not isinstance(op, CONV_OPERATORS):
         raise TypeError(
@@ -166,7 +175,7 @@ def normal_operator(op, damp=0.0) -> LinearOperator:
     True
     """
     _check_operator(op)
-    return _NormalOperator(op, check_tol(damp, "damp"))
+    return _NormalOperator(op, _check_damp(damp))
 
 
 # ---------------------------------------------------------------------------
@@ -355,7 +364,7 @@ def preconditioner(op, damp=0.0, kind="auto", *, shift=None, border=True) -> Lin
     dct2 True True
     """
     _check_operator(op)
-    damp = check_tol(damp, "damp")
+    damp = _check_damp(damp)
     boost = None if shift is None else check_tol(shift, "shift")
     border = check_bool(border, "border")
     return build_preconditioner(op, damp, _resolve_kind(op, kind), boost=boost,
@@ -614,7 +623,7 @@ def tikhonov(op, y, damp, *, rtol=1e-6, maxiter=None, x0=None, callback=None, M=
     ('dct2', True, True)
     """
     _check_operator(op)
-    damp = check_tol(damp, "damp")
+    damp = _check_damp(damp)
     rtol = check_positive_tol(rtol, "rtol")
     n = op.shape[1]
     maxiter = 10 * n if maxiter is None else check_non_negative_int(maxiter, "maxiter")

@@ -548,3 +548,20 @@ def test_matrix_compress_is_opt_in(tmp_path, capsys, flags, kind):
     assert re.fullmatch(rf"writing:   {re.escape(str(path))} \(.* of arrays, {how}\) \.\.\.",
                         lines[-2])
     assert re.match(rf"saved:     {re.escape(str(path))} \(.*\) in \d+\.\d s, ", lines[-1])
+
+
+def test_matrix_refuses_max_bytes_before_drawing_the_weight(capsys):
+    # the random weight alone would be 720 GB: --max-bytes refuses first
+    assert main(["matrix", "--weight-shape", "100000,100000,3,3", "--input-shape",
+                 "100000,6,6", "--max-bytes", "1000"]) == 1
+    assert "more than --max-bytes=1,000" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("rtol", ["-1", "nan"])
+def test_norms_refuses_a_bad_rtol_as_a_usage_error(rtol, capsys):
+    from sparse_tconv.tools import norm_bench
+
+    with pytest.raises(SystemExit) as info:
+        norm_bench.main(["--quick", "--rtol", rtol])
+    assert info.value.code == 2
+    assert "--rtol must be non-negative and finite" in capsys.readouterr().err

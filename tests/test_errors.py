@@ -194,3 +194,40 @@ def test_a_large_stride_that_int64_holds_gives_torchs_one_output():
     expected = torch.nn.functional.conv2d(torch.from_numpy(x)[None], torch.from_numpy(W2D),
                                           stride=2**40)
     np.testing.assert_allclose(W @ x.ravel(), expected.numpy().ravel(), rtol=1e-12)
+
+
+def test_a_weight_is_checked_for_its_shape_before_it_is_copied():
+    # a broadcast view of 19 GB: the channel mismatch and the bad stride come out, not a
+    # MemoryError from copying it
+    huge = np.broadcast_to(1.0, (2**14, 2**14, 3, 3))
+    with pytest.raises(ValueError, match=r"input_shape\[0\]=5 channels do not match"):
+        sparse_tconv.conv_matrix(huge, (5, 6, 6))
+    with pytest.raises(ValueError, match=r"stride must be positive"):
+        ConvOperator(huge, (2**14, 6, 6), stride=0)
+    with pytest.raises(ValueError, match=r"weight must have the shape of this operator's"):
+        ConvOperator(W2D, X2D).with_weight(huge)
+
+
+def test_a_damping_whose_square_overflows_is_refused():
+    # tikhonov ran 1080 iterations and returned NaN for damp=1e155
+    from sparse_tconv.solvers import normal_operator, preconditioner, tikhonov
+
+    op = ConvOperator(W2D, X2D, padding=1)
+    y = np.ones(op.shape[0])
+    for call in (lambda: tikhonov(op, y, 1e155), lambda: normal_operator(op, 1e155),
+                 lambda: preconditioner(op, 1e155)):
+        with pytest.raises(ValueError, match=r"damp must be at most 1e154 .*got damp=1e\+155"):
+            call()
+
+
+def test_more_spatial_dimensions_than_numpy_can_index_are_refused():
+    # 31 spatial dimensions ran into numpy's 64-dimension limit deep in the builder
+    w, shape = np.ones((1, 1) + (1,) * 31), (1,) + (1,) * 31
+    for call in (lambda: sparse_tconv.conv_matrix(w, shape),
+                 lambda: sparse_tconv.conv_matrix_nnz(w.shape, shape),
+                 lambda: ConvTransposeOperator(w, shape)):
+        with pytest.raises(ValueError, match=r"at most 30 spatial dimensions are supported"):
+            call()
+    # 30 still build, and give the identity of a 1x...x1 kernel
+    w, shape = np.full((1, 1) + (1,) * 30, 2.0), (1,) + (1,) * 30
+    assert sparse_tconv.conv_matrix(w, shape).toarray().tolist() == [[2.0]]

@@ -270,6 +270,9 @@ def _matrix(args) -> int:
     size = size_of(config.weight_shape, config.input_shape, dtype=dtype, **config.kwargs)
     print(f"predicted: shape {size.shape}, nnz {size.nnz:,}, {size.nbytes:,} bytes "
           f"({size.dtype} values, {size.index_dtype} indices)")
+    if args.max_bytes is not None and size.nbytes > args.max_bytes:  # before the weight is drawn
+        raise MemoryError(f"the matrix would need {size.nbytes:,} bytes, more than "
+                          f"--max-bytes={args.max_bytes:,}")
     if weight is None:
         weight = np.random.default_rng(args.seed).standard_normal(config.weight_shape).astype(dtype)
         source = f"{config.weight_shape}, random normal (--seed {args.seed})"

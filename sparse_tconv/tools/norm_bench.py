@@ -24,6 +24,7 @@ import numpy as np
 from scipy.sparse.linalg import svds
 
 from .. import ConvOperator
+from .._validation import check_tol
 from ..spectral import norm_bounds, operator_norm
 from .configs import select
 from .outputs import output_path_problem
@@ -183,6 +184,10 @@ def main(argv=None) -> int:
     problem = output_path_problem(args.json, "--json")
     if problem:
         parser.error(problem)
+    try:
+        check_tol(args.rtol, "--rtol")
+    except ValueError as exc:
+        parser.error(str(exc))
     results = []
     for i, layer in enumerate(layers, 1):
         print(f"[{i}/{len(layers)}] {layer.name}: {layer.description}", file=sys.stderr)
