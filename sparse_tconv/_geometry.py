@@ -361,13 +361,17 @@ def _check_sizes_and_modes(L, k, s, d, pairs, mode, shape_name, shape):
 _COORDINATE_MAX = 2**62
 
 
-def _check_coordinates(L, O, k, s, d, pairs) -> None:
+def _check_coordinates(geom: ConvGeometry) -> None:
     """Refuse, by name, settings whose padded coordinates int64 cannot hold.
 
     (A stride of 2**62 gives an output of one element in PyTorch; here the
-    index arithmetic would overflow, so it is refused before any is done.)
+    index arithmetic would overflow, so it is refused before any is done.
+    The sizes alone, :func:`conv_matrix_nnz`, are exact Python ints at any
+    size, and do not need it.)
     """
-    for axis, (n, o, kk, ss, dd, (lo, hi)) in enumerate(zip(L, O, k, s, d, pairs)):
+    s, d, pairs = geom.stride, geom.dilation, geom.padding
+    for axis, (n, o, kk, ss, dd, (lo, hi)) in enumerate(zip(
+            geom.input_size, geom.output_size, geom.kernel_size, s, d, pairs)):
         largest = o * ss + kk * dd + 2 * (n + lo + hi)  # a bound on what the maps compute
         if largest > _COORDINATE_MAX:
             raise ValueError(
@@ -417,7 +421,6 @@ def _conv_geometry(
         _conv_out_size(n, kk, s, d, lo, hi)
         for n, kk, s, d, (lo, hi) in zip(L, kernel, stride, dilation, pairs)
     )
-    _check_coordinates(L, O, kernel, stride, dilation, pairs)
     return ConvGeometry(
         in_channels=ishape[0],
         out_channels=c_out,
@@ -496,7 +499,6 @@ def _conv_transpose_geometry(
             f"output_padding={output_padding}"
         )
     _check_sizes_and_modes(L, kernel, stride, dilation, pairs, mode, "output size", L)
-    _check_coordinates(L, O, kernel, stride, dilation, pairs)
     return ConvGeometry(
         in_channels=opg * groups,
         out_channels=c_in_t,
@@ -524,6 +526,7 @@ def validate(weight, input_shape, *, transposed: bool, dtype=None, **settings):
     make = conv_transpose_geometry if transposed else conv_geometry
     geom = make(arr.shape, input_shape, **settings)
     check_addressable(geom, transposed, target)
+    _check_coordinates(geom)
     w = private_copy(arr, target)  # after every check: nothing is copied for a refusal
     if w.ndim != geom.ndim + 2:  # the single-channel spelling: a view, read-only too
         w = w.reshape(geom.weight_shape)
