@@ -20,6 +20,7 @@ import math
 import threading
 from collections.abc import Iterable
 from types import SimpleNamespace
+from typing import NamedTuple
 
 import numpy as np
 import scipy.sparse as sp
@@ -158,6 +159,69 @@ def _rebuild_operator(cls, geometry, weight, threads, keep_transpose=True, store
     return op
 
 
+class _Product:
+    """The product with one matrix, W (``transposed=False``) or W.T, on a stored form.
+
+    The form's own :meth:`~._forms.ProductForm.multiply` where it stores that
+    matrix, else its :meth:`~._forms.ProductForm.multiply_transposed` on the
+    same arrays (as scipy's ``csr.T`` is a CSC matrix on the CSR's arrays).
+    Which form a product reads is the plan's choice (:func:`_plan`), made
+    once; what the form stores is read when it is built.
+    """
+
+    __slots__ = ("slot", "transposed")
+
+    def __init__(self, slot: _Lazy, transposed: bool):
+        self.slot, self.transposed = slot, transposed
+
+    def __call__(self, x: np.ndarray, threads: int) -> np.ndarray:
+        form = self.slot.get()
+        if form.transposed == self.transposed:
+            return form.multiply(x, threads)
+        return form.multiply_transposed(x, threads)
+
+
+class _Route(NamedTuple):
+    """How one direction's products run: vectors of the operator's dtype, and the rest."""
+
+    vectors: _Product
+    """A 1-D operand of the operator's own dtype."""
+    others: _Product
+    """A block of columns, or a vector of another dtype (which scipy's kernels widen)."""
+
+    def product_for(self, x: np.ndarray, dtype: np.dtype) -> _Product:
+        return self.vectors if x.ndim == 1 and x.dtype == dtype else self.others
+
+
+def _plan(form, geometry, transposed: bool, keep_transpose: bool, dtype,
+          forward: _Lazy, backward: _Lazy) -> tuple[_Route, _Route]:
+    """The routes of the operator's product and of its transposed product.
+
+    ``forward`` and ``backward`` hold the stored forms of the operator's
+    matrix (W.T if ``transposed``) and of its transpose; with
+    ``keep_transpose=False`` they are the one form, of either matrix, and
+    each product reads it the way round it needs.  The one reader of the
+    forms' policy hook: a form may serve its matrix's vectors faster through
+    the other matrix's form (:meth:`~._forms.ProductForm.vectors_via_transpose`).
+    """
+
+    def route(matrix_transposed: bool, own: _Lazy, other: _Lazy) -> _Route:
+        product = _Product(own, matrix_transposed)
+        if keep_transpose and form.vectors_via_transpose(geometry, matrix_transposed, dtype):
+            return _Route(_Product(other, matrix_transposed), product)
+        return _Route(product, product)
+
+    return route(transposed, forward, backward), route(not transposed, backward, forward)
+
+
+def _first_stored(form, geometry, transposed: bool, keep_transpose: bool, dtype) -> bool:
+    """Which matrix the form built with the operator stores (W.T if True), as the plan
+    has it: the one the vector products read, or the one form of a lean operator."""
+    if not keep_transpose:
+        return form.lean_transposed(geometry, transposed)
+    return transposed != form.vectors_via_transpose(geometry, transposed, dtype)
+
+
 class _ConvOperatorBase(LinearOperator):
     """Shared machinery; ``_transposed`` says whether ``matrix`` is W or W.T.
 
@@ -168,7 +232,8 @@ class _ConvOperatorBase(LinearOperator):
     kind ``_form`` (a :class:`~._forms.ProductForm` subclass).  With
     ``keep_transpose=False`` the two form slots are one: a form of W or of
     W.T (its ``transposed``), whose ``multiply`` or ``multiply_transposed``
-    serves each direction.
+    serves each direction.  ``_routes`` (:func:`_plan`) says which form and
+    which way round each product reads; the products only follow it.
     """
 
     _transposed: bool
@@ -187,11 +252,7 @@ class _ConvOperatorBase(LinearOperator):
         if threads is not None:
             resolve_threads(threads)  # a bad setting fails here, not at the first product
         form = form_for(geom)
-        if keep_transpose:
-            stored = self._transposed != form.vectors_via_transpose(geom, self._transposed,
-                                                                   w.dtype)
-        else:
-            stored = form.lean_transposed(geom, self._transposed)
+        stored = _first_stored(form, geom, self._transposed, keep_transpose, w.dtype)
         _check_form_size(form, geom, w.dtype, stored, max_bytes, self._transposed)
         self._setup(geom, w, threads, keep_transpose)
         # Built now, not on first use: construction is where the cost is expected.
@@ -225,7 +286,7 @@ class _ConvOperatorBase(LinearOperator):
             # One form for both directions (and for .T): of W or W.T, as the form prefers.
             if forward is None:
                 if stored is None:
-                    stored = self._form.lean_transposed(geometry, transposed)
+                    stored = _first_stored(self._form, geometry, transposed, False, weight.dtype)
                 canonical = self._matrix_slot if stored == transposed else self._tmatrix_slot
                 forward = _lean_slot(self._form, geometry, weight, stored, threads, canonical,
                                      pattern)
@@ -239,6 +300,8 @@ class _ConvOperatorBase(LinearOperator):
                                                          self._tmatrix_slot)
         rows, cols = math.prod(self.output_shape), math.prod(self.input_shape)
         super().__init__(dtype=weight.dtype, shape=(rows, cols))
+        self._routes = _plan(self._form, geometry, transposed, keep_transpose, self.dtype,
+                             self._forward_slot, self._backward_slot)
 
     def _n_threads(self) -> int:
         return resolve_threads(self._threads)
@@ -304,40 +367,17 @@ class _ConvOperatorBase(LinearOperator):
                 arrays.update((id(a), a) for a in (m.data, m.indices, m.indptr))
         return sum(a.nbytes for a in _distinct_buffers(arrays.values()))
 
-    def _vectors_via_transpose(self, transposed: bool) -> bool:
-        """Whether vectors times the matrix ``transposed`` (W.T if True) run on the other
-        matrix's form, through its transposed product (the form's
-        ``vectors_via_transpose``: single-precision channel blocks with enough rows)."""
-        return self._keep_transpose and self._form.vectors_via_transpose(
-            self._geometry, transposed, self.dtype)
-
-    def _vector_on_other_form(self, transposed: bool, x: np.ndarray) -> bool:
-        """:meth:`_vectors_via_transpose`, for a vector ``x`` of the operator's dtype."""
-        return x.ndim == 1 and x.dtype == self.dtype and self._vectors_via_transpose(transposed)
-
     def _first_slot(self) -> _Lazy:
         """The form built with the operator: the one its vector products run on."""
-        if self._vectors_via_transpose(self._transposed):
-            return self._backward_slot
-        return self._forward_slot
+        return self._routes[0].vectors.slot
 
     def _forward_product(self, x: np.ndarray) -> np.ndarray:
         """This operator's matrix times a 1-D ``x`` or a 2-D block of columns."""
-        if self._vector_on_other_form(self._transposed, x):
-            return self._backward_slot.get().multiply_transposed(x, self._n_threads())
-        form = self._forward_slot.get()
-        if form.transposed != self._transposed:  # keep_transpose=False: the stored W.T or W
-            return form.multiply_transposed(x, self._n_threads())
-        return form.multiply(x, self._n_threads())
+        return self._routes[0].product_for(x, self.dtype)(x, self._n_threads())
 
     def _backward_product(self, y: np.ndarray) -> np.ndarray:
         """``matrix.T @ y`` for a 1-D ``y`` or a 2-D block of columns."""
-        if self._vector_on_other_form(not self._transposed, y):
-            return self._forward_slot.get().multiply_transposed(y, self._n_threads())
-        form = self._backward_slot.get()
-        if form.transposed == self._transposed:  # keep_transpose=False: this matrix's form
-            return form.multiply_transposed(y, self._n_threads())
-        return form.multiply(y, self._n_threads())
+        return self._routes[1].product_for(y, self.dtype)(y, self._n_threads())
 
     # -- geometry ---------------------------------------------------------
 
