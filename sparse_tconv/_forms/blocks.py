@@ -435,12 +435,8 @@ class BlockForm(ProductForm):
         single precision they run slower than the matrix can be read unless
         the blocks are wide and flat, while the other matrix's scatter adds
         whole rows of its blocks (this matrix's columns, ``rows`` long).
-        Measured, float32, 2 threads, interleaved: the 7x7 stem's 64x3 blocks
-        26 ms as ``W @ x`` and 12-14 ms through W.T's scatter; the 64x64
-        layer at 56x56 14.1 and 12.0 ms; the transposed 64->32 layer's 32x64
-        blocks 3.2 and 2.8 ms; W.T of the stem (3x64 blocks) keeps its own
-        (15 ms; its scatter would add rows 3 long).  Double precision runs at
-        the bandwidth bound either way and keeps its own form.
+        Double precision keeps its own form.  The measurements behind the
+        rule: docs/performance.md, "Single precision".
         """
         rows, cols = block_shape(geometry, transposed)
         return np.dtype(dtype).char in "fF" and rows >= min(cols, 16)

@@ -325,9 +325,9 @@ class DiagonalForm(ProductForm):
     equal bit for bit, is built only when asked for.  A block of several
     columns (``matmat``) runs on the canonical CSR instead, built on first
     use: scipy's multi-vector CSR kernel reads it once for all the columns,
-    and the columns need no transposition (4.4 against 5.3 ms per column
-    for 8 columns of a 9x9 blur of 512x512; with ``keep_transpose=False``,
-    which builds nothing more, they run column by column on the diagonals).
+    and the columns need no transposition (faster per column: figures in
+    docs/performance.md; with ``keep_transpose=False``, which builds nothing
+    more, they run column by column on the diagonals).
     So does a vector with a NaN or infinity: the stored zeros of the
     diagonals would carry it, times zero, to rows that do not read it.
     Either way the results are bit for bit the CSR products.  The transposed product
