@@ -26,6 +26,7 @@ from scipy.sparse.linalg import LinearOperator, aslinearoperator, svds
 
 from . import _bounds
 from ._bounds import NormBounds
+from ._certificates import CERTIFICATES, Interval
 from ._fourier import check_circulant, circular_blocks
 from ._geometry import conv_geometry
 from ._operator import CONV_OPERATORS
@@ -718,47 +719,16 @@ def norm_bounds(op, *, rtol=1e-2, maxiter=None) -> NormBounds:
         return exact
     if structure.abs_bound == 0.0:
         return NormBounds(0.0, 0.0)
-    up = _bounds.upper_bound(structure, 0)
-    upper = up.value + up.margin
-    start = _bounds.start_vector(structure, up)
-    lower, spent, last = _bounds.lower_bound(structure, start, upper / (1 + rtol), maxiter)
-    # Other grids, while the gap is open; they differ by a fraction of a percent,
-    # so they cannot make up for the padding map's norm (reflect, replicate).
-    extra_grids = _bounds.EXTRA_GRIDS if structure.padding_norm <= 1 + rtol else 0
-    for index in range(1, extra_grids + 1):
-        if upper <= lower * (1 + rtol):
-            break
-        more = _bounds.upper_bound(structure, index)
-        upper = min(upper, more.value + more.margin)
-    if upper > lower * (1 + rtol) and spent < maxiter:  # a tighter upper bound: more products
-        more_lower, _, _ = _bounds.lower_bound(structure, last, upper / (1 + rtol),
-                                               maxiter - spent)
-        lower = max(lower, more_lower)
-    # A certificate just above the lower bound, by inertia: Lanczos has run to
-    # its stall, so the lower bound is usually close, and the first try holds.
-    for widening in (0.1, 0.5, 0.9):
-        if upper <= lower * (1 + rtol):
-            break
-        certified = _bounds.inertia_upper(structure, (lower * (1 + widening * rtol)) ** 2)
-        if certified is not None:
-            upper = min(upper, certified)
-    if upper > lower * (1 + rtol):  # a small matrix: exact, by a dense SVD
-        dense = _bounds.dense_interval(structure)
-        if dense is not None:
-            lower, upper = max(lower, dense.lower), min(upper, dense.upper)
-    border = None
-    if upper > lower * (1 + rtol) and not _bounds.inertia_applies(structure):
-        # reflect and replicate past the inertia certificate: the frame of copied
-        # elements certified apart, the rest by zero padding's bound
-        border = _bounds.border_upper(structure, lower, (max(rtol, 0.02), 0.05, 0.075, 0.1, 0.25))
-        if border is not None:
-            upper = min(upper, border)
-    bounds = NormBounds(float(lower), float(upper))
+    run = Interval(structure, rtol, maxiter)
+    for step in CERTIFICATES:
+        if step.applies(run):
+            step.tighten(run)
+    bounds = NormBounds(float(run.lower), float(run.upper))
     if bounds.gap > rtol:
         mode = structure.geometry.padding_mode
         if _bounds.inertia_applies(structure):
             certificate = "the inertia certificate did not close it"
-        elif border is not None:
+        elif run.notes.get("border") is not None:
             certificate = ("the matrix is too large for the inertia certificate, and the "
                            "border certificate leaves this much")
         else:

@@ -17,7 +17,7 @@ from sparse_tconv._geometry import validate
 from sparse_tconv.spectral import NormBounds, norm_bounds, operator_norm
 
 from reference import random_array, seed_of
-from test_properties import _kwargs, geometries
+from strategies import _kwargs, geometries
 
 # The reference's own rounding (LAPACK's SVD): a few ulps of the norm.
 REFERENCE_RTOL = 1e-12
@@ -276,3 +276,86 @@ def test_errors(op, kwargs, error, match):
     op = ConvOperator(np.ones((2, 2, 3)), (2, 9)) if op is None else op
     with pytest.raises(error, match=match):
         norm_bounds(op, **kwargs)
+
+
+# --- the certificates' registry --------------------------------------------------------------
+
+_CERTIFIED_LAYERS = [
+    ((4, 3, 3, 3), (3, 12, 12), dict(padding=1)),
+    ((4, 3, 3, 3), (3, 12, 12), dict(padding=1, padding_mode="reflect")),
+    ((3, 3, 5), (3, 30), dict(padding=2, padding_mode="replicate")),
+    ((6, 3, 3, 3), (3, 14, 14), dict(padding=2, dilation=2, stride=2)),
+]
+
+
+@pytest.mark.parametrize("weight_shape, input_shape, kwargs", _CERTIFIED_LAYERS)
+def test_every_certificate_only_narrows_an_interval_that_holds(monkeypatch, weight_shape,
+                                                                input_shape, kwargs):
+    # after each step of the run the interval still contains the dense SVD's norm, and no
+    # step widens it
+    from sparse_tconv import _certificates
+
+    rng = np.random.default_rng(seed_of("certificates", str(kwargs)))
+    op = ConvOperator(rng.standard_normal(weight_shape), input_shape, **kwargs)
+    exact = np.linalg.norm(op.matrix.toarray(), 2)
+    steps = []
+
+    class Checked(_certificates.Certificate):
+        def __init__(self, inner):
+            self.inner, self.name = inner, inner.name
+
+        def applies(self, run):
+            return self.inner.applies(run)
+
+        def tighten(self, run):
+            before = (run.lower, run.upper)
+            self.inner.tighten(run)
+            steps.append(self.name)
+            assert run.lower >= before[0] and run.upper <= before[1], self.name
+            assert run.lower <= exact * (1 + 1e-12) and exact <= run.upper * (1 + 1e-12)
+
+    monkeypatch.setattr(_certificates, "CERTIFICATES",
+                        tuple(Checked(c) for c in _certificates.CERTIFICATES))
+    import sparse_tconv.spectral as spectral
+
+    monkeypatch.setattr(spectral, "CERTIFICATES", _certificates.CERTIFICATES)
+    bounds = norm_bounds(op, rtol=1e-3)
+    assert steps[:2] == ["circulant embedding", "Lanczos"]
+    assert bounds.lower <= exact * (1 + 1e-12) and exact <= bounds.upper * (1 + 1e-12)
+
+
+def test_a_new_certificate_is_one_class_in_the_registry(monkeypatch):
+    # a certificate that closes the interval at once (here from the dense matrix, for the
+    # test): norm_bounds runs it where the registry places it, and the later ones see a
+    # closed interval and do not run
+    import sparse_tconv.spectral as spectral
+    from sparse_tconv import _certificates
+
+    op = ConvOperator(np.random.default_rng(3).standard_normal((4, 3, 3, 3)), (3, 10, 10),
+                      padding=1, padding_mode="reflect")
+    exact = np.linalg.norm(op.matrix.toarray(), 2)
+
+    class Oracle(_certificates.Certificate):
+        name = "oracle"
+
+        def applies(self, run):
+            return run.open
+
+        def tighten(self, run):
+            run.lower, run.upper = exact * (1 - 1e-9), exact * (1 + 1e-9)
+
+    ran = []
+
+    class Never(_certificates.Certificate):
+        name = "never"
+
+        def applies(self, run):
+            return run.open
+
+        def tighten(self, run):
+            ran.append(self.name)
+
+    registry = (*_certificates.CERTIFICATES[:2], Oracle(), Never())
+    monkeypatch.setattr(spectral, "CERTIFICATES", registry)
+    bounds = norm_bounds(op, rtol=1e-3)
+    assert bounds.gap < 1e-8 and ran == []
