@@ -18,7 +18,7 @@ from sparse_tconv._forms import blocks as _bsr
 from sparse_tconv._geometry import validate
 
 from reference import block_form, block_product, random_array
-from test_properties import _kwargs, geometries
+from strategies import _kwargs, geometries
 
 DTYPES = [np.float32, np.float64, np.complex64, np.complex128]
 

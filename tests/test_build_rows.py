@@ -15,7 +15,7 @@ from sparse_tconv._geometry import conv_geometry, conv_transpose_geometry
 from sparse_tconv._parallel import balanced_ranges as _row_blocks
 
 from reference import random_array, seed_of
-from test_properties import geometries
+from strategies import geometries
 
 # (name, weight shape, input shape, arguments, transposed convolution?)
 CASES = [

@@ -15,7 +15,7 @@ from sparse_tconv._forms import FORMS, BlockForm, CsrForm, DiagonalForm, form_fo
 from sparse_tconv._geometry import validate
 
 from reference import random_array
-from test_properties import _kwargs, geometries
+from strategies import _kwargs, geometries
 
 
 def _both_roles(form, geom, w, transposed):

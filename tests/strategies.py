@@ -1,0 +1,57 @@
+"""Hypothesis strategies and geometry helpers shared by the test modules.
+
+Import them by name (pytest puts ``tests/`` on the path)::
+
+    from strategies import _kwargs, geometries
+"""
+
+from __future__ import annotations
+
+from hypothesis import strategies as st
+
+__all__ = ["MODES", "geometries", "_kwargs"]
+
+MODES = ["zeros", "reflect", "replicate", "circular"]
+
+
+@st.composite
+def geometries(draw):
+    """A valid convolution: channels, groups, and per-dim size/kernel/stride/..."""
+    ndim = draw(st.integers(1, 3))
+    groups = draw(st.integers(1, 3))
+    cpg, opg = draw(st.integers(1, 2)), draw(st.integers(1, 2))
+    mode = draw(st.sampled_from(MODES))
+    max_size = {1: 12, 2: 7, 3: 5}[ndim]
+    size, kernel, stride, dilation, padding = [], [], [], [], []
+    for _ in range(ndim):
+        n = draw(st.integers(1, max_size))
+        if mode == "reflect":
+            pad_max = n - 1
+        elif mode == "circular":
+            pad_max = n
+        else:
+            pad_max = 4
+        lo = draw(st.integers(0, min(pad_max, 4)))
+        hi = draw(st.integers(0, min(pad_max, 4)))
+        d = draw(st.integers(1, 3))
+        span = n + lo + hi  # the dilated kernel must fit in the padded input
+        k = draw(st.integers(1, max(1, min(5, (span - 1) // d + 1))))
+        size.append(n)
+        kernel.append(k)
+        stride.append(draw(st.integers(1, 4)))
+        dilation.append(d)
+        padding.append((lo, hi))
+    return dict(
+        weight_shape=(groups * opg, cpg, *kernel),
+        input_shape=(groups * cpg, *size),
+        stride=tuple(stride),
+        padding=padding,
+        dilation=tuple(dilation),
+        groups=groups,
+        padding_mode=mode,
+    )
+
+
+def _kwargs(g):
+    """The convolution's keywords (stride, padding, ...) of a :func:`geometries` example."""
+    return {k: g[k] for k in ("stride", "padding", "dilation", "groups", "padding_mode")}
