@@ -1,6 +1,12 @@
 """The spectral structure of ``W^H W``: preconditioners and the exact FFT solve.
 
-Every preconditioner here has the form ``S T^{-1} diag(K_f) T S``: a
+The constructions themselves (how each builds the pieces below, and when
+``kind='auto'`` picks it) are the classes of :mod:`sparse_tconv._preconditioning`,
+one module each, named by its registry; this module is what they share: the
+transforms, :class:`SpectralPreconditioner`, the regularised inverse of the
+blocks, the Gram diagonal and the border scaling, and the exact FFT solve.
+
+Every preconditioner has the form ``S T^{-1} diag(K_f) T S``: a
 transform ``T`` of the operator's input space (a DFT after a polyphase
 split, a DCT, or none) under which the Gram matrix ``W^H W`` is block
 diagonal, exactly or nearly; one small Hermitian matrix ``K_f`` per
@@ -25,8 +31,6 @@ Nothing here validates user arguments: :mod:`sparse_tconv.solvers` does.
 
 from __future__ import annotations
 
-import dataclasses
-import functools
 import math
 from dataclasses import dataclass
 from typing import Literal
@@ -37,35 +41,15 @@ import scipy.linalg
 from scipy.sparse.linalg import LinearOperator
 
 from ._fourier import check_circulant, circular_blocks
-from ._geometry import ConvGeometry, conv_geometry
-from ._parallel import resolve_threads
+from ._geometry import ConvGeometry
 
 __all__ = [
-    "KINDS",
-    "DEFAULT_SHIFT",
     "SpectralPreconditioner",
-    "build_preconditioner",
-    "auto_kind",
     "exact_solve",
+    "gram_diagonal",
     "is_exact",
+    "kronecker_factors",
 ]
-
-KINDS = ("circulant", "dct2", "dct1", "kronecker", "block_jacobi")
-
-# A kernel is separable (rank one) when its best rank-one approximation is this close.
-SEPARABLE_RTOL = 1e-10
-# The Kronecker construction stores one dense L x L eigenbasis per axis: refused above
-# this many bytes of them, and 'auto' uses it up to this size of an axis.
-_KRONECKER_MAX_BYTES = 1 << 29
-_KRONECKER_AUTO_SIZE = 4096
-
-# The default extra damping of each inexact construction, as a fraction of its model's
-# largest eigenvalue: their border errors, divided by damp**2, would leave outliers.
-# Measured (solve_bench): for the DCT-II 1e-3 is best or near it on blurs at damp 1e-2
-# and 1e-3 (a disk blur at 1e-3: 720 iterations with 0, 90 with 1e-3, 689 plain); for
-# the circulant of a kernel that is not circulant 0.1 is (random 4 -> 4 channels at
-# 1e-3: over 612 iterations with 0, 233 with 0.1, 612 plain).  An exact one has none.
-DEFAULT_SHIFT = {"dct2": 1e-3, "circulant": 0.1}
 
 # Transforms of fewer elements run on one thread: pocketfft's workers gained nothing
 # below this size on the project's 2-core machines (and cost 15% at 256 x 256).
@@ -354,40 +338,6 @@ def _flipped(blocks: np.ndarray, grid: tuple[int, ...], half: bool) -> np.ndarra
     return B
 
 
-def _surrogate(geom: ConvGeometry, input_size, what: str) -> ConvGeometry:
-    """The circular convolution of the same kernel on ``input_size``, output size L / s.
-
-    Its Gram matrix is circulant and, away from the border, has the entries
-    of the operator's own.  Those depend on the kernel, stride and dilation,
-    and on the padding only through ``lo mod s`` (which phase of the input
-    each tap reads), which the surrogate keeps.
-    """
-    pairs = []
-    for axis, (k, s, d, L) in enumerate(zip(geom.kernel_size, geom.stride, geom.dilation,
-                                            input_size)):
-        if L % s:
-            raise NotImplementedError(
-                f"{what} needs input sizes divisible by the stride, got input size "
-                f"{tuple(input_size)} with stride={geom.stride}"
-            )
-        reach, phase = d * (k - 1), geom.padding[axis][0] % s
-        # Total padding in [reach - s + 1, reach] gives the output size L / s.
-        total = max(phase, reach - s + 1)
-        if total > reach:
-            raise NotImplementedError(
-                f"{what} is not available: in spatial dimension {axis} the kernel "
-                f"(reach {reach}) is shorter than the phase {phase} of its padding "
-                f"({geom.padding[axis]}) with stride {s}"
-            )
-        pairs.append((phase, total - phase))
-    try:
-        return conv_geometry(geom.weight_shape, (geom.in_channels, *input_size),
-                             stride=geom.stride, padding=tuple(pairs), dilation=geom.dilation,
-                             groups=geom.groups, padding_mode="circular")
-    except ValueError as exc:  # a dilated kernel wider than the input would wrap twice
-        raise NotImplementedError(f"{what} is not available for this geometry: {exc}") from None
-
-
 def _fourier_pieces(op, geom: ConvGeometry, threads: int):
     """``(T_in, T_out, Bop)`` with ``op == T_out^{-1} diag(Bop) T_in`` for circulant ``geom``."""
     w = _forward_weight(op)
@@ -477,170 +427,8 @@ def _matching_scale(op, model_diagonal: np.ndarray, shift: float) -> np.ndarray:
 
 
 # ---------------------------------------------------------------------------
-# The constructions
+# Kernels, and the preconditioner of a registered construction
 # ---------------------------------------------------------------------------
-
-
-def _circulant(op, damp: float, boost: float, threads: int, correct: bool):
-    exact = is_exact(op)
-    geom = op.convolution.geometry if exact else _circulant_geometry(op)
-    basis, _, Bop = _fourier_pieces(op, geom, threads)
-    H = _gram(Bop)
-    shift = _total_shift(H, damp, boost)
-    scale = None
-    if correct and not exact:
-        scale = _matching_scale(op, _circulant_diagonal(H, basis), shift)
-    return basis, _regularised_inverse(H, shift), scale
-
-
-def _circulant_geometry(op) -> ConvGeometry:
-    """The circulant of the operator's kernel on its Gram side's grid (NotImplementedError
-    where there is none)."""
-    geom: ConvGeometry = op.convolution.geometry
-    if op.convolution.transposed:
-        size = tuple(o * s for o, s in zip(geom.output_size, geom.stride))
-    else:
-        size = geom.input_size
-    return _surrogate(geom, size, "kind='circulant'")
-
-
-def _circulant_diagonal(H: np.ndarray, basis: _FourierBasis) -> np.ndarray:
-    """The diagonal of the circulant model, per unknown: its blocks' diagonals averaged.
-
-    A half spectrum counts its frequencies twice, but for the first and
-    (even grids) the middle one of the last axis.
-    """
-    n = len(basis.grid)
-    diag = np.diagonal(H, axis1=-2, axis2=-1).real  # (g, *F, m)
-    if basis.real:
-        weights = np.full(basis.frequencies[-1], 2.0)
-        weights[0] = 1.0
-        if basis.grid[-1] % 2 == 0:
-            weights[-1] = 1.0
-        diag = diag * weights[:, None]
-    mean = diag.sum(axis=tuple(range(1, 1 + n))) / math.prod(basis.grid)  # (g, m)
-    # Unknown (c, r) of the polyphase split: broadcast over the grid, back to positions.
-    per_phase = mean.reshape(basis.channels, *basis.split)
-    out = np.empty((basis.channels, *basis.sample_size))
-    view = out.reshape([basis.channels] + [v for m, s in zip(basis.grid, basis.split)
-                                            for v in (m, s)])
-    view[...] = per_phase.reshape([basis.channels] + [v for s in basis.split
-                                                       for v in (1, s)])
-    return out
-
-
-def _gram_kernel(op):
-    """The Toeplitz kernel of ``W^H W``: values (g, m, m, *lags) and the lags per axis.
-
-    ``G[c, c'](t) = (W^H W)[(c, i), (c', i + t)]`` away from the border,
-    for every lag with no wrap-around, from the blocks of a small circular
-    convolution (``sum_t G(t) exp(-i theta t) = B^H B(theta)``; ``B B^H`` for a
-    transposed convolution, whose lags are those of the stride-1 kernel that
-    are multiples of the stride, counted on the coarse grid).
-    """
-    geom: ConvGeometry = op.convolution.geometry
-    if not op.convolution.transposed and any(s > 1 for s in geom.stride):
-        raise NotImplementedError(
-            "the cosine preconditioners need a Toeplitz Gram matrix, and a strided "
-            f"convolution's (stride={geom.stride}) is Toeplitz only per polyphase component; "
-            "use kind='circulant' or 'block_jacobi'"
-        )
-    reach = [d * (k - 1) for k, d in zip(geom.kernel_size, geom.dilation)]
-    grid = tuple(2 * r + 1 for r in reach)
-    small = conv_geometry(geom.weight_shape, (geom.in_channels, *grid),
-                          padding=tuple((0, r) for r in reach), dilation=geom.dilation,
-                          groups=geom.groups, padding_mode="circular")
-    B = circular_blocks(small, _forward_weight(op))  # (g, F, opg, cpg)
-    H = _gram(np.conj(np.swapaxes(B, -1, -2)) if op.convolution.transposed else B)
-    g, _, m, _ = H.shape
-    H = np.moveaxis(H.reshape(g, *grid, m, m), (-2, -1), (1, 2))
-    G = np.fft.ifftn(H, axes=tuple(range(3, 3 + geom.ndim)))
-    if not np.iscomplexobj(op.weight):
-        G = G.real
-    lags = []
-    for axis, (r, E, s) in enumerate(zip(reach, grid, geom.stride)):
-        lag = np.arange(E)
-        lag = np.where(lag <= r, lag, lag - E)  # index j holds lag j mod E
-        step = s if op.convolution.transposed else 1
-        keep = np.flatnonzero(lag % step == 0)
-        G = np.take(G, keep, axis=3 + axis)
-        lags.append(lag[keep] // step)
-    return G, lags
-
-
-def _reflection_counts(n: int, lags: np.ndarray) -> np.ndarray:
-    """``Q[i, j]``: the diagonal of the DCT-II model's shift by ``+-lags[j]`` at position i.
-
-    The model extends the grid by half-sample symmetry (period ``2 n``); the
-    shift by t reaches back to i when one of i + t, i - t reflects onto i.
-    Averaged over the two signs, as the model's symbol is.
-    """
-    i = np.arange(n)[:, None]
-
-    def reflect(k):
-        k = np.mod(k, 2 * n)
-        return np.where(k < n, k, 2 * n - 1 - k)
-
-    return 0.5 * ((reflect(i + lags) == i).astype(float) + (reflect(i - lags) == i))
-
-
-def _cosine(op, damp: float, boost: float, threads: int, dct_type: Literal[1, 2],
-            correct: bool):
-    """DCT blocks ``Lambda_f = sum_t G(t) prod_a cos(pi f_a t_a / N_a)`` (solvers: Notes)."""
-    channels, size = _gram_side(op)
-    G, lags = _gram_kernel(op)
-    # Axes the kernel does not reach along need no transform: the model is constant there.
-    axes = tuple(a for a, (n, lag) in enumerate(zip(size, lags)) if n > 1 and lag.size > 1)
-    lam = G
-    for axis, (n, lag) in enumerate(zip(size, lags)):
-        if axis in axes:
-            N = n - 1 if dct_type == 1 else n
-            cos = np.cos(np.pi * np.outer(np.arange(n), lag) / N)
-        else:
-            cos = np.ones((1, lag.size))
-        lam = np.moveaxis(np.tensordot(lam, cos, axes=([3 + axis], [1])), -1, 3 + axis)
-    H = np.moveaxis(lam, (1, 2), (-2, -1))  # (g, *F, m, m), Hermitian PSD
-    shift = _total_shift(H, damp, boost)
-    basis = _CosineBasis(channels, op.convolution.geometry.groups, size, dct_type, axes, threads)
-    scale = None
-    if correct and dct_type == 1:
-        scale = _reflect_weights(op, axes)
-    elif correct:
-        scale = _matching_scale(op, _cosine_diagonal(G, lags, size, axes), shift)
-    return basis, _regularised_inverse(H, shift), scale
-
-
-def _cosine_diagonal(G, lags, size, axes) -> np.ndarray:
-    """The diagonal of the DCT-II model, per unknown (C, *size)."""
-    m = G.shape[1]
-    diag = np.stack([G[:, c, c] for c in range(m)], axis=1).real  # (g, m, *lags)
-    for axis, (n, lag) in enumerate(zip(size, lags)):
-        Q = _reflection_counts(n, lag) if axis in axes else np.ones((1, lag.size))
-        diag = np.moveaxis(np.tensordot(diag, Q, axes=([2 + axis], [1])), -1, 2 + axis)
-    channels = diag.shape[0] * m
-    return np.broadcast_to(diag.reshape(channels, *diag.shape[2:]), (channels, *size))
-
-
-def _reflect_weights(op, axes) -> np.ndarray | None:
-    """``D^{-1}`` (``D`` transposed): sqrt(2) at both ends of each reflected, transformed axis.
-
-    With reflect padding (whole-sample symmetric) and an axis-symmetric
-    kernel, ``W = D^{-1} S D`` with S symmetric and diagonalised by the
-    orthonormal DCT-I, ``D = diag(1/sqrt(2), 1, ..., 1, 1/sqrt(2))`` per axis.
-    """
-    geom: ConvGeometry = op.convolution.geometry
-    channels, size = _gram_side(op)
-    if geom.padding_mode != "reflect":
-        return None
-    weights = np.ones((channels, *size))
-    for a in axes:
-        if 0 in geom.padding[a]:
-            continue  # no reflection read at one end: not this structure
-        ends = np.ones(size[a])
-        # W = D^{-1} S D: W^H W = D S D^{-2} S D ~ D S^2 D; a transposed one's is the inverse.
-        ends[[0, -1]] = math.sqrt(0.5) if op.convolution.transposed else math.sqrt(2.0)
-        weights *= ends.reshape([size[a] if b == a else 1 for b in range(-1, len(size))])
-    return weights
 
 
 def kronecker_factors(weight: np.ndarray):
@@ -674,157 +462,6 @@ def kronecker_factors(weight: np.ndarray):
     norm = float(np.linalg.norm(k))
     error = float(np.linalg.norm(k - approx) / norm) if norm else 0.0
     return sigma, vectors, error
-
-
-def _axis_matrix(op, axis: int, vector: np.ndarray) -> np.ndarray:
-    """The dense one-dimensional convolution of ``vector`` along ``axis``, in op's geometry."""
-    from ._build import build  # the same builder, so the padding mode folds taps alike
-
-    geom: ConvGeometry = op.convolution.geometry
-    lo, hi = geom.padding[axis]
-    line = conv_geometry((1, 1, vector.size), (1, geom.input_size[axis]),
-                         stride=geom.stride[axis], padding=((lo, hi),),
-                         dilation=geom.dilation[axis], padding_mode=geom.padding_mode)
-    # the stored output size (a transposed convolution's output_padding may trim it)
-    line = dataclasses.replace(line, output_size=(geom.output_size[axis],))
-    A = build(line, vector.reshape(1, 1, -1), transposed=False, threads=1).toarray()
-    return A.T if op.convolution.transposed else A
-
-
-def _kronecker(op, damp: float, boost: float):
-    """``W^H W`` of ``sigma A_1 (x) ... (x) A_N``, diagonalised axis by axis."""
-    geom: ConvGeometry = op.convolution.geometry
-    if geom.in_channels != 1 or geom.out_channels != 1:
-        raise NotImplementedError(
-            "kind='kronecker' needs one input and one output channel, got weight.shape="
-            f"{op.weight.shape}"
-        )
-    channels, size = _gram_side(op)
-    nbytes = sum(16 * n * n for n in size)
-    if nbytes > _KRONECKER_MAX_BYTES:
-        raise NotImplementedError(
-            f"kind='kronecker' would store {nbytes} bytes of dense eigenvectors for the input "
-            f"size {size}, more than {_KRONECKER_MAX_BYTES}"
-        )
-    sigma, vectors, _ = kronecker_factors(op.weight[0, 0])
-    bases: list[np.ndarray | None] = []
-    values: list[np.ndarray] = []
-    for axis, v in enumerate(vectors):
-        A = _axis_matrix(op, axis, v)
-        G = np.conj(A.T) @ A
-        if not np.any(G - np.diag(np.diag(G))):  # a diagonal factor (a 1-tap axis): as it is
-            bases.append(None)
-            values.append(np.diag(G).real)
-            continue
-        # scipy's eigh: numpy's ran 100x slower on a 256 x 256 matrix with threaded
-        # OpenBLAS on the project's machines (1 s against 12 ms)
-        lam, U = scipy.linalg.eigh(G)
-        bases.append(U)
-        values.append(np.maximum(lam, 0.0))
-    H = abs(sigma) ** 2 * functools.reduce(np.multiply.outer, values)
-    H = H.reshape(1, *size, 1, 1)
-    basis = _DenseBasis(tuple(bases), size)
-    return basis, _regularised_inverse(H, _total_shift(H, damp, boost)), None
-
-
-def _block_jacobi(op, damp: float, boost: float):
-    """The ``m x m`` diagonal blocks of ``W^H W`` at every position, from the matrix."""
-    channels, size = _gram_side(op)
-    groups = op.convolution.geometry.groups
-    m, positions = channels // groups, math.prod(size)
-    H = np.zeros((groups, positions, m, m), dtype=np.result_type(op.dtype, np.float64))
-    if m == 1:
-        H[:, :, 0, 0] = gram_diagonal(op).reshape(groups, positions)
-    else:
-        # Rows (c, i) of W^T are the columns of W: the blocks are their inner products.
-        T = op.transpose_matrix
-        rows = [T[c * positions:(c + 1) * positions] for c in range(channels)]
-        for g in range(groups):
-            for a in range(m):
-                for b in range(a, m):
-                    left, right = rows[g * m + a], rows[g * m + b]
-                    value = np.asarray(left.conj().multiply(right).sum(axis=1)).ravel()
-                    H[g, :, a, b] = value
-                    H[g, :, b, a] = np.conj(value)
-    basis = _PositionBasis(channels, groups, size)
-    H = H.reshape(groups, *size, m, m)
-    return basis, _regularised_inverse(H, _total_shift(H, damp, boost)), None
-
-
-def auto_kind(op) -> str:
-    """The construction ``kind='auto'`` picks (measured: ``sparse_tconv.tools.solve_bench``).
-
-    The exact circulant where W is one; the exact Kronecker product for a
-    separable single-channel kernel (every axis at most 4096 long); for a
-    low-pass kernel (a blur) with a Toeplitz Gram matrix, the cosine
-    transform whose symmetric extension matches the padding (whole-sample,
-    DCT-I, for reflect; half-sample, DCT-II, for the others); otherwise the
-    (shifted) circulant of the kernel, else block-Jacobi.
-    """
-    geom: ConvGeometry = op.convolution.geometry
-    if is_exact(op):
-        return "circulant"
-    if _separable(op) and max(_gram_side(op)[1]) <= _KRONECKER_AUTO_SIZE:
-        return "kronecker"
-    toeplitz = op.convolution.transposed or all(s == 1 for s in geom.stride)
-    cosine = "dct1" if geom.padding_mode == "reflect" else "dct2"
-    if toeplitz and _low_pass(op):
-        return cosine
-    try:
-        _circulant_geometry(op)
-    except NotImplementedError:  # no circulant of this kernel on this grid
-        return cosine if toeplitz else "block_jacobi"
-    return "circulant"
-
-
-def _low_pass(op) -> bool:
-    """Whether the Gram symbol's largest eigenvalue at frequency 0 is within 10% of the top.
-
-    True for blurs (non-negative weights put the top at 0): the DCTs' model
-    of the border then errs where the symbol is large.  Random kernels, whose
-    symbol is small at scattered frequencies, do better with the shifted
-    circulant (``sparse_tconv.tools.solve_bench``).
-    """
-    G, _ = _gram_kernel(op)  # (g, m, m, *lags), the lags in wrap-around order
-    n = G.ndim - 3
-    H = np.moveaxis(np.fft.fftn(G, axes=tuple(range(3, 3 + n))), (1, 2), (-2, -1))
-    H = (H + np.conj(np.swapaxes(H, -1, -2))) / 2  # Hermitian up to rounding
-    top = np.linalg.eigvalsh(H)[..., -1]  # (g, *frequencies)
-    return bool(top[(slice(None),) + (0,) * n].max() >= 0.9 * top.max())
-
-
-def _separable(op) -> bool:
-    """One channel in and out, and a rank-one kernel (to :data:`SEPARABLE_RTOL`)."""
-    if op.weight.shape[:2] != (1, 1):
-        return False
-    return kronecker_factors(op.weight[0, 0])[2] <= SEPARABLE_RTOL
-
-
-def build_preconditioner(op, damp: float, kind: str, *, boost: float | None = None,
-                         correct: bool = True) -> SpectralPreconditioner:
-    """The :class:`SpectralPreconditioner` ``kind`` (one of :data:`KINDS`) for damp.
-
-    The blocks are inverted with ``damp**2 + boost * lambda_max`` (a
-    preconditioner damped more than the system, ``lambda_max`` the largest
-    eigenvalue of the model; default :data:`DEFAULT_SHIFT`, else 0);
-    ``correct=False`` leaves out the border
-    correction (the DCT-II's and the surrogate circulant's diagonal match,
-    the DCT-I's reflect weights), for the benchmark's comparison.
-    """
-    threads = resolve_threads(op.threads)
-    if boost is None:
-        boost = 0.0 if kind == "circulant" and is_exact(op) else DEFAULT_SHIFT.get(kind, 0.0)
-    if kind == "circulant":
-        basis, blocks, scale = _circulant(op, damp, boost, threads, correct)
-    elif kind == "kronecker":
-        basis, blocks, scale = _kronecker(op, damp, boost)
-    elif kind in ("dct1", "dct2"):
-        dct_type: Literal[1, 2] = 1 if kind == "dct1" else 2
-        basis, blocks, scale = _cosine(op, damp, boost, threads, dct_type, correct)
-    else:
-        basis, blocks, scale = _block_jacobi(op, damp, boost)
-    return SpectralPreconditioner(basis, blocks, scale, kind, damp,
-                                  np.result_type(op.dtype, np.float64))
 
 
 # ---------------------------------------------------------------------------

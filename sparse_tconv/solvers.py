@@ -15,21 +15,15 @@ any dimension, channels, groups, stride and dtype.
 
 from __future__ import annotations
 
-import math
 from typing import NamedTuple
 
 import numpy as np
-from scipy.sparse.linalg import LinearOperator, cg
+from scipy.sparse.linalg import LinearOperator
 
+from ._methods import METHODS, Method, Problem, Residual
+from ._methods import auto as auto_method
 from ._operator import CONV_OPERATORS
-from ._parallel import resolve_threads
-from ._preconditioners import (
-    KINDS,
-    auto_kind,
-    build_preconditioner,
-    exact_solve,
-    is_exact,
-)
+from ._preconditioning import Construction, auto, build_preconditioner, kinds, resolve
 from ._validation import (
     check_bool,
     check_choice,
@@ -41,7 +35,6 @@ from ._validation import (
 
 __all__ = ["normal_operator", "preconditioner", "tikhonov", "TikhonovInfo"]
 
-_METHODS = ("auto", "fft", "cg")
 
 
 class TikhonovInfo(NamedTuple):
@@ -183,9 +176,9 @@ def normal_operator(op, damp=0.0) -> LinearOperator:
 # ---------------------------------------------------------------------------
 
 
-def _resolve_kind(op, kind: str, name: str = "kind") -> str:
-    kind = check_choice(kind, ("auto", *KINDS), name)
-    return auto_kind(op) if kind == "auto" else kind
+def _resolve_kind(op, kind: str, name: str = "kind") -> type[Construction]:
+    """The construction ``kind`` names: one registered now, or 'auto''s choice."""
+    return resolve(check_choice(kind, ("auto", *kinds()), name), op)
 
 
 def preconditioner(op, damp=0.0, kind="auto", *, shift=None, border=True) -> LinearOperator:
@@ -367,7 +360,7 @@ def preconditioner(op, damp=0.0, kind="auto", *, shift=None, border=True) -> Lin
     damp = _check_damp(damp)
     boost = None if shift is None else check_tol(shift, "shift")
     border = check_bool(border, "border")
-    return build_preconditioner(op, damp, _resolve_kind(op, kind), boost=boost,
+    return build_preconditioner(op, damp, _resolve_kind(op, kind).name, boost=boost,
                                 correct=border)
 
 
@@ -394,12 +387,12 @@ def _tikhonov_kind(op) -> str:
     A wide W (more unknowns than equations: a strided convolution) gives the
     damped normal matrix ``n - rank(W)`` eigenvalues at ``damp**2``, one
     cluster that plain CG resolves in a single step and that any inexact
-    preconditioner spreads (measured: 27 iterations plain, 250-1900 with the
-    circulant or block-Jacobi on a 4-channel stride-2 layer).
+    preconditioner spreads.
     """
-    kind = auto_kind(op)
-    exact = kind == "kronecker" or (kind == "circulant" and is_exact(op))
-    return kind if exact or op.shape[0] >= op.shape[1] else "none"
+    # Measured on a 4-channel stride-2 layer (a problem solve_bench does not hold):
+    # 27 iterations plain, 250-1900 with the circulant or block-Jacobi.
+    chosen = auto(op)
+    return chosen.name if chosen.exact(op) or op.shape[0] >= op.shape[1] else "none"
 
 
 def _resolve_m(op, M, damp: float):
@@ -409,7 +402,7 @@ def _resolve_m(op, M, damp: float):
     if M is None or (isinstance(M, str) and M == "none"):
         return None, "none"
     if isinstance(M, str):
-        kind = _resolve_kind(op, M, "M")
+        kind = _resolve_kind(op, M, "M").name
         return build_preconditioner(op, damp, kind), kind
     if isinstance(M, LinearOperator):
         if M.shape != (op.shape[1],) * 2:
@@ -419,47 +412,9 @@ def _resolve_m(op, M, damp: float):
             )
         return M, "custom"
     raise TypeError(
-        f"M must be a preconditioner kind {('auto', *KINDS)}, 'none', None or a "
+        f"M must be a preconditioner kind {('auto', *kinds())}, 'none', None or a "
         f"LinearOperator, got M of type {type(M).__name__}"
     )
-
-
-class _Residual:
-    """``||b - (W^H W + damp^2) x|| / ||b||`` with ``b = W^H y``, as CG measures it."""
-
-    def __init__(self, normal: LinearOperator, b: np.ndarray):
-        self.normal, self.b = normal, b
-        self.norm_b = float(np.linalg.norm(b))
-
-    def __call__(self, x: np.ndarray) -> float:
-        return float(np.linalg.norm(self.b - self.normal.matvec(x))) / self.norm_b
-
-
-def _pcg(normal, b, M, x, rtol, maxiter, callback, residual: _Residual):
-    """``(x, iterations, residual)``: scipy's CG, restarted until the true residual meets rtol.
-
-    CG updates its residual by a recurrence, which drifts from ``b - A x``
-    by rounding; after it stops, the true residual is measured and, if it
-    misses ``rtol``, CG restarts from ``x`` (it recomputes ``b - A x``) with
-    the iterations left.
-    """
-    done = 0
-    value = residual(x) if np.any(x) else 1.0  # (b - A 0 = b)
-    while value > rtol and done < maxiter:
-        count = [0]
-
-        def step(xk, count=count):
-            count[0] += 1
-            if callback is not None:
-                callback(xk)
-
-        x, _ = cg(normal, b, x0=x, rtol=rtol, atol=0.0, maxiter=maxiter - done, M=M,
-                  callback=step)
-        done += count[0]
-        value = residual(x)
-        if count[0] == 0 or not math.isfinite(value):
-            break  # no progress possible (a breakdown, or rounding at the limit)
-    return x, done, value
 
 
 def _as_sample(value, name: str, flat: int, shape: tuple[int, ...]):
@@ -629,41 +584,30 @@ def tikhonov(op, y, damp, *, rtol=1e-6, maxiter=None, x0=None, callback=None, M=
     maxiter = 10 * n if maxiter is None else check_non_negative_int(maxiter, "maxiter")
     if callback is not None and not callable(callback):
         raise TypeError(f"callback must be callable or None, got callback={callback!r}")
-    method = check_choice(method, _METHODS, "method")
+    method = check_choice(method, ("auto", *METHODS), "method")
     y_flat, shaped = _as_sample(y, "y", op.shape[0], op.output_shape)
     start = None if x0 is None else _as_sample(x0, "x0", n, op.input_shape)[0]
-    exact = is_exact(op)
-    if method == "auto":
-        method = "fft" if exact else "cg"
-    if method == "fft" and not exact:
-        from ._fourier import check_circulant
-
-        check_circulant(op.convolution.geometry, "method='fft'")
+    chosen = auto_method(op) if method == "auto" else METHODS[method]
+    chosen.check(op)
     work = _double(op)
-    pre, name = (None, "circulant") if method == "fft" else _resolve_m(work, M, damp)
-    x, iterations, value = _solve(work, y_flat, damp, method, pre, start, rtol, maxiter,
+    pre, name = _resolve_m(work, M, damp) if chosen.uses_m else (None, chosen.preconditioner_name)
+    x, iterations, value = _solve(work, y_flat, damp, chosen, pre, start, rtol, maxiter,
                                   callback)
-    info = TikhonovInfo(method, name, iterations, value, value <= rtol)
+    info = TikhonovInfo(chosen.name, name, iterations, value, value <= rtol)
     return (x.reshape(op.input_shape) if shaped else x), info
 
 
-def _solve(op, y, damp, method, M, x0, rtol, maxiter, callback):
-    """``(x, iterations, residual)`` on a double-precision operator."""
+def _solve(op, y, damp, method: type[Method], M, x0, rtol, maxiter, callback):
+    """``(x, iterations, residual)`` on a double-precision operator, by ``method``."""
     real = not np.iscomplexobj(op.weight)
     dtype = np.result_type(op.dtype, y.dtype, np.float64,
                            np.float64 if x0 is None else x0.dtype)
     y = y.astype(dtype, copy=False)
     normal = normal_operator(op, damp)
     b = _apply(op.rmatvec, real, y)
-    residual = _Residual(normal, b)
+    residual = Residual(normal, b)
     if residual.norm_b == 0.0:  # W^H y = 0: x = 0 solves the normal equations exactly
         return np.zeros(op.shape[1], dtype=dtype), 0, 0.0
-    if method == "fft":
-        x = exact_solve(op, y, damp, resolve_threads(op.threads)).astype(dtype, copy=False)
-        value = residual(x)
-        if value <= rtol or maxiter == 0:
-            return x, 0, value
-        M = build_preconditioner(op, damp, "circulant")  # exact: CG refines in a step or two
-    else:
-        x = np.zeros(op.shape[1], dtype=dtype) if x0 is None else x0.astype(dtype)
-    return _pcg(normal, b, M, x, rtol, maxiter, callback, residual)
+    problem = Problem(op, y, damp, normal, b, residual, np.dtype(dtype), x0, rtol, maxiter,
+                      callback, M)
+    return method.solve(problem)

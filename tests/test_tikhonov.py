@@ -29,13 +29,14 @@ from hypothesis import strategies as st
 from numpy.lib.stride_tricks import sliding_window_view
 from scipy.sparse.linalg import LinearOperator, aslinearoperator, cg
 
-from sparse_tconv import ConvOperator, ConvTransposeOperator, solvers
+from sparse_tconv import ConvOperator, ConvTransposeOperator, _methods
 from sparse_tconv import _preconditioners as pre
 from sparse_tconv._fourier import circular_blocks
+from sparse_tconv._preconditioning import build_preconditioner
 from sparse_tconv.solvers import normal_operator, preconditioner, tikhonov
 
 from reference import random_array, reference_conv_matrix, seed_of
-from test_properties import geometries
+from strategies import geometries
 
 MODES = ["zeros", "reflect", "replicate", "circular"]
 
@@ -165,7 +166,7 @@ def test_dct2_model_is_exact_for_symmetric_padding(shape, kernel_shape):
     A = symmetric_padding_matrix(kernel, shape)
     n = A.shape[1]
     damp = 0.1
-    P = pre.build_preconditioner(op, damp, "dct2", correct=False, boost=0.0)
+    P = build_preconditioner(op, damp, "dct2", correct=False, boost=0.0)
     assert rel(P @ np.eye(n), np.linalg.inv(A.T @ A + damp**2 * np.eye(n))) < 1e-12
 
 
@@ -477,7 +478,7 @@ def test_an_inexact_direct_solve_is_refined_by_cg(monkeypatch):
         x = real(*args)
         return x * (1 + 0.01 * np.random.default_rng(14).standard_normal(x.size))
 
-    monkeypatch.setattr(solvers, "exact_solve", perturbed)
+    monkeypatch.setattr(_methods.fft, "exact_solve", perturbed)
     x, info = tikhonov(op, y, 1e-2, rtol=1e-9)
     assert info.method == "fft" and 1 <= info.iterations <= 5 and info.converged
     assert normal_residual(dense(op), x, y, 1e-2) <= 1.01e-9
@@ -491,7 +492,7 @@ def test_cg_restarts_until_the_true_residual_meets_rtol(monkeypatch):
         calls.append(maxiter)
         return cg(A, b, x0=x0, maxiter=min(4, maxiter), **kwargs)
 
-    monkeypatch.setattr(solvers, "cg", early_cg)
+    monkeypatch.setattr(_methods.base, "cg", early_cg)
     x, info = tikhonov(op, y, 1e-2, rtol=1e-8, M="dct2")
     assert len(calls) >= 2 and info.converged
     assert calls[1] == calls[0] - 4  # the iterations left

@@ -34,7 +34,7 @@ from scipy.sparse.linalg import cg
 
 from .. import ConvOperator
 from .._parallel import resolve_threads
-from .._preconditioners import build_preconditioner
+from .._preconditioning import build_preconditioner
 from ..solvers import normal_operator, tikhonov
 from .outputs import output_path_problem
 from .timing import best_time
@@ -212,7 +212,7 @@ def _variant(op, damp: float, name: str):
     """The preconditioner a variant name stands for: ``kind[-raw][@shift]``.
 
     ``-raw``: without the border correction; ``@s``: shift ``s`` (default:
-    the construction's own, :data:`~sparse_tconv._preconditioners.DEFAULT_SHIFT`).
+    the construction's own ``default_shift``, see :mod:`sparse_tconv._preconditioning`).
     """
     kind, _, shift = name.partition("@")
     kind, _, raw = kind.partition("-")

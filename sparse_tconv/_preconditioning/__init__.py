@@ -1,0 +1,102 @@
+"""The preconditioner constructions, one module each, and the registry that names them.
+
+Each construction is a :class:`~.base.Construction` subclass in a module of
+its own; :data:`CONSTRUCTIONS` maps the ``kind`` of
+:func:`sparse_tconv.solvers.preconditioner` to it, and :data:`AUTO_ORDER` is
+what ``kind='auto'`` walks: the first entry that applies to an operator wins.
+To add a construction, write its module and put its class in
+:data:`CONSTRUCTIONS` (and in :data:`AUTO_ORDER`, for 'auto' to pick it).
+The kinds are read from the registry at call time, so nothing else changes.
+
+The shared machinery (the transforms, :class:`SpectralPreconditioner`, the
+regularised inverse of the blocks, the border scaling) is in
+:mod:`sparse_tconv._preconditioners`, which does not import this package.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from .._parallel import resolve_threads
+from .._preconditioners import SpectralPreconditioner
+from .base import Construction, Operator
+from .block_jacobi import BlockJacobi
+from .circulant import Circulant, ExactCirculant
+from .cosine import DCT1, DCT2
+from .kronecker import Kronecker
+
+__all__ = [
+    "AUTO_ORDER",
+    "CONSTRUCTIONS",
+    "Construction",
+    "auto",
+    "auto_kind",
+    "build_preconditioner",
+    "construction",
+    "kinds",
+    "resolve",
+]
+
+CONSTRUCTIONS: dict[str, type[Construction]] = {
+    cls.name: cls for cls in (Circulant, DCT2, DCT1, Kronecker, BlockJacobi)
+}
+"""Every construction by its kind, in the order error messages list them."""
+
+AUTO_ORDER: list[type[Construction]] = [
+    ExactCirculant,  # W circulant: the inverse, by the DFT
+    Kronecker,  # a separable single-channel kernel: the inverse, axis by axis
+    DCT1,  # a blur with a Toeplitz Gram matrix: the cosine matching the padding
+    DCT2,
+    Circulant,  # the shifted circulant, where the kernel has one on the grid
+    BlockJacobi,  # anything else
+]
+"""What ``kind='auto'`` asks, in order (:meth:`~.base.Construction.auto_applies`).
+
+The last entry applies to every operator.
+"""
+
+
+def kinds() -> tuple[str, ...]:
+    """The registered kinds, as they are now (``'auto'`` not among them)."""
+    return tuple(CONSTRUCTIONS)
+
+
+def construction(kind: str) -> type[Construction]:
+    """The construction registered as ``kind`` (a KeyError for an unknown one)."""
+    return CONSTRUCTIONS[kind]
+
+
+def auto(op: Operator) -> type[Construction]:
+    """The first entry of :data:`AUTO_ORDER` that applies to ``op``."""
+    return next(cls for cls in AUTO_ORDER if cls.auto_applies(op))
+
+
+def resolve(kind: str, op: Operator) -> type[Construction]:
+    """The construction ``kind`` names for ``op``: :func:`auto`'s choice for ``'auto'``."""
+    return auto(op) if kind == "auto" else construction(kind)
+
+
+def auto_kind(op) -> str:
+    """The construction ``kind='auto'`` picks: the first of the registry's ``AUTO_ORDER``."""
+    return auto(op).name
+
+
+def build_preconditioner(op, damp: float, kind: str, *, boost: float | None = None,
+                         correct: bool = True) -> SpectralPreconditioner:
+    """The :class:`SpectralPreconditioner` of the construction registered as ``kind``.
+
+    The blocks are inverted with ``damp**2 + boost * lambda_max`` (a
+    preconditioner damped more than the system, ``lambda_max`` the largest
+    eigenvalue of the model; default: the construction's ``default_shift``,
+    0 where it is exact for ``op``); ``correct=False`` leaves out the border
+    correction (the DCT-II's and the surrogate circulant's diagonal match,
+    the DCT-I's reflect weights), for the benchmark's comparison.
+    """
+    method = construction(kind)
+    threads = resolve_threads(op.threads)
+    if boost is None:
+        # (exact() is asked only of a shifted construction: Kronecker's costs an SVD)
+        boost = method.default_shift if method.default_shift and not method.exact(op) else 0.0
+    basis, blocks, scale = method.blocks(op, damp, boost, threads, correct)
+    return SpectralPreconditioner(basis, blocks, scale, kind, damp,
+                                  np.result_type(op.dtype, np.float64))

@@ -1,0 +1,64 @@
+"""The block-Jacobi construction: the diagonal blocks of ``W^H W``, from the matrix.
+
+No transform: one ``m x m`` block per position (``m`` the channels per
+group), for one channel the squared column norms (Jacobi).  It applies to
+any geometry, and so is 'auto''s last resort.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import ClassVar
+
+import numpy as np
+
+from .._preconditioners import (
+    _gram_side,
+    _PositionBasis,
+    _regularised_inverse,
+    _total_shift,
+    gram_diagonal,
+)
+from .base import Construction, Operator, Pieces
+
+__all__ = ["BlockJacobi"]
+
+
+class BlockJacobi(Construction):
+    """The ``m x m`` diagonal blocks of ``W^H W`` at every position, inverted."""
+
+    name: ClassVar[str] = "block_jacobi"
+
+    @classmethod
+    def auto_applies(cls, op: Operator) -> bool:
+        """Always: the fallback that ends 'auto''s list."""
+        return True
+
+    @classmethod
+    def blocks(cls, op: Operator, damp: float, boost: float, threads: int,
+               correct: bool) -> Pieces:
+        return _block_jacobi(op, damp, boost)
+
+
+def _block_jacobi(op, damp: float, boost: float):
+    """The ``m x m`` diagonal blocks of ``W^H W`` at every position, from the matrix."""
+    channels, size = _gram_side(op)
+    groups = op.convolution.geometry.groups
+    m, positions = channels // groups, math.prod(size)
+    H = np.zeros((groups, positions, m, m), dtype=np.result_type(op.dtype, np.float64))
+    if m == 1:
+        H[:, :, 0, 0] = gram_diagonal(op).reshape(groups, positions)
+    else:
+        # Rows (c, i) of W^T are the columns of W: the blocks are their inner products.
+        T = op.transpose_matrix
+        rows = [T[c * positions:(c + 1) * positions] for c in range(channels)]
+        for g in range(groups):
+            for a in range(m):
+                for b in range(a, m):
+                    left, right = rows[g * m + a], rows[g * m + b]
+                    value = np.asarray(left.conj().multiply(right).sum(axis=1)).ravel()
+                    H[g, :, a, b] = value
+                    H[g, :, b, a] = np.conj(value)
+    basis = _PositionBasis(channels, groups, size)
+    H = H.reshape(groups, *size, m, m)
+    return basis, _regularised_inverse(H, _total_shift(H, damp, boost)), None
