@@ -35,8 +35,8 @@ these small matrices) and with :data:`SMALL_SCALE`; (a) also runs with the
 library's own thresholds.  (a), (g), (h) run on the whole grid, (b) compares
 one and two threads on the rest of it; items that need no product grid run on
 one thread count ((c), (e), (f): one thread; (d): two) and (d) on complex128
-only.  A failure the suite found and the library has not fixed yet is a strict
-``xfail`` at the end (Known failures), with the case that shows it.
+only.  A failure the suite found is kept at the end (Regressions), with the case
+that showed it at the library's own sizes.
 """
 
 from __future__ import annotations
@@ -49,7 +49,7 @@ import numpy as np
 import pytest
 
 from sparse_tconv import ConvOperator, ConvTransposeOperator, _parallel
-from sparse_tconv._forms import FORMS, diagonals, form_for
+from sparse_tconv._forms import FORMS, blocks, diagonals, form_for
 from sparse_tconv._geometry import conv_geometry
 from sparse_tconv.testing import dottest
 
@@ -80,10 +80,8 @@ GEOMETRIES = {
 # form name -> (module, constant, value): what makes small matrices take the large ones' paths
 SMALL_SCALE = {
     "diagonals": [(diagonals, "_CHUNK_BYTES", 1), (diagonals, "_MIN_CHUNK_ROWS", 1)],
-    # blocks: none yet.  Its chunks (_BATCH_CHUNK_BYTES, _SCATTER_CHUNK) would belong
-    # here, but the transposed product overruns its index arrays when a chunk of whole
-    # block rows holds more blocks than the chunk size allows (a crash with chunks of
-    # one block): see test_known_failure_blocks_transposed_product_overruns_its_chunk.
+    # chunks of one block: every chunk of whole block rows holds more blocks than that
+    "blocks": [(blocks, "_BATCH_CHUNK_BYTES", 1), (blocks, "_SCATTER_CHUNK", 1)],
 }
 
 DTYPES = [np.float32, np.float64, np.complex128]
@@ -441,7 +439,7 @@ def test_the_suite_is_small():
         assert geom.nnz <= 10_000 and math.prod(geom.input_shape) <= 1000, form
 
 
-# -- known failures ----------------------------------------------------------------------------
+# -- regressions -------------------------------------------------------------------------------
 
 _OVERRUN = """
 import numpy as np
@@ -456,15 +454,11 @@ assert error < 1e-12, f"relative error {error:.3g}"
 """
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "blocks: bsr_transposed_product sizes its scatter's index arrays (columns, ones) for "
-    "max_blocks blocks, but _row_chunks cuts whole block rows with balanced_ranges, so a "
-    "chunk may hold more blocks than that (up to max_blocks + a row - 1, or one row longer "
-    "than max_blocks); the kernel then reads past the arrays: wrong results or a crash"))
-def test_known_failure_blocks_transposed_product_overruns_its_chunk():
-    # The library's own thresholds: a 96-channel 3x3 layer, keep_transpose=False,
-    # rmatmat of 3 columns in complex128 (max_blocks 26, chunks of 30 blocks).  In a
-    # child process: the overrun may crash the interpreter.
+def test_blocks_transposed_product_stays_inside_its_chunk_arrays():
+    # The library's own thresholds: a 96-channel 3x3 layer, keep_transpose=False, rmatmat
+    # of 3 columns in complex128 (max_blocks 26, chunks of 30 blocks of whole rows).  The
+    # scatter's index arrays were sized for max_blocks: it read past them (relative error
+    # 1e261, or a crash).  In a child process, since an overrun may crash the interpreter.
     import subprocess
     import sys
 

@@ -353,8 +353,8 @@ def bsr_transposed_product(matrix: sp.bsr_array, y: np.ndarray, threads: int, gr
         max_blocks = max(1, _SCATTER_CHUNK // r)
     else:
         max_blocks = max(1, _BATCH_CHUNK_BYTES // ((r * c + (r + c) * n_vecs) * dtype.itemsize))
-    columns = np.arange(max_blocks * r + 1, dtype=indices.dtype)  # one entry per scatter column
-    ones = np.ones(max_blocks, dtype=dtype)
+    shared_columns = np.arange(max_blocks * r + 1, dtype=indices.dtype)  # one per scatter column
+    shared_ones = np.ones(max_blocks, dtype=dtype)
     scatter = _sparsetools.csc_matvecs
 
     def add_rows(rows):
@@ -363,6 +363,12 @@ def bsr_transposed_product(matrix: sp.bsr_array, y: np.ndarray, threads: int, gr
         m = stop - start
         if m == 0:
             return
+        # A chunk is whole rows, so it may hold more than max_blocks blocks (a long
+        # row, or balanced cuts): the kernel must not read past the shared arrays.
+        columns, ones = shared_columns, shared_ones
+        if m > max_blocks:
+            columns = np.arange(m * r + 1, dtype=indices.dtype)
+            ones = np.ones(m, dtype=dtype)
         # y's block row for every block of the rows
         scale = np.repeat(v[a:b], np.diff(indptr[a : b + 1]), axis=0)  # (m, r, n_vecs)
         blocks = data[start:stop].astype(dtype, copy=False)
