@@ -27,7 +27,7 @@ import scipy.sparse as sp
 from scipy.sparse.linalg import LinearOperator
 
 from ._build import build, refill
-from ._forms import form_for
+from ._forms import Request, Role, form_for
 from ._geometry import Convolution, given_shapes, transpose_output_padding, validate
 from ._parallel import resolve_threads
 from ._validation import INT64_MAX, check_positive_int, private_copy, weight_and_dtype
@@ -113,19 +113,17 @@ def _csr_slot(geometry, weight, transposed, threads) -> _Lazy:
                                           threads=resolve_threads(threads))))
 
 
-def _form_slot(form, geometry, weight, transposed, backward, threads, canonical: _Lazy,
+def _form_slot(form, geometry, weight, transposed, role: Role, threads, canonical: _Lazy,
                pattern=None) -> _Lazy:
-    """The product form of W (or W.T), built on first use (on ``pattern`` if given)."""
-    return _Lazy(lambda: form.refill(pattern, geometry, weight, transposed=transposed,
-                                     backward=backward, threads=resolve_threads(threads),
-                                     canonical=canonical.get).freeze())
+    """The product form of W (or W.T) in ``role``, built on first use (on ``pattern`` if
+    given); ``threads`` is resolved then."""
 
+    def make():
+        request = Request(Convolution(geometry, weight, transposed), role,
+                          resolve_threads(threads), canonical.get)
+        return form.refill(pattern, request).freeze()
 
-def _lean_slot(form, geometry, weight, stored, threads, canonical: _Lazy, pattern=None) -> _Lazy:
-    """The one product form of a ``keep_transpose=False`` operator: of W.T if ``stored``, else W."""
-    return _Lazy(lambda: form.refill(pattern, geometry, weight, transposed=stored, backward=False,
-                                     threads=resolve_threads(threads), canonical=canonical.get,
-                                     lean=True).freeze())
+    return _Lazy(make)
 
 
 def _refilled_csr_slot(slot: _Lazy, geometry, weight, transposed, threads) -> _Lazy | None:
@@ -288,16 +286,16 @@ class _ConvOperatorBase(LinearOperator):
                 if stored is None:
                     stored = _first_stored(self._form, geometry, transposed, False, weight.dtype)
                 canonical = self._matrix_slot if stored == transposed else self._tmatrix_slot
-                forward = _lean_slot(self._form, geometry, weight, stored, threads, canonical,
-                                     pattern)
+                forward = _form_slot(self._form, geometry, weight, stored, Role.LEAN, threads,
+                                     canonical, pattern)
             self._forward_slot = self._backward_slot = forward
         else:
             self._forward_slot = forward or _form_slot(self._form, geometry, weight,
-                                                       transposed, False, threads,
+                                                       transposed, Role.FORWARD, threads,
                                                        self._matrix_slot)
             self._backward_slot = backward or _form_slot(self._form, geometry, weight,
-                                                         not transposed, True, threads,
-                                                         self._tmatrix_slot)
+                                                         not transposed, Role.BACKWARD,
+                                                         threads, self._tmatrix_slot)
         rows, cols = math.prod(self.output_shape), math.prod(self.input_shape)
         super().__init__(dtype=weight.dtype, shape=(rows, cols))
         self._routes = _plan(self._form, geometry, transposed, keep_transpose, self.dtype,
@@ -692,11 +690,11 @@ class _ConvOperatorBase(LinearOperator):
         elif self._keep_transpose:
             # The product forms already built lend their patterns (index arrays
             # only, not the old values).
-            roles = (("forward", self._forward_slot, transposed, False, mslot),
-                     ("backward", self._backward_slot, not transposed, True, tslot))
-            for name, old, matrix_transposed, backward, canonical in roles:
+            roles = (("forward", self._forward_slot, transposed, Role.FORWARD, mslot),
+                     ("backward", self._backward_slot, not transposed, Role.BACKWARD, tslot))
+            for name, old, matrix_transposed, role, canonical in roles:
                 if old.built is not None:
-                    slots[name] = _form_slot(self._form, geom, w, matrix_transposed, backward,
+                    slots[name] = _form_slot(self._form, geom, w, matrix_transposed, role,
                                              threads, canonical, pattern=old.built.pattern)
         op = type(self)._from_slots(geom, w, threads, self._keep_transpose, **slots)
         op._first_slot().get()  # the new values are computed now, as by the constructor
@@ -722,7 +720,7 @@ def _check_form_size(form, geometry, dtype, transposed, max_bytes, given_transpo
     """
     if max_bytes is not None:
         max_bytes = check_positive_int(max_bytes, "max_bytes")
-    nbytes = form.predict_nbytes(geometry, dtype, transposed=transposed, backward=False)
+    nbytes = form.predict_nbytes(geometry, dtype, transposed=transposed)
     if nbytes > INT64_MAX:
         given, _ = given_shapes(geometry, given_transposed)
         raise ValueError(

@@ -176,8 +176,7 @@ def test_banded_diagonals_store_one_period_of_the_interior(dtype, transposed):
         mp.setattr(_parallel, "MIN_PARALLEL_NNZ", 0)
         banded = _dia.BandedDiagonals(geom, w, transposed=transposed)
         layout = _dia._Layout.of(geom, transposed, w.dtype.itemsize)
-        predicted = _dia.DiagonalForm.predict_nbytes(geom, w.dtype, transposed=transposed,
-                                                     backward=False)
+        predicted = _dia.DiagonalForm.predict_nbytes(geom, w.dtype, transposed=transposed)
         x = random_array(rng, 1200, dtype)
         products = [banded.matvec(x, threads) for threads in (1, 2, 3)]
     dia = _dia.build_diagonals(geom, w, transposed=transposed)

@@ -356,14 +356,13 @@ def test_name_and_predicted_bytes(form, spec, direction, keep_transpose, dtype):
         assert type(stored) is cls and info.name == form
         assert info.transposed == (stored.transposed != view._transposed)
         assert info.matrix.shape == (view.shape[::-1] if info.transposed else view.shape)
-        predicted = cls.predict_nbytes(view._geometry, view.dtype, transposed=stored.transposed,
-                                       backward=False)
+        predicted = cls.predict_nbytes(view._geometry, view.dtype, transposed=stored.transposed)
         assert info.nbytes == stored.nbytes == predicted
         if keep_transpose:  # the second form: of the transpose, for rmatvec
             second = view._backward_slot.get()
             assert type(second) is cls and second.transposed != view._transposed
             assert second.nbytes == cls.predict_nbytes(
-                view._geometry, view.dtype, transposed=second.transposed, backward=True)
+                view._geometry, view.dtype, transposed=second.transposed)
 
 
 def _scipy_arrays(matrix):

@@ -11,21 +11,22 @@ from hypothesis import strategies as st
 import sparse_tconv
 from sparse_tconv import ConvOperator, ConvTransposeOperator, ProductFormInfo, from_torch
 from sparse_tconv._build import build
-from sparse_tconv._forms import FORMS, BlockForm, CsrForm, DiagonalForm, form_for
-from sparse_tconv._geometry import validate
+from sparse_tconv._forms import FORMS, BlockForm, CsrForm, DiagonalForm, Request, Role, form_for
+from sparse_tconv._geometry import Convolution, validate
 
 from reference import random_array
 from strategies import _kwargs, geometries
 
 
-def _both_roles(form, geom, w, transposed):
+def _every_role(form, geom, w, transposed):
     """The form built in each role, for W (or W.T), with its canonical CSR at hand."""
 
     def canonical():
         return build(geom, w, transposed=transposed, threads=1)
 
-    return [form.build(geom, w, transposed=transposed, backward=backward, threads=1,
-                       canonical=canonical) for backward in (False, True)]
+    conv = Convolution(geom, w, transposed)
+    return [form.build(Request(conv, role, 1, canonical))
+            for role in (Role.FORWARD, Role.BACKWARD, Role.LEAN)]
 
 
 @given(geometries(), st.sampled_from([np.float32, np.complex128]), st.integers(0, 2**32 - 1))
@@ -35,10 +36,9 @@ def test_predicted_bytes_are_the_built_forms_bytes(g, dtype, seed):
     w, geom = validate(weight, g["input_shape"], transposed=False, **_kwargs(g))
     form = form_for(geom)
     for transposed in (False, True):
-        for backward, built in zip((False, True), _both_roles(form, geom, w, transposed)):
+        for built in _every_role(form, geom, w, transposed):
             assert type(built) is form and built.transposed is transposed
-            assert built.nbytes == form.predict_nbytes(geom, w.dtype, transposed=transposed,
-                                                       backward=backward)
+            assert built.nbytes == form.predict_nbytes(geom, w.dtype, transposed=transposed)
 
 
 @pytest.mark.parametrize("weight_shape, input_shape, kwargs, expected", [

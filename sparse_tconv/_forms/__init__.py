@@ -9,7 +9,7 @@ layout, a GPU one), write its module and put its class in :data:`FORMS`.
 from __future__ import annotations
 
 from .._geometry import ConvGeometry
-from .base import Canonical, ProductForm, from_position_major, to_position_major
+from .base import Canonical, ProductForm, Request, Role, from_position_major, to_position_major
 from .blocks import BlockForm
 from .csr import CsrForm, csr_product
 from .diagonals import DiagonalForm
@@ -19,6 +19,8 @@ __all__ = [
     "form_for",
     "ProductForm",
     "Canonical",
+    "Request",
+    "Role",
     "BlockForm",
     "CsrForm",
     "DiagonalForm",

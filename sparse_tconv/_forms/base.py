@@ -2,30 +2,81 @@
 
 A *product form* is how an operator stores one matrix (W or W.T) for its
 products: the canonical CSR, dense channel blocks (BSR) or diagonals (DIA).
-The operator holds one form for its own products (``forward``) and one for
-its transpose (``backward``), or, with ``keep_transpose=False``, one form
-only (``lean``) whose :meth:`~ProductForm.multiply_transposed` serves the
-other direction on the same arrays.  It chooses their kind from the geometry
-once (:func:`sparse_tconv._forms.form_for`), and otherwise only calls the
-methods below: a new form is one new module with one new class, added to
-``sparse_tconv._forms.FORMS``.
+The operator holds one form for its own products (:attr:`Role.FORWARD`) and
+one for its transpose (:attr:`Role.BACKWARD`), or, with
+``keep_transpose=False``, one form only (:attr:`Role.LEAN`) whose
+:meth:`~ProductForm.multiply_transposed` serves the other direction on the
+same arrays.  It chooses their kind from the geometry once
+(:func:`sparse_tconv._forms.form_for`), asks for each with a
+:class:`Request`, and otherwise only calls the methods below: a new form is
+one new module with one new class, added to ``sparse_tconv._forms.FORMS``.
 """
 
 from __future__ import annotations
 
 import abc
+import enum
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any, ClassVar
 
 import numpy as np
 import scipy.sparse as sp
 
-from .._geometry import ConvGeometry
+from .._geometry import ConvGeometry, Convolution
 
-__all__ = ["ProductForm", "Canonical", "to_position_major", "from_position_major"]
+__all__ = ["ProductForm", "Canonical", "Role", "Request", "to_position_major",
+           "from_position_major"]
 
 Canonical = Callable[[], sp.csr_array]
 """Gets (building it on first use) the canonical CSR of the form's own matrix."""
+
+
+class Role(enum.Enum):
+    """What a stored form serves in its operator."""
+
+    FORWARD = "forward"
+    """The operator's own matrix, for its products."""
+    BACKWARD = "backward"
+    """The transpose of the operator's matrix, for ``rmatvec`` (a form may number
+    its columns otherwise there, as the CSR form does)."""
+    LEAN = "lean"
+    """The one form of a ``keep_transpose=False`` operator: both directions on its
+    arrays, building nothing more for either."""
+
+
+@dataclass(frozen=True, eq=False)
+class Request:
+    """What an operator asks a form for: one matrix of a convolution, in one role.
+
+    Each form reads what it needs of it: every form the matrix
+    (``convolution``, whose ``transposed`` says W or W.T) and ``threads``;
+    the CSR form the role and ``canonical``; the diagonals the role.
+    """
+
+    convolution: Convolution
+    role: Role = Role.FORWARD
+    threads: int = 1
+    canonical: Canonical | None = None
+    """The canonical CSR of the matrix, built on first use (None: not offered)."""
+
+    @property
+    def geometry(self) -> ConvGeometry:
+        return self.convolution.geometry
+
+    @property
+    def weight(self) -> np.ndarray:
+        return self.convolution.weight
+
+    @property
+    def transposed(self) -> bool:
+        return self.convolution.transposed
+
+    def canonical_matrix(self) -> sp.csr_array:
+        """The canonical CSR of the requested matrix (built on first use)."""
+        if self.canonical is None:
+            raise ValueError("this request offers no canonical matrix")
+        return self.canonical()
 
 
 class ProductForm(abc.ABC):
@@ -61,21 +112,15 @@ class ProductForm(abc.ABC):
 
     @classmethod
     @abc.abstractmethod
-    def predict_nbytes(cls, geometry: ConvGeometry, dtype: np.dtype, *, transposed: bool,
-                       backward: bool) -> int:
-        """The :attr:`nbytes` :meth:`build` will give, computed from the geometry alone."""
+    def predict_nbytes(cls, geometry: ConvGeometry, dtype: np.dtype, *,
+                       transposed: bool) -> int:
+        """The :attr:`nbytes` :meth:`build` will give for W (``transposed=False``) or
+        W.T of ``dtype``, computed from the geometry alone."""
 
     @classmethod
     @abc.abstractmethod
-    def build(cls, geometry: ConvGeometry, weight: np.ndarray, *, transposed: bool,
-              backward: bool, threads: int, canonical: Canonical,
-              lean: bool = False) -> ProductForm:
-        """The form of W (``transposed=False``) or W.T for a validated weight.
-
-        ``lean``: the one form of a ``keep_transpose=False`` operator, which
-        serves both directions and builds nothing more for either (some forms
-        would otherwise run a block of columns on the canonical CSR).
-        """
+    def build(cls, request: Request) -> ProductForm:
+        """The form of the requested matrix, for a validated weight."""
 
     @classmethod
     def vectors_via_transpose(cls, geometry: ConvGeometry, transposed: bool, dtype) -> bool:
@@ -97,15 +142,12 @@ class ProductForm(abc.ABC):
         return None
 
     @classmethod
-    def refill(cls, pattern: object | None, geometry: ConvGeometry, weight: np.ndarray, *,
-               transposed: bool, backward: bool, threads: int, canonical: Canonical,
-               lean: bool = False) -> ProductForm:
+    def refill(cls, pattern: object | None, request: Request) -> ProductForm:
         """The form for a new weight on the :attr:`pattern` of a form already built.
 
         Only the values are computed; without a pattern, the form is built.
         """
-        return cls.build(geometry, weight, transposed=transposed, backward=backward,
-                         threads=threads, canonical=canonical, lean=lean)
+        return cls.build(request)
 
     @abc.abstractmethod
     def multiply(self, x: np.ndarray, threads: int) -> np.ndarray:

@@ -413,7 +413,7 @@ class BlockForm(ProductForm):
         return geometry.padding_mode == "zeros" and r * c > 1
 
     @classmethod
-    def predict_nbytes(cls, geometry, dtype, *, transposed, backward) -> int:
+    def predict_nbytes(cls, geometry, dtype, *, transposed) -> int:
         # The pattern is the single-channel matrix's, once per group (see
         # block_pattern), with the index dtype it gets there.
         single = dataclasses.replace(geometry, in_channels=1, out_channels=1, groups=1)
@@ -427,10 +427,10 @@ class BlockForm(ProductForm):
                 + (rows * g + 1) * idx.itemsize)
 
     @classmethod
-    def build(cls, geometry, weight, *, transposed, backward, threads, canonical, lean=False):
-        pattern = block_pattern(geometry, transposed=transposed, threads=threads)
-        matrix = fill_blocks(pattern, geometry, weight, transposed=transposed, threads=threads)
-        return cls(pattern, matrix, transposed, geometry.groups)
+    def build(cls, request):
+        geometry, transposed = request.geometry, request.transposed
+        pattern = block_pattern(geometry, transposed=transposed, threads=request.threads)
+        return cls.refill(pattern, request)
 
     @classmethod
     def vectors_via_transpose(cls, geometry, transposed, dtype) -> bool:
@@ -464,12 +464,12 @@ class BlockForm(ProductForm):
         return self.block_pattern
 
     @classmethod
-    def refill(cls, pattern, geometry, weight, *, transposed, backward, threads, canonical,
-               lean=False):
+    def refill(cls, pattern, request):
         if pattern is None:
-            return cls.build(geometry, weight, transposed=transposed, backward=backward,
-                             threads=threads, canonical=canonical)
-        matrix = fill_blocks(pattern, geometry, weight, transposed=transposed, threads=threads)
+            return cls.build(request)
+        geometry, transposed = request.geometry, request.transposed
+        matrix = fill_blocks(pattern, geometry, request.weight, transposed=transposed,
+                             threads=request.threads)
         return cls(pattern, matrix, transposed, geometry.groups)
 
     def multiply(self, x, threads):

@@ -40,7 +40,7 @@ from .._parallel import (
     run_phases,
 )
 from .._validation import cast_if_safe
-from .base import ProductForm, from_position_major, to_position_major
+from .base import ProductForm, Role, from_position_major, to_position_major
 
 __all__ = ["CsrForm", "csr_product", "csr_transposed_product", "RowParts", "row_parts"]
 
@@ -195,16 +195,18 @@ class CsrForm(ProductForm):
         return True  # any geometry
 
     @classmethod
-    def predict_nbytes(cls, geometry, dtype, *, transposed, backward) -> int:
+    def predict_nbytes(cls, geometry, dtype, *, transposed) -> int:
         return matrix_size(geometry, dtype, transposed).nbytes  # the same in either numbering
 
     @classmethod
-    def build(cls, geometry, weight, *, transposed, backward, threads, canonical, lean=False):
+    def build(cls, request):
+        geometry, transposed = request.geometry, request.transposed
+        backward = request.role is Role.BACKWARD
         channels = _column_channels(geometry, transposed) if backward else 1
         sides = _column_channels(geometry, not transposed), _column_channels(geometry, transposed)
         if channels == 1:  # position-major is the canonical order: share the canonical CSR
-            return cls(canonical(), transposed, 1, *sides)
-        matrix = build(geometry, weight, transposed=transposed, threads=threads,
+            return cls(request.canonical_matrix(), transposed, 1, *sides)
+        matrix = build(geometry, request.weight, transposed=transposed, threads=request.threads,
                        channels_last=True)
         return cls(matrix, transposed, channels, *sides)
 
@@ -216,13 +218,12 @@ class CsrForm(ProductForm):
         return SimpleNamespace(indices=m.indices, indptr=m.indptr, shape=m.shape)
 
     @classmethod
-    def refill(cls, pattern, geometry, weight, *, transposed, backward, threads, canonical,
-               lean=False):
+    def refill(cls, pattern, request):
         if pattern is None:
-            return cls.build(geometry, weight, transposed=transposed, backward=backward,
-                             threads=threads, canonical=canonical)
-        matrix = refill(geometry, weight, pattern, transposed=transposed, threads=threads,
-                        channels_last=True)
+            return cls.build(request)
+        geometry, transposed = request.geometry, request.transposed
+        matrix = refill(geometry, request.weight, pattern, transposed=transposed,
+                        threads=request.threads, channels_last=True)
         channels = _column_channels(geometry, transposed)
         return cls(matrix, transposed, channels, _column_channels(geometry, not transposed),
                    channels)

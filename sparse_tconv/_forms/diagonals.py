@@ -34,7 +34,7 @@ from .. import _parallel, _sparsetools
 from .._geometry import ConvGeometry, index_dtype
 from .._parallel import even_ranges, run_parallel
 from .._validation import cast_if_safe
-from .base import ProductForm
+from .base import ProductForm, Role
 from .csr import csr_product
 
 __all__ = ["DiagonalForm", "BandedDiagonals", "build_diagonals"]
@@ -370,14 +370,16 @@ class DiagonalForm(ProductForm):
         )
 
     @classmethod
-    def predict_nbytes(cls, geometry, dtype, *, transposed, backward) -> int:
+    def predict_nbytes(cls, geometry, dtype, *, transposed) -> int:
         itemsize = np.dtype(dtype).itemsize
         return _Layout.of(geometry, transposed, itemsize).nbytes(itemsize)
 
     @classmethod
-    def build(cls, geometry, weight, *, transposed, backward, threads, canonical, lean=False):
-        banded = BandedDiagonals(geometry, weight, transposed=transposed, threads=threads)
-        return cls(geometry, weight, banded, transposed, canonical, lean)
+    def build(cls, request):
+        geometry, weight, transposed = request.geometry, request.weight, request.transposed
+        banded = BandedDiagonals(geometry, weight, transposed=transposed, threads=request.threads)
+        return cls(geometry, weight, banded, transposed, request.canonical_matrix,
+                   request.role is Role.LEAN)
 
     @property
     def matrix(self) -> sp.dia_array:
