@@ -271,8 +271,8 @@ def _matrix(args) -> int:
     print(f"predicted: shape {size.shape}, nnz {size.nnz:,}, {size.nbytes:,} bytes "
           f"({size.dtype} values, {size.index_dtype} indices)")
     if args.max_bytes is not None and size.nbytes > args.max_bytes:  # before the weight is drawn
-        raise MemoryError(f"the matrix would need {size.nbytes:,} bytes, more than "
-                          f"--max-bytes={args.max_bytes:,}")
+        raise MemoryError(f"the matrix would need {size.nbytes} bytes (nnz={size.nnz}), more "
+                          f"than max_bytes={args.max_bytes} (--max-bytes)")
     if weight is None:
         weight = np.random.default_rng(args.seed).standard_normal(config.weight_shape).astype(dtype)
         source = f"{config.weight_shape}, random normal (--seed {args.seed})"
