@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import math
 import warnings
+from typing import NamedTuple
 
 import numpy as np
 import scipy.sparse as sp
@@ -50,7 +51,6 @@ __all__ = [
     "compose",
 ]
 
-_METHODS = ("svds", "power", "gram")
 # Gram iteration switches to dense arithmetic once a product is this full.
 _DENSE_FRACTION = 0.25
 
@@ -525,7 +525,7 @@ def operator_norm(
     >>> bool(exact <= operator_norm(op, method="gram") <= 1.1 * exact)
     True
     """
-    method = check_choice(method, _METHODS, "method")
+    method = check_choice(method, tuple(_NORM_METHODS), "method")
     # Every argument is checked, whichever method uses it.
     if tol is not None:
         tol = check_tol(tol, "tol")
@@ -535,24 +535,50 @@ def operator_norm(
         iterations = check_non_negative_int(iterations, "iterations")
     if max_nnz is not None:
         max_nnz = check_positive_int(max_nnz, "max_nnz")
-    gen = generator(rng)
-    if method == "gram" and iterations is None and isinstance(op, CONV_OPERATORS):
+    settings = _NormSettings(tol, maxiter, iterations, max_nnz, generator(rng))
+    return _NORM_METHODS[method](op, settings)
+
+
+class _NormSettings(NamedTuple):
+    tol: float | None
+    maxiter: int | None
+    iterations: int | None
+    max_nnz: int | None
+    gen: np.random.Generator
+
+
+def _by_gram(op, settings: _NormSettings) -> float:
+    if settings.iterations is None and isinstance(op, CONV_OPERATORS):
         with warnings.catch_warnings():  # the width of the interval is not asked for here
             warnings.simplefilter("ignore", RuntimeWarning)
             return norm_bounds(op, maxiter=1).upper
-    A, matrix = _norm_operand(op)
-    if method == "gram":
-        if matrix is None:
-            raise TypeError(
-                "method='gram' needs an explicit matrix (ConvOperator, ConvTransposeOperator, "
-                f"scipy sparse matrix or ndarray), got a matrix-free {type(op).__name__}"
-            )
-        return _norm_gram(matrix, 6 if iterations is None else iterations, max_nnz)
-    if method == "svds":
-        return _norm_svds(A, 0.0 if tol is None else tol, maxiter, gen)
+    _, matrix = _norm_operand(op)
+    if matrix is None:
+        raise TypeError(
+            "method='gram' needs an explicit matrix (ConvOperator, ConvTransposeOperator, "
+            f"scipy sparse matrix or ndarray), got a matrix-free {type(op).__name__}"
+        )
+    iterations = 6 if settings.iterations is None else settings.iterations
+    return _norm_gram(matrix, iterations, settings.max_nnz)
+
+
+def _by_svds(op, settings: _NormSettings) -> float:
+    A, _ = _norm_operand(op)
+    tol = 0.0 if settings.tol is None else settings.tol
+    return _norm_svds(A, tol, settings.maxiter, settings.gen)
+
+
+def _by_power(op, settings: _NormSettings) -> float:
+    A, _ = _norm_operand(op)
+    tol = settings.tol
     if tol is None:  # what the operator's precision can resolve
         tol = max(1e-8, 100 * float(np.finfo(work_dtype(A.dtype)).eps))
-    return _norm_power(A, tol, 1000 if maxiter is None else maxiter, gen)
+    maxiter = 1000 if settings.maxiter is None else settings.maxiter
+    return _norm_power(A, tol, maxiter, settings.gen)
+
+
+# operator_norm's methods by name (``method=``); the first is the default
+_NORM_METHODS = {"svds": _by_svds, "power": _by_power, "gram": _by_gram}
 
 
 # ---------------------------------------------------------------------------
