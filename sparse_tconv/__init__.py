@@ -24,6 +24,7 @@ from . import testing as testing
 from ._build import conv_matrix, conv_transpose_matrix
 from ._geometry import (
     ConvMatrixSize,
+    Convolution,
     conv_matrix_nnz,
     conv_output_shape,
     conv_transpose_matrix_nnz,
@@ -46,6 +47,7 @@ __all__ = [
     "ConvOperator",
     "ConvTransposeOperator",
     "ProductFormInfo",
+    "Convolution",
     "get_num_threads",
     "set_num_threads",
     "from_torch",

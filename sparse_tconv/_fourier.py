@@ -20,19 +20,20 @@ from ._geometry import ConvGeometry
 __all__ = ["check_circulant", "circular_blocks"]
 
 
-def check_circulant(geom: ConvGeometry, what: str = "exact singular values") -> None:
+def check_circulant(geom: ConvGeometry, what: str = "exact singular values",
+                    instead: str = "use operator_norm() for the spectral norm") -> None:
     """Raise NotImplementedError unless W is a (subsampled) circulant.
 
     That is: no padding read in a mode other than ``'circular'``, and in
     every dimension a stride that divides the input size ``L`` and an output
-    size of ``L / stride``.
+    size of ``L / stride``.  ``instead`` says what the caller can do then.
     """
     padded = any(v > 0 for pair in geom.padding for v in pair)
     if padded and geom.padding_mode != "circular":
         raise NotImplementedError(
             f"{what} need circular padding, got padding_mode="
             f"{geom.padding_mode!r} with padding={geom.padding}: the operator is not "
-            "circulant; use operator_norm() for its spectral norm"
+            f"circulant; {instead}"
         )
     for axis, (L, O, s) in enumerate(zip(geom.input_size, geom.output_size, geom.stride)):
         if L % s or O * s != L:
@@ -42,8 +43,7 @@ def check_circulant(geom: ConvGeometry, what: str = "exact singular values") -> 
                 f"be input size / stride; spatial dimension {axis} has input size {L}, "
                 f"stride {s}, output size {O} (input_shape={geom.input_shape}, "
                 f"padding={geom.padding}, kernel_size={geom.kernel_size}, "
-                f"dilation={geom.dilation}); use operator_norm() for the spectral norm of "
-                "this geometry"
+                f"dilation={geom.dilation}); {instead}"
             )
 
 

@@ -43,6 +43,7 @@ __all__ = [
     "validate",
     "given_shapes",
     "check_addressable",
+    "MAX_SPATIAL_DIMS",
     "conv_output_shape",
     "conv_transpose_output_shape",
     "conv_matrix_nnz",
@@ -298,12 +299,33 @@ class Convolution:
     ``True`` describes W.T, the transposed convolution, on the same geometry
     and weight.  Operators give theirs as ``op.convolution``; preconditioners,
     norm bounds and files read this record, not the operator's attributes.
+
+    Attributes
+    ----------
+    geometry : ConvGeometry
+        The forward convolution's normalised geometry (read-only fields:
+        ``input_size``, ``output_size``, ``kernel_size``, ``stride``,
+        ``dilation``, ``padding`` as ``(before, after)`` pairs, ``groups``,
+        ``padding_mode``, ``output_padding``, channel counts).
+    weight : ndarray
+        Read-only, ``(C_out, C_in // groups, *kernel_size)`` of the forward
+        convolution (PyTorch's ConvTranspose layout of the transposed one).
+    transposed : bool
+        Whether the matrix is W.T.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from sparse_tconv import ConvOperator
+    >>> conv = ConvOperator(np.ones((4, 2, 3, 3)), (2, 8, 8), stride=2).convolution
+    >>> conv.transposed, conv.input_shape, conv.output_shape
+    (False, (2, 8, 8), (4, 3, 3))
+    >>> conv.T.transposed, conv.T.input_shape
+    (True, (4, 3, 3))
     """
 
     geometry: ConvGeometry
     weight: np.ndarray
-    """Read-only, ``geometry.weight_shape`` (the forward layout, which is PyTorch's
-    ConvTranspose layout of the transposed convolution)."""
     transposed: bool = False
 
     @property

@@ -30,7 +30,13 @@ from ._build import build, refill
 from ._forms import Request, Role, form_for
 from ._geometry import Convolution, given_shapes, transpose_output_padding, validate
 from ._parallel import resolve_threads
-from ._validation import INT64_MAX, check_positive_int, private_copy, weight_and_dtype
+from ._validation import (
+    INT64_MAX,
+    check_positive_int,
+    is_sparse,
+    private_copy,
+    weight_and_dtype,
+)
 
 __all__ = ["ConvOperator", "ConvTransposeOperator", "ProductFormInfo", "CONV_OPERATORS"]
 
@@ -188,6 +194,7 @@ class _Route(NamedTuple):
     """A block of columns, or a vector of another dtype (which scipy's kernels widen)."""
 
     def product_for(self, x: np.ndarray, dtype: np.dtype) -> _Product:
+        """The product for operand ``x`` of an operator of ``dtype``."""
         return self.vectors if x.ndim == 1 and x.dtype == dtype else self.others
 
 
@@ -464,7 +471,15 @@ class _ConvOperatorBase(LinearOperator):
         n = self.shape[0] if adjoint else self.shape[1]
         ok = len(shape) == 2 and shape[0] == n if block else shape in ((n,), (n, 1))
         if not ok:
+            if block and shape == (n,):
+                name, product = ("y", "rmatmat") if adjoint else ("X", "matmat")
+                raise ValueError(f"{name} has shape {shape}: {product} takes a 2-D array of "
+                                 f"shape ({n}, K); use {product[:-3]}vec for a vector")
             self._raise_shape_error(shape, adjoint=adjoint)
+        if is_sparse(x):
+            name = "y" if adjoint else "x"
+            raise TypeError(f"{name} must be a dense array, got a scipy sparse "
+                            f"{type(x).__name__}; pass {name}.toarray()")
 
     def _raise_shape_error(self, shape, *, adjoint: bool):
         n = self.shape[0] if adjoint else self.shape[1]

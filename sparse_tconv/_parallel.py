@@ -108,8 +108,8 @@ def set_num_threads(threads: int | None) -> None:
     Parameters
     ----------
     threads : int or None
-        A number of threads from 1 to ``MAX_THREADS`` (1024), or ``None`` to
-        fall back to ``SPARSE_TCONV_NUM_THREADS`` or the CPU count.
+        A number of threads from 1 to 1024, or ``None`` to fall back to
+        ``SPARSE_TCONV_NUM_THREADS`` or the CPU count.
 
     Raises
     ------

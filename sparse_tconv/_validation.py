@@ -245,6 +245,12 @@ def _as_array(weight) -> np.ndarray:
     has no bfloat16 (widened exactly to float32 here).  torch is not
     imported: a tensor is recognised by its type's module.
     """
+    if is_sparse(weight):
+        raise TypeError(f"weight must be a dense array, got a scipy sparse "
+                        f"{type(weight).__name__}; pass weight.toarray()")
+    if isinstance(weight, np.ma.MaskedArray):
+        raise TypeError("weight must be a plain array, got a masked array: its mask would be "
+                        "ignored; pass weight.filled(0) for masked weights as zeros")
     if type(weight).__module__.split(".")[0] == "torch" and hasattr(weight, "detach"):
         tensor = weight.detach()
         if str(tensor.dtype) == "torch.bfloat16":
@@ -275,7 +281,8 @@ def weight_and_dtype(weight, dtype=None) -> tuple[np.ndarray, np.dtype]:
     arr = _as_array(weight)
     if arr.dtype == np.bool_:
         raise TypeError("weight must be numeric, got a boolean weight (dtype=bool)")
-    if not np.issubdtype(arr.dtype, np.number):
+    if not np.issubdtype(arr.dtype, np.number) or arr.dtype.kind in "mM":  # (timedelta64
+        # is an integer type to numpy)
         raise TypeError(f"weight must be a numeric array, got weight.dtype={arr.dtype}")
     target: np.dtype
     if dtype is None:

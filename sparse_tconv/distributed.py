@@ -661,7 +661,7 @@ class DistributedConvOperator(LinearOperator):
             except concurrent.futures.CancelledError as exc:
                 self.close()
                 raise RuntimeError(
-                    f"{matrix.describe(i)} was cancelled {_ATTEMPTS} times while being built "
+                    f"{matrix.describe(i)} was cancelled {_ATTEMPTS + 1} times while being built "
                     f"(workers lost or the cluster restarted: {exc}); build the operator "
                     "again once the cluster is stable") from exc
             except BaseException:
@@ -876,13 +876,12 @@ class DistributedConvOperator(LinearOperator):
         Dask's own error (``FutureCancelledError``, ``KilledWorker``, a closed
         comm) says only that a task is gone, not why nor what comes next.
         """
-        self._rebuild_lost()  # the next product finds them submitted again
-        gone = sum(f.status in _GONE for _, fs in self._blocks.values() for f in fs)
+        resubmitted = len(self._rebuild_lost())  # the next product finds them submitted
         return RuntimeError(
             f"a Dask worker died or was lost during each of {_ATTEMPTS} attempts at this "
-            f"product ({type(exc).__name__}: {exc}); the operator's blocks are rebuilt from "
-            f"the geometry on the remaining workers ({gone} still to rebuild now), so the "
-            "product can be called again once the cluster is stable"
+            f"product ({type(exc).__name__}: {exc}); the operator's lost blocks are rebuilt "
+            f"from the geometry by Dask on the remaining workers ({resubmitted} resubmitted "
+            "now), so the product can be called again once the cluster is stable"
         )
 
     def _may_retry(self, exc) -> bool:

@@ -25,9 +25,9 @@ import numpy as np
 import scipy.sparse as sp
 from scipy.sparse.linalg import LinearOperator, aslinearoperator, svds
 
-from . import _bounds
+from . import _bounds, _certificates
 from ._bounds import NormBounds
-from ._certificates import CERTIFICATES, Interval
+from ._certificates import Interval
 from ._fourier import check_circulant, circular_blocks
 from ._geometry import conv_geometry
 from ._operator import CONV_OPERATORS
@@ -68,12 +68,18 @@ _DENSE_FRACTION = 0.25
 _WEIGHT_RANGE = (2.0**-200, 2.0**200)
 
 
-def _check_weight(weight, name: str = "weight") -> None:
-    """Refuse, by name, a weight whose norm the methods here cannot bound."""
+def _check_finite(weight, name: str = "weight") -> np.ndarray:
+    """The weight's magnitudes; a ValueError naming it if one is NaN or infinite."""
     magnitudes = np.abs(weight)
     if not np.all(np.isfinite(magnitudes)):
         raise ValueError(f"{name} must be finite: it has NaN or infinite entries, "
                          "so the operator has no norm")
+    return magnitudes
+
+
+def _check_weight(weight, name: str = "weight") -> None:
+    """Refuse, by name, a weight whose norm the iterative methods here cannot bound."""
+    magnitudes = _check_finite(weight, name)
     largest = float(magnitudes.max(initial=0.0))
     low, high = _WEIGHT_RANGE
     if largest and not low <= largest <= high:
@@ -187,7 +193,8 @@ def conv_singular_values(
     Raises
     ------
     ValueError, TypeError
-        Invalid arguments, as for :func:`~sparse_tconv.conv_matrix`.
+        Invalid arguments, as for :func:`~sparse_tconv.conv_matrix`; a weight
+        with NaN or infinite entries.
     NotImplementedError
         If the geometry is not a (subsampled) circulant: padding read in a
         mode other than ``'circular'``, or, in some dimension, a stride that
@@ -256,7 +263,7 @@ def conv_singular_values(
     True
     """
     w = as_weight(weight)
-    _check_weight(w)
+    _check_finite(w)  # (the blocks' SVDs hold at any scale)
     geom = conv_geometry(
         w.shape,
         input_shape,
@@ -460,7 +467,11 @@ def operator_norm(
     ------
     ValueError
         Unknown ``method``; negative ``tol``, ``iterations`` or non-positive
-        ``maxiter``/``max_nnz``; an operator that is not 2-D.
+        ``maxiter``/``max_nnz``; an operator that is not 2-D; a convolution
+        operator whose weight has NaN or infinite entries, or a largest
+        magnitude outside ``[2**-200, 2**200]`` (the power iteration and
+        the certificates square the products: scale the weight by a power of
+        two, which is exact, and the norm by the same factor).
     TypeError
         An unsupported ``op`` (or a matrix-free operator with ``'gram'``), or
         an argument of the wrong type.
@@ -540,6 +551,8 @@ def operator_norm(
 
 
 class _NormSettings(NamedTuple):
+    """operator_norm's checked arguments, which each method reads as it needs."""
+
     tol: float | None
     maxiter: int | None
     iterations: int | None
@@ -618,7 +631,9 @@ def norm_bounds(op, *, rtol=1e-2, maxiter=None) -> NormBounds:
         If ``op`` is not a convolution operator, or an argument has the wrong
         type.
     ValueError
-        Negative ``rtol``, non-positive ``maxiter``.
+        Negative ``rtol``, non-positive ``maxiter``; a weight with NaN or
+        infinite entries, or whose largest magnitude is outside
+        ``[2**-200, 2**200]`` (as for :func:`operator_norm`).
 
     Warns
     -----
@@ -746,7 +761,7 @@ def norm_bounds(op, *, rtol=1e-2, maxiter=None) -> NormBounds:
     if structure.abs_bound == 0.0:
         return NormBounds(0.0, 0.0)
     run = Interval(structure, rtol, maxiter)
-    for step in CERTIFICATES:
+    for step in _certificates.CERTIFICATES:  # read now: a registry line takes effect at once
         if step.applies(run):
             step.tighten(run)
     bounds = NormBounds(float(run.lower), float(run.upper))

@@ -167,9 +167,14 @@ def test_more_threads_than_can_be_started_are_refused(threads, restore_threads):
         sparse_tconv.set_num_threads(threads)
 
 
-def test_more_threads_than_rows_give_the_same_products(restore_threads):
-    # the most threads allowed, on a layer with fewer rows than threads: every range is
-    # cut to what the rows allow, and the products are those of one thread
+def test_more_threads_than_rows_give_the_same_products(restore_threads, monkeypatch):
+    # the most threads allowed, on a layer with fewer rows than threads (split however
+    # small: the threshold lowered): every range is cut to what the rows allow, and the
+    # products are those of one thread
+    from sparse_tconv import _parallel
+
+    monkeypatch.setattr(_parallel, "MIN_PARALLEL_NNZ", 0)
+    monkeypatch.setattr(_parallel, "SCATTER_PART_NNZ", 1)
     w = np.random.default_rng(0).standard_normal((3, 2, 3, 3))
     many, one = (ConvOperator(w, (2, 9, 9), threads=t) for t in (1024, 1))
     x, y = np.arange(many.shape[1], dtype=float), np.arange(many.shape[0], dtype=float)
@@ -233,3 +238,23 @@ def test_more_spatial_dimensions_than_numpy_can_index_are_refused():
     # 30 still build, and give the identity of a 1x...x1 kernel
     w, shape = np.full((1, 1) + (1,) * 30, 2.0), (1,) + (1,) * 30
     assert sparse_tconv.conv_matrix(w, shape).toarray().tolist() == [[2.0]]
+
+
+def test_operands_and_weights_of_the_wrong_kind_say_what_to_pass():
+    import scipy.sparse as sp
+
+    op = ConvOperator(W2D, X2D, padding=1)
+    n = op.shape[1]
+    with pytest.raises(ValueError, match=rf"X has shape \({n},\): matmat takes a 2-D array of "
+                                         rf"shape \({n}, K\); use matvec for a vector"):
+        op.matmat(np.ones(n))
+    with pytest.raises(TypeError, match=r"x must be a dense array, got a scipy sparse "
+                                        r"csr_array; pass x.toarray\(\)"):
+        op.matvec(sp.csr_array(np.ones((n, 1))))
+    with pytest.raises(TypeError, match=r"weight must be a dense array, got a scipy sparse"):
+        sparse_tconv.conv_matrix(sp.csr_array(np.ones((3, 3))), (6, 6))
+    with pytest.raises(TypeError, match=r"got a masked array: its mask would be ignored"):
+        sparse_tconv.conv_matrix(np.ma.masked_array(np.ones((3, 3))), (6, 6))
+    with pytest.raises(TypeError, match=r"weight must be a numeric array, got "
+                                        r"weight.dtype=timedelta64\[s\]"):
+        sparse_tconv.conv_matrix(np.ones((3, 3)).astype("m8[s]"), (6, 6))

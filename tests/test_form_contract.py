@@ -51,6 +51,7 @@ import pytest
 from sparse_tconv import ConvOperator, ConvTransposeOperator, _parallel
 from sparse_tconv._forms import FORMS, blocks, diagonals, form_for
 from sparse_tconv._geometry import conv_geometry
+from sparse_tconv._operator import _first_stored
 from sparse_tconv.testing import dottest
 
 from reference import random_array
@@ -350,6 +351,10 @@ def test_the_thread_count_changes_no_bit(form, spec, direction, keep_transpose, 
 def test_name_and_predicted_bytes(form, spec, direction, keep_transpose, dtype):
     cls = _form_class(form)
     op = _operator(spec, direction, dtype=dtype, keep_transpose=keep_transpose, threads=1)
+    # what max_bytes measures before building is what the plan then has built first
+    conv = op.convolution
+    assert _first_stored(cls, conv.geometry, conv.transposed, keep_transpose,
+                         op.dtype) == op._first_slot().get().transposed
     for view in (op, op.T, op.H):
         info = view.product_form
         stored = view._forward_slot.get()

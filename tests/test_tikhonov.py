@@ -215,7 +215,7 @@ def test_the_border_correction_gives_the_model_the_true_diagonal(kind, mode):
     P = preconditioner(op, 0.0, kind, shift=0) @ np.eye(A.shape[1])
     # (to the eigenvalue floor of 1e-10 times the largest: the model is nearly singular, and
     # inverting P costs up to 5e-7 with LAPACK's kernels of one processor or another)
-    np.testing.assert_allclose(np.diag(np.linalg.inv(P)), np.diag(A.T @ A), rtol=1e-4)
+    np.testing.assert_allclose(np.diag(np.linalg.inv(P)), np.diag(A.T @ A), rtol=1e-5)
     raw = preconditioner(op, 0.0, kind, shift=0, border=False) @ np.eye(A.shape[1])
     assert not np.allclose(np.diag(np.linalg.inv(raw)), np.diag(A.T @ A), rtol=1e-3)
 

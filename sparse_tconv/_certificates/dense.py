@@ -9,6 +9,8 @@ __all__ = ["DenseSVD"]
 
 
 class DenseSVD(Certificate):
+    """Both bounds from the dense matrix's SVD, where the matrix is small enough."""
+
     name = "dense SVD"
 
     def applies(self, run: Interval) -> bool:

@@ -28,9 +28,10 @@ class Lanczos(Certificate):
         if "lanczos" not in run.notes:
             start = _bounds.start_vector(run.structure, run.notes["embedding"])
             lower, spent, last = _bounds.lower_bound(run.structure, start, target, run.maxiter)
-            run.spent = spent
+            run.spent += spent
         else:
-            lower, _, last = _bounds.lower_bound(run.structure, run.notes["lanczos"], target,
-                                                 run.maxiter - run.spent)
+            lower, spent, last = _bounds.lower_bound(run.structure, run.notes["lanczos"],
+                                                     target, run.maxiter - run.spent)
+            run.spent += spent
         run.notes["lanczos"] = last
         run.lower = max(run.lower, lower)

@@ -51,7 +51,8 @@ class Request:
 
     Each form reads what it needs of it: every form the matrix
     (``convolution``, whose ``transposed`` says W or W.T) and ``threads``;
-    the CSR form the role and ``canonical``; the diagonals the role.
+    the CSR and diagonal forms also the role and ``canonical`` (the CSR form
+    shares the canonical CSR, the diagonals run a batch of columns on it).
     """
 
     convolution: Convolution

@@ -21,8 +21,8 @@ The transposed product on the same arrays (:func:`bsr_transposed_product`,
 scipy's serial CSC kernel on the blocks' rows: row ``r`` of block ``B``
 scaled by ``y[p, r]`` is one column of a scatter whose vectors are the rows
 of the blocks.  Read in stored order, the matrix streams from memory as in
-``W @ x`` (reading it in the transpose's order instead, jumping between the
-block rows of every tap, is 2-3x slower).  Parts of block rows that write
+``W @ x`` (reading it in the transpose's order instead jumps between the
+block rows of every tap: slower, docs/performance.md).  Parts of block rows that write
 disjoint outputs run at once, in phases (:func:`~.._parallel.disjoint_phases`).
 """
 
@@ -306,8 +306,11 @@ def scatter_plan(indptr: np.ndarray, indices: np.ndarray, parts: int) -> Scatter
 
 
 def _row_chunks(indptr, rows, max_blocks):
-    """Cut block rows ``rows = (a, b)`` into ranges of at most ``max_blocks`` blocks
-    (whole rows, at least one)."""
+    """Cut block rows ``rows = (a, b)`` into ranges of about ``max_blocks`` blocks.
+
+    Whole rows, at least one: a range may hold more than ``max_blocks`` blocks
+    (a long row, or where the balanced cuts fall), which its users must allow for.
+    """
     a, b = rows
     n = -(-int(indptr[b] - indptr[a]) // max_blocks)
     if n <= 1:
@@ -453,8 +456,7 @@ class BlockForm(ProductForm):
 
         Both directions then run on long rows: ``bsr_matvec`` takes dot
         products along a block's rows, the transposed scatter adds whole
-        rows.  A 3->64 layer's W has 64x3 blocks, 1.3x slower in ``W @ x``
-        than W.T's 3x64 blocks in ``W.T @ y``, and 3x slower in the scatter.
+        rows (measured on a 3->64 layer: docs/performance.md).
         """
         rows, cols = block_shape(geometry, transposed)
         return transposed if rows <= cols else not transposed

@@ -26,7 +26,8 @@ class FFT(Method):
     @classmethod
     def check(cls, op) -> None:
         if not is_exact(op):
-            check_circulant(op.convolution.geometry, "method='fft'")
+            check_circulant(op.convolution.geometry, "the exact solves of method='fft'",
+                            "use method='cg' (or 'auto', which picks it here)")
 
     @classmethod
     def solve(cls, problem: Problem):

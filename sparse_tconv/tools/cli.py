@@ -22,7 +22,7 @@ from .. import conv_matrix, conv_matrix_nnz, conv_transpose_matrix, conv_transpo
 from .._geometry import ConvGeometry, validate
 from .._io import write_npz
 from .._parallel import resolve_threads
-from .._validation import PADDING_MODES, as_weight
+from .._validation import INT64_MAX, PADDING_MODES, as_weight
 from . import compare, perf
 from .configs import Config, select
 from .outputs import output_path_problem
@@ -270,7 +270,9 @@ def _matrix(args) -> int:
     size = size_of(config.weight_shape, config.input_shape, dtype=dtype, **config.kwargs)
     print(f"predicted: shape {size.shape}, nnz {size.nnz:,}, {size.nbytes:,} bytes "
           f"({size.dtype} values, {size.index_dtype} indices)")
-    if args.max_bytes is not None and size.nbytes > args.max_bytes:  # before the weight is drawn
+    # Over the budget: refused before the weight is drawn (a size no machine can hold is
+    # the builder's ValueError below, which names input_shape).
+    if args.max_bytes is not None and args.max_bytes < size.nbytes <= INT64_MAX:
         raise MemoryError(f"the matrix would need {size.nbytes} bytes (nnz={size.nnz}), more "
                           f"than max_bytes={args.max_bytes} (--max-bytes)")
     if weight is None:
