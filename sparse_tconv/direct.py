@@ -26,7 +26,9 @@ builders do.
 
 from __future__ import annotations
 
+import contextlib
 import math
+from collections.abc import Iterator
 from typing import Any, Literal, cast
 
 import numpy as np
@@ -355,6 +357,16 @@ _TRANSPOSE = {"naive": _conv_transpose_naive, "fast": _conv_transpose_fast,
 # ---------------------------------------------------------------------------
 
 
+@contextlib.contextmanager
+def _allocation_context(method: str, name: str, shape) -> Iterator[None]:
+    """Say which kernel and input were too large when numpy cannot allocate."""
+    try:
+        yield
+    except MemoryError as exc:
+        raise MemoryError(f"the {method!r} kernel on {name}.shape={tuple(shape)} needs arrays "
+                          f"this machine could not allocate ({exc})") from None
+
+
 def conv(
     x,
     weight,
@@ -446,6 +458,7 @@ def conv(
     (2, 1, 4, 4)
     """
     method = check_choice(method, METHODS, "method")
+    given = np.shape(x)
     x, w, geom, batched = _prepare(
         x, weight, "x", False,
         dict(stride=stride, padding=padding, dilation=dilation, groups=groups,
@@ -454,7 +467,8 @@ def conv(
     if x.shape[0] == 0:
         out = np.zeros((0, *geom.output_shape), dtype=x.dtype)
     else:
-        out = _FORWARD[method](x, w, geom)
+        with _allocation_context(method, "x", given):
+            out = _FORWARD[method](x, w, geom)
     return out if batched else out[0]
 
 
@@ -549,6 +563,7 @@ def conv_transpose(
             [ 4., 12.,  9.]]])
     """
     method = check_choice(method, METHODS, "method")
+    given = np.shape(y)
     y, w, geom, batched = _prepare(
         y, weight, "y", True,
         dict(stride=stride, padding=padding, output_padding=output_padding,
@@ -557,5 +572,6 @@ def conv_transpose(
     if y.shape[0] == 0:
         out = np.zeros((0, *geom.input_shape), dtype=y.dtype)
     else:
-        out = _TRANSPOSE[method](y, w, geom)
+        with _allocation_context(method, "y", given):
+            out = _TRANSPOSE[method](y, w, geom)
     return out if batched else out[0]

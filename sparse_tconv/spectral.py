@@ -33,6 +33,7 @@ from ._geometry import conv_geometry
 from ._operator import CONV_OPERATORS
 from ._random import gaussian, generator, work_dtype
 from ._validation import (
+    INT64_MAX,
     as_weight,
     check_choice,
     check_non_negative_int,
@@ -274,9 +275,20 @@ def conv_singular_values(
         padding_mode=padding_mode,
     )
     check_circulant(geom)
+    _check_blocks_size(geom)
     blocks = circular_blocks(geom, w)
     values = np.linalg.svd(blocks, compute_uv=False).ravel()
     return np.ascontiguousarray(np.sort(values)[::-1])
+
+
+def _check_blocks_size(geom) -> None:
+    """Refuse, naming input_shape, DFT blocks no array could hold (complex128 entries)."""
+    entries = math.prod(geom.input_size) * geom.out_channels * (geom.in_channels // geom.groups)
+    if entries * 16 > INT64_MAX:
+        raise ValueError(
+            f"input_shape={geom.input_shape} gives {entries:.3g} DFT block entries "
+            f"({entries * 16:.3g} bytes of complex128), more than any array can hold "
+            "(2**63 bytes)")
 
 
 # ---------------------------------------------------------------------------

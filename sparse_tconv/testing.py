@@ -20,7 +20,7 @@ from scipy.sparse.linalg import LinearOperator, aslinearoperator
 
 from ._geometry import validate
 from ._random import gaussian, generator, work_dtype
-from ._validation import is_sparse
+from ._validation import check_bool, check_positive_int, is_sparse
 
 __all__ = ["dottest", "assert_conv_matches_reference"]
 
@@ -295,6 +295,8 @@ def assert_conv_matches_reference(
     from . import direct
     from ._build import conv_matrix, conv_transpose_matrix
 
+    transpose = check_bool(transpose, "transpose")
+    batch = check_positive_int(batch, "batch")
     builder = conv_transpose_matrix if transpose else conv_matrix
     W = builder(weight, input_shape, **geometry)
     w, geom = validate(weight, input_shape, transposed=transpose, **geometry)

@@ -258,3 +258,24 @@ def test_operands_and_weights_of_the_wrong_kind_say_what_to_pass():
     with pytest.raises(TypeError, match=r"weight must be a numeric array, got "
                                         r"weight.dtype=timedelta64\[s\]"):
         sparse_tconv.conv_matrix(np.ones((3, 3)).astype("m8[s]"), (6, 6))
+
+
+def test_more_edges_name_their_argument(monkeypatch):
+    from sparse_tconv import direct, spectral, testing
+
+    with pytest.raises(ValueError, match=r"input_shape=\(3, 1099511627776, 1099511627776\) "
+                                         r"gives .* DFT block entries"):
+        spectral.conv_singular_values(np.ones((3, 3, 3, 3)), (3, 2**40, 2**40), padding=1,
+                                      padding_mode="circular")
+    with pytest.raises(ValueError, match=r"batch must be a positive integer, got batch=0"):
+        testing.assert_conv_matches_reference(np.ones((2, 3, 3, 3)), (3, 6, 6), batch=0)
+    with pytest.raises(TypeError, match=r"transpose must be a bool, got transpose='yes'"):
+        testing.assert_conv_matches_reference(np.ones((2, 3, 3, 3)), (3, 6, 6), transpose="yes")
+
+    def refuse(*args):  # numpy's own MemoryError, simulated (a real one depends on the machine)
+        raise MemoryError("Unable to allocate 96.0 GiB")
+
+    monkeypatch.setitem(direct._FORWARD, "fast", refuse)
+    with pytest.raises(MemoryError, match=r"the 'fast' kernel on x.shape=\(3, 8, 8\) needs "
+                                          r"arrays this machine could not allocate"):
+        direct.conv(np.ones((3, 8, 8)), np.ones((2, 3, 3, 3)))
