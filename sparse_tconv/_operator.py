@@ -472,7 +472,7 @@ class _ConvOperatorBase(LinearOperator):
         ok = len(shape) == 2 and shape[0] == n if block else shape in ((n,), (n, 1))
         if not ok:
             if block and shape == (n,):
-                name, product = ("y", "rmatmat") if adjoint else ("X", "matmat")
+                name, product = ("y", "rmatmat") if adjoint else ("x", "matmat")
                 raise ValueError(f"{name} has shape {shape}: {product} takes a 2-D array of "
                                  f"shape ({n}, K); use {product[:-3]}vec for a vector")
             self._raise_shape_error(shape, adjoint=adjoint)

@@ -245,7 +245,7 @@ def test_operands_and_weights_of_the_wrong_kind_say_what_to_pass():
 
     op = ConvOperator(W2D, X2D, padding=1)
     n = op.shape[1]
-    with pytest.raises(ValueError, match=rf"X has shape \({n},\): matmat takes a 2-D array of "
+    with pytest.raises(ValueError, match=rf"x has shape \({n},\): matmat takes a 2-D array of "
                                          rf"shape \({n}, K\); use matvec for a vector"):
         op.matmat(np.ones(n))
     with pytest.raises(TypeError, match=r"x must be a dense array, got a scipy sparse "

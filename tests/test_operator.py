@@ -364,7 +364,8 @@ def test_wrong_lengths_name_the_expected_length_and_sample_shape(complex_weight)
         op @ image[None]  # a sample, not a vector: scipy's 'expected 1-d or 2-d' otherwise
     with pytest.raises(ValueError, match=r"x has shape \(1023,\); " + fwd):
         op.matvec(np.ones(1023))
-    with pytest.raises(ValueError, match=r"x has shape \(1024,\); " + fwd):
+    with pytest.raises(ValueError, match=r"x has shape \(1024,\): matmat takes a 2-D array "
+                                         r"of shape \(1024, K\); use matvec for a vector"):
         op.matmat(np.ones(1024))  # matmat wants 2-D
     for call in (lambda: op.rmatvec(np.ones(1024)), lambda: op.rmatmat(np.ones((1024, 2)))):
         with pytest.raises(ValueError, match=r"y has shape \(1024(, 2)?,?\); " + adj):
