@@ -20,7 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ._geometry import ConvGeometry, transpose_output_padding
+from ._geometry import ConvGeometry, given_shapes, transpose_output_padding
 from ._operator import ConvOperator, ConvTransposeOperator, _ConvOperatorBase
 from ._parallel import resolve_threads
 from ._validation import check_positive_int
@@ -38,13 +38,14 @@ _CLASSES = {cls.__name__: cls for cls in (ConvOperator, ConvTransposeOperator)}
 
 def operator_record(geom: ConvGeometry, weight: np.ndarray, *, transposed: bool) -> dict:
     """The JSON-able arguments of the operator of ``geom`` (transposed or not)."""
+    given, result = given_shapes(geom, transposed)
     record = dict(
         format=_FORMAT,
         version=_VERSION,
         written_by=f"sparse_tconv {__version__}",
         operator=(ConvTransposeOperator if transposed else ConvOperator).__name__,
-        input_shape=list(geom.output_shape if transposed else geom.input_shape),
-        output_shape=list(geom.input_shape if transposed else geom.output_shape),
+        input_shape=list(given),
+        output_shape=list(result),
         weight_shape=list(weight.shape),
         dtype=str(weight.dtype),
         stride=list(geom.stride),

@@ -403,14 +403,12 @@ class _ConvOperatorBase(LinearOperator):
     @property
     def input_shape(self) -> tuple[int, ...]:
         """Shape of one input sample of ``matvec``."""
-        geom = self._geometry
-        return geom.output_shape if self._transposed else geom.input_shape
+        return given_shapes(self._geometry, self._transposed)[0]
 
     @property
     def output_shape(self) -> tuple[int, ...]:
         """Shape of one output sample of ``matvec``."""
-        geom = self._geometry
-        return geom.input_shape if self._transposed else geom.output_shape
+        return given_shapes(self._geometry, self._transposed)[1]
 
     @property
     def stride(self) -> tuple[int, ...]:

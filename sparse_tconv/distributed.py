@@ -30,7 +30,7 @@ import numpy as np
 from scipy.sparse.linalg import LinearOperator
 
 from ._build_rows import balanced_row_ranges, build_rows, row_offsets
-from ._geometry import Convolution, index_dtype, matrix_size, validate
+from ._geometry import Convolution, given_shapes, index_dtype, matrix_size, validate
 from ._parallel import run_parallel
 from ._validation import INT32_MAX, cast_if_safe, check_choice, check_positive_int
 
@@ -773,13 +773,11 @@ class DistributedConvOperator(LinearOperator):
 
     @property
     def input_shape(self) -> tuple[int, ...]:
-        geom = self._geometry
-        return geom.output_shape if self._transposed else geom.input_shape
+        return given_shapes(self._geometry, self._transposed)[0]
 
     @property
     def output_shape(self) -> tuple[int, ...]:
-        geom = self._geometry
-        return geom.input_shape if self._transposed else geom.output_shape
+        return given_shapes(self._geometry, self._transposed)[1]
 
     def _own(self):
         if not self._blocks:
