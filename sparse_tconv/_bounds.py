@@ -49,8 +49,10 @@ __all__ = [
 
 _U64 = 2.0**-53  # unit roundoff of float64
 # Lanczos steps per cycle before restarting from the best Ritz vector (memory:
-# this many vectors of the operator's input size).
+# this many vectors of the operator's input size), fewer where they would take
+# more than _LANCZOS_BYTES (a 64-channel input of 512x512 is 134 MB a vector).
 _LANCZOS_STEPS = 20
+_LANCZOS_BYTES = 1 << 29
 # Extra circulant grids tried (one stride apart) when the first leaves the gap open.
 EXTRA_GRIDS = 6
 # Explicit matrices up to this many entries (rows x columns) get a dense SVD:
@@ -260,23 +262,97 @@ class _Upper:
     """The structural upper bound so far, and the vector it suggests for the lower bound."""
 
     value: float
-    top: tuple[ConvGeometry, np.ndarray, int, int]  # circulant, its blocks, group, frequency
+    top: tuple[ConvGeometry, np.ndarray, int, int]  # circulant, its top block, group, frequency
     margin: float  # absolute, added to every bound (rounding)
+
+
+# The circulant's blocks are formed at once (one FFT) up to this many bytes,
+# else a chunk of frequencies at a time by a direct DFT over the taps (the
+# blocks of a 64->64 layer on a 514^2 grid would take 17 GB).
+_BLOCKS_BYTES = 1 << 28
+_BLOCKS_CHUNK_BYTES = 1 << 25
 
 
 def _blocks_bound(geom: ConvGeometry, weight: np.ndarray, circulant: ConvGeometry,
                   abs_bound: float) -> tuple[float, np.ndarray, int, int, float]:
-    """``(max block norm, blocks, group, frequency, rounding margin)`` of one circulant."""
-    blocks = circular_blocks(circulant, weight)
-    value, group, freq = _largest_block(blocks, circulant.output_size,
-                                        real=not np.iscomplexobj(weight))
-    # FFT: each coefficient is a sum of taps, off by (a few log2 n) u times
-    # the sum of their magnitudes; SVD: backward stable, a few (block size)
-    # u times the block's norm.  Both below (those factors) x u x |||W|||.
-    n_freq = blocks.shape[1]
-    size = sum(blocks.shape[-2:])
-    margin = (10.0 * math.log2(n_freq + 1) + 10.0 * size + 10.0) * _U64 * abs_bound
-    return value, blocks, group, freq, margin
+    """``(max block norm, top block, group, frequency, rounding margin)`` of one circulant."""
+    real = not np.iscomplexobj(weight)
+    g, M = circulant.groups, circulant.output_size
+    opg = circulant.out_channels // g
+    width = circulant.in_channels // g * math.prod(circulant.stride)
+    n_freq = math.prod(M)
+    if g * n_freq * opg * width * 16 <= _BLOCKS_BYTES:
+        blocks = circular_blocks(circulant, weight)
+        value, group, freq = _largest_block(blocks, M, real=real)
+        top = blocks[group, freq]
+        terms = 10.0 * math.log2(n_freq + 1)
+    else:
+        value, top, group, freq = _largest_block_by_chunks(circulant, weight, real)
+        terms = 4.0 * math.prod(geom.kernel_size) + 10.0
+    # FFT (or the direct sum over the taps): each coefficient is a sum of taps,
+    # off by (a few log2 n, or a few taps) u times the sum of their magnitudes;
+    # SVD: backward stable, a few (block size) u times the block's norm.  Both
+    # below (those factors) x u x |||W|||.
+    size = opg + width
+    margin = (terms + 10.0 * size + 10.0) * _U64 * abs_bound
+    return value, top, group, freq, margin
+
+
+def _largest_block_by_chunks(circulant: ConvGeometry, weight: np.ndarray,
+                             real: bool) -> tuple[float, np.ndarray, int, int]:
+    """:func:`_largest_block` of :func:`circular_blocks`, a chunk of frequencies at a time.
+
+    Block ``B(f) = sum_t w_t exp(-2 pi i f . m_t / M)`` over the taps ``t``
+    (phase ``r_t`` and shift ``m_t`` on the polyphase grid, as
+    ``circular_blocks`` places them), the angle reduced exactly in integers
+    (``f . m_t mod M``).  Memory: the chunk's blocks, about
+    ``_BLOCKS_CHUNK_BYTES``.
+    """
+    n = circulant.ndim
+    g = circulant.groups
+    c_out, cpg = circulant.out_channels, circulant.in_channels // g
+    opg = c_out // g
+    S, M = circulant.stride, circulant.output_size
+    n_phase = math.prod(S)
+    taps = math.prod(circulant.kernel_size)
+    phase = np.zeros(taps, dtype=np.int64)
+    shifts = np.zeros((taps, n), dtype=np.int64)
+    for a, (k, s, d, m) in enumerate(zip(circulant.kernel_size, S, circulant.dilation, M)):
+        offset = np.arange(k) * d  # no padding offset: see _circulant
+        along = np.broadcast_to(
+            offset.reshape([-1 if b == a else 1 for b in range(n)]),
+            circulant.kernel_size).ravel()
+        phase = phase * s + along % s
+        shifts[:, a] = (along // s) % m
+    work = np.complex128
+    # T[o, c, r, t]: tap t's weights at its phase r
+    placed = np.zeros((c_out, cpg, n_phase, taps), dtype=work)
+    placed[:, :, phase, np.arange(taps)] = weight.reshape(c_out, cpg, taps)
+    T = placed.reshape(c_out * cpg * n_phase, taps)
+    keep = _one_of_each_pair(M) if real else np.ones(math.prod(M), dtype=bool)
+    frequencies = np.flatnonzero(keep)
+    per_freq = c_out * cpg * n_phase * 16
+    chunk = max(1, _BLOCKS_CHUNK_BYTES // per_freq)
+    best = (-1.0, None, 0, 0)
+    M_arr = np.array(M, dtype=np.int64)
+    for start in range(0, len(frequencies), chunk):
+        f_flat = frequencies[start:start + chunk]
+        f = np.stack(np.unravel_index(f_flat, M), axis=1)  # (nf, n)
+        # exp(-2 pi i sum_a f_a m_a / M_a), each term reduced mod M_a in integers
+        angle = np.zeros((len(f_flat), taps))
+        for a in range(n):
+            angle += ((f[:, a:a + 1] * shifts[:, a]) % M_arr[a]) / M_arr[a]
+        E = np.exp(-2j * np.pi * angle)  # (nf, taps)
+        blocks = (T @ E.T).reshape(g, opg, cpg * n_phase, len(f_flat))
+        blocks = np.ascontiguousarray(blocks.transpose(3, 0, 1, 2))  # (nf, g, opg, width)
+        norms = np.linalg.svd(blocks, compute_uv=False)[..., 0]  # (nf, g)
+        where = np.unravel_index(int(np.argmax(norms)), norms.shape)
+        if norms[where] > best[0]:
+            best = (float(norms[where]), blocks[where].copy(), int(where[1]),
+                    int(f_flat[where[0]]))
+    value, top, group, freq = best
+    assert top is not None
+    return value, top, group, freq
 
 
 def _merge_margin(structure: _Structure) -> float:
@@ -303,10 +379,10 @@ def upper_bound(structure: _Structure, grid_index: int = 0) -> _Upper:
     geom, weight = structure.geometry, structure.weight
     p_norm = structure.padding_norm
     circulant = _circulant(geom, _circulant_grids(geom, grid_index + 1)[grid_index])
-    value, blocks, group, freq, margin = _blocks_bound(geom, weight, circulant,
-                                                       structure.abs_bound)
+    value, top, group, freq, margin = _blocks_bound(geom, weight, circulant,
+                                                    structure.abs_bound)
     margin = margin * p_norm + _merge_margin(structure)
-    return _Upper(value * p_norm, (circulant, blocks, group, freq), margin)
+    return _Upper(value * p_norm, (circulant, top, group, freq), margin)
 
 
 def exact_circulant(structure: _Structure) -> NormBounds | None:
@@ -507,6 +583,11 @@ def psd_deficit(M: sp.csr_array) -> float | None:
 # to _BORDER_NNZ.
 _BORDER_WIDE_NNZ = 2**23
 _BORDER_NNZ = 2**25
+# It reads the whole CSR matrix of W (and of W^T): up to this many entries
+# (about 400 MB each in float64).  Past it the operator's products serve,
+# and the structural bound stands (a 64->64 3x3 layer at 512^2 has 9.7e9
+# entries, 116 GB as CSR).
+_BORDER_MATRIX_NNZ = 2**25
 
 
 def border_frame(geom: ConvGeometry, wide: bool) -> np.ndarray:
@@ -579,11 +660,14 @@ def border_upper(structure: _Structure, lower: float, widenings) -> float | None
     ``widenings`` until one holds, then twice halfway back towards the last
     that did not: the tightest that holds is returned.  None for zeros and
     circular padding, without the explicit matrix, when the frame holds
-    every element, or when even the narrow frame's rows of the Gram matrix
-    would hold more than ``2**25`` entries.
+    every element, when even the narrow frame's rows of the Gram matrix
+    would hold more than ``2**25`` entries, or when W has more than
+    ``2**25`` (the matrix it reads).
     """
     geom = structure.geometry
     if geom.padding_mode not in ("reflect", "replicate") or structure.matrix is None:
+        return None
+    if geom.nnz > _BORDER_MATRIX_NNZ:
         return None
     per_row = _gram_row_entries(geom)
     frame = border_frame(geom, wide=True)
@@ -670,9 +754,9 @@ def start_vector(structure: _Structure, upper: _Upper) -> np.ndarray:
     singular vector: on the circulant it attains ``||C_N||``; cut to the
     input it loses only what the borders lose.
     """
-    circulant, blocks, group, freq = upper.top
+    circulant, block, group, freq = upper.top
     geom = structure.geometry
-    _, _, vh = np.linalg.svd(blocks[group, freq])
+    _, _, vh = np.linalg.svd(block)
     u = vh[0].conj()  # (channels of the group x polyphase components)
     M = circulant.output_size
     f = np.unravel_index(freq, M)
@@ -717,8 +801,11 @@ def _rayleigh_lower(structure: _Structure, v: np.ndarray) -> float:
     value = float(np.linalg.norm(structure.matvec(v))) / norm_v
     geom = structure.geometry
     m = (max(geom.in_channels, geom.out_channels) // geom.groups) * math.prod(geom.kernel_size)
-    # The product's error, and the two norms' and the division's (a few ulps each).
-    return max(0.0, value * (1 - 1e-12) - 2 * m * _U64 * structure.abs_bound)
+    # The product's error, and the two norms' and the division's (a few ulps each);
+    # the products may run on the taps unmerged (the structured form), so the
+    # stored matrix's merged entries may be off by their rounding (_merge_margin).
+    return max(0.0, value * (1 - 1e-12) - 2 * m * _U64 * structure.abs_bound
+               - _merge_margin(structure))
 
 
 def lower_bound(structure: _Structure, start: np.ndarray, target: float,
@@ -737,8 +824,9 @@ def lower_bound(structure: _Structure, start: np.ndarray, target: float,
         v = np.random.default_rng(0).standard_normal(v.shape).astype(work)
     best = _rayleigh_lower(structure, v)
     spent = 0
+    most_steps = max(2, min(_LANCZOS_STEPS, _LANCZOS_BYTES // max(1, v.nbytes)))
     while spent < maxiter and best < target:
-        steps = min(_LANCZOS_STEPS, maxiter - spent)
+        steps = min(most_steps, maxiter - spent)
         v, used = _lanczos_cycle(structure, v, steps, work, target)
         spent += used
         if not np.all(np.isfinite(v)) or not np.any(v):  # A^H A v = 0: nothing to refine

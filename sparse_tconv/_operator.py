@@ -4,8 +4,8 @@ An operator holds the geometry, the (read-only) weight and four matrices,
 each built on first use and kept: the canonical CSR of its matrix and of the
 transpose (:attr:`~ConvOperator.matrix`, :attr:`~ConvOperator.transpose_matrix`),
 and the two *product forms* its products run on, one for its own matrix and
-one for the transpose (:mod:`._forms`: dense channel blocks, diagonals or the
-CSR matrix, chosen from the geometry once).  ``.T`` and ``.H`` share what can
+one for the transpose (:mod:`._forms`: the weight's taps for channel layers,
+diagonals or the CSR matrix, chosen from the geometry once).  ``.T`` and ``.H`` share what can
 be shared; :meth:`~ConvOperator.with_weight` shares the index arrays.  With
 ``keep_transpose=False`` the two product forms are one, which serves both
 directions on its own arrays.
@@ -48,7 +48,8 @@ class ProductFormInfo:
 
     def __init__(self, name: str, nbytes: int, form, transposed: bool = False):
         self.name = name
-        """``'blocks'`` (dense channel blocks, BSR), ``'diagonals'`` (DIA) or ``'csr'``."""
+        """``'structured'`` (the weight's taps, tiled GEMMs), ``'diagonals'`` (DIA) or
+        ``'csr'``."""
         self.nbytes = nbytes
         """Bytes a product reads: values and index arrays."""
         self.transposed = transposed
@@ -59,8 +60,10 @@ class ProductFormInfo:
     @property
     def matrix(self) -> sp.sparray:
         """The scipy matrix itself (read-only), rows and columns numbered as the form
-        chooses.  The diagonals' whole DIA matrix is built on first access: their
-        products read less (see Notes of :class:`ConvOperator`)."""
+        chooses; None for the structured form, which stores the weight only
+        (:attr:`ConvOperator.matrix` is the CSR).  The diagonals' whole DIA
+        matrix is built on first access: their products read less (see Notes
+        of :class:`ConvOperator`)."""
         return self._form.matrix
 
     def __repr__(self) -> str:
@@ -318,7 +321,7 @@ class _ConvOperatorBase(LinearOperator):
         """The canonical CSR matrix of this operator (read-only, not a copy).
 
         That of :func:`conv_matrix` (or :func:`conv_transpose_matrix`).  When
-        the products run on dense channel blocks or on diagonals (see Notes
+        the products run on the structured form or on diagonals (see Notes
         of :class:`ConvOperator`) it is built on first use and kept.
         """
         return self._matrix_slot.get()
@@ -336,9 +339,9 @@ class _ConvOperatorBase(LinearOperator):
     def product_form(self) -> ProductFormInfo:
         """What ``matvec`` multiplies: the form's name, its bytes and its scipy matrix.
 
-        ``name`` is ``'blocks'`` (dense channel blocks, a BSR matrix numbered
-        position-major), ``'diagonals'`` (a DIA matrix) or ``'csr'`` (the
-        canonical :attr:`matrix`); see Notes of :class:`ConvOperator`.
+        ``name`` is ``'structured'`` (the weight's taps, multiplied as tiled
+        GEMMs), ``'diagonals'`` (a DIA matrix) or ``'csr'`` (the canonical
+        :attr:`matrix`); see Notes of :class:`ConvOperator`.
         ``nbytes`` is what a product reads, the figure that bounds its speed.
         """
         form = self._forward_slot.get()
@@ -779,7 +782,7 @@ class ConvOperator(_ConvOperatorBase):
     ----------
     matrix : scipy.sparse.csr_array
         W, as :func:`conv_matrix` builds it (built on first use when the
-        products run on dense channel blocks, see Notes).
+        products run on the structured form or diagonals, see Notes).
     transpose_matrix : scipy.sparse.csr_array
         W.T, built directly on first use (same bytes as ``matrix``).
     input_shape, output_shape : tuple of int
@@ -789,7 +792,7 @@ class ConvOperator(_ConvOperatorBase):
     dtype : numpy.dtype
         That of ``matrix``.
     product_form : ProductFormInfo
-        What ``matvec`` multiplies: ``'blocks'``, ``'diagonals'`` or
+        What ``matvec`` multiplies: ``'structured'``, ``'diagonals'`` or
         ``'csr'``, its bytes and the scipy matrix (see Notes).
     nbytes : int
         Bytes of every matrix the operator holds now.
@@ -819,20 +822,27 @@ class ConvOperator(_ConvOperatorBase):
     run on ``threads`` threads and their results do not depend on the number
     of threads.
 
-    *Dense channel blocks.*  With zeros padding and more than one channel per
-    group on some side, the entries linking one output position to one input
-    position form a dense ``(C_out/groups) x (C_in/groups)`` block per group
-    (one kernel tap's weights).  The operator then stores W as a BSR matrix of
-    these blocks, rows and columns numbered (position, channel), built at
-    construction (8 bytes per float64 entry plus one index per block, against
-    12 for the CSR matrix) and multiplies through it; the transposed products
-    use the BSR matrix of W.T, built on first use (as many bytes again).
-    ``matrix`` and ``transpose_matrix`` are built only when asked for.  A
-    ``matvec`` is scipy's serial BSR kernel over block-row ranges (bit for bit
-    scipy's ``blocks @ x`` on the reordered vector), a ``matmat`` a sum of
-    dense products per block row (numpy ``matmul``: BLAS); both equal
-    ``matrix @ x`` to rounding, and a batch equals its columns multiplied one
-    by one to rounding.
+    *Structured (channel layers).*  With more than one channel per group on
+    some side (any padding mode, stride, dilation, N), the operator stores
+    the weight alone, as one ``(C_out/groups) x (C_in/groups * taps)`` block
+    per group (and, for stride 1, the flipped weight of the transposed
+    product): hundreds of kB where the CSR matrix takes gigabytes, built in
+    well under a millisecond.  ``W @ x`` pads ``x`` by the padding mode once,
+    then, tile by tile of output rows (about 1 MB of windows), gathers every
+    tap's window into one matrix and multiplies it by the weight in one GEMM
+    (numpy ``matmul``, BLAS, on one BLAS thread per library thread).  ``W.T @
+    y`` is, for stride 1, the same computation with the flipped weight over
+    the padded frame, folded back onto the input (reflect, replicate and
+    circular padding add each padded element onto the one it copies); for
+    other strides one GEMM per tile gives every tap's windows, added into the
+    frame tap by tap, tiles that write disjoint rows at once.  A batch of
+    columns runs as one wider GEMM per tile.  The tiles depend on the
+    geometry alone, so the results do not depend on the number of threads;
+    they equal ``matrix @ x`` to rounding (the CSR matrix adds up the taps
+    that padding folds onto one input element first).  ``matrix`` and
+    ``transpose_matrix`` are built only when read.  (The explicit zeros of
+    zero padding are multiplied: an infinite weight gives NaN where the CSR
+    product, which stores no such entry, does not.)
 
     *Diagonals.*  With one channel, stride 1, zeros padding and an output as
     large as the input (``'same'``-like padding, every dilated kernel shorter
@@ -865,30 +875,25 @@ class ConvOperator(_ConvOperatorBase):
 
     A product whose input needs a wider dtype than the matrix (a float64
     vector with a float32 matrix, a complex vector with a real matrix) uses
-    scipy's serial product.
+    scipy's serial product, or the structured form in the wider dtype.
 
     *One form for both directions* (``keep_transpose=False``).  The
     operator stores one product form, of W or of W.T, and ``.T`` shares it;
     the products of the other direction run on the same arrays, so after
     ``matvec`` and ``rmatvec`` it holds one form instead of two (0.5x the
-    bytes; ``nbytes`` tells).  Dense channel blocks store whichever of W and
-    W.T has blocks at least as wide as tall (a 3->64 layer stores W.T: both
-    directions then run on long block rows; ``product_form.transposed``
-    says when ``matvec`` multiplies by ``product_form.matrix.T``).  The
-    transposed product of blocks adds each block's ``B.T @ y[p]`` into its
-    column's output, reading the blocks in their stored order (scipy's
-    serial CSC kernel, a block's rows as its vectors; numpy ``matmul`` and
-    the same kernel for a block of columns); the CSR matrix is multiplied
-    the same way, entry by entry.  Parts of rows that write disjoint outputs
-    run at once, in phases, from a partition fixed by the matrix: results do
-    not depend on the number of threads, and equal the default's to
-    rounding (bit for bit with diagonals, whose one form holds the banded
-    diagonals of both W and W.T: a few MB, and the transposed product sums
-    in the order of scipy's DIA kernel on W.T's diagonals, as the default).
-    Diagonals run a block of columns column by column on the diagonals (no
-    CSR matrix is built for it); a vector with a NaN or infinity still goes
-    to ``matrix``, built on first use.  Measured on the 64->64 3x3 layer at 56x56 (2
-    threads), ``rmatvec`` takes 1.0-1.2x the time of ``matvec``.
+    bytes; ``nbytes`` tells).  The structured form is the same either way
+    (its one form serves both directions, as the default's two do).  The
+    transposed product of the CSR matrix adds each entry's product into its
+    column's output, reading the matrix in its stored order (scipy's serial
+    CSC kernel).  Parts of rows that write disjoint outputs run at once, in
+    phases, from a partition fixed by the matrix: results do not depend on
+    the number of threads, and equal the default's to rounding (bit for bit
+    with diagonals, whose one form holds the banded diagonals of both W and
+    W.T: a few MB, and the transposed product sums in the order of scipy's
+    DIA kernel on W.T's diagonals, as the default).  Diagonals run a block
+    of columns column by column on the diagonals (no CSR matrix is built for
+    it); a vector with a NaN or infinity still goes to ``matrix``, built on
+    first use.
 
     *Sharing.*  Every array the operator builds (``matrix``,
     ``transpose_matrix`` and the product forms) is read-only: it is shared
@@ -970,7 +975,7 @@ class ConvTransposeOperator(_ConvOperatorBase):
     ----------
     matrix : scipy.sparse.csr_array
         The matrix of :func:`conv_transpose_matrix` (built on first use when
-        the products run on dense channel blocks, see
+        the products run on the structured form or diagonals, see
         :class:`ConvOperator`).
     transpose_matrix : scipy.sparse.csr_array
         The forward convolution's matrix, built on first use.

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import importlib
 
-__all__ = ["csr_matvec", "csr_matvecs", "csc_matvec", "csc_matvecs", "bsr_matvec", "dia_matvec",
+__all__ = ["csr_matvec", "csr_matvecs", "csc_matvec", "csc_matvecs", "dia_matvec",
            "csr_matmat_maxnnz"]
 
 
@@ -32,7 +32,6 @@ csr_matvecs = _kernel("csr_matvecs")
 # transposed products of a stored matrix on its own arrays (keep_transpose=False).
 csc_matvec = _kernel("csc_matvec")
 csc_matvecs = _kernel("csc_matvecs")
-bsr_matvec = _kernel("bsr_matvec")
 dia_matvec = _kernel("dia_matvec")
 # The symbolic pass of a sparse product: its exact nnz in O(rows) memory.
 csr_matmat_maxnnz = _kernel("csr_matmat_maxnnz")

@@ -15,6 +15,7 @@ any dimension, channels, groups, stride and dtype.
 
 from __future__ import annotations
 
+import math
 from typing import NamedTuple
 
 import numpy as np
@@ -381,8 +382,23 @@ def _double(op):
     return op.with_weight(op.weight, dtype=wide)
 
 
+# tikhonov's M='auto' runs plain CG where the preconditioner's channel blocks
+# (one C x C complex block per position and group) would take more than this:
+# a 64->64 layer at 512^2 would need 17 GB of them.
+_PRECONDITIONER_BYTES = 1 << 29
+
+
+def _blocks_nbytes(op) -> int:
+    """The bytes of a spectral preconditioner's blocks for ``op``: complex ``m x m`` per
+    position of the input and group, ``m`` the input channels per group."""
+    groups = op.convolution.geometry.groups
+    m = op.input_shape[0] // groups
+    return groups * math.prod(op.input_shape[1:]) * m * m * 16
+
+
 def _tikhonov_kind(op) -> str:
-    """tikhonov's ``M='auto'``: :func:`preconditioner`'s choice, but plain CG on a wide W.
+    """tikhonov's ``M='auto'``: :func:`preconditioner`'s choice, but plain CG on a wide W,
+    or where the preconditioner's blocks would take more than 512 MB.
 
     A wide W (more unknowns than equations: a strided convolution) gives the
     damped normal matrix ``n - rank(W)`` eigenvalues at ``damp**2``, one
@@ -391,6 +407,8 @@ def _tikhonov_kind(op) -> str:
     """
     # Measured on a 4-channel stride-2 layer (a problem solve_bench does not hold):
     # 27 iterations plain, 250-1900 with the circulant or block-Jacobi.
+    if _blocks_nbytes(op) > _PRECONDITIONER_BYTES:
+        return "none"
     chosen = auto(op)
     return chosen.name if chosen.exact(op) or op.shape[0] >= op.shape[1] else "none"
 
@@ -463,7 +481,9 @@ def tikhonov(op, y, damp, *, rtol=1e-6, maxiter=None, x0=None, callback=None, M=
         ``'none'`` or ``None`` for plain CG, or a LinearOperator of shape
         ``(n, n)``.  Default ``'auto'``: :func:`preconditioner`'s
         ``kind='auto'``, except plain CG on a wide W (more unknowns than
-        equations) that no exact construction covers (see Notes).
+        equations) that no exact construction covers (see Notes), and where
+        the preconditioner's channel blocks would take more than 512 MB
+        (``C x C`` complex per position: a 64-channel input of 512x512).
     method : {'auto', 'fft', 'cg'}, optional
         ``'auto'`` (default): ``'fft'`` where W is circulant, else ``'cg'``.
         The exact solve ignores ``M`` (should rounding leave its residual

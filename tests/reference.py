@@ -194,23 +194,3 @@ def transposed_product(W, y: np.ndarray, channels: int) -> np.ndarray:
 def from_position_major(v: np.ndarray, channels: int) -> np.ndarray:
     """Inverse of :func:`to_position_major`."""
     return v.reshape((-1, channels) + v.shape[1:]).swapaxes(0, 1).reshape(v.shape)
-
-
-def block_form(matrix, row_channels: int, col_channels: int, groups: int) -> sp.bsr_array:
-    """``matrix`` with rows and columns position-major, as scipy's BSR.
-
-    Blocks of ``(row_channels / groups) x (col_channels / groups)``.  Built
-    with scipy only (renumber, sort, ``tobsr``), as an oracle for the
-    operators' products on dense channel blocks.
-    """
-    columns_moved = position_major(matrix, col_channels)
-    rows = np.arange(matrix.shape[0]).reshape(row_channels, -1).T.ravel()
-    both = sp.csr_array(columns_moved[rows])
-    return both.tobsr(blocksize=(row_channels // groups, col_channels // groups))
-
-
-def block_product(matrix, v: np.ndarray, row_channels: int, col_channels: int,
-                  groups: int = 1) -> np.ndarray:
-    """``matrix @ v`` summed in the operators' order: scipy's serial BSR product."""
-    blocks = block_form(matrix, row_channels, col_channels, groups)
-    return from_position_major(blocks @ to_position_major(v, col_channels), row_channels)

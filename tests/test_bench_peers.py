@@ -220,7 +220,7 @@ def test_labels_are_human_and_tables_show_no_internal_keys(monkeypatch):
     _fast_timing(monkeypatch, _Recorder(), [])
     peers, notes = compare.available_peers()
     r = compare.compare_config(_SMALL_2D, threads=2, bandwidth=1e10, repeat=1, peers=peers)
-    assert compare.label("csr_transpose") == "operator W.T @ y"
+    assert compare.label("csr_transpose") == "sparse matrix W.T @ y"
     assert compare.label("torch_f32_2t") == "torch conv f32, 2 threads"
     assert compare.label("csr_torch", 2).endswith("2 threads")
     machine = dict(date="d", threads=2, bandwidth_all=1e10, bandwidth_1=1e10)
@@ -245,7 +245,7 @@ def test_plot_has_human_legends_and_hatched_skipped_bars(tmp_path, monkeypatch):
     (fig,) = figures
     legends = [t.get_text() for ax in fig.axes if ax.get_legend()
                for t in ax.get_legend().get_texts()]
-    assert "operator W.T @ y (over its W @ x)" in legends
+    assert "sparse matrix W.T @ y (over its W @ x)" in legends
     assert "scipy CSR W @ x, 1 thread" in legends
     keys = {k for r in results for k in [*r["times"], *r["skipped"]] if "_" in k}
     assert not any(re.search(rf"(?<![\w.]){k}(?!\w)", t) for k in keys for t in legends)

@@ -49,7 +49,7 @@ import numpy as np
 import pytest
 
 from sparse_tconv import ConvOperator, ConvTransposeOperator, _parallel
-from sparse_tconv._forms import FORMS, blocks, diagonals, form_for
+from sparse_tconv._forms import FORMS, diagonals, form_for, structured
 from sparse_tconv._geometry import conv_geometry
 from sparse_tconv._operator import _first_stored
 from sparse_tconv.testing import dottest
@@ -59,10 +59,14 @@ from strategies import MODES
 
 # form name -> small ConvOperator geometries (weight shape, input shape, keywords) it gets
 GEOMETRIES = {
-    "blocks": [
+    "structured": [
         ((4, 3, 3, 3), (3, 7, 6), dict(padding=1, stride=(2, 1))),
         ((6, 2, 3, 3), (4, 7, 6), dict(padding=2, groups=2, dilation=2)),
-        ((6, 2, 3), (2, 11), dict(padding=1)),  # 6x2 blocks: the lean form stores W.T
+        ((6, 2, 3), (2, 11), dict(padding=1)),  # 2 -> 6 channels, 1-D
+        ((5, 3, 3, 3), (3, 6, 7), dict(padding=1, padding_mode="reflect")),
+        ((4, 2, 3, 3), (4, 7, 6), dict(padding=2, groups=2, padding_mode="circular")),
+        ((4, 2, 3, 2, 2), (4, 5, 6, 4), dict(padding=1, groups=2, padding_mode="replicate",
+                                             stride=2)),  # 3-D
     ],
     "diagonals": [
         ((1, 1, 3, 3), (1, 7, 6), dict(padding=1)),
@@ -71,18 +75,18 @@ GEOMETRIES = {
                                              dilation=(2, 1, 1))),
     ],
     "csr": [
-        ((5, 3, 3, 3), (3, 6, 7), dict(padding=1, padding_mode="reflect")),
-        ((4, 2, 3, 3), (4, 7, 6), dict(padding=2, groups=2, padding_mode="circular")),
         ((6, 1, 3), (6, 11), dict(groups=6)),  # depthwise: one-entry blocks
         ((1, 1, 3, 3), (1, 8, 7), dict(padding=1, stride=2)),
+        ((1, 1, 3, 3), (1, 8, 7), dict(padding=1, padding_mode="reflect")),
     ],
 }
 
 # form name -> (module, constant, value): what makes small matrices take the large ones' paths
 SMALL_SCALE = {
     "diagonals": [(diagonals, "_CHUNK_BYTES", 1), (diagonals, "_MIN_CHUNK_ROWS", 1)],
-    # chunks of one block: every chunk of whole block rows holds more blocks than that
-    "blocks": [(blocks, "_BATCH_CHUNK_BYTES", 1), (blocks, "_SCATTER_CHUNK", 1)],
+    # tiles of one output row (or one sample), and two threads even for tiny products
+    "structured": [(structured, "_TILE_BYTES", 1), (structured, "_SCATTER_TILE_BYTES", 1),
+                   (structured, "_MIN_PARALLEL_MACS", 0)],
 }
 
 DTYPES = [np.float32, np.float64, np.complex128]
@@ -360,7 +364,8 @@ def test_name_and_predicted_bytes(form, spec, direction, keep_transpose, dtype):
         stored = view._forward_slot.get()
         assert type(stored) is cls and info.name == form
         assert info.transposed == (stored.transposed != view._transposed)
-        assert info.matrix.shape == (view.shape[::-1] if info.transposed else view.shape)
+        if info.matrix is not None:  # None: the form stores no scipy matrix (its weight)
+            assert info.matrix.shape == (view.shape[::-1] if info.transposed else view.shape)
         predicted = cls.predict_nbytes(view._geometry, view.dtype, transposed=stored.transposed)
         assert info.nbytes == stored.nbytes == predicted
         if keep_transpose:  # the second form: of the transpose, for rmatvec
@@ -458,11 +463,12 @@ assert error < 1e-12, f"relative error {error:.3g}"
 """
 
 
-def test_blocks_transposed_product_stays_inside_its_chunk_arrays():
+def test_lean_transposed_product_at_the_library_sizes():
     # The library's own thresholds: a 96-channel 3x3 layer, keep_transpose=False, rmatmat
-    # of 3 columns in complex128 (max_blocks 26, chunks of 30 blocks of whole rows).  The
-    # scatter's index arrays were sized for max_blocks: it read past them (relative error
-    # 1e261, or a crash).  In a child process, since an overrun may crash the interpreter.
+    # of 3 columns in complex128.  Found on the former dense-block form (its scatter read
+    # past index arrays sized for max_blocks: relative error 1e261, or a crash); kept for
+    # whatever form takes this layer now.  In a child process, since an overrun may
+    # crash the interpreter.
     import subprocess
     import sys
 

@@ -11,7 +11,15 @@ from hypothesis import strategies as st
 import sparse_tconv
 from sparse_tconv import ConvOperator, ConvTransposeOperator, ProductFormInfo, from_torch
 from sparse_tconv._build import build
-from sparse_tconv._forms import FORMS, BlockForm, CsrForm, DiagonalForm, Request, Role, form_for
+from sparse_tconv._forms import (
+    FORMS,
+    CsrForm,
+    DiagonalForm,
+    Request,
+    Role,
+    StructuredForm,
+    form_for,
+)
 from sparse_tconv._geometry import Convolution, validate
 
 from reference import random_array
@@ -42,20 +50,33 @@ def test_predicted_bytes_are_the_built_forms_bytes(g, dtype, seed):
 
 
 @pytest.mark.parametrize("weight_shape, input_shape, kwargs, expected", [
-    ((4, 3, 3, 3), (3, 8, 8), dict(padding=1), BlockForm),
+    ((4, 3, 3, 3), (3, 8, 8), dict(padding=1), StructuredForm),
+    ((4, 3, 3, 3), (3, 8, 8), dict(padding=1, padding_mode="circular"), StructuredForm),
+    ((4, 3, 3, 3), (3, 8, 8), dict(padding=1, padding_mode="reflect", stride=2),
+     StructuredForm),
+    ((4, 2, 3), (4, 9), dict(padding=1, padding_mode="replicate", groups=2), StructuredForm),
     ((1, 1, 3, 3), (1, 8, 8), dict(padding=1), DiagonalForm),
     ((1, 1, 3, 3), (1, 8, 8), dict(padding=1, stride=2), CsrForm),
-    ((4, 3, 3, 3), (3, 8, 8), dict(padding=1, padding_mode="circular"), CsrForm),
+    ((1, 1, 3, 3), (1, 8, 8), dict(padding=1, padding_mode="reflect"), CsrForm),
     ((6, 1, 3), (6, 9), dict(groups=6), CsrForm),  # depthwise: one-entry blocks
 ])
 def test_each_geometry_gets_its_form(weight_shape, input_shape, kwargs, expected):
     op = ConvOperator(np.ones(weight_shape), input_shape, **kwargs)
     info = op.product_form
     assert isinstance(info, ProductFormInfo) and info.name == expected.name
-    assert info.matrix is op._forward_slot.get().matrix and not info.matrix.data.flags.writeable
-    # What a product reads, counted from the scipy matrix itself.
-    m = info.matrix
-    arrays = [m.data, m.offsets] if m.format == "dia" else [m.data, m.indices, m.indptr]
+    stored = op._forward_slot.get()
+    assert info.matrix is stored.matrix
+    if expected is StructuredForm:
+        # No scipy matrix: the weight (and a flipped copy), read-only.
+        assert info.matrix is None
+        arrays = stored._arrays()
+        assert arrays[0].size == np.prod(weight_shape)
+        assert all(a.size == np.prod(weight_shape) for a in arrays)
+    else:
+        # What a product reads, counted from the scipy matrix itself.
+        m = info.matrix
+        arrays = [m.data, m.offsets] if m.format == "dia" else [m.data, m.indices, m.indptr]
+    assert all(not a.flags.writeable for a in arrays)
     assert info.nbytes == sum(a.nbytes for a in arrays)
     x = np.random.default_rng(0).standard_normal(op.shape[1])
     np.testing.assert_allclose(op @ x, op.matrix @ x, rtol=1e-12, atol=1e-12)
@@ -84,8 +105,9 @@ def test_from_torch_passes_max_bytes():
     torch = pytest.importorskip("torch")
     layer = torch.nn.Conv2d(3, 4, 3, padding=1, dtype=torch.float64)
     op, _ = from_torch(layer, (3, 16, 16))
-    with pytest.raises(MemoryError, match="more than max_bytes=1000"):
-        from_torch(layer, (3, 16, 16), max_bytes=1000)
+    exact = op.product_form.nbytes
+    with pytest.raises(MemoryError, match=f"more than max_bytes={exact - 1}"):
+        from_torch(layer, (3, 16, 16), max_bytes=exact - 1)
     assert from_torch(layer, (3, 16, 16), max_bytes=op.product_form.nbytes)[0].shape == op.shape
 
 

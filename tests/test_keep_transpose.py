@@ -24,6 +24,7 @@ from test_operator import (  # noqa: F401  (rerun here, in the lean mode)
 )
 
 from sparse_tconv import ConvOperator, ConvTransposeOperator, _parallel
+from sparse_tconv._forms import structured
 
 from reference import random_array
 
@@ -31,22 +32,31 @@ DTYPES = [np.float32, np.float64, np.complex64, np.complex128]
 
 # (class, weight shape, input shape, keywords, form)
 CASES = [
-    (ConvOperator, (6, 4, 3, 3), (4, 9, 8), dict(padding=1, stride=(2, 1)), "blocks"),
-    (ConvOperator, (8, 2, 3, 3), (2, 9, 7), dict(padding=1), "blocks"),  # W.T stored
-    (ConvOperator, (6, 2, 3, 3), (4, 9, 8), dict(padding=1, groups=2, dilation=2), "blocks"),
-    (ConvTransposeOperator, (4, 3, 4), (4, 11), dict(stride=2, padding=1), "blocks"),
+    (ConvOperator, (6, 4, 3, 3), (4, 9, 8), dict(padding=1, stride=(2, 1)), "structured"),
+    (ConvOperator, (8, 2, 3, 3), (2, 9, 7), dict(padding=1), "structured"),  # W.T stored
+    (ConvOperator, (6, 2, 3, 3), (4, 9, 8), dict(padding=1, groups=2, dilation=2),
+     "structured"),
+    (ConvTransposeOperator, (4, 3, 4), (4, 11), dict(stride=2, padding=1), "structured"),
     (ConvOperator, (1, 1, 3, 3), (1, 9, 8), dict(padding=1), "diagonals"),
     (ConvOperator, (1, 1, 5), (1, 40), dict(padding=[(3, 1)]), "diagonals"),
-    (ConvOperator, (5, 3, 3, 3), (3, 8, 9), dict(padding=1, padding_mode="reflect"), "csr"),
+    (ConvOperator, (5, 3, 3, 3), (3, 8, 9), dict(padding=1, padding_mode="reflect"),
+     "structured"),
     (ConvOperator, (4, 2, 3, 3), (4, 10, 9), dict(padding=2, groups=2,
-                                                  padding_mode="circular"), "csr"),
+                                                  padding_mode="circular"), "structured"),
     (ConvOperator, (6, 1, 3), (6, 30), dict(groups=6), "csr"),
     (ConvTransposeOperator, (3, 5, 3, 3), (3, 8, 9), dict(padding=1,
+                                                          padding_mode="replicate"),
+     "structured"),
+    (ConvOperator, (1, 1, 3, 3), (1, 8, 9), dict(padding=1, padding_mode="reflect"), "csr"),
+    (ConvOperator, (1, 1, 3, 3), (1, 9, 8), dict(padding=1, stride=2), "csr"),
+    (ConvTransposeOperator, (4, 1, 3, 3), (4, 8, 9), dict(padding=1, groups=4,
                                                           padding_mode="replicate"), "csr"),
 ]
-IDS = ["blocks", "blocks-wide-T", "blocks-groups", "blocks-transposed", "diagonals-2d",
-       "diagonals-1d", "csr-reflect", "csr-circular-groups", "csr-depthwise",
-       "csr-transposed"]
+IDS = ["structured", "structured-wide-T", "structured-groups", "structured-transposed",
+       "diagonals-2d", "diagonals-1d", "structured-reflect", "structured-circular-groups",
+       "csr-depthwise", "structured-transposed-replicate", "csr-reflect", "csr-strided",
+       "csr-transposed-depthwise"]
+BY_ID = dict(zip(IDS, CASES))
 
 
 @pytest.fixture(autouse=True)
@@ -58,9 +68,12 @@ def lean_by_default(monkeypatch):
 
 @pytest.fixture
 def thread_small(monkeypatch):
-    """Thread even a small matrix, cut into as many parts as a large one."""
+    """Thread even a small matrix, cut into as many parts (or tiles) as a large one."""
     monkeypatch.setattr(_parallel, "MIN_PARALLEL_NNZ", 0)
     monkeypatch.setattr(_parallel, "SCATTER_PART_NNZ", 1)
+    monkeypatch.setattr(structured, "_TILE_BYTES", 1)
+    monkeypatch.setattr(structured, "_SCATTER_TILE_BYTES", 1)
+    monkeypatch.setattr(structured, "_MIN_PARALLEL_MACS", 0)
 
 
 def _pair(case, dtype, seed=0, **options):
@@ -152,6 +165,10 @@ def test_one_form_is_held_after_both_directions(case):
         # Their one form holds both matrices' banded diagonals (a few MB at any
         # size): the transposed product sums as W.T's own kernel does.
         assert lean.nbytes == default.nbytes
+    elif case[-1] == "structured":
+        # The weight (and, for W.T of stride 1, its flipped copy): the default's two
+        # forms share the weight, the lean one holds no more than they do.
+        assert lean.nbytes <= default.nbytes
     else:
         assert lean.nbytes <= 0.6 * default.nbytes
     # .T and .H (real) share the form, and build nothing more
@@ -162,20 +179,36 @@ def test_one_form_is_held_after_both_directions(case):
     assert lean.nbytes == sum(a.nbytes for a in held._arrays())
 
 
-def test_wide_blocks_are_stored_and_product_form_says_so():
-    # 2 -> 8 channels: W's blocks are 8x2, W.T's 2x8: the operator stores W.T.
-    op = ConvOperator(np.ones((8, 2, 3, 3)), (2, 9, 7), padding=1, keep_transpose=False)
+@pytest.mark.parametrize("stride", [1, 2])
+def test_the_stored_orientation_and_product_form_say_so(stride):
+    # The structured form of W.T of stride 1 holds the flipped weight too, on which
+    # W.T's products gather windows as W's do: a lean operator of stride 1 stores W.T
+    # (and both directions run as convolutions), one of stride 2 its own matrix W.
+    op = ConvOperator(np.ones((8, 2, 3, 3)), (2, 9, 7), padding=1, stride=stride,
+                      keep_transpose=False)
     info = op.product_form
-    assert info.name == "blocks" and info.transposed is True
-    assert info.matrix.shape == op.shape[::-1] and info.matrix.blocksize == (2, 8)
-    assert op.T.product_form.transposed is False and op.T.product_form.matrix is info.matrix
-    default = ConvOperator(np.ones((8, 2, 3, 3)), (2, 9, 7), padding=1, keep_transpose=True)
+    stores_transpose = stride == 1
+    assert info.name == "structured" and info.transposed is stores_transpose
+    assert info.matrix is None  # no scipy matrix: the weight's taps
+    assert op._forward_slot.get().transposed is stores_transpose
+    assert op.T.product_form.transposed is not stores_transpose
+    assert op.T._forward_slot is op._forward_slot
+    weight_bytes = op.weight.nbytes
+    assert info.nbytes == (2 if stores_transpose else 1) * weight_bytes
+    dense = op.matrix.toarray()
+    x = np.random.default_rng(0).standard_normal(op.shape[1])
+    y = np.random.default_rng(1).standard_normal(op.shape[0])
+    np.testing.assert_allclose(op.matvec(x), dense @ x, rtol=1e-12, atol=1e-12)
+    np.testing.assert_allclose(op.rmatvec(y), dense.T @ y, rtol=1e-12, atol=1e-12)
+    default = ConvOperator(np.ones((8, 2, 3, 3)), (2, 9, 7), padding=1, stride=stride,
+                           keep_transpose=True)
     assert default.product_form.transposed is False
 
 
-@pytest.mark.parametrize("case", CASES[:1] + CASES[4:5] + CASES[6:7], ids=IDS[:1] + IDS[4:5]
-                         + IDS[6:7])
-def test_pickle_deepcopy_and_with_weight_keep_the_mode(case):
+@pytest.mark.parametrize("case_id", ["structured", "structured-wide-T", "diagonals-2d",
+                                     "csr-reflect", "csr-depthwise"])
+def test_pickle_deepcopy_and_with_weight_keep_the_mode(case_id):
+    case = BY_ID[case_id]
     default, lean = _pair(case, np.float64)
     rng = np.random.default_rng(4)
     y = rng.standard_normal(lean.shape[0])
@@ -190,16 +223,21 @@ def test_pickle_deepcopy_and_with_weight_keep_the_mode(case):
     np.testing.assert_array_equal(new.rmatvec(y), fresh.rmatvec(y))
     old_form, new_form = lean._forward_slot.built, new._forward_slot.built
     assert new_form.transposed == old_form.transposed
-    if case[-1] == "blocks":
-        assert np.shares_memory(new_form.matrix.indices, old_form.matrix.indices)
-    assert not np.shares_memory(new_form.matrix.data, old_form.matrix.data)
+    if case[-1] == "structured":  # the new weight alone: nothing of the old form
+        assert not any(np.shares_memory(a, b)
+                       for a in new_form._arrays() for b in old_form._arrays())
+    else:
+        if case[-1] == "csr":  # the canonical CSR, refilled on the old pattern
+            assert np.shares_memory(new_form.matrix.indices, old_form.matrix.indices)
+        assert not np.shares_memory(new_form.matrix.data, old_form.matrix.data)
     np.testing.assert_allclose(new.rmatvec(y), default.with_weight(w2).rmatvec(y),
                                rtol=1e-12, atol=1e-12)
 
 
 @pytest.mark.parametrize("dtype", [np.complex64, np.complex128])
-def test_complex_adjoint_against_dense(dtype):
-    case = CASES[1]
+@pytest.mark.parametrize("case_id", ["structured-wide-T", "csr-depthwise"])
+def test_complex_adjoint_against_dense(dtype, case_id):
+    case = BY_ID[case_id]
     default, lean = _pair(case, dtype)
     dense = default.matrix.toarray()
     rng = np.random.default_rng(5)
@@ -215,7 +253,7 @@ def test_complex_adjoint_against_dense(dtype):
 
 def test_non_finite_vectors_reach_only_the_rows_that_read_them():
     # Diagonals hold explicit zeros: a NaN goes to the canonical CSR instead.
-    default, lean = _pair(CASES[4], np.float64)
+    default, lean = _pair(BY_ID["diagonals-2d"], np.float64)
     y = np.ones(lean.shape[0])
     y[5] = np.nan
     np.testing.assert_array_equal(np.isnan(lean.rmatvec(y)), np.isnan(default.rmatvec(y)))
@@ -223,7 +261,10 @@ def test_non_finite_vectors_reach_only_the_rows_that_read_them():
 
 
 def test_mixed_dtypes_widen_as_scipy():
-    for case in (CASES[0], CASES[4], CASES[6]):
+    # (zeros padding on the structured form: its float64 product reads the float32
+    # weight's values, as the CSR's entries, none a sum of folded taps)
+    for case in (BY_ID["structured"], BY_ID["diagonals-2d"], BY_ID["csr-reflect"],
+                 BY_ID["csr-depthwise"]):
         _, lean = _pair(case, np.float32)
         y = np.random.default_rng(6).standard_normal(lean.shape[0])  # float64
         got = lean.rmatvec(y)
@@ -246,17 +287,17 @@ def test_max_bytes_counts_the_stored_form():
         ConvOperator(weight, shape, padding=1, keep_transpose=False, max_bytes=exact - 1)
 
 
-BLOCK_CASES = [c for c in CASES if c[-1] == "blocks"]
-BLOCK_IDS = [i for i, c in zip(IDS, CASES) if c[-1] == "blocks"]
+STRUCTURED_CASES = [c for c in CASES if c[-1] == "structured"]
+STRUCTURED_IDS = [i for i, c in zip(IDS, CASES) if c[-1] == "structured"]
 
 
 @pytest.mark.parametrize("dtype", [np.float32, np.complex64])
-@pytest.mark.parametrize("case", BLOCK_CASES, ids=BLOCK_IDS)
-def test_default_single_precision_vectors_run_on_long_block_rows(case, dtype, thread_small):
-    # keep_transpose=True in single precision: a vector times a matrix whose
-    # blocks are at least as tall as wide runs on the other matrix's form (its
-    # scatter); results stay the matrix's, to rounding, whatever the thread
-    # count.
+@pytest.mark.parametrize("case", STRUCTURED_CASES, ids=STRUCTURED_IDS)
+def test_default_single_precision_vectors_run_on_their_forms(case, dtype, thread_small):
+    # keep_transpose=True in single precision, the structured form cut into tiles
+    # of one row that threads split: each vector product runs on the form that
+    # the form's policy (vectors_via_transpose) names; results stay the matrix's,
+    # to rounding, whatever the thread count.
     cls, weight_shape, input_shape, kwargs, _ = case
     weight = random_array(np.random.default_rng(4), weight_shape, dtype)
     results = []
@@ -268,8 +309,7 @@ def test_default_single_precision_vectors_run_on_long_block_rows(case, dtype, th
         dense = op.matrix.toarray().astype(np.complex128)
         np.testing.assert_allclose(results[-1][0], dense @ x, **_tol(dtype))
         np.testing.assert_allclose(results[-1][1], dense.conj().T @ y, **_tol(dtype))
-        # Blocks at least as tall as wide run on the other matrix's scatter: the
-        # forms built are those the two vector products read.
+        # the forms built are those the two vector products read
         built = {name for name, slot in (("forward", op._forward_slot),
                                          ("backward", op._backward_slot))
                  if slot.built is not None}

@@ -16,10 +16,10 @@ from sparse_tconv import (
     conv_matrix,
     conv_transpose_matrix,
 )
-from sparse_tconv._forms import blocks as _bsr
 from sparse_tconv._forms import csr as _csr
+from sparse_tconv._forms import structured as _structured
 
-from reference import block_product, random_array, reference_conv_matrix, transposed_product
+from reference import random_array, reference_conv_matrix, transposed_product
 
 DTYPES = [np.float32, np.float64, np.complex64, np.complex128]
 GEOMETRY = dict(stride=(2, 1), padding=[(1, 2), 1], dilation=(1, 2), groups=2)
@@ -97,8 +97,8 @@ def test_conv_transpose_operator_T_is_the_forward_conv():
     x = rng.standard_normal((3, 10, 10))
     y = top.conv(x)
     np.testing.assert_allclose(y, (forward @ x.ravel()).reshape(4, 5, 5), rtol=1e-13, atol=1e-13)
-    # summed in the order of the position-major transpose of top.matrix, bit for bit
-    np.testing.assert_array_equal(y.ravel(), transposed_product(top.matrix, x.ravel(), 3))
+    # .T multiplies by the plain transpose of top.matrix
+    np.testing.assert_allclose(y.ravel(), top.matrix.T @ x.ravel(), rtol=1e-13, atol=1e-13)
     assert top.output_padding == (1, 1)
 
 
@@ -107,8 +107,8 @@ def test_shaped_batches_equal_single_samples():
     batch = rng.standard_normal((5, *INPUT_SHAPE))
     out = op.conv(batch)
     assert out.shape == (5, *op.output_shape) and out.flags.c_contiguous
-    # A batch runs as one matmat (dense products per block row), a sample as
-    # one matvec (scipy's BSR kernel): equal to rounding.
+    # A batch runs as one matmat (its samples the columns of the tiles' GEMMs),
+    # a sample as one matvec: equal to rounding.
     for b in range(5):
         np.testing.assert_allclose(out[b], op.conv(batch[b]), rtol=1e-13, atol=1e-13)
     back = op.conv_transpose(out)
@@ -123,41 +123,63 @@ def thread_small(monkeypatch):
     monkeypatch.setattr(_parallel, "MIN_PARALLEL_NNZ", 0)
 
 
+@pytest.fixture
+def small_tiles(monkeypatch):
+    """Cut even a small layer into tiles of one output row, which threads split."""
+    monkeypatch.setattr(_structured, "_TILE_BYTES", 1)
+    monkeypatch.setattr(_structured, "_SCATTER_TILE_BYTES", 1)
+    monkeypatch.setattr(_structured, "_MIN_PARALLEL_MACS", 0)
+
+
 @pytest.mark.parametrize("threads", [2, 3, 8])
 @pytest.mark.parametrize("dtype", DTYPES)
-def test_threaded_block_products_are_bit_for_bit_serial(threads, dtype, thread_small):
-    # Zeros padding, 3 -> 6 channels: the products run on dense channel blocks.
+@pytest.mark.parametrize("stride", [(1, 1), (1, 2)])
+def test_threaded_structured_products_are_bit_for_bit_serial(threads, dtype, stride,
+                                                             small_tiles):
+    # Zeros padding, 3 -> 6 channels: the products run on the weight's taps (tiled
+    # GEMMs); stride 1 also runs W.T's products as a convolution by the flipped weight.
     rng = np.random.default_rng(4)
     weight = random_array(rng, (6, 3, 3, 3), dtype)
-    op = ConvOperator(weight, (3, 11, 12), padding=1, stride=(1, 2), threads=threads)
-    serial = ConvOperator(weight, (3, 11, 12), padding=1, stride=(1, 2), threads=1)
+    op = ConvOperator(weight, (3, 11, 12), padding=1, stride=stride, threads=threads)
+    serial = ConvOperator(weight, (3, 11, 12), padding=1, stride=stride, threads=1)
+    assert op.product_form.name == "structured"
     W, WT = op.matrix, op.transpose_matrix
     x = random_array(rng, op.shape[1], dtype)
     y = random_array(rng, op.shape[0], dtype)
     X = random_array(rng, (op.shape[1], 4), dtype)
     Y = np.asfortranarray(random_array(rng, (op.shape[0], 4), dtype))
-    # matvec: scipy's serial BSR kernel on the position-major blocks, bit for bit
-    np.testing.assert_array_equal(op.matvec(x), block_product(W, x, 6, 3))
-    np.testing.assert_array_equal(op.rmatvec(y), block_product(WT, y.conj(), 3, 6).conj())
-    np.testing.assert_array_equal(op.T.matvec(y), block_product(WT, y, 3, 6))
-    # matmat: dense products per block row; the canonical CSR's to rounding, and
-    # the same bits whatever the number of threads
+    # the canonical CSR's products to rounding ...
     tol = dict(rtol=_tol(dtype), atol=_tol(dtype))
+    np.testing.assert_allclose(op.matvec(x), W @ x, **tol)
+    np.testing.assert_allclose(op.rmatvec(y), (WT @ y.conj()).conj(), **tol)
+    np.testing.assert_allclose(op.T.matvec(y), WT @ y, **tol)
     np.testing.assert_allclose(op.matmat(X), W @ X, **tol)
     np.testing.assert_allclose(op.rmatmat(Y), (WT @ Y.conj()).conj(), **tol)
-    np.testing.assert_array_equal(op.matmat(X), serial.matmat(X))
-    np.testing.assert_array_equal(op.rmatmat(Y), serial.rmatmat(Y))
-    np.testing.assert_allclose(op.matvec(x), W @ x, **tol)
+    # ... and the same bits whatever the number of threads
+    for name, args in (("matvec", x), ("rmatvec", y), ("matmat", X), ("rmatmat", Y)):
+        np.testing.assert_array_equal(getattr(op, name)(args), getattr(serial, name)(args),
+                                      err_msg=name)
+    np.testing.assert_array_equal(op.T.matvec(y), serial.T.matvec(y))
 
 
 @pytest.mark.parametrize("threads", [2, 3, 8])
 @pytest.mark.parametrize("dtype", DTYPES)
-def test_threaded_csr_products_are_bit_for_bit_serial(threads, dtype, thread_small):
-    # Reflect padding folds taps together: the products run on the CSR matrices.
+@pytest.mark.parametrize("weight_shape, input_shape, kwargs", [
+    # depthwise: the transposed products run on W.T with position-major columns
+    ((3, 1, 3, 3), (3, 11, 12), dict(groups=3)),
+    # one channel: on the canonical W.T
+    ((1, 1, 3, 3), (1, 11, 12), dict()),
+], ids=["depthwise", "one-channel"])
+def test_threaded_csr_products_are_bit_for_bit_serial(threads, dtype, weight_shape, input_shape,
+                                                      kwargs, thread_small):
+    # One-entry blocks, reflect padding folding taps together: the products run on
+    # the CSR matrices.
     rng = np.random.default_rng(4)
-    weight = random_array(rng, (6, 3, 3, 3), dtype)
-    op = ConvOperator(weight, (3, 11, 12), padding=1, stride=(1, 2), padding_mode="reflect",
-                      threads=threads)
+    weight = random_array(rng, weight_shape, dtype)
+    op = ConvOperator(weight, input_shape, padding=1, stride=(1, 2), padding_mode="reflect",
+                      threads=threads, **kwargs)
+    assert op.product_form.name == "csr"
+    channels = op.output_shape[0]
     W, WT = op.matrix, op.transpose_matrix
     x = random_array(rng, op.shape[1], dtype)
     y = random_array(rng, op.shape[0], dtype)
@@ -165,27 +187,38 @@ def test_threaded_csr_products_are_bit_for_bit_serial(threads, dtype, thread_sma
     Y = np.asfortranarray(random_array(rng, (op.shape[0], 4), dtype))
     np.testing.assert_array_equal(op.matvec(x), W @ x)
     np.testing.assert_array_equal(op.matmat(X), W @ X)
-    # The transposed products run on W.T with position-major columns (6 channels).
-    np.testing.assert_array_equal(op.rmatvec(y), transposed_product(W, y.conj(), 6).conj())
-    np.testing.assert_array_equal(op.rmatmat(Y), transposed_product(W, Y.conj(), 6).conj())
+    # The transposed products run on W.T with position-major columns.
+    np.testing.assert_array_equal(op.rmatvec(y),
+                                  transposed_product(W, y.conj(), channels).conj())
+    np.testing.assert_array_equal(op.rmatmat(Y),
+                                  transposed_product(W, Y.conj(), channels).conj())
     np.testing.assert_allclose(op.rmatvec(y), (WT @ y.conj()).conj(), rtol=_tol(dtype),
                                atol=_tol(dtype))
     np.testing.assert_array_equal(op.T.matvec(y), WT @ y)
 
 
-def test_threaded_product_on_a_real_size_matrix(restore_threads):
-    # Above the threading threshold, with the default thread count.
+def test_threaded_product_on_a_real_size_layer(restore_threads, monkeypatch):
+    # Above the threading threshold, at the library's own tile sizes: the tiles are
+    # dealt to both threads, and the results are the serial ones, bit for bit.
     rng = np.random.default_rng(5)
-    op = ConvOperator(rng.standard_normal((16, 16, 3, 3)), (16, 32, 32), padding=1, threads=2)
-    serial = ConvOperator(op.weight, (16, 32, 32), padding=1, threads=1)
-    assert op.matrix.nnz > _parallel.MIN_PARALLEL_NNZ
+    op = ConvOperator(rng.standard_normal((16, 16, 3, 3)), (16, 48, 48), padding=1, threads=2)
+    serial = ConvOperator(op.weight, (16, 48, 48), padding=1, threads=1)
+    assert op.product_form.name == "structured"
+    seen = []
+    real = _structured.run_parallel
+    monkeypatch.setattr(_structured, "run_parallel",
+                        lambda f, items, threads: (seen.append(threads), real(f, items, threads)))
     x = rng.standard_normal(op.shape[1])
     y = rng.standard_normal(op.shape[0])
-    np.testing.assert_array_equal(op.matvec(x), block_product(op.matrix, x, 16, 16))
-    np.testing.assert_array_equal(op.rmatvec(y), block_product(op.transpose_matrix, y, 16, 16))
     X = rng.standard_normal((op.shape[1], 7))
-    np.testing.assert_allclose(op.matmat(X), op.matrix @ X, rtol=1e-12, atol=1e-12)
-    np.testing.assert_array_equal(op.matmat(X), serial.matmat(X))
+    got = op.matvec(x), op.rmatvec(y), op.matmat(X)
+    assert seen == [2, 2, 2]  # W.T's products too (stride 1: gathered by the flipped weight)
+    np.testing.assert_array_equal(got[0], serial.matvec(x))
+    np.testing.assert_array_equal(got[1], serial.rmatvec(y))
+    np.testing.assert_array_equal(got[2], serial.matmat(X))
+    np.testing.assert_allclose(got[0], op.matrix @ x, rtol=1e-12, atol=1e-12)
+    np.testing.assert_allclose(got[1], op.transpose_matrix @ y, rtol=1e-12, atol=1e-12)
+    np.testing.assert_allclose(got[2], op.matrix @ X, rtol=1e-12, atol=1e-12)
 
 
 def test_row_blocks_balance_nnz():
@@ -197,60 +230,92 @@ def test_row_blocks_balance_nnz():
     assert len(_parallel.balanced_ranges(indptr, 50)) <= 6  # never an empty block
 
 
-def test_threads_follow_the_global_setting(monkeypatch, restore_threads):
+def test_threads_follow_the_global_setting(monkeypatch, restore_threads, small_tiles):
     seen = []
     monkeypatch.setattr(_parallel, "MIN_PARALLEL_NNZ", 0)
-    op = ConvOperator(np.ones((2, 2, 3)), (2, 50))
-    pinned = ConvOperator(np.ones((2, 2, 3)), (2, 50), threads=3)
-    for module in (_csr, _bsr):  # the CSR and the block products
+    for module in (_csr, _structured):  # the CSR and the structured products
         real = module.run_parallel
         monkeypatch.setattr(module, "run_parallel",
                             lambda f, items, threads, real=real: (seen.append(threads),
                                                                   real(f, items, threads)))
-    x = np.ones(op.shape[1])
-    sparse_tconv.set_num_threads(4)
-    op.matvec(x)
-    pinned.matvec(x)
-    monkeypatch.setenv("SPARSE_TCONV_NUM_THREADS", "5")
-    sparse_tconv.set_num_threads(None)
-    op.matvec(x)
-    assert seen == [4, 3, 5]
-    assert op.threads is None and pinned.threads == 3
+    for weight, kwargs in ((np.ones((2, 2, 3)), {}),  # structured
+                           (np.ones((2, 1, 3)), dict(groups=2))):  # depthwise: CSR
+        seen.clear()
+        op = ConvOperator(weight, (2, 50), **kwargs)
+        pinned = ConvOperator(weight, (2, 50), threads=3, **kwargs)
+        x = np.ones(op.shape[1])
+        sparse_tconv.set_num_threads(4)
+        op.matvec(x)
+        pinned.matvec(x)
+        monkeypatch.setenv("SPARSE_TCONV_NUM_THREADS", "5")
+        sparse_tconv.set_num_threads(None)
+        op.matvec(x)
+        monkeypatch.delenv("SPARSE_TCONV_NUM_THREADS")
+        assert seen == [4, 3, 5], op.product_form.name
+        assert op.threads is None and pinned.threads == 3
 
 
 def test_mixed_dtypes_fall_back_to_scipy():
+    # The CSR form (depthwise): scipy's serial product on the canonical matrix.
     rng = np.random.default_rng(6)
-    op = ConvOperator(rng.standard_normal((2, 2, 3)).astype(np.float32), (2, 9))
+    op = ConvOperator(rng.standard_normal((2, 1, 3)).astype(np.float32), (2, 9), groups=2)
+    assert op.product_form.name == "csr"
     x64 = rng.standard_normal(op.shape[1])
     result = op.matvec(x64)
     assert result.dtype == np.float64  # as scipy: float32 matrix times float64 vector
-    # scipy's serial product on the operator's (block) form
-    np.testing.assert_array_equal(result, block_product(op.matrix, x64, 2, 2))
-    np.testing.assert_allclose(result, op.matrix @ x64, rtol=1e-6)
+    np.testing.assert_array_equal(result, op.matrix @ x64)
     for xi in (np.arange(op.shape[1], dtype=np.int16), np.arange(op.shape[1])):
         expected = op.matrix @ xi  # int16 fits float32 exactly, int64 does not
         assert op.matvec(xi).dtype == expected.dtype
-        np.testing.assert_array_equal(op.matvec(xi), block_product(op.matrix, xi, 2, 2))
+        np.testing.assert_array_equal(op.matvec(xi), expected)
     xc = x64 + 1j
     # a complex vector widens: scipy's serial products on both sides
-    np.testing.assert_array_equal(op.matvec(xc), block_product(op.matrix, xc, 2, 2))
+    np.testing.assert_array_equal(op.matvec(xc), op.matrix @ xc)
     y = op.matrix @ xc
     assert op.rmatvec(y).dtype == np.complex128
     np.testing.assert_allclose(op.rmatvec(y), op.matrix.T @ y, rtol=1e-13)
 
 
+def test_mixed_dtypes_widen_on_the_structured_form():
+    # The structured form widens as scipy does: a float32 weight times a float64
+    # vector multiplies in float64 (the weight's values exactly), so zeros padding
+    # (no taps folded into one entry) gives the CSR product to float64 rounding.
+    rng = np.random.default_rng(6)
+    op = ConvOperator(rng.standard_normal((3, 2, 3)).astype(np.float32), (2, 9), padding=1)
+    assert op.product_form.name == "structured"
+    x64 = rng.standard_normal(op.shape[1])
+    result = op.matvec(x64)
+    assert result.dtype == np.float64
+    np.testing.assert_allclose(result, op.matrix @ x64, rtol=1e-13, atol=1e-13)
+    for xi in (np.arange(op.shape[1], dtype=np.int16), np.arange(op.shape[1])):
+        expected = op.matrix @ xi  # int16 fits float32 exactly, int64 does not
+        assert op.matvec(xi).dtype == expected.dtype
+        np.testing.assert_allclose(op.matvec(xi), expected, rtol=1e-6)
+    xc = x64 + 1j
+    assert op.matvec(xc).dtype == np.complex128
+    np.testing.assert_allclose(op.matvec(xc), op.matrix @ xc, rtol=1e-13, atol=1e-13)
+    y = op.matrix @ xc
+    assert op.rmatvec(y).dtype == np.complex128
+    np.testing.assert_allclose(op.rmatvec(y), op.matrix.T @ y, rtol=1e-13, atol=1e-13)
+
+
 def test_without_scipy_private_kernels(monkeypatch):
     monkeypatch.setattr(_sparsetools, "csr_matvec", None)
     monkeypatch.setattr(_sparsetools, "csr_matvecs", None)
-    monkeypatch.setattr(_sparsetools, "bsr_matvec", None)
+    monkeypatch.setattr(_sparsetools, "csc_matvec", None)
+    monkeypatch.setattr(_sparsetools, "csc_matvecs", None)
     monkeypatch.setattr(_parallel, "MIN_PARALLEL_NNZ", 0)
     rng = np.random.default_rng(7)
-    for mode in ("zeros", "circular"):  # the block and the CSR products
-        op = ConvOperator(rng.standard_normal((3, 2, 3)), (2, 10), padding_mode=mode,
-                          threads=2)
-        x = rng.standard_normal(op.shape[1])
-        expected = block_product(op.matrix, x, 3, 2) if mode == "zeros" else op.matrix @ x
-        np.testing.assert_array_equal(op.matvec(x), expected)
+    for mode in ("zeros", "circular"):  # depthwise and strided single-channel: the CSR form
+        for weight_shape, input_shape, kwargs in (((2, 1, 3), (2, 10), dict(groups=2)),
+                                                  ((1, 1, 3), (1, 10), dict(stride=2))):
+            op = ConvOperator(rng.standard_normal(weight_shape), input_shape, padding=1,
+                              padding_mode=mode, threads=2, **kwargs)
+            assert op.product_form.name == "csr"
+            x = rng.standard_normal(op.shape[1])
+            y = rng.standard_normal(op.shape[0])
+            np.testing.assert_array_equal(op.matvec(x), op.matrix @ x)
+            np.testing.assert_allclose(op.rmatvec(y), op.matrix.T @ y, rtol=1e-13, atol=1e-13)
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -264,19 +329,22 @@ def test_dot_product_identity(dtype):
     assert abs(lhs - rhs) <= 1e3 * np.finfo(np.dtype(dtype)).eps * abs(lhs)
 
 
+@pytest.mark.parametrize("weight_shape, groups", [((4, 3, 3, 3), 1), ((3, 1, 3, 3), 3)],
+                         ids=["structured", "csr-depthwise"])
 @pytest.mark.parametrize("transposed", [False, True])
-def test_with_weight_shares_the_pattern(transposed):
+def test_with_weight_shares_the_pattern(transposed, weight_shape, groups):
     rng = np.random.default_rng(9)
-    w1, w2 = rng.standard_normal((2, 4, 3, 3, 3))
-    kwargs = dict(stride=2, padding=1, padding_mode="zeros")
+    w1, w2 = rng.standard_normal((2, *weight_shape))
+    kwargs = dict(stride=2, padding=1, padding_mode="zeros", groups=groups)
+    out_channels, in_channels = weight_shape[0], weight_shape[1] * groups
     if transposed:
-        op = ConvTransposeOperator(w1, (4, 5, 5), output_padding=1, **kwargs)
-        fresh = conv_transpose_matrix(w2, (4, 5, 5), output_padding=1, **kwargs)
-        fresh_T = conv_matrix(w2, (3, 10, 10), **kwargs)
+        op = ConvTransposeOperator(w1, (out_channels, 5, 5), output_padding=1, **kwargs)
+        fresh = conv_transpose_matrix(w2, (out_channels, 5, 5), output_padding=1, **kwargs)
+        fresh_T = conv_matrix(w2, (in_channels, 10, 10), **kwargs)
     else:
-        op = ConvOperator(w1, (3, 10, 10), **kwargs)
-        fresh = conv_matrix(w2, (3, 10, 10), **kwargs)
-        fresh_T = conv_transpose_matrix(w2, (4, 5, 5), output_padding=1, **kwargs)
+        op = ConvOperator(w1, (in_channels, 10, 10), **kwargs)
+        fresh = conv_matrix(w2, (in_channels, 10, 10), **kwargs)
+        fresh_T = conv_transpose_matrix(w2, (out_channels, 5, 5), output_padding=1, **kwargs)
     # build every matrix, so that all their patterns are shared
     _ = op.matrix, op.transpose_matrix
     y = rng.standard_normal(op.shape[0])
@@ -285,10 +353,15 @@ def test_with_weight_shares_the_pattern(transposed):
     fresh_op = type(op)(w2, op.input_shape, output_padding=1, **kwargs) if transposed else \
         ConvOperator(w2, op.input_shape, **kwargs)
     np.testing.assert_array_equal(new.rmatvec(y), fresh_op.rmatvec(y))
-    for slot in ("_forward_slot", "_backward_slot"):  # the block forms
-        new_blocks, old_blocks = getattr(new, slot).get().matrix, getattr(op, slot).get().matrix
-        assert np.shares_memory(new_blocks.indices, old_blocks.indices)
-        assert not np.shares_memory(new_blocks.data, old_blocks.data)
+    for slot in ("_forward_slot", "_backward_slot"):  # the product forms
+        new_form, old_form = getattr(new, slot).get(), getattr(op, slot).get()
+        assert type(new_form) is type(old_form)
+        if new_form.matrix is not None:  # a scipy matrix: its pattern is shared
+            assert np.shares_memory(new_form.matrix.indices, old_form.matrix.indices)
+            assert not np.shares_memory(new_form.matrix.data, old_form.matrix.data)
+        else:  # the structured form: the new weight alone
+            assert not any(np.shares_memory(a, b)
+                           for a in new_form._arrays() for b in old_form._arrays())
     assert type(new) is type(op)
     for name in ("indptr", "indices", "data"):
         np.testing.assert_array_equal(getattr(new.matrix, name), getattr(fresh, name))

@@ -14,6 +14,7 @@ import pytest
 
 import sparse_tconv
 from sparse_tconv import ConvOperator, ConvTransposeOperator, _parallel, conv_matrix
+from sparse_tconv._forms import structured
 
 from reference import seed_of
 
@@ -85,12 +86,14 @@ def test_a_forked_child_can_multiply():
 
 
 OPERATORS = {
-    "blocks": lambda rng, **kw: ConvOperator(rng.standard_normal((4, 3, 3, 3)), (3, 9, 9),
-                                             padding=1, **kw),
+    "structured": lambda rng, **kw: ConvOperator(rng.standard_normal((4, 3, 3, 3)), (3, 9, 9),
+                                                 padding=1, **kw),
+    "structured-strided": lambda rng, **kw: ConvOperator(rng.standard_normal((4, 3, 3, 3)),
+                                                         (3, 9, 9), padding=1, stride=2, **kw),
     "diagonals": lambda rng, **kw: ConvOperator(rng.standard_normal((1, 1, 3, 3)), (1, 9, 9),
                                                 padding=1, **kw),
-    "csr": lambda rng, **kw: ConvOperator(rng.standard_normal((2, 1, 3, 3)), (1, 9, 9),
-                                          padding=1, padding_mode="reflect", **kw),
+    "csr": lambda rng, **kw: ConvOperator(rng.standard_normal((2, 1, 3, 3)), (2, 9, 9),
+                                          padding=1, padding_mode="reflect", groups=2, **kw),
     "complex": lambda rng, **kw: ConvOperator(rng.standard_normal((3, 2, 3)) + 1j, (2, 9),
                                               padding=1, **kw),
     "transposed": lambda rng, **kw: ConvTransposeOperator(rng.standard_normal((4, 2, 3, 3)),
@@ -146,13 +149,18 @@ def test_phases_never_put_overlapping_parts_together():
     assert phases == [[0, 2, 5, 6], [1, 3], [4]]
 
 
-@pytest.mark.parametrize("name", ["blocks", "csr"])
+@pytest.mark.parametrize("name", ["structured", "structured-strided", "csr"])
 def test_lean_products_from_many_threads_at_once(name, monkeypatch):
-    # Phased scatters run from several caller threads at once into their own outputs.
+    # Phased scatters (and tiled products) run from several caller threads at once
+    # into their own outputs.
     monkeypatch.setattr(_parallel, "MIN_PARALLEL_NNZ", 0)
     monkeypatch.setattr(_parallel, "SCATTER_PART_NNZ", 1)
+    monkeypatch.setattr(structured, "_TILE_BYTES", 1)
+    monkeypatch.setattr(structured, "_SCATTER_TILE_BYTES", 1)
+    monkeypatch.setattr(structured, "_MIN_PARALLEL_MACS", 0)
     rng = np.random.default_rng(seed_of("lean-threads", name))
     op = OPERATORS[name](rng, keep_transpose=False, threads=2)
+    assert op.product_form.name == name.split("-")[0]
     ys = rng.standard_normal((6, op.shape[0]))
     expected = [op.rmatvec(y) for y in ys]
     results = [None] * len(ys)

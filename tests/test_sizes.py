@@ -102,9 +102,19 @@ def test_sizes_beyond_int64_are_refused_by_name():
                                          r"\(input_shape=\(64, 10000000000000000\), "
                                          r"weight.shape=\(64, 64, 3\)\)"):
         conv_matrix(np.ones((64, 64, 3)), (64, 10**16))
-    with pytest.raises(ValueError, match=r"product form \(blocks\) would need 9.83e\+20 bytes .*"
-                                         r"more than any address space"):
-        ConvOperator(np.ones((64, 64, 3)), (64, 10**16))
+    # an operator whose product form is a matrix (CSR: depthwise) is refused before building
+    with pytest.raises(ValueError, match=r"product form \(csr\) would need 3.58e\+19 bytes "
+                                         r"\(nnz=1.92e\+18\), more than any address space .*"
+                                         r"weight.shape=\(64, 1, 3\)"):
+        ConvOperator(np.ones((64, 1, 3)), (64, 10**16), groups=64)
+    # the structured form holds the weight alone: the operator is built, its matrix refused
+    op = ConvOperator(np.ones((64, 64, 3)), (64, 10**16))
+    assert op.product_form.name == "structured"
+    assert op.product_form.nbytes <= 2 * 64 * 64 * 3 * 8
+    with pytest.raises(ValueError, match=r"more entries or rows than int64 indices can address "
+                                         r"\(input_shape=\(64, 10000000000000000\), "
+                                         r"weight.shape=\(64, 64, 3\)\)"):
+        _ = op.matrix
 
 
 def test_an_allocation_failure_says_what_was_built(monkeypatch):

@@ -20,9 +20,9 @@ import scipy.sparse as sp
 from scipy.sparse.linalg import cg, gmres, lsmr, lsqr, splu, spsolve
 
 from sparse_tconv import ConvOperator, ConvTransposeOperator, _parallel
-from sparse_tconv._forms import blocks as _bsr
 from sparse_tconv._forms import csr as _csr
 from sparse_tconv._forms import diagonals as _dia
+from sparse_tconv._forms import structured as _structured
 from sparse_tconv.spectral import compose
 from sparse_tconv.testing import dottest
 
@@ -302,46 +302,76 @@ def test_splu_and_spsolve_on_a_small_invertible_convolution():
 
 @pytest.fixture
 def product_log(monkeypatch):
-    """Record every csr_product call, and every entry into its threaded branch."""
+    """Record every product, and every entry into its threaded branch.
+
+    A product is logged as ``(big enough to thread, threads, in the form's dtype)``:
+    a CSR product (also the diagonals' batches) when its matrix has
+    ``MIN_PARALLEL_NNZ`` entries, a structured one (the tiled GEMMs of a
+    convolution, which W.T's products of stride 1 are too) when its layer does
+    ``_MIN_PARALLEL_MACS`` multiply-adds.
+    """
     log = {"products": [], "threaded": []}
-    # CSR (also the diagonals' batches) and dense-block products, where they are called
-    for module, name in ((_csr, "csr_product"), (_dia, "csr_product"), (_bsr, "bsr_product")):
+    for module, name in ((_csr, "csr_product"), (_dia, "csr_product")):
         real_product = getattr(module, name)
 
         def counting_product(matrix, x, threads, *rest, real_product=real_product):
-            log["products"].append((matrix.nnz, threads, x.dtype == matrix.dtype))
+            log["products"].append((matrix.nnz >= _parallel.MIN_PARALLEL_NNZ, threads,
+                                    x.dtype == matrix.dtype))
             return real_product(matrix, x, threads, *rest)
 
         monkeypatch.setattr(module, name, counting_product)
-    for module in (_csr, _bsr):
-        real_parallel = module.run_parallel
+    for name in ("conv_samples", "conv_transpose_samples"):
+        real_conv = getattr(_structured, name)
+
+        def counting_conv(x, weight, geom, out, threads, real_conv=real_conv):
+            macs = (x.shape[-1] * math.prod(geom.output_size) * geom.out_channels
+                    * (geom.in_channels // geom.groups) * math.prod(geom.kernel_size))
+            log["products"].append((macs >= _structured._MIN_PARALLEL_MACS, threads,
+                                    x.dtype == weight.dtype))
+            return real_conv(x, weight, geom, out, threads)
+
+        monkeypatch.setattr(_structured, name, counting_conv)
+    for module, name in ((_csr, "run_parallel"), (_structured, "run_parallel"),
+                         (_structured, "run_phases")):
+        real_parallel = getattr(module, name)
 
         def counting_parallel(func, items, threads, real_parallel=real_parallel):
             log["threaded"].append(threads)
             return real_parallel(func, items, threads)
 
-        monkeypatch.setattr(module, "run_parallel", counting_parallel)
+        monkeypatch.setattr(module, name, counting_parallel)
     return log
 
 
-def _threaded_problem():
-    """An 8 -> 8 channel 3x3 'same' convolution on 32x32, and data from torch."""
+def _threaded_problem(form):
+    """A 'same' 3x3 convolution near the identity, and data from torch.
+
+    ``"structured"``: 16 -> 16 channels on 48x48 (past the structured form's
+    threading threshold); ``"csr"``: 8 depthwise channels on 96x96 (past the
+    CSR products').
+    """
     torch = pytest.importorskip("torch")
     rng = np.random.default_rng(4)
-    weight = near_identity_weight(rng, 8, 0.05)
-    op = ConvOperator(weight, (8, 32, 32), padding=1, threads=2)
-    assert op.matrix.nnz >= _parallel.MIN_PARALLEL_NNZ
-    assert op.transpose_matrix.nnz >= _parallel.MIN_PARALLEL_NNZ
+    if form == "structured":
+        channels, size, groups = 16, 48, 1
+        weight = near_identity_weight(rng, channels, 0.05)
+    else:
+        channels, size, groups = 8, 96, 8
+        weight = 0.05 * rng.standard_normal((channels, 1, 3, 3))
+        weight[:, 0, 1, 1] += 1
+    op = ConvOperator(weight, (channels, size, size), padding=1, groups=groups, threads=2)
+    assert op.product_form.name == form
     truth = rng.standard_normal(op.input_shape)
     y = torch.nn.functional.conv2d(torch.from_numpy(truth[None]), torch.from_numpy(weight),
-                                   padding=1)[0].numpy().ravel()
+                                   padding=1, groups=groups)[0].numpy().ravel()
     return op, truth.ravel(), y
 
 
+@pytest.mark.parametrize("form", ["structured", "csr"])
 @pytest.mark.parametrize("solver", ["lsqr", "lsmr", "cg", "gmres"])
-def test_solver_iterations_take_the_threaded_path(solver, product_log):
-    op, truth, y = _threaded_problem()
-    op.rmatvec(y)  # build the transposed products' matrix (a threaded fill) first
+def test_solver_iterations_take_the_threaded_path(solver, form, product_log):
+    op, truth, y = _threaded_problem(form)
+    op.rmatvec(y)  # build the transposed products' form (for CSR a threaded fill) first
     product_log["products"].clear()
     product_log["threaded"].clear()
     if solver in ("lsqr", "lsmr"):
@@ -363,8 +393,7 @@ def test_solver_iterations_take_the_threaded_path(solver, product_log):
     assert relative_error(x, truth) < 1e-7  # torch made the data: an independent oracle
     products = product_log["products"]
     assert len(products) >= max(min_products, 5)
-    # Every product ran on 2 threads, on a matrix big enough, in the matrix's dtype ...
-    assert all(nnz >= _parallel.MIN_PARALLEL_NNZ and threads == 2 and same_dtype
-               for nnz, threads, same_dtype in products)
+    # Every product ran on 2 threads, on a matrix (or layer) big enough, in its dtype ...
+    assert all(big and threads == 2 and same_dtype for big, threads, same_dtype in products)
     # ... and entered the threaded branch (one run_parallel per product).
     assert product_log["threaded"] == [2] * len(products)

@@ -10,9 +10,9 @@ from __future__ import annotations
 
 from .._geometry import ConvGeometry
 from .base import Canonical, ProductForm, Request, Role, from_position_major, to_position_major
-from .blocks import BlockForm
 from .csr import CsrForm, csr_product
 from .diagonals import DiagonalForm
+from .structured import StructuredForm
 
 __all__ = [
     "FORMS",
@@ -21,15 +21,15 @@ __all__ = [
     "Canonical",
     "Request",
     "Role",
-    "BlockForm",
     "CsrForm",
     "DiagonalForm",
+    "StructuredForm",
     "csr_product",
     "to_position_major",
     "from_position_major",
 ]
 
-FORMS: tuple[type[ProductForm], ...] = (BlockForm, DiagonalForm, CsrForm)
+FORMS: tuple[type[ProductForm], ...] = (StructuredForm, DiagonalForm, CsrForm)
 """Every product form, the preferred first; :class:`CsrForm` applies to any geometry."""
 
 

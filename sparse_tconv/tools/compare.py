@@ -253,6 +253,22 @@ def _direct_kernel(method: str, config: Config, weight, x):
     return lambda: kernel(x, weight, method=method, **config.kwargs)
 
 
+def _csr_products(op, threads: int):
+    """``(W @ v, W.T @ v)`` on the explicit CSR matrix, as the operators' CSR form runs them.
+
+    What a channel layer's operator multiplied through before the structured
+    form: the library's threaded kernels on ``op.matrix`` (and on W.T, its
+    columns numbered as that form numbers them).
+    """
+    from .._forms import CsrForm, Request, Role
+
+    conv = op.convolution
+    forward = CsrForm.build(Request(conv, Role.FORWARD, threads, lambda: op.matrix))
+    backward = CsrForm.build(Request(conv.T, Role.BACKWARD, threads,
+                                     lambda: op.transpose_matrix))
+    return (lambda v: forward.multiply(v, threads)), (lambda v: backward.multiply(v, threads))
+
+
 def _n_positions(op) -> int:
     return math.prod(op.output_shape[1:])
 
@@ -470,7 +486,9 @@ def _torch_kernels(r, torch, config, weight, x, *, threads, repeat):
 
 
 # The operator's figure each time is compared with: the same product (or build).
-_REFERENCE = {"csr_torch_transpose": "csr_transpose", "spconv_build": "build"}
+_REFERENCE = {"csr_torch_transpose": "csr_transpose", "spconv_build": "build",
+              "structured_transpose": "csr_transpose",
+              "structured_batch_per_column": "csr_batch_per_column"}
 
 # Timings read the canonical CSR matrix: the bound of a product reading it.
 _CSR_READERS = ("csr_serial", "csr_torch", "csr_torch_transpose")
@@ -503,24 +521,41 @@ def compare_config(config: Config, *, threads: int, bandwidth: float, repeat: in
     W = op.matrix
     y = rng.standard_normal(W.shape[0])
     matrix_bytes = W.data.nbytes + W.indices.nbytes + W.indptr.nbytes
+    # A channel layer's operator multiplies through the structured form; the
+    # sparse rows then time the explicit CSR matrix (the library's threaded
+    # CSR products), and the structured form is timed beside them.
+    structured = op.product_form.name == "structured"
+    matvec, rmatvec = _csr_products(op, threads) if structured else (op.matvec, op.rmatvec)
+    matmat = matvec if structured else op.matmat
     r: dict[str, Any] = dict(config=config.name, description=config.description,
                              threads=threads, nnz=int(W.nnz), shape=list(W.shape),
-                             matrix_bytes=int(matrix_bytes), form=op.product_form.name,
+                             matrix_bytes=int(matrix_bytes),
+                             form="csr" if structured else op.product_form.name,
                              repeat=repeat, timing={}, skipped={}, paired={}, not_installed=[])
     timings = r["timing"]
     timings["build"] = _time(lambda: config.build(weight), repeat, min_time=0)
-    timings["csr"] = _time(lambda: op.matvec(x.ravel()), repeat)
+    timings["csr"] = _time(lambda: matvec(x.ravel()), repeat)
     timings["csr_serial"] = _time(lambda: W @ x.ravel(), repeat)
-    op.rmatvec(y)  # builds the transposed products' matrix once, outside the timing
-    timings["csr_transpose"] = _time(lambda: op.rmatvec(y), repeat)
+    rmatvec(y)  # builds the transposed products' matrix once, outside the timing
+    timings["csr_transpose"] = _time(lambda: rmatvec(y), repeat)
     batch = config.batch or 8
     X = rng.standard_normal((W.shape[1], batch))
-    t = _time(lambda: op.matmat(X), repeat)
+    t = _time(lambda: matmat(X), repeat)
     timings["csr_batch_per_column"] = Timing(t.min / batch, t.median / batch, t.max / batch,
                                                t.rounds)
     r["batch"] = batch
-    # what the operator's product reads: its dense channel blocks, or the CSR
-    r["product_bytes"] = int(op.product_form.nbytes)
+    if structured:
+        timings["structured"] = _time(lambda: op.matvec(x.ravel()), repeat)
+        timings["structured_transpose"] = _time(lambda: op.rmatvec(y), repeat)
+        t = _time(lambda: op.matmat(X), repeat)
+        timings["structured_batch_per_column"] = Timing(t.min / batch, t.median / batch,
+                                                        t.max / batch, t.rounds)
+        # what an operator holds for both directions (a fresh one: op holds the CSR now)
+        fresh = config.operator(weight, threads=threads)
+        fresh.rmatvec(y)
+        r["structured_bytes"] = int(fresh.nbytes)
+    # what the sparse rows' product reads: the operator's form, or the CSR
+    r["product_bytes"] = int(matrix_bytes if structured else op.product_form.nbytes)
     r["bound_s"] = (r["product_bytes"] + x.nbytes + y.nbytes) / bandwidth
     r["csr_bound_s"] = (matrix_bytes + x.nbytes + y.nbytes) / bandwidth
     if progress:
@@ -560,9 +595,12 @@ def compare_config(config: Config, *, threads: int, bandwidth: float, repeat: in
 
 _LABELS = {
     "build": "build W (conv_matrix, CSR)",
-    "csr": "operator W @ x",
-    "csr_transpose": "operator W.T @ y",
-    "csr_batch_per_column": "operator W @ X, per column",
+    "csr": "sparse matrix W @ x",
+    "csr_transpose": "sparse matrix W.T @ y",
+    "csr_batch_per_column": "sparse matrix W @ X, per column",
+    "structured": "structured form W @ x",
+    "structured_transpose": "structured form W.T @ y",
+    "structured_batch_per_column": "structured form W @ X, per column",
     "csr_serial": "scipy CSR W @ x, 1 thread",
     "csr_torch": "torch.sparse_csr W @ x",
     "csr_torch_transpose": "torch.sparse_csr W.T @ y",
@@ -574,7 +612,7 @@ _LABELS = {
     "pylops_fft": "PyLops ConvolveND (FFT)",
 }
 
-_FORM_NAMES = {"blocks": "channel blocks", "diagonals": "diagonals", "csr": "CSR"}
+_FORM_NAMES = {"diagonals": "diagonals", "csr": "CSR"}
 
 
 def label(key: str, threads: int | None = None) -> str:
@@ -620,7 +658,8 @@ _SHORT = {
     "csr_serial": "scipy 1t W@x", "csr_torch": "torch CSR W@x",
     "csr_torch_transpose": "torch CSR WT@y", "spconv_build": "spconv build",
     "spconv": "spconv W@x", "naive": "naive loop", "fast": "fast (im2col)", "fft": "fft",
-    "pylops_fft": "PyLops FFT",
+    "pylops_fft": "PyLops FFT", "structured": "struct W@x",
+    "structured_transpose": "struct WT@y", "structured_batch_per_column": "struct batch/col",
 }
 
 
@@ -678,8 +717,9 @@ def format_comparison(results: list[dict], machine: dict, notes: list[str]) -> s
         f"{machine['date']}, {threads} threads, float64; read bandwidth "
         f"{machine['bandwidth_all']/1e9:.1f} GB/s ({machine['bandwidth_1']/1e9:.1f} on 1 thread)",
         "",
-        "The operator (times in ms, best of the rounds; median beside W@x; form: what its "
-        "products read; batch/col: matmat time per column)",
+        "The sparse matrix (times in ms, best of the rounds; median beside W@x; form: what "
+        "the products read: the operator's own form, or for channel layers the explicit CSR "
+        "matrix, threaded; batch/col: matmat time per column)",
         f"{'cfg':<4}{'form':>15}{'nnz':>13}{'MB':>8}{'build':>9}{'W@x':>9}{'median':>9}"
         f"{'of bound':>9}{'WT@y':>9}{'of bound':>9}{'batch/col':>10}",
     ]
@@ -692,6 +732,7 @@ def format_comparison(results: list[dict], machine: dict, notes: list[str]) -> s
             f"{_ms(t['csr']):>9}{_ms(median):>9}{r['csr_of_bound']:>9.2f}"
             f"{_ms(t['csr_transpose']):>9}{bound.get('csr_transpose', math.nan):>9.2f}"
             f"{_ms(t['csr_batch_per_column']):>10}")
+    lines += _structured_lines(results, threads)
     lines += ["", "Sparse products on the same matrix: time in ms (peer time / the operator's "
               "same product; > 1: the operator is ahead)"]
     lines += _table(results, _shown(results, _SPARSE_PEERS), 16)
@@ -718,6 +759,34 @@ def format_comparison(results: list[dict], machine: dict, notes: list[str]) -> s
         "torch.nn.functional on 1 thread, float64")
     lines += [f"note: {n}" for n in notes]
     return "\n".join(lines)
+
+
+def _structured_lines(results, threads: int) -> list[str]:
+    """The structured form of the channel layers: its times beside the CSR's and torch's."""
+    rows = [r for r in results if "structured" in r["times"]]
+    if not rows:
+        return []
+    torch_key = f"torch_f64_{threads}t"
+    lines = ["", f"The structured form (channel layers: the weight's taps, tiled GEMMs; kB it "
+             f"holds for both directions; ms; "
+             f"in brackets the sparse matrix's same product over it, and torch float64 on "
+             f"{threads} threads over it, > 1: the structured form is ahead)",
+             f"{'cfg':<4}{'kB':>8}{'W@x':>9}{'vs CSR':>8}{'vs torch':>9}{'WT@y':>9}"
+             f"{'vs CSR':>8}{'batch/col':>10}{'vs CSR':>8}"]
+    for r in rows:
+        t = r["times"]
+
+        def over(key, base, t=t):
+            return f"{t[base] / t[key]:.2f}" if base in t else "-"
+
+        lines.append(
+            f"{r['config']:<4}{r['structured_bytes']/1e3:>8.0f}{_ms(t['structured']):>9}"
+            f"{over('structured', 'csr'):>8}{over('structured', torch_key):>9}"
+            f"{_ms(t['structured_transpose']):>9}"
+            f"{over('structured_transpose', 'csr_transpose'):>8}"
+            f"{_ms(t['structured_batch_per_column']):>10}"
+            f"{over('structured_batch_per_column', 'csr_batch_per_column'):>8}")
+    return lines
 
 
 def markdown_table(results: list[dict]) -> str:

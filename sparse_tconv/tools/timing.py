@@ -159,10 +159,15 @@ def measure_block_gemm_rate(op, n_vecs: int, threads: int, blocks: int = 256) ->
 
     The batched product is a sum of such products, so this bounds it from
     below: ``2 * nnz * n_vecs / rate`` seconds.  For an operator without
-    dense channel blocks the blocks are 1x1.
+    products are sums of single entries the blocks are 1x1; the structured
+    form's are its GEMMs' weight, ``(C_out/g) x (C_in/g * taps)``.
     """
     form = op.product_form
-    r, c = form.matrix.blocksize if form.name == "blocks" else (1, 1)
+    r, c = (1, 1)
+    if form.name == "structured":
+        geom = op.convolution.geometry
+        r = geom.out_channels // geom.groups
+        c = geom.in_channels // geom.groups * math.prod(geom.kernel_size)
     rng = np.random.default_rng(1)
     a = [rng.standard_normal((blocks, r, c)) for _ in range(threads)]
     b = [rng.standard_normal((blocks, c, n_vecs)) for _ in range(threads)]

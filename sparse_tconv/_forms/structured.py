@@ -1,0 +1,396 @@
+"""The operators' product form for channel layers: the weight's taps, multiplied as GEMMs.
+
+A convolution matrix is ``W = sum_t S_t (x) B_t``: for each kernel tap ``t``
+a sampling pattern ``S_t`` over positions and one ``(C_out/g) x (C_in/g)``
+block ``B_t`` per group, plus what the padding does at the border (drops
+taps for zeros padding, sends them to mirrored, edge or wrapped positions
+for the others).  This form stores the weight alone, as ``(groups,
+C_out/g, C_in/g * taps)``: a few hundred kB where the CSR matrix takes
+gigabytes, built in microseconds.  Its products are the structure's:
+
+``W @ x`` (:func:`conv_samples`)
+    The input is padded once by the padding mode (the border, handled apart,
+    as a copy: the padded frame is ``P x`` for a 0/1 matrix ``P`` of one row
+    per padded position).  The output is cut into *tiles*: a range of rows
+    of the first spatial dimension, or whole images of several samples when
+    one image is small.  For each tile the windows of every tap are gathered
+    into one cache-sized matrix (im2col: ``C_in/g * taps`` rows, one column
+    per output position of the tile) and multiplied by the weight in one
+    GEMM per group (numpy's ``matmul``, BLAS).  Gathering all the taps into
+    one GEMM keeps few-channel layers (a 3->64 stem, 49 taps) as fast as
+    wide ones, where one GEMM per tap would multiply 3-column matrices.
+``W.T @ y`` (:func:`conv_transpose_samples`)
+    The adjoint, tile by tile: one GEMM by the transposed weight gives every
+    tap's contribution to the tile's windows, added tap by tap into the
+    padded frame (col2im), which is then folded back (``P.T``: zeros padding
+    crops, the other modes add each padded element onto the element it
+    copies).  Neighbouring tiles' windows overlap; tiles that write disjoint
+    rows run at once, in phases (:func:`~.._parallel.disjoint_phases`).
+
+The tiles depend on the geometry and the number of samples alone, and each
+is computed by the same calls whatever thread runs it: the result does not
+depend on the number of threads.  Products equal the CSR matrix's to
+rounding (sums in another order); the explicit zeros of the padding add
+exact zeros for finite weights.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any
+
+import numpy as np
+from numpy.lib.stride_tricks import as_strided
+
+from .._blas import one_blas_thread
+from .._geometry import ConvGeometry
+from .._parallel import disjoint_phases, run_parallel, run_phases
+from .._validation import cast_if_safe
+from .base import ProductForm
+
+__all__ = ["StructuredForm", "conv_samples", "conv_transpose_samples", "Tiling", "tiling"]
+
+# Bytes of one tile's gathered windows (the im2col matrix): with the weight
+# and the tile's outputs they stay in the core's cache between the gather and
+# the GEMM.
+_TILE_BYTES = 1 << 20
+
+# The transposed product's tiles (windows added into the frame tap by tap) are
+# larger: each tap's add is one numpy call, whose cost (some 4 us) a small
+# tile pays for every tap (measured on the bench's 3->64 7x7 stride-2 layer:
+# 8.8 ms with 1 MB tiles, 5.7 ms with 4 MB).
+_SCATTER_TILE_BYTES = 1 << 22
+
+# Below this many multiply-adds a product runs on one thread: handing tiles
+# to a pool thread costs about 0.1 ms (as _parallel.MIN_PARALLEL_NNZ).
+_MIN_PARALLEL_MACS = 1 << 22
+
+
+class Tiling:
+    """How a product over ``samples`` samples is cut into tiles: fixed by the geometry.
+
+    ``tiles`` lists ``(first sample, end sample, first row, end row)``, rows
+    of the first spatial dimension of the convolution's output.
+    """
+
+    __slots__ = ("tiles", "rows", "samples")
+
+    def __init__(self, tiles: list[tuple[int, int, int, int]], rows: int, samples: int):
+        self.tiles, self.rows, self.samples = tiles, rows, samples
+
+
+def tiling(geom: ConvGeometry, samples: int, itemsize: int, budget: int | None = None) -> Tiling:
+    """The tiles of a product over ``samples`` samples: about ``budget`` bytes of windows each
+    (default ``_TILE_BYTES``).
+
+    A tile is a range of output rows of every sample, or, when one row of
+    every sample is more than the budget, one row of as many samples as fit.
+    """
+    out_rows = geom.output_size[0]
+    taps = math.prod(geom.kernel_size)
+    per_row = geom.in_channels * taps * math.prod(geom.output_size[1:]) * itemsize
+    budget = _TILE_BYTES if budget is None else budget
+    rows, group = max(1, min(out_rows, budget // (per_row * samples))), samples
+    tiles = [(b, min(b + group, samples), r, min(r + rows, out_rows))
+             for r in range(0, out_rows, rows) for b in range(0, samples, group)]
+    return Tiling(tiles, rows, group)
+
+
+def _padded_size(geom: ConvGeometry) -> tuple[int, ...]:
+    return tuple(n + lo + hi for n, (lo, hi) in zip(geom.input_size, geom.padding))
+
+
+def _interior(geom: ConvGeometry) -> tuple[slice, ...]:
+    return tuple(slice(lo, lo + n) for n, (lo, _) in zip(geom.input_size, geom.padding))
+
+
+def _pad_frame(x: np.ndarray, geom: ConvGeometry) -> np.ndarray:
+    """``x`` (C, *L, samples) as a contiguous padded frame (C, *Lp, samples): ``P x``."""
+    from ..direct import _NUMPY_PAD_MODE
+
+    if geom.padding_mode == "zeros" or not any(v for pair in geom.padding for v in pair):
+        frame = np.zeros((x.shape[0], *_padded_size(geom), x.shape[-1]), dtype=x.dtype)
+        frame[(slice(None), *_interior(geom))] = x
+        return frame
+    return np.pad(x, ((0, 0), *geom.padding, (0, 0)), mode=_NUMPY_PAD_MODE[geom.padding_mode])
+
+
+def _fold_into(frame: np.ndarray, geom: ConvGeometry, out: np.ndarray) -> None:
+    """``out = P.T frame``: the padded frame (C, *Lp, samples) folded onto (C, *L, samples).
+
+    Zeros padding crops.  The other modes add, one dimension at a time, each
+    padded slab onto the slab it copies (the N-d padding map is a product of
+    per-dimension maps), in place on the frame: only the border slabs are
+    copied, then the interior is written to ``out``.  The frame is consumed.
+    """
+    from ..direct import _padded_index  # the padding modes as np.pad has them
+
+    view = frame
+    for axis, (size, (lo, hi)) in enumerate(zip(geom.input_size, geom.padding)):
+        ax = 1 + axis
+        if geom.padding_mode != "zeros" and (lo or hi):
+            border = np.r_[0:lo, lo + size:lo + size + hi]
+            target = _padded_index(size, lo, hi, geom.padding_mode)[border] + lo
+            where: list[Any] = [slice(None)] * view.ndim
+            where[ax] = target
+            np.add.at(view, tuple(where), np.take(view, border, axis=ax))
+        where = [slice(None)] * view.ndim
+        where[ax] = slice(lo, lo + size)
+        view = view[tuple(where)]
+    np.copyto(out, view)
+
+
+def _windows(frame: np.ndarray, geom: ConvGeometry, tile) -> np.ndarray:
+    """The tile's windows, a view of the frame: (groups, C_in/g, *k, rows, *O[1:], samples)."""
+    b0, b1, r0, r1 = tile
+    g = geom.groups
+    cpg = geom.in_channels // g
+    base = frame[:, r0 * geom.stride[0]:, ..., b0:b1]
+    sc, *sl, sb = base.strides
+    return as_strided(
+        base,
+        (g, cpg, *geom.kernel_size, r1 - r0, *geom.output_size[1:], b1 - b0),
+        (cpg * sc, sc, *(d * s for d, s in zip(geom.dilation, sl)),
+         *(st * s for st, s in zip(geom.stride, sl)), sb),
+        writeable=False,
+    )
+
+
+def _tap_slices(geom: ConvGeometry, tap, tile) -> tuple[slice, ...]:
+    """The frame's elements (after the channel axis) that tap ``tap`` reads for a tile."""
+    b0, b1, r0, r1 = tile
+    first = [r0 * geom.stride[0] + tap[0] * geom.dilation[0]]
+    first += [u * d for u, d in zip(tap[1:], geom.dilation[1:])]
+    counts = [r1 - r0, *geom.output_size[1:]]
+    spatial = (slice(f, f + (n - 1) * s + 1, s) for f, n, s in zip(first, counts, geom.stride))
+    return (*spatial, slice(b0, b1))
+
+
+def _threads_for(geom: ConvGeometry, samples: int, threads: int) -> int:
+    macs = samples * math.prod(geom.output_size) * geom.out_channels * (
+        geom.in_channels // geom.groups) * math.prod(geom.kernel_size)
+    return threads if macs >= _MIN_PARALLEL_MACS else 1
+
+
+def conv_samples(x: np.ndarray, weight: np.ndarray, geom: ConvGeometry, out: np.ndarray,
+                 threads: int) -> None:
+    """``out[..., b] = conv(x[..., b])``: ``x`` (C_in, *L, B) into ``out`` (C_out, *O, B).
+
+    The samples are the last axis (the columns of the operators' products).
+    ``weight`` is ``(groups, C_out/g, C_in/g * taps)`` in the dtype of ``x``.
+    Tiles run on ``threads`` threads (BLAS on one), each computed the same
+    way whatever thread runs it.
+    """
+    frame = _pad_frame(x, geom)
+    g = geom.groups
+    opg, cpg = geom.out_channels // g, geom.in_channels // g
+    depth = weight.shape[2]
+    plan = tiling(geom, x.shape[-1], x.dtype.itemsize)
+    width = plan.samples * plan.rows * math.prod(geom.output_size[1:])
+
+    def run(share):
+        # One buffer of each per thread, reused by its tiles (a fresh 1 MB array
+        # would be mapped and faulted in for every tile).
+        windows = np.empty(g * depth * width, dtype=x.dtype)
+        products = np.empty(g * opg * width, dtype=x.dtype)
+        for tile in share:
+            b0, b1, r0, r1 = tile
+            shape = (r1 - r0, *geom.output_size[1:], b1 - b0)
+            n = math.prod(shape)
+            gathered = windows[: g * depth * n].reshape(g, depth, n)
+            np.copyto(gathered.reshape((g, cpg, *geom.kernel_size, *shape)),
+                      _windows(frame, geom, tile))
+            target = out[:, r0:r1, ..., b0:b1]
+            rows = target.reshape(g, opg, n) if _rows_are_contiguous(target) else None
+            if rows is not None:  # BLAS writes the tile's rows in place (a leading dimension)
+                np.matmul(weight, gathered, out=rows)
+            else:
+                result = products[: g * opg * n].reshape(g, opg, n)
+                np.matmul(weight, gathered, out=result)
+                np.copyto(target, result.reshape((g * opg, *shape)))
+
+    with one_blas_thread():
+        _run_tiles(run, plan.tiles, _threads_for(geom, x.shape[-1], threads))
+
+
+def conv_transpose_samples(y: np.ndarray, weight: np.ndarray, geom: ConvGeometry,
+                           out: np.ndarray, threads: int) -> None:
+    """``out[..., b] = conv_transpose(y[..., b])``: ``y`` (C_out, *O, B) into ``out`` (C_in, *L, B).
+
+    The adjoint of :func:`conv_samples` (no conjugation), on the same tiles:
+    ``weight.T @ y``'s tile gives each tap's windows, added into a padded
+    frame tap by tap, then folded onto ``out``.  Tiles that write disjoint
+    rows of the frame run at once; the phases, hence the order of every sum,
+    depend on the tiles alone.
+    """
+    g = geom.groups
+    opg, cpg = geom.out_channels // g, geom.in_channels // g
+    samples = y.shape[-1]
+    frame = np.zeros((geom.in_channels, *_padded_size(geom), samples), dtype=y.dtype)
+    plan = tiling(geom, samples, y.dtype.itemsize, _SCATTER_TILE_BYTES)
+    extent = (geom.kernel_size[0] - 1) * geom.dilation[0] + 1
+    flipped = weight.transpose(0, 2, 1)  # (g, cpg * taps, opg), a view
+
+    def span(tile):  # the frame rows the tile adds into, times the samples
+        b0, b1, r0, r1 = tile
+        lo, hi = r0 * geom.stride[0], (r1 - 1) * geom.stride[0] + extent
+        return lo * samples + b0, (hi - 1) * samples + b1
+
+    def add_tile(tile):
+        b0, b1, r0, r1 = tile
+        shape = (r1 - r0, *geom.output_size[1:], b1 - b0)
+        values = y[:, r0:r1, ..., b0:b1].reshape(g, opg, math.prod(shape))
+        windows = np.matmul(flipped, values).reshape((g, cpg, *geom.kernel_size, *shape))
+        for t in np.ndindex(*geom.kernel_size):
+            target = frame[(slice(None), *_tap_slices(geom, t, tile))]
+            target += windows[(slice(None), slice(None), *t)].reshape(target.shape)
+
+    tiles = plan.tiles
+    phases = disjoint_phases([span(tile) for tile in tiles])
+    with one_blas_thread():
+        run_phases(lambda k: add_tile(tiles[k]), phases, _threads_for(geom, samples, threads))
+    _fold_into(frame, geom, out)
+
+
+def gathered_adjoint(geom: ConvGeometry, weight: np.ndarray):
+    """The transposed product of a stride-1 geometry as a convolution, or None.
+
+    With stride 1, ``W.T`` is the correlation of ``y`` with the flipped
+    kernel, channels swapped, over the whole padded frame (zeros beyond
+    ``y``), followed by the fold ``P.T``: a convolution that
+    :func:`conv_samples` runs on gathered windows, as fast as ``W @ x``,
+    instead of adding every tap's windows into the frame.  Under zeros
+    padding the fold is a crop, computed only where it keeps something.
+    Returns ``(geometry, weight, frame)`` (``frame``: whether the result is
+    the padded frame, to fold) for ``weight`` in the form's layout
+    ``(groups, C_out/g, C_in/g * taps)``.
+    """
+    if any(s != 1 for s in geom.stride):
+        return None
+    g, ndim = geom.groups, geom.ndim
+    opg, cpg = geom.out_channels // g, geom.in_channels // g
+    reach = [(k - 1) * d for k, d in zip(geom.kernel_size, geom.dilation)]
+    # The frame's last elements that no output reads (a transposed convolution's
+    # output_padding): zeros of the transposed product, read off y's zeros.
+    slack = [n + lo + hi - r - o for n, (lo, hi), r, o in
+             zip(geom.input_size, geom.padding, reach, geom.output_size)]
+    crop = geom.padding_mode == "zeros" and all(
+        lo <= r and hi <= r + e for (lo, hi), r, e in zip(geom.padding, reach, slack))
+    if crop:
+        padding = tuple((r - lo, r - hi + e) for (lo, hi), r, e in zip(geom.padding, reach, slack))
+        output_size = geom.input_size
+    else:
+        padding = tuple((r, r + e) for r, e in zip(reach, slack))
+        output_size = _padded_size(geom)
+    adjoint = dataclasses.replace(
+        geom, in_channels=geom.out_channels, out_channels=geom.in_channels,
+        input_size=geom.output_size, output_size=output_size, padding=padding,
+        padding_mode="zeros", output_padding=(0,) * ndim)
+    # (every output position of the adjoint reads inside its padded input)
+    assert all(o + lo + hi - r == n for o, (lo, hi), r, n in
+               zip(geom.output_size, padding, reach, output_size))
+    w = weight.reshape(g, opg, cpg, *geom.kernel_size)
+    w = np.flip(w, axis=tuple(range(3, 3 + ndim))).swapaxes(1, 2)
+    return adjoint, np.ascontiguousarray(w).reshape(g, cpg, -1), not crop
+
+
+def _rows_are_contiguous(target: np.ndarray) -> bool:
+    """Whether each channel's part of ``target`` (C, ...) is one contiguous run."""
+    inner = target[0]
+    return inner.flags.c_contiguous and target.strides[0] > 0
+
+
+def _run_tiles(run_share, tiles, threads: int) -> None:
+    """``run_share`` on ``threads`` shares of the tiles (dealt round-robin), at once."""
+    threads = max(1, min(threads, len(tiles)))
+    run_parallel(run_share, [tiles[i::threads] for i in range(threads)], threads)
+
+
+class StructuredForm(ProductForm):
+    """W (or W.T) as the weight's taps: products are tiled im2col GEMMs (see the module).
+
+    The form of W stores the weight, ``(groups, C_out/g, C_in/g * taps)`` (a
+    view of the operator's own); the form of W.T, for stride 1, also the
+    flipped weight of :func:`gathered_adjoint`, on which its products gather
+    windows as W's do.  Each serves the other direction on the same arrays
+    (``W.T @ y`` by adding windows, :func:`conv_transpose_samples`).
+    """
+
+    name = "structured"
+
+    def __init__(self, weight: np.ndarray, geometry: ConvGeometry, transposed: bool):
+        self.weight = weight
+        self.geometry = geometry
+        self.transposed = transposed
+        self.matrix = None  # no scipy matrix: the operator's CSR is built when read
+        self.adjoint = gathered_adjoint(geometry, weight) if transposed else None
+
+    @staticmethod
+    def applies(geometry) -> bool:
+        """Every channel layer: blocks of more than one entry (one channel in and
+        out, or one per group, is a scalar per tap: the diagonal or CSR forms)."""
+        g = geometry.groups
+        return (geometry.out_channels // g) * (geometry.in_channels // g) > 1
+
+    @classmethod
+    def predict_nbytes(cls, geometry, dtype, *, transposed) -> int:
+        # the weight, and for W.T of stride 1 its flipped copy (gathered_adjoint)
+        copies = 2 if transposed and all(s == 1 for s in geometry.stride) else 1
+        return copies * math.prod(geometry.weight_shape) * np.dtype(dtype).itemsize
+
+    @classmethod
+    def lean_transposed(cls, geometry, transposed) -> bool:
+        """W.T for stride 1: its form holds both the weight (for ``W @ x``) and the
+        flipped weight (for ``W.T @ y``, gathered as fast as ``W @ x``)."""
+        return all(s == 1 for s in geometry.stride) or transposed
+
+    @classmethod
+    def build(cls, request):
+        geom = request.geometry
+        g = geom.groups
+        weight = np.ascontiguousarray(request.weight).reshape(g, geom.out_channels // g, -1)
+        return cls(weight, geom, request.transposed)
+
+    @property
+    def nbytes(self) -> int:
+        return sum(a.nbytes for a in self._arrays())
+
+    def _arrays(self):
+        return [self.weight] + ([] if self.adjoint is None else [self.adjoint[1]])
+
+    def _apply(self, v: np.ndarray, threads: int, transposed: bool) -> np.ndarray:
+        geom = self.geometry
+        v = cast_if_safe(v, self.weight.dtype)
+        dtype = np.result_type(v.dtype, self.weight.dtype)
+        v = v.astype(dtype, copy=False)
+        columns = 1 if v.ndim == 1 else v.shape[1]
+        in_shape, out_shape = geom.input_shape, geom.output_shape
+        if transposed:
+            in_shape, out_shape = out_shape, in_shape
+        result = np.empty((math.prod(out_shape), columns), dtype=dtype)
+        if columns:
+            # Columns are samples: (n, B) is (C, *L, B) as it lies in memory.
+            samples = v.reshape((*in_shape, columns))
+            out = result.reshape((*out_shape, columns))
+            if not transposed:
+                conv_samples(samples, self.weight.astype(dtype, copy=False), geom, out, threads)
+            elif self.adjoint is None:
+                conv_transpose_samples(samples, self.weight.astype(dtype, copy=False), geom, out,
+                                       threads)
+            else:
+                adjoint, weight, frame = self.adjoint
+                weight = weight.astype(dtype, copy=False)
+                if frame:
+                    padded = np.empty((geom.in_channels, *_padded_size(geom), columns), dtype)
+                    conv_samples(samples, weight, adjoint, padded, threads)
+                    _fold_into(padded, geom, out)
+                else:
+                    conv_samples(samples, weight, adjoint, out, threads)
+        return result.reshape(-1) if v.ndim == 1 else result
+
+    def multiply(self, x, threads):
+        return self._apply(x, threads, self.transposed)
+
+    def multiply_transposed(self, y, threads):
+        return self._apply(y, threads, not self.transposed)
