@@ -23,7 +23,7 @@ class Build:
         self.build(self.weight)
 
     def time_operator(self, geometry):
-        # what an operator builds for its products: dense channel blocks or the CSR
+        # what an operator builds for its products: the weight (structured), diagonals or the CSR
         self.new_operator(self.weight)
 
     def time_with_weight(self, geometry):

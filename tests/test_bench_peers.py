@@ -186,7 +186,7 @@ def test_missing_peers_are_named_once_not_per_configuration(monkeypatch):
     peer_table = text.split("Sparse products on the same matrix")[1].split("\n\n")[0]
     header = peer_table.splitlines()[1]
     assert "scipy 1t W@x" in header and "torch" not in header and "spconv" not in header
-    direct_header = text.split("Direct kernels and peers")[1].splitlines()[1]
+    direct_header = text.split("direct kernels and peers")[1].splitlines()[1]
     assert "torch" not in direct_header and "PyLops" not in direct_header
     for library in ("torch", "pylops", "sparse_convolution"):
         assert text.count(f"note: {library} not installed") == 1

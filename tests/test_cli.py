@@ -37,7 +37,7 @@ def test_bench_quick_writes_json_and_plot(tmp_path, capsys):
         assert a["times"][method] > 0
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     out = capsys.readouterr().out
-    assert "Direct kernels and peers" in out and "of bound" in out
+    assert "direct kernels and peers" in out and "of bound" in out
 
 
 def test_bench_peer_columns_follow_what_is_installed(tmp_path, monkeypatch, capsys):

@@ -1,11 +1,14 @@
 """The matrix product against peers and direct kernels: ``sparse-tconv bench`` and ``crossover``.
 
 Every figure is a time measured in one run, reported as a ratio to the
-operator's threaded product of the same geometry (its ``W @ x`` on dense
-channel blocks, diagonals or the CSR matrix, whichever it holds; the keys
-say "csr" for all: ``csr`` is ``W @ x``, ``csr_transpose`` its ``W.T @ y``),
-and that product itself against the memory-bandwidth bound measured in the
-same run.  The sparse-product peers (scipy's serial CSR, torch.sparse_csr,
+sparse matrix's threaded product of the same geometry (the operator's own
+``W @ x`` on diagonals or the CSR matrix, or, for a channel layer whose
+operator multiplies through the structured form, the library's threaded
+CSR products on its explicit matrix; the keys say "csr" for all: ``csr`` is
+``W @ x``, ``csr_transpose`` its ``W.T @ y``), and that product itself
+against the memory-bandwidth bound measured in the same run.  The
+structured form is timed beside it (``structured``, ``structured_transpose``,
+``structured_batch_per_column``).  The sparse-product peers (scipy's serial CSR, torch.sparse_csr,
 sparse_convolution) multiply the same matrix; direct kernels are
 :mod:`sparse_tconv.direct`'s; PyTorch's and PyLops' kernels are timed when
 installed.  Tables and plots name every method in words (:func:`label`) and
@@ -251,6 +254,16 @@ def _operator_and_input(config: Config, threads: int, rng):
 def _direct_kernel(method: str, config: Config, weight, x):
     kernel = direct.conv_transpose if config.transposed else direct.conv
     return lambda: kernel(x, weight, method=method, **config.kwargs)
+
+
+class _WithProducts:
+    """``op`` whose ``matvec`` and ``rmatvec`` are other functions (the CSR's products)."""
+
+    def __init__(self, op, matvec, rmatvec):
+        self._op, self.matvec, self.rmatvec = op, matvec, rmatvec
+
+    def __getattr__(self, name):
+        return getattr(self._op, name)
 
 
 def _csr_products(op, threads: int):
@@ -554,6 +567,10 @@ def compare_config(config: Config, *, threads: int, bandwidth: float, repeat: in
         fresh = config.operator(weight, threads=threads)
         fresh.rmatvec(y)
         r["structured_bytes"] = int(fresh.nbytes)
+    else:
+        r["skipped"].update(dict.fromkeys(
+            ["structured", "structured_transpose", "structured_batch_per_column"],
+            "skipped: one channel per group"))
     # what the sparse rows' product reads: the operator's form, or the CSR
     r["product_bytes"] = int(matrix_bytes if structured else op.product_form.nbytes)
     r["bound_s"] = (r["product_bytes"] + x.nbytes + y.nbytes) / bandwidth
@@ -571,8 +588,10 @@ def compare_config(config: Config, *, threads: int, bandwidth: float, repeat: in
     if progress:
         progress.end()
         progress.begin(f"{name} peers: torch.sparse_csr, sparse_convolution, torch conv, PyLops")
-    _sparse_peers(r, config, op, W, weight, x, y, threads=threads, repeat=repeat, peers=peers,
-                  progress=progress)
+    # the sparse peers are paired with the sparse matrix's own products
+    sparse = _WithProducts(op, matvec, rmatvec) if structured else op
+    _sparse_peers(r, config, sparse, W, weight, x, y, threads=threads, repeat=repeat,
+                  peers=peers, progress=progress)
     if progress:
         progress.update(f"{name} peers: torch.nn.functional, PyLops")
     _dense_peers(r, config, weight, x, threads=threads, repeat=repeat, peers=peers)
@@ -736,7 +755,7 @@ def format_comparison(results: list[dict], machine: dict, notes: list[str]) -> s
     lines += ["", "Sparse products on the same matrix: time in ms (peer time / the operator's "
               "same product; > 1: the operator is ahead)"]
     lines += _table(results, _shown(results, _SPARSE_PEERS), 16)
-    lines += ["", "Direct kernels and peers: time in ms "
+    lines += ["", "The structured form, direct kernels and peers: time in ms "
               "(time / matrix W@x; > 1 means the matrix is faster)"]
     lines += _table(results, _other_columns(results), 15)
     lines.append("")
@@ -872,11 +891,12 @@ def plot_comparison(results: list[dict], path, title: str = "") -> None:
     sparse = ["csr_transpose", *_shown(results, _SPARSE_PEERS)]
     others = _other_columns(results)
     panels = [(sparse, "sparse products on the same matrix",
-               "time / the operator's same product (W.T @ y for the transposed products, "
+               "time / the sparse matrix's same product (W.T @ y for the transposed products, "
                "conv_matrix for builds, else W @ x)")]
     if others:
-        panels.append((others, "direct convolution kernels and PyTorch / PyLops",
-                       "time / the operator's W @ x (right of 1: the matrix product is faster)"))
+        panels.append((others, "the structured form, direct convolution kernels, PyTorch / PyLops",
+                       "time / the sparse matrix's W @ x (right of 1: the matrix product is "
+                       "faster)"))
     heights = [len(results) * len(keys) * _BAR_INCHES + 2.2 for keys, _, _ in panels]
     fig, axes = plt.subplots(len(panels), 1, figsize=(10, sum(heights) + 0.4), squeeze=False,
                              gridspec_kw=dict(height_ratios=heights), layout="constrained")

@@ -141,8 +141,8 @@ def _product_figures(op, x, y, *, bandwidth, repeat) -> dict:
     r["rmatvec_speedup"] = r["scipy_matvec_s"] / r["rmatvec_s"]
     r["rmatvec_over_matvec"] = r["rmatvec_s"] / r["matvec_s"]
     # A product reads data + indices + indptr, reads x, writes y: of the CSR
-    # matrix for scipy, of the operator's product form (dense channel blocks
-    # when it has them, 8 bytes per float64 entry instead of 12) for matvec.
+    # matrix for scipy, of the operator's product form for matvec (the
+    # structured form's weight is no bound: its products are GEMMs).
     vectors = x.nbytes + y.nbytes
     form = op.product_form
     r["product_bytes"] = form.nbytes
@@ -515,7 +515,8 @@ def _structured_lines(results) -> list[str]:
              f"{'build ms':>9}{'peak/CSR':>9}"]
 
     def cell(r, key, fmt, scale=1.0):
-        return format(r[key] * scale, fmt) if key in r else "-"
+        width = int(fmt.split(".")[0])
+        return format(r[key] * scale, fmt) if key in r else format("-", f">{width}")
 
     for r in rows:
         lines.append(
@@ -578,8 +579,8 @@ def _format(results, verdicts, machine) -> str:
                 f"{r['separate_matvecs_s']*1e3:.1f} ms; "
                 f"op.conv(batch) {r['conv_batch_s']*1e3:.1f} ms"
                 f"\n  compute floor: {2 * r['nnz'] * r['batch'] / 1e9:.1f} Gflop at "
-                f"{r['block_gemm_gflops']:.0f} Gflop/s (numpy matmul on this operator's blocks, "
-                f"all threads) = {r['batch_compute_bound_s']*1e3:.1f} ms = "
+                f"{r['block_gemm_gflops']:.0f} Gflop/s (numpy matmul on this operator's GEMM "
+                f"shapes, all threads) = {r['batch_compute_bound_s']*1e3:.1f} ms = "
                 f"{r['batch_bound_over_matvec']:.2f}x one matvec; scipy's serial W @ X "
                 f"{r['scipy_matmat_s']*1e3:.1f} ms"
             )
@@ -602,7 +603,7 @@ def _format(results, verdicts, machine) -> str:
         "values of the operator's product form alone into fresh memory (the same size, timed in "
         "the run); Wx x, WTy x: threaded products over scipy's serial W @ x; of bound: "
         "bytes moved / read bandwidth over the product time (bytes of the operator's product "
-        "form); form: what the operator's products read (dense channel blocks, diagonals, or "
+        "form); form: what the operator's products read (the structured form, diagonals, or "
         "the CSR matrix); op build x: a new operator over with_weight; Wx x limit, CSR limit: "
         "scipy's W @ x over the time to read the product form, or the CSR matrix, at the measured "
         "bandwidth (the most a product reading it can gain)"

@@ -164,10 +164,11 @@ def measure_block_gemm_rate(op, n_vecs: int, threads: int, blocks: int = 256) ->
     """
     form = op.product_form
     r, c = (1, 1)
-    if form.name == "structured":
+    if form.name == "structured":  # (its GEMMs are a tile's positions wide, times the columns)
         geom = op.convolution.geometry
         r = geom.out_channels // geom.groups
         c = geom.in_channels // geom.groups * math.prod(geom.kernel_size)
+        n_vecs, blocks = max(n_vecs, 256), 16
     rng = np.random.default_rng(1)
     a = [rng.standard_normal((blocks, r, c)) for _ in range(threads)]
     b = [rng.standard_normal((blocks, c, n_vecs)) for _ in range(threads)]
