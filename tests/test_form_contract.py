@@ -85,7 +85,8 @@ GEOMETRIES = {
 SMALL_SCALE = {
     "diagonals": [(diagonals, "_CHUNK_BYTES", 1), (diagonals, "_MIN_CHUNK_ROWS", 1)],
     # tiles of one output row (or one sample), and two threads even for tiny products
-    "structured": [(structured, "_TILE_BYTES", 1), (structured, "_SCATTER_TILE_BYTES", 1),
+    "structured": [(structured, "_TILE_BYTES", 1), (structured, "_MAX_TILE_BYTES", 1),
+                   (structured, "_SCATTER_TILE_BYTES", 1),
                    (structured, "_MIN_PARALLEL_MACS", 0)],
 }
 

@@ -72,6 +72,7 @@ def thread_small(monkeypatch):
     monkeypatch.setattr(_parallel, "MIN_PARALLEL_NNZ", 0)
     monkeypatch.setattr(_parallel, "SCATTER_PART_NNZ", 1)
     monkeypatch.setattr(structured, "_TILE_BYTES", 1)
+    monkeypatch.setattr(structured, "_MAX_TILE_BYTES", 1)
     monkeypatch.setattr(structured, "_SCATTER_TILE_BYTES", 1)
     monkeypatch.setattr(structured, "_MIN_PARALLEL_MACS", 0)
 

@@ -127,6 +127,7 @@ def thread_small(monkeypatch):
 def small_tiles(monkeypatch):
     """Cut even a small layer into tiles of one output row, which threads split."""
     monkeypatch.setattr(_structured, "_TILE_BYTES", 1)
+    monkeypatch.setattr(_structured, "_MAX_TILE_BYTES", 1)
     monkeypatch.setattr(_structured, "_SCATTER_TILE_BYTES", 1)
     monkeypatch.setattr(_structured, "_MIN_PARALLEL_MACS", 0)
 

@@ -156,6 +156,7 @@ def test_lean_products_from_many_threads_at_once(name, monkeypatch):
     monkeypatch.setattr(_parallel, "MIN_PARALLEL_NNZ", 0)
     monkeypatch.setattr(_parallel, "SCATTER_PART_NNZ", 1)
     monkeypatch.setattr(structured, "_TILE_BYTES", 1)
+    monkeypatch.setattr(structured, "_MAX_TILE_BYTES", 1)
     monkeypatch.setattr(structured, "_SCATTER_TILE_BYTES", 1)
     monkeypatch.setattr(structured, "_MIN_PARALLEL_MACS", 0)
     rng = np.random.default_rng(seed_of("lean-threads", name))

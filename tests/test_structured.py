@@ -36,6 +36,7 @@ RTOL = {np.float32: 1e-5, np.float64: 1e-12, np.complex128: 1e-12}
 def _small_tiles(monkeypatch):
     """Tiles of one row (or a few bytes), and two threads even for tiny products."""
     monkeypatch.setattr(structured, "_TILE_BYTES", 1)
+    monkeypatch.setattr(structured, "_MAX_TILE_BYTES", 1)
     monkeypatch.setattr(structured, "_SCATTER_TILE_BYTES", 1)
     monkeypatch.setattr(structured, "_MIN_PARALLEL_MACS", 0)
 

@@ -38,6 +38,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import threading
 from typing import Any
 
 import numpy as np
@@ -51,16 +52,26 @@ from .base import ProductForm
 
 __all__ = ["StructuredForm", "conv_samples", "conv_transpose_samples", "Tiling", "tiling"]
 
-# Bytes of one tile's gathered windows (the im2col matrix): with the weight
-# and the tile's outputs they stay in the core's cache between the gather and
-# the GEMM.
+# Bytes of one tile's gathered windows (the im2col matrix): at least
+# _TILE_BYTES, at most _MAX_TILE_BYTES, else a _MIN_TILES-th of the product's.
+# Fewer, larger GEMMs cost less per flop than the cache they spill (measured
+# on the bench's layers, 2 threads: (c) 3.2-3.5 ms with 1 MB tiles, 2.8 with
+# 8 MB; (b) 3.0-3.2 and 2.7), while a few tiles per thread keep both busy (a
+# 64->32 4x4 stride-2 layer: 0.96 ms with 1 MB tiles, 1.1 with 4 MB).
 _TILE_BYTES = 1 << 20
+_MAX_TILE_BYTES = 1 << 23
+_MIN_TILES = 4
 
 # The transposed product's tiles (windows added into the frame tap by tap) are
 # larger: each tap's add is one numpy call, whose cost (some 4 us) a small
 # tile pays for every tap (measured on the bench's 3->64 7x7 stride-2 layer:
 # 8.8 ms with 1 MB tiles, 5.7 ms with 4 MB).
 _SCATTER_TILE_BYTES = 1 << 22
+
+# The most bytes of scratch arrays (frames, tile buffers) a thread keeps between
+# products (see _scratch).
+_SCRATCH_BYTES = 1 << 26
+_local = threading.local()
 
 # Below this many multiply-adds a product runs on one thread: handing tiles
 # to a pool thread costs about 0.1 ms (as _parallel.MIN_PARALLEL_NNZ).
@@ -81,20 +92,22 @@ class Tiling:
 
 
 def tiling(geom: ConvGeometry, samples: int, itemsize: int, budget: int | None = None) -> Tiling:
-    """The tiles of a product over ``samples`` samples: about ``budget`` bytes of windows each
-    (default ``_TILE_BYTES``).
+    """The tiles of a product over ``samples`` samples: ranges of output rows of every sample.
 
-    A tile is a range of output rows of every sample, or, when one row of
-    every sample is more than the budget, one row of as many samples as fit.
+    Each holds about ``budget`` bytes of windows; by default a quarter of
+    them (``_MIN_TILES`` tiles, for the threads to share), but no less than
+    ``_TILE_BYTES`` and no more than ``_MAX_TILE_BYTES``.  Equal ranges, at
+    least one row each.  The geometry and the number of samples alone decide.
     """
     out_rows = geom.output_size[0]
     taps = math.prod(geom.kernel_size)
-    per_row = geom.in_channels * taps * math.prod(geom.output_size[1:]) * itemsize
-    budget = _TILE_BYTES if budget is None else budget
-    rows, group = max(1, min(out_rows, budget // (per_row * samples))), samples
-    tiles = [(b, min(b + group, samples), r, min(r + rows, out_rows))
-             for r in range(0, out_rows, rows) for b in range(0, samples, group)]
-    return Tiling(tiles, rows, group)
+    per_row = geom.in_channels * taps * math.prod(geom.output_size[1:]) * itemsize * samples
+    if budget is None:
+        budget = min(_MAX_TILE_BYTES, max(_TILE_BYTES, per_row * out_rows // _MIN_TILES))
+    count = -(-out_rows // max(1, min(out_rows, budget // per_row)))
+    rows = -(-out_rows // count)
+    tiles = [(0, samples, r, min(r + rows, out_rows)) for r in range(0, out_rows, rows)]
+    return Tiling(tiles, rows, samples)
 
 
 def _padded_size(geom: ConvGeometry) -> tuple[int, ...]:
@@ -105,15 +118,56 @@ def _interior(geom: ConvGeometry) -> tuple[slice, ...]:
     return tuple(slice(lo, lo + n) for n, (lo, _) in zip(geom.input_size, geom.padding))
 
 
-def _pad_frame(x: np.ndarray, geom: ConvGeometry) -> np.ndarray:
-    """``x`` (C, *L, samples) as a contiguous padded frame (C, *Lp, samples): ``P x``."""
-    from ..direct import _NUMPY_PAD_MODE
+def _scratch(slot: str, shape: tuple[int, ...], dtype) -> np.ndarray:
+    """An uninitialised array for ``slot`` of this thread, kept for its next products.
 
-    if geom.padding_mode == "zeros" or not any(v for pair in geom.padding for v in pair):
-        frame = np.zeros((x.shape[0], *_padded_size(geom), x.shape[-1]), dtype=x.dtype)
-        frame[(slice(None), *_interior(geom))] = x
-        return frame
-    return np.pad(x, ((0, 0), *geom.padding, (0, 0)), mode=_NUMPY_PAD_MODE[geom.padding_mode])
+    Memory freed and mapped again is slow to touch on these VMs (page faults
+    on every product): allocating the frame and the tiles' buffers afresh
+    cost 1.0 of 4.2 ms on the 64->64 3x3 layer at 56x56.  Each thread keeps
+    one buffer per slot, up to ``_SCRATCH_BYTES``; larger ones are allocated
+    for the product alone.  A slot's array is never returned to the caller.
+    """
+    dtype = np.dtype(dtype)
+    nbytes = math.prod(shape) * dtype.itemsize
+    if nbytes > _SCRATCH_BYTES:
+        return np.empty(shape, dtype=dtype)
+    store = getattr(_local, "buffers", None)
+    if store is None:
+        store = _local.buffers = {}
+    buffer = store.get(slot)
+    if buffer is None or buffer.nbytes < nbytes:
+        # (float64 elements: aligned for any dtype numpy multiplies)
+        buffer = store[slot] = np.empty(-(-nbytes // 8), dtype=np.float64)
+    return buffer.view(np.uint8)[:nbytes].view(dtype).reshape(shape)
+
+
+def _pad_frame(x: np.ndarray, geom: ConvGeometry) -> np.ndarray:
+    """``x`` (C, *L, samples) padded by the padding mode (C, *Lp, samples): ``P x``.
+
+    A scratch array (overwritten by this thread's next product).  The padding
+    runs one dimension at a time, over the padded extent of the dimensions
+    before and the interior of those after (as ``np.pad``): every padded
+    element is set once.
+    """
+    from ..direct import _padded_index  # the padding modes as np.pad has them
+
+    frame = _scratch("frame", (x.shape[0], *_padded_size(geom), x.shape[-1]), x.dtype)
+    frame[(slice(None), *_interior(geom))] = x
+    for d, (size, (lo, hi)) in enumerate(zip(geom.input_size, geom.padding)):
+        if not (lo or hi):
+            continue
+        after = [slice(a, a + n) for n, (a, _) in zip(geom.input_size[d + 1:],
+                                                       geom.padding[d + 1:])]
+        view = frame[(slice(None),) * (1 + d) + (slice(None), *after, slice(None))]
+        border = np.r_[0:lo, lo + size:lo + size + hi]
+        where = (slice(None),) * (1 + d)
+        if geom.padding_mode == "zeros":
+            view[where + (slice(0, lo),)] = 0
+            view[where + (slice(lo + size, None),)] = 0
+        else:
+            source = _padded_index(size, lo, hi, geom.padding_mode)[border] + lo
+            view[where + (border,)] = np.take(view, source, axis=1 + d)
+    return frame
 
 
 def _fold_into(frame: np.ndarray, geom: ConvGeometry, out: np.ndarray) -> None:
@@ -192,8 +246,8 @@ def conv_samples(x: np.ndarray, weight: np.ndarray, geom: ConvGeometry, out: np.
     def run(share):
         # One buffer of each per thread, reused by its tiles (a fresh 1 MB array
         # would be mapped and faulted in for every tile).
-        windows = np.empty(g * depth * width, dtype=x.dtype)
-        products = np.empty(g * opg * width, dtype=x.dtype)
+        windows = _scratch("windows", (g * depth * width,), x.dtype)
+        products = _scratch("products", (g * opg * width,), x.dtype)
         for tile in share:
             b0, b1, r0, r1 = tile
             shape = (r1 - r0, *geom.output_size[1:], b1 - b0)
@@ -227,10 +281,12 @@ def conv_transpose_samples(y: np.ndarray, weight: np.ndarray, geom: ConvGeometry
     g = geom.groups
     opg, cpg = geom.out_channels // g, geom.in_channels // g
     samples = y.shape[-1]
-    frame = np.zeros((geom.in_channels, *_padded_size(geom), samples), dtype=y.dtype)
+    frame = _scratch("sums", (geom.in_channels, *_padded_size(geom), samples), y.dtype)
+    frame.fill(0)
     plan = tiling(geom, samples, y.dtype.itemsize, _SCATTER_TILE_BYTES)
     extent = (geom.kernel_size[0] - 1) * geom.dilation[0] + 1
     flipped = weight.transpose(0, 2, 1)  # (g, cpg * taps, opg), a view
+    taps = math.prod(geom.kernel_size)
 
     def span(tile):  # the frame rows the tile adds into, times the samples
         b0, b1, r0, r1 = tile
@@ -240,8 +296,11 @@ def conv_transpose_samples(y: np.ndarray, weight: np.ndarray, geom: ConvGeometry
     def add_tile(tile):
         b0, b1, r0, r1 = tile
         shape = (r1 - r0, *geom.output_size[1:], b1 - b0)
-        values = y[:, r0:r1, ..., b0:b1].reshape(g, opg, math.prod(shape))
-        windows = np.matmul(flipped, values).reshape((g, cpg, *geom.kernel_size, *shape))
+        n = math.prod(shape)
+        values = y[:, r0:r1, ..., b0:b1].reshape(g, opg, n)
+        windows = _scratch("windows", (g, cpg * taps, n), y.dtype)
+        np.matmul(flipped, values, out=windows)
+        windows = windows.reshape((g, cpg, *geom.kernel_size, *shape))
         for t in np.ndindex(*geom.kernel_size):
             target = frame[(slice(None), *_tap_slices(geom, t, tile))]
             target += windows[(slice(None), slice(None), *t)].reshape(target.shape)
@@ -382,7 +441,8 @@ class StructuredForm(ProductForm):
                 adjoint, weight, frame = self.adjoint
                 weight = weight.astype(dtype, copy=False)
                 if frame:
-                    padded = np.empty((geom.in_channels, *_padded_size(geom), columns), dtype)
+                    padded = _scratch("sums", (geom.in_channels, *_padded_size(geom), columns),
+                                      dtype)
                     conv_samples(samples, weight, adjoint, padded, threads)
                     _fold_into(padded, geom, out)
                 else:
