@@ -11,21 +11,25 @@ gigabytes, built in microseconds.  Its products are the structure's:
 ``W @ x`` (:func:`conv_samples`)
     The input is padded once by the padding mode (the border, handled apart,
     as a copy: the padded frame is ``P x`` for a 0/1 matrix ``P`` of one row
-    per padded position).  The output is cut into *tiles*: a range of rows
-    of the first spatial dimension, or whole images of several samples when
-    one image is small.  For each tile the windows of every tap are gathered
-    into one cache-sized matrix (im2col: ``C_in/g * taps`` rows, one column
-    per output position of the tile) and multiplied by the weight in one
-    GEMM per group (numpy's ``matmul``, BLAS).  Gathering all the taps into
-    one GEMM keeps few-channel layers (a 3->64 stem, 49 taps) as fast as
-    wide ones, where one GEMM per tap would multiply 3-column matrices.
-``W.T @ y`` (:func:`conv_transpose_samples`)
-    The adjoint, tile by tile: one GEMM by the transposed weight gives every
-    tap's contribution to the tile's windows, added tap by tap into the
-    padded frame (col2im), which is then folded back (``P.T``: zeros padding
-    crops, the other modes add each padded element onto the element it
-    copies).  Neighbouring tiles' windows overlap; tiles that write disjoint
-    rows run at once, in phases (:func:`~.._parallel.disjoint_phases`).
+    per padded position).  The output is cut into *tiles*, ranges of rows of
+    the first spatial dimension (every sample: the samples are the last
+    axis, as the operators' columns are).  For each tile the windows of
+    every tap are gathered into one matrix (im2col: ``C_in/g * taps`` rows,
+    one column per output position and sample of the tile) and multiplied
+    by the weight in one GEMM per group (numpy's ``matmul``, BLAS).
+    Gathering all the taps into one GEMM keeps few-channel layers (a 3->64
+    stem, 49 taps) as fast as wide ones, where one GEMM per tap would
+    multiply 3-column matrices.
+``W.T @ y``
+    For stride 1, the convolution of ``y`` with the flipped weight over the
+    padded frame (:func:`gathered_adjoint`), run by :func:`conv_samples`,
+    then folded back (``P.T``: zeros padding crops, the other modes add each
+    padded element onto the element it copies).  For other strides
+    (:func:`conv_transpose_samples`), tile by tile: one GEMM by the
+    transposed weight gives every tap's windows, added tap by tap into the
+    padded frame (col2im), then folded back.  Neighbouring tiles' windows
+    overlap; tiles that write disjoint rows run at once, in phases
+    (:func:`~.._parallel.disjoint_phases`).
 
 The tiles depend on the geometry and the number of samples alone, and each
 is computed by the same calls whatever thread runs it: the result does not
@@ -68,8 +72,9 @@ _MIN_TILES = 4
 # 8.8 ms with 1 MB tiles, 5.7 ms with 4 MB).
 _SCATTER_TILE_BYTES = 1 << 22
 
-# The most bytes of scratch arrays (frames, tile buffers) a thread keeps between
-# products (see _scratch).
+# The largest scratch array (a frame, a tile's buffer) a thread keeps per slot
+# between products (see _scratch; four slots: at most 256 MB per thread, and
+# the pool's threads hold only tile buffers).
 _SCRATCH_BYTES = 1 << 26
 _local = threading.local()
 
