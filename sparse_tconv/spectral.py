@@ -296,11 +296,16 @@ def _check_blocks_size(geom) -> None:
 # ---------------------------------------------------------------------------
 
 
-def _norm_operand(obj):
-    """``(LinearOperator or None, explicit matrix or None)`` for operator_norm."""
+def _norm_operand(obj, *, explicit: bool = False):
+    """``(LinearOperator or None, explicit matrix or None)`` for operator_norm.
+
+    A convolution operator's CSR matrix is built only when ``explicit`` asks
+    for it (the methods that multiply run on the operator's own products:
+    its channel layers' matrix may be far larger than the operator).
+    """
     if isinstance(obj, CONV_OPERATORS):
         _check_weight(obj.convolution.weight, "op's weight")
-        return obj, obj.matrix
+        return obj, (obj.matrix if explicit else None)
     if is_sparse(obj) or isinstance(obj, np.ndarray):
         matrix, _ = _explicit_matrix(obj, "op")
         return aslinearoperator(matrix), matrix
@@ -577,7 +582,7 @@ def _by_gram(op, settings: _NormSettings) -> float:
         with warnings.catch_warnings():  # the width of the interval is not asked for here
             warnings.simplefilter("ignore", RuntimeWarning)
             return norm_bounds(op, maxiter=1).upper
-    _, matrix = _norm_operand(op)
+    _, matrix = _norm_operand(op, explicit=True)
     if matrix is None:
         raise TypeError(
             "method='gram' needs an explicit matrix (ConvOperator, ConvTransposeOperator, "

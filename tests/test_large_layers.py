@@ -81,3 +81,14 @@ def test_a_layer_past_any_csr_is_an_operator_of_its_weight():
         op = cls(weight, (64, 512, 512), padding=1, max_bytes=1 << 20)
         assert op.product_form.name == "structured"
         assert op.nbytes <= 2 * weight.nbytes
+
+
+@pytest.mark.parametrize("method", ["svds", "power"])
+def test_operator_norm_runs_on_the_products_without_the_csr(method):
+    """svds and power iteration need products only: the CSR is not built for them."""
+    rng = np.random.default_rng(7)
+    op = ConvOperator(rng.standard_normal((6, 4, 3, 3)), (4, 12, 11), padding=1)
+    value = spectral.operator_norm(op, method=method)
+    assert op._matrix_slot.built is None and op._tmatrix_slot.built is None
+    exact = np.linalg.norm(op.matrix.toarray(), 2)
+    assert abs(value - exact) <= 1e-6 * exact
