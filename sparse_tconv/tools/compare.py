@@ -187,10 +187,9 @@ def _torch_padding(padding, ndim: int):
     return tuple(lo for lo, _ in pairs)
 
 
-def _torch_kernel(torch, config: Config, weight, x, dtype):
-    """``torch.nn.functional.conv{N}d`` (or the transposed one) on this geometry, or why not."""
-    import torch.nn.functional as F
-
+def torch_settings(config: Config) -> dict | str:
+    """The configuration's keywords as ``torch.nn.functional``'s convolutions take them,
+    or why they cannot (another padding mode, more than 3-D, uneven padding)."""
     ndim = len(config.weight_shape) - 2
     kwargs = dict(config.kwargs)
     if kwargs.pop("padding_mode", "zeros") != "zeros":
@@ -202,6 +201,17 @@ def _torch_kernel(torch, config: Config, weight, x, dtype):
         return "uneven padding"
     if config.transposed and isinstance(kwargs["padding"], str):
         return "string padding"
+    return kwargs
+
+
+def _torch_kernel(torch, config: Config, weight, x, dtype):
+    """``torch.nn.functional.conv{N}d`` (or the transposed one) on this geometry, or why not."""
+    import torch.nn.functional as F
+
+    ndim = len(config.weight_shape) - 2
+    kwargs = torch_settings(config)
+    if isinstance(kwargs, str):
+        return kwargs
     func = getattr(F, f"conv_transpose{ndim}d" if config.transposed else f"conv{ndim}d")
     w = torch.from_numpy(weight.astype(dtype))
     t = torch.from_numpy(x.astype(dtype))[None]

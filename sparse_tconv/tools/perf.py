@@ -275,15 +275,12 @@ def _torch_pair(torch, config: Config, weight, dtype):
     import torch.nn.grad as grad
 
     ndim = len(config.weight_shape) - 2
-    kwargs = dict(config.kwargs)
-    if kwargs.pop("padding_mode", "zeros") != "zeros":
-        return "padding mode"
-    if ndim > 3:
-        return f"{ndim}-D"
+    kwargs = compare.torch_settings(config)
+    if isinstance(kwargs, str):
+        return kwargs
+    if isinstance(kwargs["padding"], str):
+        return "string padding"  # (conv2d_input takes sizes, not 'same')
     output_padding = kwargs.pop("output_padding", 0)
-    kwargs["padding"] = compare._torch_padding(kwargs.get("padding", 0), ndim)
-    if kwargs["padding"] is None or isinstance(kwargs["padding"], str):
-        return "padding"
     w = torch.from_numpy(weight.astype(dtype))
     F = torch.nn.functional
     conv, conv_t = getattr(F, f"conv{ndim}d"), getattr(F, f"conv_transpose{ndim}d")
