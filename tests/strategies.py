@@ -9,7 +9,9 @@ from __future__ import annotations
 
 from hypothesis import strategies as st
 
-__all__ = ["MODES", "geometries", "_kwargs"]
+from sparse_tconv._forms import structured
+
+__all__ = ["MODES", "SMALL_TILES", "geometries", "shrink_tiles", "_kwargs"]
 
 MODES = ["zeros", "reflect", "replicate", "circular"]
 
@@ -55,3 +57,16 @@ def geometries(draw):
 def _kwargs(g):
     """The convolution's keywords (stride, padding, ...) of a :func:`geometries` example."""
     return {k: g[k] for k in ("stride", "padding", "dilation", "groups", "padding_mode")}
+
+
+# The structured form's size thresholds, as (module, name, value): tiles of one
+# output row and two threads even for tiny products, so that small layers take
+# the code paths (many tiles, threads splitting them, phases) large ones do.
+SMALL_TILES = [(structured, "_TILE_BYTES", 1), (structured, "_MAX_TILE_BYTES", 1),
+               (structured, "_SCATTER_TILE_BYTES", 1), (structured, "_MIN_PARALLEL_MACS", 0)]
+
+
+def shrink_tiles(monkeypatch) -> None:
+    """Apply :data:`SMALL_TILES` for the test (pytest's ``monkeypatch``)."""
+    for module, name, value in SMALL_TILES:
+        monkeypatch.setattr(module, name, value)

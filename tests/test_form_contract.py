@@ -49,13 +49,13 @@ import numpy as np
 import pytest
 
 from sparse_tconv import ConvOperator, ConvTransposeOperator, _parallel
-from sparse_tconv._forms import FORMS, diagonals, form_for, structured
+from sparse_tconv._forms import FORMS, diagonals, form_for
 from sparse_tconv._geometry import conv_geometry
 from sparse_tconv._operator import _first_stored
 from sparse_tconv.testing import dottest
 
 from reference import random_array
-from strategies import MODES
+from strategies import MODES, SMALL_TILES
 
 # form name -> small ConvOperator geometries (weight shape, input shape, keywords) it gets
 GEOMETRIES = {
@@ -85,9 +85,7 @@ GEOMETRIES = {
 SMALL_SCALE = {
     "diagonals": [(diagonals, "_CHUNK_BYTES", 1), (diagonals, "_MIN_CHUNK_ROWS", 1)],
     # tiles of one output row (or one sample), and two threads even for tiny products
-    "structured": [(structured, "_TILE_BYTES", 1), (structured, "_MAX_TILE_BYTES", 1),
-                   (structured, "_SCATTER_TILE_BYTES", 1),
-                   (structured, "_MIN_PARALLEL_MACS", 0)],
+    "structured": SMALL_TILES,
 }
 
 DTYPES = [np.float32, np.float64, np.complex128]

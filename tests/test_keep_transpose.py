@@ -24,9 +24,9 @@ from test_operator import (  # noqa: F401  (rerun here, in the lean mode)
 )
 
 from sparse_tconv import ConvOperator, ConvTransposeOperator, _parallel
-from sparse_tconv._forms import structured
 
 from reference import random_array
+from strategies import shrink_tiles
 
 DTYPES = [np.float32, np.float64, np.complex64, np.complex128]
 
@@ -71,10 +71,7 @@ def thread_small(monkeypatch):
     """Thread even a small matrix, cut into as many parts (or tiles) as a large one."""
     monkeypatch.setattr(_parallel, "MIN_PARALLEL_NNZ", 0)
     monkeypatch.setattr(_parallel, "SCATTER_PART_NNZ", 1)
-    monkeypatch.setattr(structured, "_TILE_BYTES", 1)
-    monkeypatch.setattr(structured, "_MAX_TILE_BYTES", 1)
-    monkeypatch.setattr(structured, "_SCATTER_TILE_BYTES", 1)
-    monkeypatch.setattr(structured, "_MIN_PARALLEL_MACS", 0)
+    shrink_tiles(monkeypatch)
 
 
 def _pair(case, dtype, seed=0, **options):

@@ -20,6 +20,7 @@ from sparse_tconv._forms import csr as _csr
 from sparse_tconv._forms import structured as _structured
 
 from reference import random_array, reference_conv_matrix, transposed_product
+from strategies import shrink_tiles
 
 DTYPES = [np.float32, np.float64, np.complex64, np.complex128]
 GEOMETRY = dict(stride=(2, 1), padding=[(1, 2), 1], dilation=(1, 2), groups=2)
@@ -126,10 +127,7 @@ def thread_small(monkeypatch):
 @pytest.fixture
 def small_tiles(monkeypatch):
     """Cut even a small layer into tiles of one output row, which threads split."""
-    monkeypatch.setattr(_structured, "_TILE_BYTES", 1)
-    monkeypatch.setattr(_structured, "_MAX_TILE_BYTES", 1)
-    monkeypatch.setattr(_structured, "_SCATTER_TILE_BYTES", 1)
-    monkeypatch.setattr(_structured, "_MIN_PARALLEL_MACS", 0)
+    shrink_tiles(monkeypatch)
 
 
 @pytest.mark.parametrize("threads", [2, 3, 8])

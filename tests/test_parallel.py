@@ -14,9 +14,9 @@ import pytest
 
 import sparse_tconv
 from sparse_tconv import ConvOperator, ConvTransposeOperator, _parallel, conv_matrix
-from sparse_tconv._forms import structured
 
 from reference import seed_of
+from strategies import shrink_tiles
 
 TIMEOUT = 120  # seconds: far beyond what each needs (about one)
 
@@ -155,10 +155,7 @@ def test_lean_products_from_many_threads_at_once(name, monkeypatch):
     # into their own outputs.
     monkeypatch.setattr(_parallel, "MIN_PARALLEL_NNZ", 0)
     monkeypatch.setattr(_parallel, "SCATTER_PART_NNZ", 1)
-    monkeypatch.setattr(structured, "_TILE_BYTES", 1)
-    monkeypatch.setattr(structured, "_MAX_TILE_BYTES", 1)
-    monkeypatch.setattr(structured, "_SCATTER_TILE_BYTES", 1)
-    monkeypatch.setattr(structured, "_MIN_PARALLEL_MACS", 0)
+    shrink_tiles(monkeypatch)
     rng = np.random.default_rng(seed_of("lean-threads", name))
     op = OPERATORS[name](rng, keep_transpose=False, threads=2)
     assert op.product_form.name == name.split("-")[0]

@@ -23,22 +23,14 @@ from sparse_tconv import (
     conv_output_shape,
     conv_transpose_output_shape,
 )
-from sparse_tconv._forms import StructuredForm, form_for, structured
+from sparse_tconv._forms import StructuredForm, form_for
 from sparse_tconv._geometry import conv_geometry
 
 from reference import random_array, torch_conv
-from strategies import _kwargs, geometries
+from strategies import _kwargs, geometries, shrink_tiles
 
 DTYPES = [np.float32, np.float64, np.complex128]
 RTOL = {np.float32: 1e-5, np.float64: 1e-12, np.complex128: 1e-12}
-
-
-def _small_tiles(monkeypatch):
-    """Tiles of one row (or a few bytes), and two threads even for tiny products."""
-    monkeypatch.setattr(structured, "_TILE_BYTES", 1)
-    monkeypatch.setattr(structured, "_MAX_TILE_BYTES", 1)
-    monkeypatch.setattr(structured, "_SCATTER_TILE_BYTES", 1)
-    monkeypatch.setattr(structured, "_MIN_PARALLEL_MACS", 0)
 
 
 def _is_structured(g) -> bool:
@@ -68,7 +60,7 @@ def test_products_equal_the_csr_matrix_and_do_not_depend_on_threads(g, transpose
     weight = random_array(rng, g["weight_shape"], dtype)
     kwargs = _kwargs(g)
     with pytest.MonkeyPatch.context() as patch:
-        _small_tiles(patch)
+        shrink_tiles(patch)
         if transposed:
             # The transposed convolution whose matrix is this convolution's W.T.
             if g["padding_mode"] != "zeros":
@@ -117,7 +109,7 @@ def test_conv_equals_torch(g, seed, threads):
     weight = rng.standard_normal(g["weight_shape"])
     x = rng.standard_normal(g["input_shape"])
     with pytest.MonkeyPatch.context() as patch:
-        _small_tiles(patch)
+        shrink_tiles(patch)
         op = ConvOperator(weight, g["input_shape"], threads=threads, **_kwargs(g))
         got = op.conv(x)
     expected = torch_conv(x, weight, g["stride"], g["padding"], g["dilation"], g["groups"],
@@ -138,7 +130,7 @@ def test_conv_transpose_equals_torch(g, seed, threads):
     shape = conv_output_shape(g["input_shape"], g["weight_shape"], **kwargs)
     y = rng.standard_normal(shape)
     with pytest.MonkeyPatch.context() as patch:
-        _small_tiles(patch)
+        shrink_tiles(patch)
         try:
             op = ConvTransposeOperator(weight, shape, threads=threads, **kwargs)
         except ValueError:  # an empty output: more padding than the transposed convolution has
@@ -177,18 +169,6 @@ def test_the_form_stores_the_weight_only():
     np.testing.assert_allclose(op @ x, expected, rtol=1e-12, atol=1e-12 * abs(expected).max())
 
 
-def test_mixed_dtypes_widen_as_the_csr_matrix_does():
-    rng = np.random.default_rng(2)
-    weight = rng.standard_normal((4, 3, 3, 3)).astype(np.float32)
-    op = ConvOperator(weight, (3, 6, 7), padding=1)
-    for x in (rng.standard_normal(op.shape[1]), rng.integers(-3, 3, op.shape[1]),
-              rng.standard_normal(op.shape[1]) + 1j):
-        expected = op.matrix @ x
-        got = op @ x
-        assert got.dtype == expected.dtype
-        np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-5)
-
-
 @st.composite
 def _transposed_layers(draw):
     """A transposed convolution drawn as PyTorch's layers take it, output_padding included."""
@@ -219,7 +199,7 @@ def test_transposed_layers_with_output_padding_equal_torch(layer, seed, threads)
                                     "output_padding")}
     weight = rng.standard_normal(layer["weight_shape"])
     with pytest.MonkeyPatch.context() as patch:
-        _small_tiles(patch)
+        shrink_tiles(patch)
         try:
             op = ConvTransposeOperator(weight, layer["input_shape"], threads=threads, **kwargs)
         except ValueError:  # an empty output

@@ -52,6 +52,7 @@ from .._blas import one_blas_thread
 from .._geometry import ConvGeometry
 from .._parallel import disjoint_phases, run_parallel, run_phases
 from .._validation import cast_if_safe
+from ..direct import _padded_index, _padded_size
 from .base import ProductForm
 
 __all__ = ["StructuredForm", "conv_samples", "conv_transpose_samples", "Tiling", "tiling"]
@@ -115,10 +116,6 @@ def tiling(geom: ConvGeometry, samples: int, itemsize: int, budget: int | None =
     return Tiling(tiles, rows, samples)
 
 
-def _padded_size(geom: ConvGeometry) -> tuple[int, ...]:
-    return tuple(n + lo + hi for n, (lo, hi) in zip(geom.input_size, geom.padding))
-
-
 def _interior(geom: ConvGeometry) -> tuple[slice, ...]:
     return tuple(slice(lo, lo + n) for n, (lo, _) in zip(geom.input_size, geom.padding))
 
@@ -154,8 +151,6 @@ def _pad_frame(x: np.ndarray, geom: ConvGeometry) -> np.ndarray:
     before and the interior of those after (as ``np.pad``): every padded
     element is set once.
     """
-    from ..direct import _padded_index  # the padding modes as np.pad has them
-
     frame = _scratch("frame", (x.shape[0], *_padded_size(geom), x.shape[-1]), x.dtype)
     frame[(slice(None), *_interior(geom))] = x
     for d, (size, (lo, hi)) in enumerate(zip(geom.input_size, geom.padding)):
@@ -164,15 +159,21 @@ def _pad_frame(x: np.ndarray, geom: ConvGeometry) -> np.ndarray:
         after = [slice(a, a + n) for n, (a, _) in zip(geom.input_size[d + 1:],
                                                        geom.padding[d + 1:])]
         view = frame[(slice(None),) * (1 + d) + (slice(None), *after, slice(None))]
-        border = np.r_[0:lo, lo + size:lo + size + hi]
         where = (slice(None),) * (1 + d)
         if geom.padding_mode == "zeros":
             view[where + (slice(0, lo),)] = 0
             view[where + (slice(lo + size, None),)] = 0
         else:
-            source = _padded_index(size, lo, hi, geom.padding_mode)[border] + lo
+            border, source = _border_copies(size, lo, hi, geom.padding_mode)
             view[where + (border,)] = np.take(view, source, axis=1 + d)
     return frame
+
+
+def _border_copies(size: int, lo: int, hi: int, mode: str) -> tuple[np.ndarray, np.ndarray]:
+    """Along one dimension of the frame: its padded positions, and the frame position
+    of the input element each one copies (the padding map ``P`` of that dimension)."""
+    border = np.r_[0:lo, lo + size:lo + size + hi]
+    return border, _padded_index(size, lo, hi, mode)[border] + lo
 
 
 def _fold_into(frame: np.ndarray, geom: ConvGeometry, out: np.ndarray) -> None:
@@ -183,14 +184,11 @@ def _fold_into(frame: np.ndarray, geom: ConvGeometry, out: np.ndarray) -> None:
     per-dimension maps), in place on the frame: only the border slabs are
     copied, then the interior is written to ``out``.  The frame is consumed.
     """
-    from ..direct import _padded_index  # the padding modes as np.pad has them
-
     view = frame
     for axis, (size, (lo, hi)) in enumerate(zip(geom.input_size, geom.padding)):
         ax = 1 + axis
         if geom.padding_mode != "zeros" and (lo or hi):
-            border = np.r_[0:lo, lo + size:lo + size + hi]
-            target = _padded_index(size, lo, hi, geom.padding_mode)[border] + lo
+            border, target = _border_copies(size, lo, hi, geom.padding_mode)
             where: list[Any] = [slice(None)] * view.ndim
             where[ax] = target
             np.add.at(view, tuple(where), np.take(view, border, axis=ax))
