@@ -87,6 +87,40 @@ def test_the_interval_contains_the_norm(g, dtype, transposed, seed):
     assert 0.0 <= with_dense.lower <= with_dense.upper
 
 
+@pytest.mark.parametrize("mode", ["zeros", "reflect", "replicate", "circular"])
+@pytest.mark.parametrize("input_shape, kwargs", [
+    ((4, 9, 8), dict(stride=2)),
+    ((4, 9, 8), dict(stride=(2, 3), padding=(1, 2))),
+    ((4, 7, 5), dict(padding=3, groups=2)),  # zero padding: rows that read nothing
+    ((4, 6), dict(stride=4, padding=((3, 2),), groups=4)),
+])
+@pytest.mark.parametrize("dtype", [np.float32, np.complex128])
+def test_one_tap_layers_are_exact(mode, input_shape, kwargs, dtype):
+    # a 1x1 kernel: W is the channel matrix (x) the position map, the norm their product
+    ndim = len(input_shape) - 1
+    rng = np.random.default_rng(seed_of("one-tap", mode, str(input_shape), str(kwargs)))
+    weight = random_array(rng, (8, 4 // kwargs.get("groups", 1), *(1,) * ndim), dtype)
+    op = ConvOperator(weight, input_shape, padding_mode=mode, **kwargs)
+    bounds = norm_bounds(op)
+    assert bounds.gap < 1e-9
+    assert _contains(bounds, _dense_norm(op))
+    assert _contains(norm_bounds(op.T), _dense_norm(op))
+
+
+@pytest.mark.parametrize("shape", [(5, 3, 12), (5, 12, 3), (5, 4, 4)])
+def test_the_block_norms_by_gram_matrices_hold_their_margin(shape):
+    # wide and tall blocks take the largest eigenvalue of the smaller Gram matrix; the
+    # norm is within the margin of LAPACK's SVD
+    rng = np.random.default_rng(seed_of("gram-blocks", str(shape)))
+    blocks = rng.standard_normal(shape) + 1j * rng.standard_normal(shape)
+    abs_bound = float(max(np.linalg.norm(np.abs(b), 2) for b in blocks))
+    squares, error = bounds_module._top_squares(blocks, abs_bound)
+    exact = np.linalg.svd(blocks, compute_uv=False)[:, 0]
+    margin = max(bounds_module._norm_margin(float(q), error) for q in squares)
+    np.testing.assert_array_less(np.abs(np.sqrt(squares) - exact), margin + 1e-12 * exact)
+    assert (error > 0) == (max(shape[1:]) >= 2 * min(shape[1:]))
+
+
 def _layer(weight_shape, input_shape, seed_text, **kwargs):
     rng = np.random.default_rng(seed_of("norm-bounds", seed_text))
     fan_in = int(np.prod(weight_shape[1:]))

@@ -30,7 +30,9 @@ class MoreGrids(Certificate):
 
     The grids differ by a fraction of a percent, so they cannot make up for
     the padding map's norm (reflect, replicate): skipped where it is above
-    ``1 + rtol``.
+    ``1 + rtol``.  The first grid (the smallest) is usually the best: after
+    two grids in a row that do not lower the bound, the rest are not tried
+    (each costs as much as the first: 4 s for a 512-channel layer at 7x7).
     """
 
     name = "more circulant grids"
@@ -39,8 +41,10 @@ class MoreGrids(Certificate):
         return run.open and run.structure.padding_norm <= 1 + run.rtol
 
     def tighten(self, run: Interval) -> None:
+        misses = 0
         for index in range(1, _bounds.EXTRA_GRIDS + 1):
-            if not run.open:
+            if not run.open or misses == 2:
                 break
             more = _bounds.upper_bound(run.structure, index)
+            misses = misses + 1 if more.value + more.margin >= run.upper else 0
             run.upper = min(run.upper, more.value + more.margin)
