@@ -9,6 +9,8 @@
   and the Euclidean norms of W's columns (Jacobi preconditioning).
 - :func:`compose`: the product of two convolution matrices (stacked layers,
   or a convolution followed by its transpose) as one canonical CSR matrix.
+- :func:`model_norm_bounds`: :func:`norm_bounds` for every convolution a
+  PyTorch model applies, at the input sizes of a forward pass.
 
 Operators are :class:`~sparse_tconv.ConvOperator` /
 :class:`~sparse_tconv.ConvTransposeOperator` (their ``matrix``), scipy
@@ -25,11 +27,12 @@ import numpy as np
 import scipy.sparse as sp
 from scipy.sparse.linalg import LinearOperator, aslinearoperator, svds
 
-from . import _bounds, _certificates
+from . import _bounds, _certificates, _model_norms
 from ._bounds import NormBounds
 from ._certificates import Interval
 from ._fourier import check_circulant, circular_blocks
 from ._geometry import conv_geometry
+from ._model_norms import LayerNormBounds, ModelNormBounds
 from ._operator import CONV_OPERATORS
 from ._random import gaussian, generator, work_dtype
 from ._validation import (
@@ -46,6 +49,9 @@ __all__ = [
     "conv_singular_values",
     "norm_bounds",
     "NormBounds",
+    "model_norm_bounds",
+    "ModelNormBounds",
+    "LayerNormBounds",
     "operator_norm",
     "gram_matrix",
     "column_norms",
@@ -772,7 +778,7 @@ def norm_bounds(op, *, rtol=1e-2, maxiter=None) -> NormBounds:
     maxiter = 200 if maxiter is None else check_positive_int(maxiter, "maxiter")
     structure = _bounds.structure_of(op)
     _check_weight(structure.weight, "op's weight")
-    exact = _bounds.exact_circulant(structure)
+    exact = _bounds.exact_interval(structure)
     if exact is not None:
         return exact
     if structure.abs_bound == 0.0:
@@ -803,6 +809,132 @@ def norm_bounds(op, *, rtol=1e-2, maxiter=None) -> NormBounds:
             stacklevel=2,
         )
     return bounds
+
+
+def model_norm_bounds(model, input_shape, *, rtol=1e-2, maxiter=None) -> ModelNormBounds:
+    """Certified norm intervals of every convolution a PyTorch model applies.
+
+    Runs the model once to find its ``Conv1d/2d/3d`` and
+    ``ConvTranspose1d/2d/3d`` layers in the order of the forward pass and
+    the input each one receives, then bounds each layer's operator norm at
+    that input with :func:`norm_bounds`.  Any architecture works: the sizes
+    come from the forward pass, not from a list of known models.
+
+    Parameters
+    ----------
+    model : torch.nn.Module
+        The model; it is left as it was (see Notes).
+    input_shape : sequence of int
+        One sample's shape, without the batch axis, e.g. ``(3, 224, 224)``.
+        The model runs once on zeros of shape ``(1, *input_shape)``.
+    rtol : float, optional
+        The relative width ``upper / lower - 1`` asked of each interval, as
+        for :func:`norm_bounds`.  Default ``1e-2``.
+    maxiter : int, optional
+        As for :func:`norm_bounds`: the most products spent on each lower
+        bound.  Default 200.
+
+    Returns
+    -------
+    ModelNormBounds
+        A sequence of :class:`LayerNormBounds`, one per application of a
+        convolution in forward order (a layer applied twice gives two rows),
+        each with ``name`` (as in ``model.named_modules()``),
+        ``description``, ``geometry``, ``input_shape``, ``lower``, ``upper``,
+        ``gap``, ``seconds``, ``certified`` (``gap <= rtol``) and ``reason``
+        (why not); with ``upper_product`` (what it bounds: see
+        :attr:`ModelNormBounds.upper_product`), the total ``seconds``, the
+        ``uncertified`` rows and ``table()``.
+
+    Raises
+    ------
+    ImportError
+        If PyTorch is not installed.
+    TypeError
+        If ``model`` is not a ``torch.nn.Module``, ``input_shape`` is not a
+        sequence of ints, or ``rtol``/``maxiter`` has the wrong type.
+    ValueError
+        Before any work: ``input_shape`` empty or with a size below 1, a
+        negative ``rtol``, a non-positive ``maxiter``, a model with no
+        convolution layer.  Then: the forward pass fails on ``input_shape``
+        (the original exception is chained), it applies none of the
+        convolution layers, or a layer cannot be bounded (e.g. a weight with
+        NaN entries, a subclass whose forward does not apply its own
+        settings); the message names the layer.
+
+    See Also
+    --------
+    norm_bounds : One operator.
+    sparse_tconv.from_torch : The operator of one layer.
+
+    Notes
+    -----
+    Each layer's operator is built by :func:`~sparse_tconv.from_torch` in
+    float64 (complex128 for a complex layer), with every setting of the
+    layer: padding mode, stride, dilation, groups, and for a transposed
+    layer the output size its forward produced (``output_size=`` passed to
+    it included).  The bias is left out: the layer is the affine map
+    ``x -> W x + b``, whose Lipschitz constant is ``||W||_2``, the same as
+    without it.  Each interval holds for the layer at the input size of
+    this run; the norm of a convolution depends on its input size.
+
+    Only the convolution modules are bounded: a convolution called as a
+    function (``torch.nn.functional.conv2d``), a subclass whose forward
+    changes its weight (weight standardisation) and every other layer are
+    not seen, or are bounded as their settings describe.
+
+    The forward pass runs under ``torch.no_grad()`` on zeros of the dtype
+    and device of the model's first parameter, in eval mode (batch
+    normalisation uses its running statistics, dropout is off).  Afterwards
+    every submodule's ``training`` flag is what it was and the hooks are
+    removed, even when the pass fails; parameters and buffers are not
+    changed (eval-mode batch normalisation does not update its statistics).
+
+    An interval wider than ``rtol`` raises no warning: :func:`norm_bounds`'
+    RuntimeWarning is caught and becomes the row's ``reason``, with
+    ``certified=False``; the interval holds all the same.  ``seconds`` is
+    the time of :func:`norm_bounds`; ``build_seconds`` that of building the
+    operator.
+
+    Examples
+    --------
+    >>> import math
+    >>> import numpy as np
+    >>> import torch
+    >>> from sparse_tconv.spectral import model_norm_bounds
+    >>> _ = torch.manual_seed(0)
+    >>> nn = torch.nn
+    >>> model = nn.Sequential(
+    ...     nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(),
+    ...     nn.Conv2d(8, 8, 3, stride=2, padding=1, padding_mode="circular"), nn.ReLU(),
+    ...     nn.MaxPool2d(2), nn.Conv2d(8, 4, 3, padding=1, padding_mode="reflect"))
+    >>> bounds = model_norm_bounds(model, (3, 16, 16))
+    >>> [(row.name, row.input_shape) for row in bounds]
+    [('0', (3, 16, 16)), ('2', (8, 16, 16)), ('5', (8, 4, 4))]
+    >>> bounds[1].description
+    'Conv2d(8->8, 3x3, stride 2, padding 1, circular) on 8x16x16'
+    >>> all(row.certified for row in bounds), bool(bounds[1].gap < 1e-9)  # circular: exact
+    (True, True)
+    >>> bool(bounds.upper_product == math.prod(row.upper for row in bounds))
+    True
+
+    The intervals hold the norm of each layer's matrix (here by a dense SVD
+    of the first):
+
+    >>> from sparse_tconv import from_torch
+    >>> op, bias = from_torch(model[0], (3, 16, 16), dtype=np.float64)
+    >>> norm = np.linalg.norm(op.matrix.toarray(), 2)
+    >>> bool(bounds[0].lower <= norm <= bounds[0].upper)
+    True
+
+    ``print(bounds.table())`` shows the rows, the times and the product
+    (``sparse-tconv norms --model`` prints it for a saved model).
+    """
+    rtol = check_tol(rtol, "rtol")
+    if maxiter is not None:
+        check_positive_int(maxiter, "maxiter")
+    return _model_norms.bound_model(
+        model, input_shape, rtol, lambda op: norm_bounds(op, rtol=rtol, maxiter=maxiter))
 
 
 # ---------------------------------------------------------------------------

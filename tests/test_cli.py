@@ -565,3 +565,139 @@ def test_norms_refuses_a_bad_rtol_as_a_usage_error(rtol, capsys):
         norm_bench.main(["--quick", "--rtol", rtol])
     assert info.value.code == 2
     assert "--rtol must be non-negative and finite" in capsys.readouterr().err
+
+
+# -- sparse-tconv norms --model: every convolution of a model -------------------------------
+
+
+@pytest.fixture
+def model_files(tmp_path):
+    """A whole module, a convnet state dict (seed 3) and a resnet18-shaped mismatch."""
+    torch = pytest.importorskip("torch")
+    from sparse_tconv.tools.models import convnet
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(
+        torch.nn.Conv2d(2, 3, 3, padding=1), torch.nn.ReLU(), torch.nn.MaxPool2d(2),
+        torch.nn.Conv2d(3, 2, 3, stride=2, padding=1, padding_mode="circular"))
+    torch.save(model, tmp_path / "whole.pt")
+    torch.save(convnet(seed=3).state_dict(), tmp_path / "convnet.pt")
+    torch.save([torch.ones(3)], tmp_path / "list.pt")
+    (tmp_path / "fake.pt").write_bytes(b"not a torch file")
+    return tmp_path, model
+
+
+def test_norms_model_whole_module(model_files, capsys):
+    import math
+
+    path, model = model_files
+    js = path / "norms.json"
+    assert main(["norms", "--model", str(path / "whole.pt"), "--input-shape", "2,8,8",
+                 "--json", str(js)]) == 0
+    out = capsys.readouterr().out
+    lines = out.splitlines()
+    header = next(i for i, line in enumerate(lines) if line.startswith("#"))
+    assert lines[header + 1].split()[:2] == ["1", "0"]
+    assert "Conv2d(2->3, 3x3, stride 1, padding 1, zeros) on 2x8x8" in lines[header + 1]
+    assert lines[header + 2].split()[:2] == ["2", "3"]
+    assert "Conv2d(3->2, 3x3, stride 2, padding 1, circular) on 3x4x4" in lines[header + 2]
+    assert "2 convolutions on input 2x8x8" in out
+    assert "every convolution certified to rtol 0.01" in out
+    figures = json.loads(js.read_text())
+    rows = figures["results"]
+    assert [r["name"] for r in rows] == ["0", "3"]
+    assert [r["input_shape"] for r in rows] == [[2, 8, 8], [3, 4, 4]]
+    assert figures["upper_product"] == math.prod(r["upper"] for r in rows)
+    assert f"product of the upper bounds: {figures['upper_product']:.6g}" in out
+    for r in rows:
+        assert r["lower"] <= r["upper"] and r["certified"] and r["gap"] <= 0.01
+        assert r["geometry"]["padding_mode"] in ("zeros", "circular")
+    assert figures["uncertified"] == [] and figures["convolutions"] == 2
+
+
+def test_norms_model_state_dict_with_arch(model_files, capsys):
+    from sparse_tconv.spectral import model_norm_bounds
+    from sparse_tconv.tools.models import convnet
+
+    path, _ = model_files
+    js = path / "norms.json"
+    assert main(["norms", "--model", str(path / "convnet.pt"), "--arch", "convnet",
+                 "--input-shape", "3,4,4", "--json", str(js)]) == 0
+    rows = json.loads(js.read_text())["results"]
+    expected = model_norm_bounds(convnet(seed=3), (3, 4, 4))  # the file's weights, not seed 0
+    assert [(r["name"], r["lower"], r["upper"]) for r in rows] == [
+        (e.name, e.lower, e.upper) for e in expected]
+    assert "(state dict, convnet)" in capsys.readouterr().out
+
+
+def test_norms_model_builtin_and_uncertified_rows(capsys):
+    pytest.importorskip("torch")
+    assert main(["norms", "--model", "convnet", "--seed", "1", "--input-shape", "3,4,4",
+                 "--rtol", "0"]) == 0  # it ran: exit 0 even with rows not certified
+    out = capsys.readouterr().out
+    assert "convnet (random weights, seed 1)" in out
+    assert "* not certified to rtol 0 (5 of 5" in out
+    assert re.search(r"^  #1 conv1: the interval \[", out, flags=re.MULTILINE)
+    table = out.split("\n\n")[1].splitlines()
+    assert all(line.endswith("*") for line in table[1:])
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--model", "convnet"], r"--model needs --input-shape C,H,W"),
+    (["--input-shape", "3,8,8"], r"--input-shape is for --model"),
+    (["--arch", "convnet"], r"--arch is for --model"),
+    (["--seed", "2", "--quick"], r"--seed is for --model"),
+    (["--model", "convnet", "--input-shape", "3,x,8"],
+     r"--input-shape must be comma-separated integers"),
+    (["--model", "convnet", "--input-shape", "3,0,8"], r"--input-shape must hold positive"),
+    (["--model", "convnet", "--input-shape", "3,8,8", "--quick"],
+     r"--quick is for the built-in layers; it does not apply with --model"),
+    (["--model", "convnet", "--input-shape", "3,8,8", "--rtol", "-1"],
+     r"--rtol must be non-negative"),
+    (["--model", "convnet", "--input-shape", "3,8,8", "--seed", "-1"],
+     r"--seed: must be a non-negative integer"),
+    (["--model", "nonesuch", "--input-shape", "3,8,8"],
+     r"--model 'nonesuch' is neither a file nor a built-in architecture \(resnet18, convnet\)"),
+    (["--model", "convnet", "--input-shape", "3,8,8", "--arch", "convnet"],
+     r"--arch names the architecture of a state dict file"),
+    (["--model", "convnet.pt", "--input-shape", "3,8,8", "--arch", "vgg"],
+     r"--arch must be one of resnet18, convnet, got 'vgg'"),
+    (["--model", "convnet.pt", "--input-shape", "3,8,8"],
+     r"holds a dict \(a state dict\?\), not a model: name its architecture with --arch"),
+    (["--model", "convnet.pt", "--input-shape", "3,8,8", "--arch", "resnet18"],
+     r"is not a state dict of --arch resnet18: Error\(s\) in loading state_dict"),
+    (["--model", "convnet.pt", "--input-shape", "3,8,8", "--seed", "1"],
+     r"--seed is for a built-in architecture's random weights"),
+    (["--model", "whole.pt", "--input-shape", "2,8,8", "--arch", "convnet"],
+     r"torch\.load\(weights_only=True\) cannot read it as a state dict"),
+    (["--model", "list.pt", "--input-shape", "2,8,8"], r"holds a list, not a torch\.nn\.Module"),
+    (["--model", "list.pt", "--input-shape", "2,8,8", "--arch", "convnet"],
+     r"the file must hold a state dict \(parameter names to tensors\), got a list"),
+    (["--model", "fake.pt", "--input-shape", "2,8,8"], r"torch\.load cannot read it"),
+    (["--model", "whole.pt", "--input-shape", "3,8,8"],
+     r"on --input-shape 3,8,8: the model's forward pass failed on zeros of shape \(1, 3, 8, 8\)"),
+])
+def test_norms_model_argument_errors_exit_2(model_files, capsys, args, message):
+    from sparse_tconv.tools import norm_bench
+
+    path, _ = model_files
+    args = [str(path / a) if a.endswith(".pt") else a for a in args]
+    with pytest.raises(SystemExit) as info:
+        norm_bench.main(args)
+    assert info.value.code == 2
+    err = capsys.readouterr().err
+    assert "usage: sparse-tconv norms" in err and "Traceback" not in err
+    assert re.search(message, err), err
+
+
+@pytest.mark.parametrize("model", ["convnet", "whole.pt"])
+def test_norms_model_without_torch(tmp_path, capsys, monkeypatch, model):
+    from sparse_tconv.tools import norm_bench
+
+    (tmp_path / "whole.pt").write_bytes(b"anything")
+    monkeypatch.setitem(sys.modules, "torch", None)  # import torch -> ImportError
+    with pytest.raises(SystemExit) as info:
+        norm_bench.main(["--model", str(tmp_path / model) if model.endswith(".pt") else model,
+                         "--input-shape", "3,8,8"])
+    assert info.value.code == 2
+    assert re.search(r"PyTorch.*pip install '?sparse-tconv\[torch\]", capsys.readouterr().err)

@@ -11,6 +11,10 @@
   kernels and peers, and the crossover map (``bench``, ``crossover``).
 - :mod:`~sparse_tconv.tools.dask_bench`: the distributed operator against
   the local one.
+- :mod:`~sparse_tconv.tools.norm_bench`: certified norm bounds per layer,
+  or of every convolution of a model (``sparse-tconv norms [--model]``).
+- :mod:`~sparse_tconv.tools.models`: ResNet-18 (torchvision's layout) and a
+  small network, built in code, for ``sparse-tconv norms --model``.
 - :mod:`~sparse_tconv.tools.cli`: the command line.
 
 The library never imports this package; it imports the library's public

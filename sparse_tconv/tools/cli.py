@@ -525,7 +525,8 @@ def _parser() -> argparse.ArgumentParser:
                        help="where to write the heat map (default crossover.png)")
     _add_common(cross)
 
-    sub.add_parser("norms", help="certified norm bounds vs svds and the Gram iteration "
+    sub.add_parser("norms", help="certified norm bounds vs svds and the Gram iteration, or of "
+                   "every convolution of a model with --model "
                    "(python -m sparse_tconv.tools.norm_bench)", add_help=False)
     sub.add_parser("solve", help="Tikhonov deconvolution: time to solution vs plain CG "
                    "(python -m sparse_tconv.tools.solve_bench)", add_help=False)

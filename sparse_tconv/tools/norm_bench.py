@@ -8,12 +8,23 @@ no certificate) and, where asked, the explicit Gram iteration
 (``operator_norm(W, method='gram', iterations=6)``, the upper bound the
 library had before).  The reference norm is a dense SVD for small matrices,
 else ``svds``; the interval must contain it.
+
+With ``--model`` (and ``--input-shape C,H,W``) it bounds every convolution of
+a PyTorch model instead, by :func:`~sparse_tconv.spectral.model_norm_bounds`,
+and prints the per-layer table, the total time and the product of the upper
+bounds: a built-in architecture of :mod:`sparse_tconv.tools.models` with
+seeded random weights (``--model resnet18 --seed 0``), a whole model saved
+with ``torch.save`` (``--model model.pt``), or a state dict saved with
+``torch.save`` loaded into a built-in architecture (``--model weights.pt
+--arch resnet18``).
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
+import os
 import sys
 import time
 import warnings
@@ -25,7 +36,7 @@ from scipy.sparse.linalg import svds
 
 from .. import ConvOperator
 from .._validation import check_tol
-from ..spectral import norm_bounds, operator_norm
+from ..spectral import ModelNormBounds, model_norm_bounds, norm_bounds, operator_norm
 from .configs import select
 from .outputs import output_path_problem
 from .timing import best_time
@@ -165,6 +176,166 @@ def _format(results: list[dict], date: str) -> str:
     return "\n".join(lines)
 
 
+# ---------------------------------------------------------------------------
+# --model: every convolution of a model
+# ---------------------------------------------------------------------------
+
+
+def _architecture_names() -> str:
+    from .models import ARCHITECTURES
+
+    return ", ".join(ARCHITECTURES)
+
+
+def _sample_shape(text: str) -> tuple[int, ...]:
+    """``--input-shape C,H,W``: positive ints, one sample's shape."""
+    try:
+        shape = tuple(int(v) for v in text.split(","))
+    except ValueError:
+        raise ValueError(f"--input-shape must be comma-separated integers (one sample's shape, "
+                         f"no batch axis, e.g. 3,224,224), got {text!r}") from None
+    if any(v < 1 for v in shape):
+        raise ValueError(f"--input-shape must hold positive sizes, got {text!r}")
+    return shape
+
+
+def _first_line(exc: BaseException) -> str:
+    """The reason in a torch error: after 'WeightsUnpickler error:', its first line."""
+    text = str(exc)
+    marker = "WeightsUnpickler error:"
+    if marker in text:
+        text = text.split(marker, 1)[1]
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    return lines[0] if lines else type(exc).__name__
+
+
+def _import_torch(path: str):
+    try:
+        import torch
+    except ImportError:
+        raise ValueError(f"--model {path!r}: models are PyTorch modules; install PyTorch "
+                         "(pip install 'sparse-tconv[torch]')") from None
+    return torch
+
+
+def _from_state_dict(path: str, arch: str):
+    """A built-in architecture with the weights of a state dict file."""
+    from .models import ARCHITECTURES
+
+    torch = _import_torch(path)
+    try:  # weights_only: tensors and plain containers, never arbitrary objects
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # torch raises many kinds (pickle, zip, runtime) for a bad file
+        raise ValueError(f"--model {path!r}: torch.load(weights_only=True) cannot read it as "
+                         f"a state dict ({_first_line(exc)})") from None
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor)
+                                              for v in state.values()):
+        raise ValueError(f"--model {path!r} with --arch {arch}: the file must hold a state dict "
+                         f"(parameter names to tensors), got a {type(state).__name__}")
+    fc = state.get("fc.weight")
+    options = {} if fc is None or fc.dim() != 2 else {"num_classes": int(fc.shape[0])}
+    model = ARCHITECTURES[arch](**options)
+    try:
+        model.load_state_dict(state, strict=True)
+    except RuntimeError as exc:
+        raise ValueError(f"--model {path!r} is not a state dict of --arch {arch}: "
+                         f"{' '.join(str(exc).split())}") from None
+    return model
+
+
+def _whole_model(path: str):
+    """A whole ``torch.nn.Module`` saved with ``torch.save`` (runs the file's pickled code)."""
+    torch = _import_torch(path)
+    try:
+        model = torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as exc:
+        raise ValueError(f"--model {path!r}: torch.load cannot read it ({_first_line(exc)})"
+                         ) from None
+    if isinstance(model, dict):
+        raise ValueError(f"--model {path!r} holds a dict (a state dict?), not a model: name its "
+                         f"architecture with --arch (one of {_architecture_names()})")
+    if not isinstance(model, torch.nn.Module):
+        raise ValueError(f"--model {path!r} holds a {type(model).__name__}, not a "
+                         "torch.nn.Module")
+    return model
+
+
+def _load_model(args):
+    """The model of ``--model``, ``--arch`` and ``--seed``, and how to name it."""
+    from .models import ARCHITECTURES
+
+    name = args.model
+    if args.arch is not None and args.arch not in ARCHITECTURES:
+        raise ValueError(f"--arch must be one of {_architecture_names()}, got {args.arch!r}")
+    if name in ARCHITECTURES and not os.path.exists(name):
+        if args.arch is not None:
+            raise ValueError(f"--arch names the architecture of a state dict file; --model "
+                             f"{name} is a built-in architecture already")
+        seed = 0 if args.seed is None else args.seed
+        return ARCHITECTURES[name](seed=seed), f"{name} (random weights, seed {seed})"
+    if not os.path.isfile(name):
+        raise ValueError(f"--model {name!r} is neither a file nor a built-in architecture "
+                         f"({_architecture_names()})")
+    if args.seed is not None:
+        raise ValueError(f"--seed is for a built-in architecture's random weights; --model "
+                         f"{name!r} is a file with its own")
+    if args.arch is not None:
+        return _from_state_dict(name, args.arch), f"{name} (state dict, {args.arch})"
+    return _whole_model(name), name
+
+
+def _row_figures(index: int, row) -> dict:
+    geometry = {f.name: getattr(row.geometry, f.name)
+                for f in dataclasses.fields(row.geometry)}
+    return dict(index=index, name=row.name, description=row.description,
+                transposed=row.transposed, input_shape=row.input_shape,
+                output_shape=row.output_shape, lower=row.lower, upper=row.upper, gap=row.gap,
+                seconds=row.seconds, build_seconds=row.build_seconds,
+                certified=row.certified, reason=row.reason, geometry=geometry)
+
+
+def _model_figures(result: ModelNormBounds, label: str, date: str) -> dict:
+    return dict(date=date, model=label, input_shape=result.input_shape, rtol=result.rtol,
+                convolutions=len(result), seconds=result.seconds,
+                build_seconds=result.build_seconds, upper_product=result.upper_product,
+                uncertified=[row.name for row in result.uncertified],
+                results=[_row_figures(i, row) for i, row in enumerate(result, 1)])
+
+
+def _main_model(parser, args) -> int:
+    """``--model``: bound every convolution of a model; exit 0 when it ran."""
+    for option, given in (("--quick", args.quick), ("--config", args.config),
+                          ("--no-gram", args.no_gram)):
+        if given:
+            parser.error(f"{option} is for the built-in layers; it does not apply with --model")
+    if args.input_shape is None:
+        parser.error("--model needs --input-shape C,H,W (one sample's shape, no batch axis, "
+                     "e.g. 3,224,224)")
+    problem = output_path_problem(args.json, "--json")
+    if problem:
+        parser.error(problem)
+    try:
+        rtol = check_tol(args.rtol, "--rtol")
+        shape = _sample_shape(args.input_shape)
+        model, label = _load_model(args)
+    except (ValueError, ImportError) as exc:
+        parser.error(str(exc))
+    print(f"bounding every convolution of {label} on input {'x'.join(map(str, shape))} "
+          f"(rtol {rtol:g})", file=sys.stderr)
+    try:
+        result = model_norm_bounds(model, shape, rtol=rtol)
+    except (ValueError, TypeError) as exc:
+        parser.error(f"--model {args.model!r} on --input-shape {args.input_shape}: {exc}")
+    date = time.strftime("%Y-%m-%d")
+    print(f"{date}, float64; norm_bounds of every convolution of {label}, input "
+          f"{'x'.join(map(str, shape))}\n")
+    print(result.table())
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(_model_figures(result, label, date), f, indent=1)
+    return 0
+
+
 def main(argv=None) -> int:
     """Command-line entry point; returns the exit status."""
     parser = argparse.ArgumentParser(prog="sparse-tconv norms",
@@ -176,7 +347,29 @@ def main(argv=None) -> int:
     parser.add_argument("--no-gram", action="store_true",
                         help="skip the explicit Gram iteration (tens of seconds per layer)")
     parser.add_argument("--json", metavar="PATH", help="write every raw figure as JSON")
+    model = parser.add_argument_group(
+        "a whole model", "bound every convolution of a PyTorch model instead of the built-in "
+        "layers (spectral.model_norm_bounds)")
+    model.add_argument(
+        "--model", metavar="PATH_OR_NAME",
+        help="a built-in architecture (resnet18, convnet: random weights, see --seed), a whole "
+             "torch.nn.Module saved with torch.save (loaded with torch.load(weights_only=False), "
+             "which runs the file's pickled code: only for files you trust), or with --arch a "
+             "state dict saved with torch.save (loaded with weights_only=True)")
+    model.add_argument("--input-shape", metavar="C,H,W",
+                       help="one sample's shape, no batch axis (required with --model)")
+    model.add_argument("--arch", metavar="NAME",
+                       help="the built-in architecture of the state dict in --model "
+                            "(resnet18, convnet)")
+    model.add_argument("--seed", type=_seed, default=None,
+                       help="seed of a built-in architecture's random weights (default 0)")
     args = parser.parse_args(argv)
+    if args.model is not None:
+        return _main_model(parser, args)
+    for option, given in (("--input-shape", args.input_shape), ("--arch", args.arch),
+                          ("--seed", args.seed)):
+        if given is not None:
+            parser.error(f"{option} is for --model")
     try:
         layers = select(QUICK_LAYERS if args.quick else LAYERS, args.config)
     except ValueError as exc:
@@ -199,6 +392,18 @@ def main(argv=None) -> int:
         with open(args.json, "w") as f:
             json.dump(dict(date=date, results=results), f, indent=1)
     return 0 if all(r["contains"] for r in results) else 1
+
+
+def _seed(text: str) -> int:
+    """An argparse type: a non-negative int (argparse names the option in its message)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a non-negative integer, got {text!r}"
+                                         ) from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be a non-negative integer, got {value}")
+    return value
 
 
 if __name__ == "__main__":
