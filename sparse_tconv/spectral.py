@@ -30,6 +30,7 @@ from scipy.sparse.linalg import LinearOperator, aslinearoperator, svds
 from . import _bounds, _certificates, _model_norms
 from ._bounds import NormBounds
 from ._certificates import Interval
+from ._certificates.band import reuse_band_memory
 from ._fourier import check_circulant, circular_blocks
 from ._geometry import conv_geometry
 from ._model_norms import LayerNormBounds, ModelNormBounds
@@ -718,6 +719,19 @@ def norm_bounds(op, *, rtol=1e-2, maxiter=None) -> NormBounds:
     interval is still open and the explicit matrix is small (``rows *
     columns <= 4e6``), a dense SVD closes it to rounding.
 
+    *Band certificate.*  Zero padding past those limits, where the banded
+    factorisation costs at most ``3e12`` operations (small grids with many
+    channels: the circulant bound loses 2-3% to the border there).  Ordered
+    by input position with the channels inside, ``G = W^H W`` is a band
+    matrix (positions couple only when one output reads both), built from
+    the products of two taps' channel blocks in double precision, and
+    LAPACK's banded Cholesky ``?pbtrf`` factorises ``t I - G`` at ``t =
+    (lower (1 + rtol / 2))^2``.  If it completes, ``L L^H = t I - G + E``
+    with ``|E| <= gamma_(kd+1) |L| |L^H|``, so ``||W||^2 <= t +
+    gamma_(kd+1) ||L||_F^2`` plus the roundings of ``G`` and of the shift.
+    A ``Conv2d(512->512, 3x3)`` at 7x7 (ResNet-18's last stage): 0.5% in
+    24-36 s, against 2.7% from the structure alone.
+
     *Border certificate.*  Reflect and replicate padding past those limits:
     split W's columns into a frame ``F`` near the borders, holding every
     input element the padding copies (and, when its Gram rows are estimated
@@ -797,10 +811,16 @@ def norm_bounds(op, *, rtol=1e-2, maxiter=None) -> NormBounds:
                            "border certificate leaves this much")
         else:
             certificate = "the matrix is too large for the inertia and border certificates"
-        why = (f"the upper bound of {mode!r} padding carries the padding map's norm "
-               f"{structure.padding_norm:.3g}, and {certificate}"
-               if mode in ("reflect", "replicate")
-               else f"raise maxiter (spent {maxiter})")
+        if mode in ("reflect", "replicate"):
+            why = (f"the upper bound of {mode!r} padding carries the padding map's norm "
+                   f"{structure.padding_norm:.3g}, and {certificate}")
+        elif run.spent < maxiter and not _bounds.inertia_applies(structure):
+            # Lanczos stopped short of maxiter: its Rayleigh quotient had converged
+            why = ("the circulant embedding's upper bound exceeds the norm by what the "
+                   "borders lose (a few percent on grids of a few pixels), and the matrix is "
+                   "too large for the inertia, dense SVD and band certificates")
+        else:
+            why = f"raise maxiter (spent {run.spent} of {maxiter})"
         warnings.warn(
             f"norm_bounds: the interval [{bounds.lower:.6g}, {bounds.upper:.6g}] is "
             f"{100 * bounds.gap:.3g}% wide, more than rtol={rtol:g}: {why}; it holds all the "
@@ -933,8 +953,9 @@ def model_norm_bounds(model, input_shape, *, rtol=1e-2, maxiter=None) -> ModelNo
     rtol = check_tol(rtol, "rtol")
     if maxiter is not None:
         check_positive_int(maxiter, "maxiter")
-    return _model_norms.bound_model(
-        model, input_shape, rtol, lambda op: norm_bounds(op, rtol=rtol, maxiter=maxiter))
+    with reuse_band_memory():  # one band buffer for every layer, not fresh memory each
+        return _model_norms.bound_model(
+            model, input_shape, rtol, lambda op: norm_bounds(op, rtol=rtol, maxiter=maxiter))
 
 
 # ---------------------------------------------------------------------------

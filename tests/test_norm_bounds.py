@@ -344,9 +344,13 @@ class _Checked:
 # reach the dense SVD; the 3-D reflect layer is past the inertia's size (lowered to 256
 # rows for the test, and the dense SVD left out), so the border certificate runs
 _BORDER_LAYER = ((2, 2, 3, 3, 3), (2, 8, 8, 8), dict(padding=1, padding_mode="reflect"))
+# a zero-padded layer past the inertia certificate and the dense SVD (both lowered to
+# nothing for the test): the band certificate closes it
+_BAND_LAYER = ((8, 6, 3, 3), (6, 6, 5), dict(padding=1))
 _CERTIFICATE_CASES = [*((layer, ()) for layer in _CERTIFIED_LAYERS),
                       (_CERTIFIED_LAYERS[1], ("inertia",)),
-                      (_BORDER_LAYER, ("dense SVD",))]
+                      (_BORDER_LAYER, ("dense SVD",)),
+                      (_BAND_LAYER, ())]
 _RAN: set[str] = set()
 
 
@@ -366,6 +370,9 @@ def test_every_certificate_only_narrows_an_interval_that_holds(monkeypatch, laye
     monkeypatch.setattr(_certificates, "CERTIFICATES", registry)
     if layer is _BORDER_LAYER:
         monkeypatch.setattr(bounds_module, "_INERTIA_ORDER_3D", 256)
+    if layer is _BAND_LAYER:
+        monkeypatch.setattr(bounds_module, "_INERTIA_GRAM_NNZ", 0)
+        monkeypatch.setattr(bounds_module, "_DENSE_SVD_ENTRIES", 0)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", RuntimeWarning)  # the border leaves a few percent
         bounds = norm_bounds(op, rtol=1e-3)

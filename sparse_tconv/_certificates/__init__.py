@@ -7,6 +7,7 @@ one line here, at the place in the order where it is worth its cost.
 
 from __future__ import annotations
 
+from .band import Band
 from .base import Certificate, Interval
 from .border import Border
 from .dense import DenseSVD
@@ -23,5 +24,6 @@ CERTIFICATES: tuple[Certificate, ...] = (
     Lanczos(),             # lower again, towards the tighter upper bound
     Inertia(),             # upper, by a sparse LDL^H
     DenseSVD(),            # both, small matrices
+    Band(),                # upper, by a banded Cholesky: zero padding past the inertia's size
     Border(),              # upper, reflect and replicate past the inertia's size
 )
