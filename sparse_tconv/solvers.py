@@ -1,12 +1,15 @@
 """Deconvolution: Tikhonov solves and preconditioners that know the structure of W.
 
-- :func:`normal_operator`: ``W^H W + damp^2 I`` as a LinearOperator.
+- :func:`normal_operator`: ``W^H W + damp^2 L^H L`` as a LinearOperator
+  (``L = I`` by default).
 - :func:`preconditioner`: an approximation of ``(W^H W + damp^2 I)^{-1}``
-  built from the geometry and the kernel (FFT, DCT or block-Jacobi), for
-  ``scipy.sparse.linalg.cg(..., M=...)``.
-- :func:`tikhonov`: ``argmin ||W x - y||^2 + damp^2 ||x||^2``, exactly by FFT
-  for circular padding, by preconditioned CG otherwise, with the residual
-  of the normal equations checked on return.
+  (or with ``damp^2 D^H D``, ``D`` the gradient) built from the geometry and
+  the kernel (FFT, DCT or block-Jacobi), for ``scipy.sparse.linalg.cg(..., M=...)``.
+- :func:`tikhonov`: ``argmin ||W x - y||^2 + damp^2 ||L x||^2``, exactly by FFT
+  for circular padding and ``L = I``, by preconditioned CG otherwise (with a
+  safeguard against a poor preconditioner), with the residual of the normal
+  equations checked on return.
+- :func:`gradient_operator`: ``D``, the forward differences of ``L='gradient'``.
 
 Operators are :class:`~sparse_tconv.ConvOperator` and
 :class:`~sparse_tconv.ConvTransposeOperator` (W is the operator's matrix),
@@ -16,10 +19,11 @@ any dimension, channels, groups, stride and dtype.
 from __future__ import annotations
 
 import math
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import numpy as np
-from scipy.sparse.linalg import LinearOperator
+import scipy.sparse
+from scipy.sparse.linalg import LinearOperator, aslinearoperator
 
 from ._methods import METHODS, Method, Problem, Residual
 from ._methods import auto as auto_method
@@ -32,10 +36,10 @@ from ._validation import (
     check_positive_tol,
     check_tol,
     check_vector,
+    normalize_shape,
 )
 
-__all__ = ["normal_operator", "preconditioner", "tikhonov", "TikhonovInfo"]
-
+__all__ = ["gradient_operator", "normal_operator", "preconditioner", "tikhonov", "TikhonovInfo"]
 
 
 class TikhonovInfo(NamedTuple):
@@ -44,11 +48,13 @@ class TikhonovInfo(NamedTuple):
     method: str
     """``'fft'`` (the exact direct solve) or ``'cg'`` (preconditioned conjugate gradients)."""
     preconditioner: str
-    """The preconditioner's kind; ``'none'`` for plain CG, ``'custom'`` for one passed in."""
+    """The preconditioner's kind; ``'none'`` for plain CG, ``'custom'`` for one passed in,
+    ``'none (safeguard)'`` where ``M='auto'``'s choice lost its race with plain CG."""
     iterations: int
-    """CG iterations (0 for a direct solve that met ``rtol`` at once)."""
+    """CG iterations (0 for a direct solve that met ``rtol`` at once), the safeguard's
+    probes included."""
     residual: float
-    """``||W^H (W x - y) + damp^2 x|| / ||W^H y||``, measured on the returned ``x``."""
+    """``||W^H (W x - y) + damp^2 L^H L x|| / ||W^H y||``, measured on the returned ``x``."""
     converged: bool
     """``residual <= rtol``; False only when the iterations stopped at ``maxiter``."""
 
@@ -87,33 +93,42 @@ def _apply(product, real_operator: bool, v: np.ndarray) -> np.ndarray:
 
 
 class _NormalOperator(LinearOperator):
-    """``W^H W + damp^2 I``: one product with W and one with W^H per application."""
+    """``W^H W + damp^2 L^H L``: one product with W and one with W^H per application
+    (and one with L and L^H; ``L = I`` when None)."""
 
-    def __init__(self, op, damp):  # unannotated, as LinearOperator's own (scipy-stubs)
+    def __init__(self, op, damp, L=None):  # unannotated, as LinearOperator's own (scipy-stubs)
         self.op = op
         self.damp = damp
+        self.L = L
         self._real = not np.iscomplexobj(op.weight)
         n = op.shape[1]
-        super().__init__(dtype=op.dtype, shape=(n, n))
+        dtype = op.dtype if L is None else np.result_type(op.dtype, L.dtype)
+        super().__init__(dtype=dtype, shape=(n, n))
 
     def _matvec(self, x):
         x = np.asarray(x).reshape(-1)
         y = _apply(self.op.rmatvec, self._real, _apply(self.op.matvec, self._real, x))
-        return y + (self.damp * self.damp) * x if self.damp else y
+        if not self.damp:
+            return y
+        Lx = x if self.L is None else self.L.rmatvec(self.L.matvec(x))
+        return y + (self.damp * self.damp) * Lx
 
     def _matmat(self, X):
         X = np.asarray(X)
         if self._real and np.iscomplexobj(X):
             return np.column_stack([self._matvec(column) for column in X.T])
         Y = self.op.rmatmat(self.op.matmat(X))
-        return Y + (self.damp * self.damp) * X if self.damp else Y
+        if not self.damp:
+            return Y
+        LX = X if self.L is None else self.L.rmatmat(self.L.matmat(X))
+        return Y + (self.damp * self.damp) * LX
 
     def _adjoint(self):
         return self  # Hermitian
 
 
-def normal_operator(op, damp=0.0) -> LinearOperator:
-    """The normal-equations operator ``W^H W + damp^2 I`` of a convolution.
+def normal_operator(op, damp=0.0, *, L=None) -> LinearOperator:
+    """The normal-equations operator ``W^H W + damp^2 L^H L`` of a convolution.
 
     Parameters
     ----------
@@ -122,6 +137,8 @@ def normal_operator(op, damp=0.0) -> LinearOperator:
         transposed convolution's).
     damp : float, optional
         Tikhonov damping (default 0).
+    L : None, 'gradient', LinearOperator, sparse matrix or ndarray, optional
+        The regulariser, as in :func:`tikhonov` (default None: ``L = I``).
 
     Returns
     -------
@@ -129,19 +146,24 @@ def normal_operator(op, damp=0.0) -> LinearOperator:
         ``n = op.shape[1]``, in ``op.dtype``, Hermitian (``.H`` is itself).
         ``matvec`` is ``op.rmatvec(op.matvec(x)) + damp**2 * x``: two of the
         operator's threaded products, each reading its stored product form
-        once (``matmat``: once for all the columns).  ``op`` and ``damp``
-        are its attributes.
+        once (``matmat``: once for all the columns); with ``L``,
+        ``damp**2 * L.rmatvec(L.matvec(x))`` in place of ``damp**2 * x``.
+        ``op``, ``damp`` and ``L`` (a LinearOperator, or None) are its
+        attributes.
 
     Raises
     ------
     TypeError
-        If ``op`` is not a convolution operator, or ``damp`` not a real number.
+        If ``op`` is not a convolution operator, ``damp`` not a real number,
+        or ``L`` of another type.
     ValueError
-        If ``damp`` is negative or not finite.
+        If ``damp`` is negative or not finite, ``L`` an unknown string or of
+        the wrong shape.
 
     See Also
     --------
-    tikhonov : Solves ``normal_operator(op, damp) x = op.rmatvec(y)``.
+    tikhonov : Solves ``normal_operator(op, damp, L=L) x = op.rmatvec(y)``.
+    gradient_operator : ``D`` of ``L='gradient'``.
 
     Notes
     -----
@@ -169,7 +191,161 @@ def normal_operator(op, damp=0.0) -> LinearOperator:
     True
     """
     _check_operator(op)
-    return _NormalOperator(op, _check_damp(damp))
+    damp = _check_damp(damp)
+    return _NormalOperator(op, damp, _resolve_l(op, L)[0])
+
+
+# ---------------------------------------------------------------------------
+# Regularisers
+# ---------------------------------------------------------------------------
+
+
+class _Gradient(LinearOperator):
+    """``D``: the forward differences along every spatial axis, per channel, stacked."""
+
+    def __init__(self, input_shape):  # unannotated, as LinearOperator's own (scipy-stubs)
+        self.input_shape = input_shape
+        channels, size = input_shape[0], input_shape[1:]
+        self._blocks = [(axis, channels * math.prod(size) // n * (n - 1))
+                        for axis, n in enumerate(size)]
+        rows = sum(count for _, count in self._blocks)
+        super().__init__(dtype=np.dtype(np.float64), shape=(rows, math.prod(input_shape)))
+
+    def _matvec(self, x):
+        x = np.asarray(x).reshape(self.input_shape)
+        return np.concatenate([np.diff(x, axis=1 + axis).reshape(-1)
+                               for axis, _ in self._blocks])
+
+    def _rmatvec(self, y):
+        y = np.asarray(y).reshape(-1)
+        out = np.zeros(self.input_shape, dtype=np.result_type(y.dtype, np.float64))
+        start = 0
+        for axis, count in self._blocks:
+            shape = list(self.input_shape)
+            shape[1 + axis] -= 1
+            d = y[start:start + count].reshape(shape)
+            start += count
+            lower = [slice(None)] * len(shape)
+            upper = [slice(None)] * len(shape)
+            lower[1 + axis], upper[1 + axis] = slice(0, -1), slice(1, None)
+            out[tuple(lower)] -= d  # (D^T d)[i] = d[i-1] - d[i]
+            out[tuple(upper)] += d
+        return out.reshape(-1)
+
+    def _adjoint(self):
+        return _AdjointGradient(self)
+
+
+class _AdjointGradient(LinearOperator):
+    """``D^T`` (D is real)."""
+
+    def __init__(self, gradient):  # unannotated, as LinearOperator's own (scipy-stubs)
+        self._gradient = gradient
+        rows, columns = gradient.shape
+        super().__init__(dtype=gradient.dtype, shape=(columns, rows))
+
+    def _matvec(self, y):
+        return self._gradient._rmatvec(y)
+
+    def _rmatvec(self, x):
+        return self._gradient._matvec(x)
+
+    def _adjoint(self):
+        return self._gradient
+
+
+def gradient_operator(input_shape) -> LinearOperator:
+    """``D``, the forward differences of ``tikhonov(..., L='gradient')``, as a LinearOperator.
+
+    Parameters
+    ----------
+    input_shape : sequence of int
+        ``(C, L_1, ..., L_N)``: one sample (channels first), at least one
+        spatial dimension; the operator's ``input_shape`` for a convolution.
+
+    Returns
+    -------
+    scipy.sparse.linalg.LinearOperator, shape (m, C * L_1 * ... * L_N)
+        Real (float64), with ``m = sum_d C * (L_d - 1) * prod_{e != d} L_e``;
+        ``matvec`` and ``rmatvec`` by numpy slicing (no matrix), ``.H`` and
+        ``.T`` its transpose.  Attribute ``input_shape``.
+
+    Raises
+    ------
+    TypeError
+        If ``input_shape`` is not a sequence of ints.
+    ValueError
+        If a size is not positive, or there is no spatial dimension.
+
+    See Also
+    --------
+    tikhonov, normal_operator
+
+    Notes
+    -----
+    ``D x`` stacks, for each spatial dimension ``d`` in order, the
+    differences of neighbours along ``d`` of every channel, with no
+    boundary rows: along a line ``x[0], ..., x[n-1]`` of dimension ``d``,
+
+    ``(D_d x)[i] = x[i+1] - x[i]``,  ``i = 0, ..., n - 2``,
+
+    each block in C order on the shape ``(C, L_1, ..., L_d - 1, ..., L_N)``
+    (empty where ``L_d = 1``).  ``D^T D = sum_d D_d^T D_d`` is the Laplacian
+    with Neumann boundary conditions, per channel: along a line
+    ``tridiag(-1, 2, -1)`` with ``1`` in the first and last diagonal
+    entries, diagonalised by the DCT-II with the eigenvalues
+    ``4 sin^2(pi k / (2 n))``, ``k = 0, ..., n - 1``.  Its null space is the
+    constants of each channel, so ``W^H W + damp^2 D^T D`` is positive
+    definite where W maps no channel's constant to zero.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from sparse_tconv.solvers import gradient_operator
+    >>> D = gradient_operator((1, 3))
+    >>> D @ np.eye(3)
+    array([[-1.,  1.,  0.],
+           [ 0., -1.,  1.]])
+    >>> D.T @ D @ np.eye(3)
+    array([[ 1., -1.,  0.],
+           [-1.,  2., -1.],
+           [ 0., -1.,  1.]])
+    >>> x = np.arange(6.0).reshape(1, 2, 3)  # rows differ by 3, columns by 1
+    >>> gradient_operator((1, 2, 3)) @ x.ravel()
+    array([3., 3., 3., 1., 1., 1., 1.])
+    """
+    shape = normalize_shape(input_shape, "input_shape")
+    if len(shape) < 2:
+        raise ValueError(
+            "input_shape must be (C, L_1, ..., L_N) with at least one spatial dimension, "
+            f"got input_shape={shape}"
+        )
+    return _Gradient(shape)
+
+
+def _resolve_l(op, L: Any) -> tuple[LinearOperator | None, str]:
+    """``(L as a LinearOperator or None, 'identity' | 'gradient' | 'operator')``."""
+    if L is None:
+        return None, "identity"
+    if isinstance(L, str):
+        check_choice(L, ("gradient",), "L")
+        return _Gradient(tuple(op.input_shape)), "gradient"
+    accepted = isinstance(L, (LinearOperator, np.ndarray)) or scipy.sparse.issparse(L)
+    if not accepted:
+        raise TypeError(
+            "L must be None, 'gradient', a LinearOperator, a sparse matrix or a 2-D array, "
+            f"got L of type {type(L).__name__}"
+        )
+    if isinstance(L, np.ndarray) and (L.ndim != 2 or L.dtype.kind not in "biufc"):
+        raise ValueError(f"L must be a 2-D numeric array, got an array of shape {L.shape} "
+                         f"and dtype {L.dtype}")
+    shape = tuple(L.shape)
+    if len(shape) != 2 or shape[1] != op.shape[1]:
+        raise ValueError(
+            f"L must have {op.shape[1]} columns (op.shape[1], the operator's input size), "
+            f"got L.shape={shape}"
+        )
+    return aslinearoperator(L), "operator"
 
 
 # ---------------------------------------------------------------------------
@@ -177,12 +353,14 @@ def normal_operator(op, damp=0.0) -> LinearOperator:
 # ---------------------------------------------------------------------------
 
 
-def _resolve_kind(op, kind: str, name: str = "kind") -> type[Construction]:
+def _resolve_kind(op, kind: str, name: str = "kind",
+                  regulariser: str = "identity") -> type[Construction]:
     """The construction ``kind`` names: one registered now, or 'auto''s choice."""
-    return resolve(check_choice(kind, ("auto", *kinds()), name), op)
+    return resolve(check_choice(kind, ("auto", *kinds()), name), op, regulariser)
 
 
-def preconditioner(op, damp=0.0, kind="auto", *, shift=None, border=True) -> LinearOperator:
+def preconditioner(op, damp=0.0, kind="auto", *, shift=None, border=True,
+                   L=None) -> LinearOperator:
     """An approximation of ``(W^H W + damp^2 I)^{-1}`` from the structure of W.
 
     Built from the geometry and the kernel, with no dense matrix: the
@@ -215,6 +393,12 @@ def preconditioner(op, damp=0.0, kind="auto", *, shift=None, border=True) -> Lin
         Apply the border correction ``S`` of the construction (see Notes).
         Default True; False gives the plain transform model, as in the
         literature (for comparison).
+    L : {None, 'gradient'}, optional
+        ``'gradient'``: approximate ``(W^H W + damp^2 D^H D)^{-1}`` instead,
+        ``D`` the forward differences of :func:`gradient_operator` (see
+        Notes); ``'auto'`` then walks the same order among the kinds that
+        model it: ``'circulant'`` (stride 1 or transposed), ``'dct2'`` (also
+        for reflect padding), ``'block_jacobi'``.
 
     Returns
     -------
@@ -231,8 +415,10 @@ def preconditioner(op, damp=0.0, kind="auto", *, shift=None, border=True) -> Lin
     ValueError
         Unknown ``kind``; negative or non-finite ``damp`` or ``shift``.
     NotImplementedError
-        If ``kind`` does not apply to the geometry: ``'dct1'``/``'dct2'``
-        on a strided ConvOperator (whose Gram matrix is not Toeplitz);
+        If ``kind`` does not model ``L='gradient'`` (``'dct1'``,
+        ``'kronecker'``), or does not apply to the geometry:
+        ``'dct1'``/``'dct2'`` on a strided ConvOperator (whose Gram matrix
+        is not Toeplitz);
         ``'circulant'`` when a stride does not divide the input size or a
         dilated kernel is wider than the input; ``'kronecker'`` with several
         channels, or eigenvectors over 512 MiB (``16 * sum(L_a**2)`` bytes).
@@ -324,6 +510,21 @@ def preconditioner(op, damp=0.0, kind="auto", *, shift=None, border=True) -> Lin
     constructions and ``'dct1'`` (whose bound holds for any damping) are
     not shifted.
 
+    *The gradient* (``L='gradient'``).  ``D^H D`` is the Neumann Laplacian,
+    which the orthonormal DCT-II diagonalises with the eigenvalues
+    ``lambda_f = sum_a 4 sin^2(pi f_a / (2 L_a))`` on every channel: the
+    ``'dct2'`` blocks become ``(H_f + damp^2 lambda_f I + shift)^{-1}``,
+    exact in the regulariser (every axis of length over 1 is then
+    transformed), with the border correction matching
+    ``diag(W^H W) + damp^2 diag(D^H D)``.  The ``'circulant'`` blocks add
+    the periodic Laplacian's ``damp^2 sum_a 4 sin^2(pi f_a / L_a)``, which
+    exceeds ``D^H D`` by one wrap-around term per line, so it is never exact,
+    even for circular padding (with the diagonal matching as the
+    correction); it needs the DFT on the Gram side's own grid (stride 1, or a
+    transposed convolution).  ``'block_jacobi'`` adds ``damp^2 diag(D^H D)``
+    (1 or 2 per axis) to its blocks' diagonals.  ``'dct1'`` and
+    ``'kronecker'`` do not model it.
+
     Eigenvalues of ``H_f + damp^2 I`` below ``1e-10`` times the largest are
     raised to it, so that the preconditioner stays positive definite with
     ``damp=0``.  The set-up is a few FFTs or DCTs of a kernel-sized array
@@ -361,8 +562,9 @@ def preconditioner(op, damp=0.0, kind="auto", *, shift=None, border=True) -> Lin
     damp = _check_damp(damp)
     boost = None if shift is None else check_tol(shift, "shift")
     border = check_bool(border, "border")
-    return build_preconditioner(op, damp, _resolve_kind(op, kind).name, boost=boost,
-                                correct=border)
+    regulariser = "identity" if L is None else check_choice(L, ("gradient",), "L")
+    return build_preconditioner(op, damp, _resolve_kind(op, kind, "kind", regulariser).name,
+                                boost=boost, correct=border, regulariser=regulariser)
 
 
 # ---------------------------------------------------------------------------
@@ -396,32 +598,41 @@ def _blocks_nbytes(op) -> int:
     return groups * math.prod(op.input_shape[1:]) * m * m * 16
 
 
-def _tikhonov_kind(op) -> str:
+def _tikhonov_kind(op, regulariser: str = "identity") -> str:
     """tikhonov's ``M='auto'``: :func:`preconditioner`'s choice, but plain CG on a wide W,
     or where the preconditioner's blocks would take more than 512 MB.
 
     A wide W (more unknowns than equations: a strided convolution) gives the
     damped normal matrix ``n - rank(W)`` eigenvalues at ``damp**2``, one
     cluster that plain CG resolves in a single step and that any inexact
-    preconditioner spreads.
+    preconditioner spreads.  A general ``L`` (``regulariser='operator'``)
+    has no structured preconditioner: plain CG.
     """
+    if regulariser == "operator":
+        return "none"
     # Measured on a 4-channel stride-2 layer (a problem solve_bench does not hold):
     # 27 iterations plain, 250-1900 with the circulant or block-Jacobi.
     if _blocks_nbytes(op) > _PRECONDITIONER_BYTES:
         return "none"
-    chosen = auto(op)
-    return chosen.name if chosen.exact(op) or op.shape[0] >= op.shape[1] else "none"
+    chosen = auto(op, regulariser)
+    exact = regulariser == "identity" and chosen.exact(op)
+    return chosen.name if exact or op.shape[0] >= op.shape[1] else "none"
 
 
-def _resolve_m(op, M, damp: float):
+def _resolve_m(op, M, damp: float, regulariser: str = "identity"):
     """``(LinearOperator or None, name)`` for tikhonov's ``M`` argument."""
     if isinstance(M, str) and M == "auto":
-        M = _tikhonov_kind(op)
+        M = _tikhonov_kind(op, regulariser)
     if M is None or (isinstance(M, str) and M == "none"):
         return None, "none"
     if isinstance(M, str):
-        kind = _resolve_kind(op, M, "M").name
-        return build_preconditioner(op, damp, kind), kind
+        kind = _resolve_kind(op, M, "M", regulariser).name
+        if regulariser == "operator":
+            raise NotImplementedError(
+                f"M={M!r}: the preconditioner kinds model L=None or L='gradient' only; with "
+                "another L pass M='auto' (plain CG), 'none', None or a LinearOperator"
+            )
+        return build_preconditioner(op, damp, kind, regulariser=regulariser), kind
     if isinstance(M, LinearOperator):
         if M.shape != (op.shape[1],) * 2:
             raise ValueError(
@@ -447,15 +658,17 @@ def _as_sample(value, name: str, flat: int, shape: tuple[int, ...]):
     )
 
 
-def tikhonov(op, y, damp, *, rtol=1e-6, maxiter=None, x0=None, callback=None, M="auto",
-             method="auto"):
-    """The Tikhonov solution ``argmin ||W x - y||^2 + damp^2 ||x||^2``, fast.
+def tikhonov(op, y, damp, *, L=None, rtol=1e-6, maxiter=None, x0=None, callback=None,
+             M="auto", method="auto"):
+    """The Tikhonov solution ``argmin ||W x - y||^2 + damp^2 ||L x||^2``, fast.
 
     For circular padding (a circulant W: output size ``L / stride``, any
-    channels, groups and stride) an exact direct solve by FFT with one
-    small SVD per frequency, no iterations; otherwise conjugate gradients on
-    the normal equations with the structured :func:`preconditioner`.  Either
-    way the residual of the normal equations is measured on return.
+    channels, groups and stride) and ``L = I`` an exact direct solve by FFT
+    with one small SVD per frequency, no iterations; otherwise conjugate
+    gradients on the normal equations with the structured
+    :func:`preconditioner`, raced against plain CG for a few iterations (the
+    safeguard, see Notes).  Either way the residual of the normal equations
+    is measured on return.
 
     Parameters
     ----------
@@ -466,6 +679,16 @@ def tikhonov(op, y, damp, *, rtol=1e-6, maxiter=None, x0=None, callback=None, M=
     damp : float
         The Tikhonov damping (``>= 0``; 0 gives a least-squares solution,
         the minimum-norm one by FFT).
+    L : None, 'gradient', LinearOperator, sparse matrix or ndarray, optional
+        The regularisation operator.  None (default): the identity.
+        ``'gradient'``: ``D``, the forward differences along every spatial
+        dimension of the operator's input, per channel, without boundary
+        rows (``(D x)[i] = x[i+1] - x[i]`` along each line,
+        :func:`gradient_operator`), so that ``D^H D`` is the Neumann
+        Laplacian.  Any other ``L`` with ``op.shape[1]`` columns (a
+        ``LinearOperator``, or a matrix through
+        ``scipy.sparse.linalg.aslinearoperator``), used through its
+        ``matvec`` and ``rmatvec``.
     rtol : float, optional
         Relative tolerance on the residual of the normal equations (see
         Returns), default ``1e-6``.  Must be positive.
@@ -480,12 +703,16 @@ def tikhonov(op, y, damp, *, rtol=1e-6, maxiter=None, x0=None, callback=None, M=
         The preconditioner of CG: a ``kind`` of :func:`preconditioner`,
         ``'none'`` or ``None`` for plain CG, or a LinearOperator of shape
         ``(n, n)``.  Default ``'auto'``: :func:`preconditioner`'s
-        ``kind='auto'``, except plain CG on a wide W (more unknowns than
-        equations) that no exact construction covers (see Notes), and where
-        the preconditioner's channel blocks would take more than 512 MB
-        (``C x C`` complex per position: a 64-channel input of 512x512).
+        ``kind='auto'`` (with ``L``: for ``'gradient'``, among the kinds
+        that model it; plain CG for any other ``L``), except plain CG on a
+        wide W (more unknowns than equations) that no exact construction
+        covers (see Notes), and where the preconditioner's channel blocks
+        would take more than 512 MB (``C x C`` complex per position: a
+        64-channel input of 512x512); guarded by the safeguard (Notes).  A
+        kind by name, or a LinearOperator, is used as given.
     method : {'auto', 'fft', 'cg'}, optional
-        ``'auto'`` (default): ``'fft'`` where W is circulant, else ``'cg'``.
+        ``'auto'`` (default): ``'fft'`` where W is circulant and ``L`` is
+        None, else ``'cg'``.
         The exact solve ignores ``M`` (should rounding leave its residual
         above ``rtol``, CG refines it with the exact circulant preconditioner).
 
@@ -497,28 +724,32 @@ def tikhonov(op, y, damp, *, rtol=1e-6, maxiter=None, x0=None, callback=None, M=
         ``x0`` is complex (a single-precision operator is solved in double
         precision, see Notes).
     info : TikhonovInfo
-        ``method``, ``preconditioner``, ``iterations``, ``residual`` (the
-        relative residual ``||W^H (W x - y) + damp^2 x|| / ||W^H y||`` of the
-        returned ``x``, measured with the operator's products) and
-        ``converged`` (``residual <= rtol``; False only if CG stopped at
-        ``maxiter``, or broke down on non-finite values).
+        ``method``, ``preconditioner`` (``'none (safeguard)'`` where the
+        safeguard switched to plain CG), ``iterations`` (the safeguard's
+        probes included), ``residual`` (the relative residual
+        ``||W^H (W x - y) + damp^2 L^H L x|| / ||W^H y||`` of the returned
+        ``x``, measured with the operators' products) and ``converged``
+        (``residual <= rtol``; False only if CG stopped at ``maxiter``, or
+        broke down on non-finite values).
 
     Raises
     ------
     TypeError
         If ``op`` is not a convolution operator, ``y`` or ``x0`` not
-        numeric, ``callback`` not callable, or ``M`` of the wrong type.
+        numeric, ``callback`` not callable, ``M`` or ``L`` of the wrong type.
     ValueError
-        Wrong shapes of ``y``, ``x0`` or ``M``; non-finite values in
+        Wrong shapes of ``y``, ``x0``, ``M`` or ``L``; non-finite values in
         ``y`` or ``x0``; negative ``damp``, non-positive ``rtol``, negative
-        ``maxiter``, unknown ``M`` kind or ``method``.
+        ``maxiter``, unknown ``M`` kind, ``method`` or ``L`` string.
     NotImplementedError
-        ``method='fft'`` on a W that is not circulant, or an ``M`` kind that
-        does not apply (see :func:`preconditioner`).
+        ``method='fft'`` on a W that is not circulant or with an ``L``, or
+        an ``M`` kind that does not apply (see :func:`preconditioner`; with
+        ``L='gradient'`` only ``'circulant'``, ``'dct2'`` and
+        ``'block_jacobi'``, with another ``L`` none).
 
     See Also
     --------
-    preconditioner, normal_operator
+    preconditioner, normal_operator, gradient_operator
     scipy.sparse.linalg.lsqr : Tikhonov by Golub-Kahan, with ``damp=``.
 
     Notes
@@ -536,12 +767,39 @@ def tikhonov(op, y, damp, *, rtol=1e-6, maxiter=None, x0=None, callback=None, M=
     with the exact preconditioner.
 
     *Iterative solve.*  ``scipy.sparse.linalg.cg`` on
-    ``(W^H W + damp^2 I) x = W^H y`` with ``M``; CG's own stopping test uses
+    ``(W^H W + damp^2 L^H L) x = W^H y`` with ``M``; CG's own stopping test uses
     a recursively updated residual, so on exit the true residual is
     measured and CG restarts from ``x`` while it exceeds ``rtol`` (the
     iterations of every restart count towards ``maxiter``).  Each iteration
     costs one product with W and one with ``W^H`` (the operator's threads),
-    one application of the preconditioner and a few vector operations.
+    one application of the preconditioner and a few vector operations
+    (and one product with ``L`` and one with ``L^H``; ``L='gradient'``
+    costs a few passes over the vector).
+
+    *General Tikhonov.*  With ``L`` the problem is
+    ``min ||W x - y||^2 + damp^2 ||L x||^2`` and its normal equations
+    ``(W^H W + damp^2 L^H L) x = W^H y``: positive definite where W and L
+    have no common null vector (for ``'gradient'``, whose null space is the
+    constants of each channel, where W maps no channel's constant to zero,
+    as a blur does).  The exact FFT solve does not extend to it: ``D^H D``
+    is the Neumann Laplacian, diagonalised by the DCT-II, not by the DFT.
+    With ``'gradient'``, ``'auto'`` picks ``'circulant'`` for circular
+    padding (W exact, the Laplacian by its periodic version: an
+    approximation), ``'dct2'`` for blurs with any other padding
+    (``D^H D`` exact in its basis), the shifted ``'circulant'`` for other
+    kernels at stride 1, ``'block_jacobi'`` otherwise; with any other ``L``
+    plain CG.
+
+    *The safeguard.*  Where ``M='auto'`` chose a preconditioner, CG runs
+    10 iterations with it; if they do not reach ``rtol``, 10 iterations of
+    plain CG from the same start, and the run with the lower residual
+    (over the second half of its probe) continues from where it stopped.
+    The cost is the other run's 10 iterations, and nothing where the
+    preconditioner solves the problem within its probe (the exact ones).
+    The comparison is per iteration (per product with W and ``W^H``), so
+    the choice is the same on every run; it catches the preconditioners that
+    lose many times over (a DCT on a kernel far from symmetric, such as an
+    anti-diagonal motion blur), not those within a small factor of plain CG.
 
     *Which preconditioner.*  A separable single-channel kernel makes W a
     Kronecker product of one-dimensional convolutions, whatever the padding
@@ -568,7 +826,7 @@ def tikhonov(op, y, damp, *, rtol=1e-6, maxiter=None, x0=None, callback=None, M=
 
     >>> import numpy as np
     >>> from sparse_tconv import ConvOperator
-    >>> from sparse_tconv.solvers import tikhonov
+    >>> from sparse_tconv.solvers import gradient_operator, tikhonov
     >>> rng = np.random.default_rng(0)
     >>> op = ConvOperator(np.ones((1, 1, 5, 5)) / 25, (1, 32, 32), padding="same",
     ...                   padding_mode="circular")
@@ -596,6 +854,21 @@ def tikhonov(op, y, damp, *, rtol=1e-6, maxiter=None, x0=None, callback=None, M=
     >>> x, info = tikhonov(op, op @ rng.random(32 * 32), damp=1e-2)
     >>> info.preconditioner, info.converged, bool(info.residual <= 1e-6)
     ('dct2', True, True)
+
+    Smoothness regularisation: ``L='gradient'`` penalises the differences of
+    neighbours instead of the values.  The residual reported is that of
+    ``(W^T W + damp^2 D^T D) x = W^T y``, as a dense solve confirms:
+
+    >>> op = ConvOperator(np.ones((1, 1, 5, 5)) / 25, (1, 32, 32), padding="same")
+    >>> y = op @ rng.random(32 * 32)
+    >>> x, info = tikhonov(op, y, damp=1e-2, L="gradient")
+    >>> info.method, info.converged, bool(info.residual <= 1e-6)
+    ('cg', True, True)
+    >>> D = gradient_operator(op.input_shape) @ np.eye(32 * 32)
+    >>> W = op.matrix.toarray()
+    >>> dense = np.linalg.solve(W.T @ W + 1e-4 * D.T @ D, W.T @ y)
+    >>> bool(np.linalg.norm(x - dense) <= 1e-3 * np.linalg.norm(dense))
+    True
     """
     _check_operator(op)
     damp = _check_damp(damp)
@@ -605,29 +878,46 @@ def tikhonov(op, y, damp, *, rtol=1e-6, maxiter=None, x0=None, callback=None, M=
     if callback is not None and not callable(callback):
         raise TypeError(f"callback must be callable or None, got callback={callback!r}")
     method = check_choice(method, ("auto", *METHODS), "method")
+    regulariser_op, regulariser = _resolve_l(op, L)
     y_flat, shaped = _as_sample(y, "y", op.shape[0], op.output_shape)
     start = None if x0 is None else _as_sample(x0, "x0", n, op.input_shape)[0]
-    chosen = auto_method(op) if method == "auto" else METHODS[method]
+    chosen = auto_method(op, regulariser) if method == "auto" else METHODS[method]
+    if regulariser not in chosen.regularisers:
+        raise NotImplementedError(
+            f"method={chosen.name!r} solves with L=None only (the identity), got L of "
+            f"{'value ' + repr(L) if isinstance(L, str) else 'type ' + type(L).__name__}; "
+            "use method='cg' (or 'auto', which picks it here)"
+        )
     chosen.check(op)
     work = _double(op)
-    pre, name = _resolve_m(work, M, damp) if chosen.uses_m else (None, chosen.preconditioner_name)
-    x, iterations, value = _solve(work, y_flat, damp, chosen, pre, start, rtol, maxiter,
-                                  callback)
+    if chosen.uses_m:
+        pre, name = _resolve_m(work, M, damp, regulariser)
+    else:
+        pre, name = None, chosen.preconditioner_name
+    safeguard = isinstance(M, str) and M == "auto" and pre is not None
+    x, iterations, value, switched = _solve(work, y_flat, damp, chosen, pre, start, rtol,
+                                            maxiter, callback, regulariser_op, regulariser,
+                                            safeguard)
+    if switched:
+        name = "none (safeguard)"
     info = TikhonovInfo(chosen.name, name, iterations, value, value <= rtol)
     return (x.reshape(op.input_shape) if shaped else x), info
 
 
-def _solve(op, y, damp, method: type[Method], M, x0, rtol, maxiter, callback):
-    """``(x, iterations, residual)`` on a double-precision operator, by ``method``."""
+def _solve(op, y, damp, method: type[Method], M, x0, rtol, maxiter, callback, L=None,
+           regulariser="identity", safeguard=False):
+    """``(x, iterations, residual, switched)`` on a double-precision operator, by ``method``."""
     real = not np.iscomplexobj(op.weight)
     dtype = np.result_type(op.dtype, y.dtype, np.float64,
-                           np.float64 if x0 is None else x0.dtype)
+                           np.float64 if x0 is None else x0.dtype,
+                           np.float64 if L is None else L.dtype)
     y = y.astype(dtype, copy=False)
-    normal = normal_operator(op, damp)
+    normal = _NormalOperator(op, damp, L)
     b = _apply(op.rmatvec, real, y)
     residual = Residual(normal, b)
     if residual.norm_b == 0.0:  # W^H y = 0: x = 0 solves the normal equations exactly
-        return np.zeros(op.shape[1], dtype=dtype), 0, 0.0
+        return np.zeros(op.shape[1], dtype=dtype), 0, 0.0, False
     problem = Problem(op, y, damp, normal, b, residual, np.dtype(dtype), x0, rtol, maxiter,
-                      callback, M)
-    return method.solve(problem)
+                      callback, M, L, regulariser, safeguard)
+    x, iterations, value = method.solve(problem)
+    return x, iterations, value, problem.switched

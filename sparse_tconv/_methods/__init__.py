@@ -23,6 +23,8 @@ AUTO_ORDER: list[type[Method]] = [
 ]
 
 
-def auto(op) -> type[Method]:
-    """The first entry of :data:`AUTO_ORDER` that applies to ``op``."""
-    return next(cls for cls in AUTO_ORDER if cls.auto_applies(op))
+def auto(op, regulariser: str = "identity") -> type[Method]:
+    """The first entry of :data:`AUTO_ORDER` that applies to ``op`` and solves with
+    ``regulariser`` (:attr:`Method.regularisers`)."""
+    return next(cls for cls in AUTO_ORDER
+                if regulariser in cls.regularisers and cls.auto_applies(op))

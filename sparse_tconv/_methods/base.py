@@ -1,7 +1,8 @@
 """What a Tikhonov solve method is, and the problem every method is handed.
 
 :func:`sparse_tconv.solvers.tikhonov` sets up the damped normal equations
-``(W^H W + damp^2 I) x = W^H y`` once (a :class:`Problem`), then hands them
+``(W^H W + damp^2 L^H L) x = W^H y`` once (a :class:`Problem`; ``L = I``
+unless given), then hands them
 to the method its ``method=`` names, or to the first of the registry's
 ``AUTO_ORDER`` that applies.  A method is one :class:`Method` subclass in a
 module of its own, and one line in the registry.
@@ -22,7 +23,7 @@ __all__ = ["Method", "Problem", "Residual", "pcg"]
 
 
 class Residual:
-    """``||b - (W^H W + damp^2) x|| / ||b||`` with ``b = W^H y``, as CG measures it."""
+    """``||b - (W^H W + damp^2 L^H L) x|| / ||b||`` with ``b = W^H y``, as CG measures it."""
 
     def __init__(self, normal: LinearOperator, b: np.ndarray):
         self.normal, self.b = normal, b
@@ -41,7 +42,7 @@ class Problem:
     y: np.ndarray
     damp: float
     normal: LinearOperator
-    """``W^H W + damp^2 I``."""
+    """``W^H W + damp^2 L^H L`` (``L = I`` when :attr:`L` is None)."""
     b: np.ndarray
     """``W^H y``."""
     residual: Residual
@@ -52,6 +53,15 @@ class Problem:
     callback: Callable | None
     M: LinearOperator | None
     """The preconditioner the caller's ``M`` resolved to (None: plain CG)."""
+    L: LinearOperator | None = None
+    """The regulariser (None: the identity)."""
+    regulariser: str = "identity"
+    """``'identity'``, ``'gradient'`` or ``'operator'`` (any other ``L``)."""
+    safeguard: bool = False
+    """Whether ``M`` was chosen by ``'auto'``: CG may then drop it for plain CG
+    (:mod:`~sparse_tconv._methods.safeguard`)."""
+    switched: bool = False
+    """Set by a method that dropped ``M`` for plain CG."""
 
     def start(self) -> np.ndarray:
         """The starting point: ``x0``, else zeros."""
@@ -60,15 +70,17 @@ class Problem:
         return self.x0.astype(self.dtype)
 
 
-def pcg(problem: Problem, x: np.ndarray, M) -> tuple[np.ndarray, int, float]:
+def pcg(problem: Problem, x: np.ndarray, M,
+        maxiter: int | None = None) -> tuple[np.ndarray, int, float]:
     """``(x, iterations, residual)``: scipy's CG, restarted until the true residual meets rtol.
 
     CG updates its residual by a recurrence, which drifts from ``b - A x``
     by rounding; after it stops, the true residual is measured and, if it
     misses ``rtol``, CG restarts from ``x`` (it recomputes ``b - A x``) with
-    the iterations left.
+    the iterations left (of ``maxiter``, default ``problem.maxiter``).
     """
-    rtol, maxiter, callback = problem.rtol, problem.maxiter, problem.callback
+    rtol, callback = problem.rtol, problem.callback
+    maxiter = problem.maxiter if maxiter is None else maxiter
     done = 0
     value = problem.residual(x) if np.any(x) else 1.0  # (b - A 0 = b)
     while value > rtol and done < maxiter:
@@ -97,6 +109,8 @@ class Method(abc.ABC):
     """Whether the caller's ``M`` is resolved and handed over (else ignored)."""
     preconditioner_name: ClassVar[str] = ""
     """What ``info.preconditioner`` reports for a method that ignores ``M``."""
+    regularisers: ClassVar[tuple[str, ...]] = ("identity",)
+    """The ``L`` it solves with: ``'identity'`` (``L=None``), ``'gradient'``, ``'operator'``."""
 
     @classmethod
     def auto_applies(cls, op) -> bool:

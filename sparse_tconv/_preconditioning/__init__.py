@@ -23,12 +23,14 @@ from .base import Construction, Operator
 from .block_jacobi import BlockJacobi
 from .circulant import Circulant, ExactCirculant
 from .cosine import DCT1, DCT2
+from .gradient import REGULARISERS
 from .kronecker import Kronecker
 
 __all__ = [
     "AUTO_ORDER",
     "CONSTRUCTIONS",
     "Construction",
+    "REGULARISERS",
     "auto",
     "auto_kind",
     "build_preconditioner",
@@ -66,14 +68,14 @@ def construction(kind: str) -> type[Construction]:
     return CONSTRUCTIONS[kind]
 
 
-def auto(op: Operator) -> type[Construction]:
-    """The first entry of :data:`AUTO_ORDER` that applies to ``op``."""
-    return next(cls for cls in AUTO_ORDER if cls.auto_applies(op))
+def auto(op: Operator, regulariser: str = "identity") -> type[Construction]:
+    """The first entry of :data:`AUTO_ORDER` that applies to ``op`` (and models ``regulariser``)."""
+    return next(cls for cls in AUTO_ORDER if cls.auto_applies_to(op, regulariser))
 
 
-def resolve(kind: str, op: Operator) -> type[Construction]:
+def resolve(kind: str, op: Operator, regulariser: str = "identity") -> type[Construction]:
     """The construction ``kind`` names for ``op``: :func:`auto`'s choice for ``'auto'``."""
-    return auto(op) if kind == "auto" else construction(kind)
+    return auto(op, regulariser) if kind == "auto" else construction(kind)
 
 
 def auto_kind(op) -> str:
@@ -82,7 +84,8 @@ def auto_kind(op) -> str:
 
 
 def build_preconditioner(op, damp: float, kind: str, *, boost: float | None = None,
-                         correct: bool = True) -> SpectralPreconditioner:
+                         correct: bool = True,
+                         regulariser: str = "identity") -> SpectralPreconditioner:
     """The :class:`SpectralPreconditioner` of the construction registered as ``kind``.
 
     The blocks are inverted with ``damp**2 + boost * lambda_max`` (a
@@ -91,12 +94,22 @@ def build_preconditioner(op, damp: float, kind: str, *, boost: float | None = No
     0 where it is exact for ``op``); ``correct=False`` leaves out the border
     correction (the DCT-II's and the surrogate circulant's diagonal match,
     the DCT-I's reflect weights), for the benchmark's comparison.
+    ``regulariser='gradient'`` approximates ``(W^H W + damp^2 D^H D)^{-1}``
+    instead (NotImplementedError from a construction that does not model it).
     """
     method = construction(kind)
+    if regulariser not in method.regularisers:
+        models = [name for name, cls in CONSTRUCTIONS.items() if regulariser in cls.regularisers]
+        raise NotImplementedError(
+            f"kind={kind!r} does not model L={regulariser!r}; the kinds that do: {models}"
+        )
     threads = resolve_threads(op.threads)
     if boost is None:
         # (exact() is asked only of a shifted construction: Kronecker's costs an SVD)
         boost = method.default_shift if method.default_shift and not method.exact(op) else 0.0
-    basis, blocks, scale = method.blocks(op, damp, boost, threads, correct)
+    if regulariser == "identity":  # (a construction need not know of the others)
+        basis, blocks, scale = method.blocks(op, damp, boost, threads, correct)
+    else:
+        basis, blocks, scale = method.blocks(op, damp, boost, threads, correct, regulariser)
     return SpectralPreconditioner(basis, blocks, scale, kind, damp,
                                   np.result_type(op.dtype, np.float64))

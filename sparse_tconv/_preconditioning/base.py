@@ -65,6 +65,10 @@ class Construction(abc.ABC):
     outlying eigenvalues.
     """
 
+    regularisers: ClassVar[tuple[str, ...]] = ("identity",)
+    """What it models besides ``W^H W``: ``'identity'`` (``damp^2 I``), ``'gradient'``
+    (``damp^2 D^H D``, :mod:`~sparse_tconv._preconditioning.gradient`)."""
+
     @classmethod
     def exact(cls, op: Operator) -> bool:
         """Whether the construction is the inverse of ``W^H W + damp^2 I`` for ``op``.
@@ -101,9 +105,27 @@ class Construction(abc.ABC):
         return False
 
     @classmethod
+    def auto_applies_to(cls, op: Operator, regulariser: str) -> bool:
+        """Whether ``kind='auto'`` picks this construction for ``op`` and ``regulariser``.
+
+        Parameters
+        ----------
+        op : ConvOperator or ConvTransposeOperator
+            W.
+        regulariser : {'identity', 'gradient'}
+            What the system adds to ``W^H W`` (times ``damp**2``).
+
+        Returns
+        -------
+        bool
+            :meth:`auto_applies` where the construction models ``regulariser``.
+        """
+        return regulariser in cls.regularisers and cls.auto_applies(op)
+
+    @classmethod
     @abc.abstractmethod
     def blocks(cls, op: Operator, damp: float, boost: float, threads: int,
-               correct: bool) -> Pieces:
+               correct: bool, regulariser: str = "identity") -> Pieces:
         """The pieces of the preconditioner for ``op`` and ``damp``.
 
         Parameters
@@ -119,6 +141,9 @@ class Construction(abc.ABC):
             Threads for the transforms.
         correct : bool
             Whether to apply the construction's border correction (if it has one).
+        regulariser : str, optional
+            One of :attr:`regularisers` (passed only when not ``'identity'``):
+            the blocks then approximate ``(W^H W + damp^2 D^H D)^{-1}``.
 
         Returns
         -------

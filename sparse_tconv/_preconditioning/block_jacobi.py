@@ -20,6 +20,7 @@ from .._preconditioners import (
     gram_diagonal,
 )
 from .base import Construction, Operator, Pieces
+from .gradient import gradient_diagonal
 
 __all__ = ["BlockJacobi"]
 
@@ -28,6 +29,7 @@ class BlockJacobi(Construction):
     """The ``m x m`` diagonal blocks of ``W^H W`` at every position, inverted."""
 
     name: ClassVar[str] = "block_jacobi"
+    regularisers: ClassVar[tuple[str, ...]] = ("identity", "gradient")
 
     @classmethod
     def auto_applies(cls, op: Operator) -> bool:
@@ -36,12 +38,16 @@ class BlockJacobi(Construction):
 
     @classmethod
     def blocks(cls, op: Operator, damp: float, boost: float, threads: int,
-               correct: bool) -> Pieces:
-        return _block_jacobi(op, damp, boost)
+               correct: bool, regulariser: str = "identity") -> Pieces:
+        return _block_jacobi(op, damp, boost, regulariser == "gradient")
 
 
-def _block_jacobi(op, damp: float, boost: float):
-    """The ``m x m`` diagonal blocks of ``W^H W`` at every position, from the matrix."""
+def _block_jacobi(op, damp: float, boost: float, gradient: bool = False):
+    """The ``m x m`` diagonal blocks of ``W^H W`` at every position, from the matrix.
+
+    With ``gradient``, those of ``W^H W + damp^2 D^H D``: ``D^H D`` is diagonal on
+    each channel's positions' diagonal (it couples no channels).
+    """
     channels, size = _gram_side(op)
     groups = op.convolution.geometry.groups
     m, positions = channels // groups, math.prod(size)
@@ -61,4 +67,11 @@ def _block_jacobi(op, damp: float, boost: float):
                     H[g, :, b, a] = np.conj(value)
     basis = _PositionBasis(channels, groups, size)
     H = H.reshape(groups, *size, m, m)
-    return basis, _regularised_inverse(H, _total_shift(H, damp, boost)), None
+    if not gradient:
+        return basis, _regularised_inverse(H, _total_shift(H, damp, boost)), None
+    shift = _total_shift(H, 0.0, boost)  # no damp^2 I in these equations
+    extra = (damp * damp) * gradient_diagonal(channels, size).reshape(groups, m, *size)
+    index = np.arange(m)
+    H = H.astype(np.result_type(H.dtype, np.float64), copy=True)
+    H[..., index, index] += np.moveaxis(extra, 1, -1)
+    return basis, _regularised_inverse(H, shift), None

@@ -14,15 +14,19 @@ import numpy as np
 
 from .._geometry import ConvGeometry, conv_geometry
 from .._preconditioners import (
+    _FLOOR,
     _fourier_pieces,
     _FourierBasis,
     _gram,
     _matching_scale,
     _regularised_inverse,
     _total_shift,
+    gram_diagonal,
     is_exact,
 )
 from .base import Construction, Operator, Pieces
+from .gradient import gradient_diagonal, laplacian_symbol
+from .gradient import scale as gradient_scale
 
 __all__ = ["Circulant", "ExactCirculant", "has_surrogate"]
 
@@ -35,6 +39,9 @@ class Circulant(Construction):
     # (sparse_tconv.tools.solve_bench): a random 4 -> 4 channel layer at damp 1e-3 took
     # over 612 iterations with no shift, 233 with 0.1, 612 plain.
     default_shift: ClassVar[float] = 0.1
+    # D^H D (L='gradient') by the periodic Laplacian, where the DFT is on the Gram side's
+    # grid itself (no polyphase split): never exact, as D has no wrap-around rows.
+    regularisers: ClassVar[tuple[str, ...]] = ("identity", "gradient")
 
     @classmethod
     def exact(cls, op: Operator) -> bool:
@@ -46,12 +53,21 @@ class Circulant(Construction):
         return has_surrogate(op)
 
     @classmethod
+    def auto_applies_to(cls, op: Operator, regulariser: str) -> bool:
+        """As :meth:`auto_applies`; with the gradient only where the DFT needs no split."""
+        if regulariser == "gradient" and not _unsplit(op):
+            return False
+        return super().auto_applies_to(op, regulariser)
+
+    @classmethod
     def blocks(cls, op: Operator, damp: float, boost: float, threads: int,
-               correct: bool) -> Pieces:
+               correct: bool, regulariser: str = "identity") -> Pieces:
         exact = cls.exact(op)
         geom = op.convolution.geometry if exact else _circulant_geometry(op)
         basis, _, Bop = _fourier_pieces(op, geom, threads)
         H = _gram(Bop)
+        if regulariser == "gradient":
+            return _with_gradient(op, basis, H, damp, boost, correct)
         shift = _total_shift(H, damp, boost)
         scale = None
         if correct and not exact:
@@ -65,6 +81,37 @@ class ExactCirculant(Circulant):
     @classmethod
     def auto_applies(cls, op: Operator) -> bool:
         return cls.exact(op)
+
+
+def _unsplit(op) -> bool:
+    """Whether the circulant's DFT acts on the Gram side's grid with no polyphase split."""
+    return op.convolution.transposed or all(s == 1 for s in op.convolution.geometry.stride)
+
+
+def _with_gradient(op, basis: _FourierBasis, H: np.ndarray, damp: float, boost: float,
+                   correct: bool) -> Pieces:
+    """The blocks of ``W^H W + damp^2 D^H D``, ``D^H D`` by its periodic version.
+
+    The periodic Laplacian exceeds ``D^H D`` by one wrap-around term per line;
+    with ``correct``, the diagonal scaling gives the model the true diagonal
+    (``1`` at the ends of a line instead of ``2``, and W's own border).
+    """
+    if not _unsplit(op):
+        raise NotImplementedError(
+            "kind='circulant' models L='gradient' only where the DFT needs no polyphase split "
+            f"(stride 1, or a transposed convolution), got stride={op.convolution.geometry.stride}"
+        )
+    shift = _total_shift(H, 0.0, boost)  # no damp^2 I in these equations
+    channels, size = op.input_shape[0], tuple(op.input_shape[1:])
+    symbol = laplacian_symbol(size, basis.frequencies, "dft")
+    model = _circulant_diagonal(H, basis)
+    H = H + (damp * damp) * symbol[..., None, None] * np.eye(H.shape[-1])
+    scale = None
+    if correct:
+        periodic = np.full((channels, *size), 2.0 * sum(n > 1 for n in size))
+        true = gram_diagonal(op) + (damp * damp) * gradient_diagonal(channels, size)
+        scale = gradient_scale(true, model + (damp * damp) * periodic, shift, _FLOOR)
+    return basis, _regularised_inverse(H, shift), scale
 
 
 def has_surrogate(op) -> bool:

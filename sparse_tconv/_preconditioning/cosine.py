@@ -16,6 +16,7 @@ import numpy as np
 from .._fourier import circular_blocks
 from .._geometry import ConvGeometry, conv_geometry
 from .._preconditioners import (
+    _FLOOR,
     _CosineBasis,
     _forward_weight,
     _gram,
@@ -23,9 +24,12 @@ from .._preconditioners import (
     _matching_scale,
     _regularised_inverse,
     _total_shift,
+    gram_diagonal,
 )
 from .base import Construction, Operator, Pieces
 from .circulant import has_surrogate
+from .gradient import gradient_diagonal, laplacian_symbol
+from .gradient import scale as gradient_scale
 
 __all__ = ["DCT1", "DCT2"]
 
@@ -53,19 +57,30 @@ class _Cosine(Construction):
 
     @classmethod
     def blocks(cls, op: Operator, damp: float, boost: float, threads: int,
-               correct: bool) -> Pieces:
-        return _cosine(op, damp, boost, threads, cls.dct_type, correct)
+               correct: bool, regulariser: str = "identity") -> Pieces:
+        return _cosine(op, damp, boost, threads, cls.dct_type, correct,
+                       regulariser == "gradient")
 
 
 class DCT2(_Cosine):
     """The DCT-II: the half-sample symmetric extension, with the matching diagonal scaling."""
 
     name: ClassVar[str] = "dct2"
+    # D^H D (L='gradient') is the Neumann Laplacian: diagonal in the same basis.
+    regularisers: ClassVar[tuple[str, ...]] = ("identity", "gradient")
     # Measured (sparse_tconv.tools.solve_bench): best or near it on blurs at damp 1e-2 and
     # 1e-3 (a disk blur at 1e-3: 720 iterations with no shift, 90 with 1e-3, 689 plain).
     default_shift: ClassVar[float] = 1e-3
     dct_type: ClassVar[Literal[1, 2]] = 2
     reflect: ClassVar[bool] = False
+
+    @classmethod
+    def auto_applies_to(cls, op: Operator, regulariser: str) -> bool:
+        """As for the identity; with the gradient also for reflect padding (the DCT-I
+        does not diagonalise ``D^H D``)."""
+        if regulariser != "gradient":
+            return super().auto_applies_to(op, regulariser)
+        return _toeplitz(op) and (_low_pass(op) or not has_surrogate(op))
 
 
 class DCT1(_Cosine):
@@ -141,12 +156,18 @@ def _reflection_counts(n: int, lags: np.ndarray) -> np.ndarray:
 
 
 def _cosine(op, damp: float, boost: float, threads: int, dct_type: Literal[1, 2],
-            correct: bool):
-    """DCT blocks ``Lambda_f = sum_t G(t) prod_a cos(pi f_a t_a / N_a)`` (solvers: Notes)."""
+            correct: bool, gradient: bool = False):
+    """DCT blocks ``Lambda_f = sum_t G(t) prod_a cos(pi f_a t_a / N_a)`` (solvers: Notes).
+
+    With ``gradient`` (DCT-II only), ``damp^2 D^H D`` is added exactly: its
+    eigenvalues ``sum_a 4 sin^2(pi f_a / (2 n_a))`` on every channel's diagonal.
+    """
     channels, size = _gram_side(op)
     G, lags = _gram_kernel(op)
-    # Axes the kernel does not reach along need no transform: the model is constant there.
-    axes = tuple(a for a, (n, lag) in enumerate(zip(size, lags)) if n > 1 and lag.size > 1)
+    # Axes the kernel does not reach along need no transform: the model is constant there
+    # (but for the gradient, which couples neighbours along every axis).
+    axes = tuple(a for a, (n, lag) in enumerate(zip(size, lags))
+                 if n > 1 and (lag.size > 1 or gradient))
     lam = G
     for axis, (n, lag) in enumerate(zip(size, lags)):
         if axis in axes:
@@ -156,8 +177,19 @@ def _cosine(op, damp: float, boost: float, threads: int, dct_type: Literal[1, 2]
             cos = np.ones((1, lag.size))
         lam = np.moveaxis(np.tensordot(lam, cos, axes=([3 + axis], [1])), -1, 3 + axis)
     H = np.moveaxis(lam, (1, 2), (-2, -1))  # (g, *F, m, m), Hermitian PSD
-    shift = _total_shift(H, damp, boost)
     basis = _CosineBasis(channels, op.convolution.geometry.groups, size, dct_type, axes, threads)
+    if gradient:
+        shift = _total_shift(H, 0.0, boost)  # no damp^2 I in these equations
+        frequencies = H.shape[1:-2]
+        H = H + (damp * damp) * laplacian_symbol(size, frequencies, "dct2")[..., None, None] \
+            * np.eye(H.shape[-1])
+        scale = None
+        if correct:
+            extra = (damp * damp) * gradient_diagonal(channels, size)
+            scale = gradient_scale(gram_diagonal(op) + extra,
+                                   _cosine_diagonal(G, lags, size, axes) + extra, shift, _FLOOR)
+        return basis, _regularised_inverse(H, shift), scale
+    shift = _total_shift(H, damp, boost)
     scale = None
     if correct and dct_type == 1:
         scale = _reflect_weights(op, axes)

@@ -51,7 +51,7 @@ class Kronecker(Construction):
 
     @classmethod
     def blocks(cls, op: Operator, damp: float, boost: float, threads: int,
-               correct: bool) -> Pieces:
+               correct: bool, regulariser: str = "identity") -> Pieces:
         return _kronecker(op, damp, boost)
 
 

@@ -1,0 +1,388 @@
+"""General Tikhonov (``tikhonov(..., L=...)``) and the safeguard of ``M='auto'``.
+
+Every solution is checked against an independent oracle: numpy's dense solve
+of ``(W^T W + damp^2 L^T L) x = W^T y`` with ``W = op.matrix.toarray()`` and,
+for ``L='gradient'``, a finite-difference matrix built here with explicit
+loops from the definition ``(D x)[i] = x[i+1] - x[i]`` along every spatial
+axis, per channel, no boundary rows.  Residuals are recomputed from their
+definition with the dense matrices.  The safeguard is checked by counting the
+operator's products (never times).
+"""
+
+from __future__ import annotations
+
+import itertools
+
+import numpy as np
+import pytest
+import scipy.sparse
+from scipy.sparse.linalg import aslinearoperator
+
+from sparse_tconv import ConvOperator, ConvTransposeOperator
+from sparse_tconv._methods import safeguard
+from sparse_tconv.solvers import gradient_operator, normal_operator, preconditioner, tikhonov
+
+from reference import seed_of
+
+MODES = ["zeros", "reflect", "replicate", "circular"]
+
+
+def finite_differences(input_shape) -> np.ndarray:
+    """``D`` from its definition, one row per difference, by loops (the oracle)."""
+    channels, *size = input_shape
+    n = int(np.prod(input_shape))
+
+    def column(c, position):
+        index = c
+        for p, length in zip(position, size):
+            index = index * length + p
+        return index
+
+    rows = []
+    for axis in range(len(size)):
+        shorter = list(size)
+        shorter[axis] -= 1
+        for c in range(channels):
+            for position in itertools.product(*(range(m) for m in shorter)):
+                row = np.zeros(n)
+                following = list(position)
+                following[axis] += 1
+                row[column(c, following)] += 1.0
+                row[column(c, position)] -= 1.0
+                rows.append(row)
+    return np.array(rows).reshape(-1, n)
+
+
+def dense_solution(W, L, y, damp):
+    return np.linalg.solve(W.T @ W + damp**2 * (L.T @ L), W.T @ y)
+
+
+def residual(W, L, x, y, damp) -> float:
+    """``||W^T (W x - y) + damp^2 L^T L x|| / ||W^T y||``, from the dense matrices."""
+    return float(np.linalg.norm(W.T @ (W @ x - y) + damp**2 * (L.T @ (L @ x)))
+                 / np.linalg.norm(W.T @ y))
+
+
+def rel(a, b) -> float:
+    return float(np.linalg.norm(a - b) / np.linalg.norm(b))
+
+
+def anti_diagonal(mode, n=64):
+    """The issue's case: a 7x7 anti-diagonal motion blur, where the DCTs lose to plain CG."""
+    kernel = np.fliplr(np.eye(7)) / 7
+    return ConvOperator(kernel[None, None], (1, n, n), padding="same", padding_mode=mode)
+
+
+def disk(radius):
+    t = np.arange(-radius, radius + 1)
+    k = (t[:, None] ** 2 + t[None, :] ** 2 <= (radius + 0.5) ** 2).astype(float)
+    return k / k.sum()
+
+
+def count_products(op):
+    """Count ``op.matvec`` calls (one per CG iteration or residual check)."""
+    calls = [0]
+    matvec = op.matvec
+
+    def counting(x):
+        calls[0] += 1
+        return matvec(x)
+
+    op.matvec = counting
+    return calls
+
+
+# ---------------------------------------------------------------------------
+# gradient_operator against the loops
+# ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("shape", [(1, 7), (2, 4, 5), (1, 3, 1, 4), (3, 1), (2, 2, 3, 2)])
+def test_gradient_operator_is_the_finite_difference_matrix(shape):
+    D = finite_differences(shape)
+    G = gradient_operator(shape)
+    rng = np.random.default_rng(seed_of("gradient", str(shape)))
+    x = rng.standard_normal(D.shape[1])
+    r = rng.standard_normal(D.shape[0])
+    assert G.shape == D.shape and G.input_shape == shape
+    np.testing.assert_allclose(G.matvec(x), D @ x, atol=1e-14)
+    np.testing.assert_allclose(G.rmatvec(r), D.T @ r, atol=1e-14)
+    np.testing.assert_allclose(G.H @ r, D.T @ r, atol=1e-14)
+    np.testing.assert_allclose(G.T @ r, D.T @ r, atol=1e-14)
+    np.testing.assert_allclose(G @ np.eye(D.shape[1]), D, atol=0)
+    z = x + 1j * rng.standard_normal(x.size)  # complex vectors, as CG may pass
+    np.testing.assert_allclose(G.matvec(z), D @ z, atol=1e-14)
+
+
+def test_gradient_gram_is_the_neumann_laplacian_in_the_dct2_basis():
+    from scipy.fft import dct
+
+    n = 9
+    D = finite_differences((1, n))
+    C = dct(np.eye(n), type=2, norm="ortho", axis=0)
+    eigenvalues = 4 * np.sin(np.pi * np.arange(n) / (2 * n)) ** 2
+    np.testing.assert_allclose(C @ D.T @ D @ C.T, np.diag(eigenvalues), atol=1e-12)
+
+
+# ---------------------------------------------------------------------------
+# L='gradient' against the dense solve
+# ---------------------------------------------------------------------------
+
+
+def gradient_cases():
+    # (label, class, weight shape, input shape, settings)
+    return [
+        ("1-D", ConvOperator, (1, 1, 5), (1, 20), dict(padding=2)),
+        ("2-D", ConvOperator, (1, 1, 3, 3), (1, 9, 8), dict(padding=1)),
+        ("channels", ConvOperator, (3, 2, 3, 3), (2, 6, 7), dict(padding=1)),
+        ("depthwise", ConvOperator, (2, 1, 3, 3), (2, 6, 6), dict(padding=1, groups=2)),
+        ("strided", ConvOperator, (2, 2, 3, 3), (2, 8, 8), dict(padding=1, stride=2)),
+        ("3-D", ConvOperator, (1, 1, 3, 3, 3), (1, 4, 5, 4), dict(padding=1)),
+        ("transposed", ConvTransposeOperator, (2, 3, 3, 3), (2, 5, 5),
+         dict(padding=1, stride=2)),
+    ]
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("label, cls, weight_shape, input_shape, kwargs", gradient_cases(),
+                         ids=[case[0] for case in gradient_cases()])
+def test_gradient_regularisation_matches_the_dense_solve(label, cls, weight_shape, input_shape,
+                                                         kwargs, mode):
+    rng = np.random.default_rng(seed_of("gradient-solve", label, mode))
+    # positive weights: W maps no channel's constant to zero, the system is definite
+    op = cls(rng.random(weight_shape) + 0.1, input_shape, padding_mode=mode, **kwargs)
+    W = op.matrix.toarray()
+    D = finite_differences(op.input_shape)
+    y = rng.standard_normal(W.shape[0])
+    for damp in (0.05, 0.5):
+        x, info = tikhonov(op, y, damp, L="gradient", rtol=1e-10)
+        assert info.method == "cg" and info.converged and info.residual <= 1e-10
+        assert residual(W, D, x, y, damp) <= 1.01e-10
+        assert info.residual == pytest.approx(residual(W, D, x, y, damp), rel=1e-6, abs=1e-14)
+        expected = dense_solution(W, D, y, damp)
+        cond = np.linalg.cond(W.T @ W + damp**2 * D.T @ D)
+        assert rel(x, expected) <= 1e-10 * cond + 1e-12
+
+
+@pytest.mark.parametrize("M", ["auto", "none", "circulant", "dct2", "block_jacobi"])
+@pytest.mark.parametrize("mode", MODES)
+def test_every_gradient_preconditioner_meets_rtol(M, mode):
+    op = ConvOperator(disk(2)[None, None], (1, 12, 11), padding="same", padding_mode=mode)
+    W, D = op.matrix.toarray(), finite_differences(op.input_shape)
+    y = np.random.default_rng(seed_of("gradient-M", M, mode)).random(W.shape[0])
+    x, info = tikhonov(op, y, 1e-2, L="gradient", M=M, rtol=1e-9)
+    assert info.converged and residual(W, D, x, y, 1e-2) <= 1.01e-9
+    if M != "auto":
+        assert info.preconditioner == M
+    assert rel(x, dense_solution(W, D, y, 1e-2)) < 1e-4
+
+
+def test_auto_preconditioners_for_the_gradient():
+    rng = np.random.default_rng(seed_of("gradient-auto"))
+    blur = disk(2)[None, None]
+    for mode, expected in [("zeros", "dct2"), ("replicate", "dct2"), ("reflect", "dct2"),
+                           ("circular", "circulant")]:
+        op = ConvOperator(blur, (1, 16, 16), padding="same", padding_mode=mode)
+        assert preconditioner(op, 1e-2, L="gradient").kind == expected
+        info = tikhonov(op, op @ rng.random(op.shape[1]), 1e-2, L="gradient")[1]
+        assert info.method == "cg" and info.preconditioner in (expected, "none (safeguard)")
+    strided = ConvOperator(rng.random((2, 2, 3, 3)), (2, 8, 8), padding=1, stride=2)
+    assert preconditioner(strided, 1e-2, L="gradient").kind == "block_jacobi"
+
+
+@pytest.mark.parametrize("kind", ["circulant", "dct2", "block_jacobi"])
+@pytest.mark.parametrize("mode", MODES)
+def test_gradient_preconditioners_are_hermitian_positive_definite(kind, mode):
+    rng = np.random.default_rng(seed_of("gradient-spd", kind, mode))
+    op = ConvOperator(rng.random((2, 2, 3, 3)), (2, 6, 7), padding=1, padding_mode=mode)
+    P = preconditioner(op, 1e-2, kind, L="gradient") @ np.eye(op.shape[1])
+    np.testing.assert_allclose(P, P.T, atol=1e-12 * np.abs(P).max())
+    assert np.linalg.eigvalsh((P + P.T) / 2).min() > 0
+
+
+# ---------------------------------------------------------------------------
+# A general L
+# ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("form", ["array", "sparse", "operator"])
+@pytest.mark.parametrize("rows", [30, 64, 90])
+def test_a_general_l_matches_the_dense_solve(form, rows):
+    rng = np.random.default_rng(seed_of("general-L", form, str(rows)))
+    op = ConvOperator(rng.standard_normal((1, 1, 3, 3)), (1, 8, 8), padding=1,
+                      padding_mode="replicate")
+    W = op.matrix.toarray()
+    Ld = rng.standard_normal((rows, op.shape[1]))
+    L = {"array": Ld, "sparse": scipy.sparse.csr_array(Ld),
+         "operator": aslinearoperator(Ld)}[form]
+    y = rng.standard_normal(W.shape[0])
+    x, info = tikhonov(op, y, 0.1, L=L, rtol=1e-11)
+    assert info.method == "cg" and info.preconditioner == "none" and info.converged
+    assert residual(W, Ld, x, y, 0.1) <= 1.01e-11
+    assert rel(x, dense_solution(W, Ld, y, 0.1)) < 1e-8
+    N = normal_operator(op, 0.1, L=L) @ np.eye(op.shape[1])
+    np.testing.assert_allclose(N, W.T @ W + 0.01 * Ld.T @ Ld, atol=1e-12 * np.abs(N).max())
+
+
+def test_normal_operator_with_the_gradient():
+    op = ConvOperator(disk(1)[None, None], (1, 5, 6), padding=1, padding_mode="reflect")
+    W, D = op.matrix.toarray(), finite_differences(op.input_shape)
+    N = normal_operator(op, 0.3, L="gradient")
+    np.testing.assert_allclose(N @ np.eye(op.shape[1]), W.T @ W + 0.09 * D.T @ D, atol=1e-14)
+    np.testing.assert_allclose(normal_operator(op, 0.3) @ np.eye(op.shape[1]),
+                               W.T @ W + 0.09 * np.eye(op.shape[1]), atol=1e-14)
+
+
+# ---------------------------------------------------------------------------
+# The residual on every return path
+# ---------------------------------------------------------------------------
+
+
+def paths():
+    # (label, operator, L name, damp, tikhonov settings, expected preconditioner)
+    blur = disk(3)[None, None]
+    return [
+        ("fft exact", ConvOperator(blur, (1, 24, 24), padding="same", padding_mode="circular"),
+         None, 1e-2, {}, "circulant"),
+        ("preconditioned, kept", ConvOperator(blur, (1, 48, 48), padding="same"),
+         None, 1e-2, {}, "dct2"),
+        ("plain", ConvOperator(blur, (1, 24, 24), padding="same"), None, 1e-2,
+         dict(M=None), "none"),
+        ("switched", anti_diagonal("zeros"), None, 5e-3, {}, "none (safeguard)"),
+        ("given kind", anti_diagonal("replicate", 24), None, 5e-3, dict(M="dct2"), "dct2"),
+        ("gradient, kept", ConvOperator(blur, (1, 48, 48), padding="same",
+                                        padding_mode="replicate"),
+         "gradient", 1e-2, {}, "dct2"),
+        ("gradient, circular", ConvOperator(blur, (1, 24, 24), padding="same",
+                                            padding_mode="circular"),
+         "gradient", 1e-2, {}, None),
+        ("gradient, switched", anti_diagonal("zeros"), "gradient", 5e-3, {},
+         "none (safeguard)"),
+    ]
+
+
+@pytest.mark.parametrize("label, op, L, damp, kwargs, expected", paths(),
+                         ids=[case[0] for case in paths()])
+def test_the_residual_meets_rtol_on_every_return_path(label, op, L, damp, kwargs, expected):
+    rng = np.random.default_rng(seed_of("paths", label))
+    W = op.matrix.toarray()
+    R = np.eye(op.shape[1]) if L is None else finite_differences(op.input_shape)
+    y = op @ rng.random(op.shape[1]) + 1e-3 * rng.standard_normal(op.shape[0])
+    for rtol in (1e-6, 1e-10):
+        x, info = tikhonov(op, y, damp, L=L, rtol=rtol, **kwargs)
+        assert info.converged
+        if expected is not None:
+            assert info.preconditioner == expected
+        assert residual(W, R, x, y, damp) <= 1.01 * rtol
+        assert info.residual == pytest.approx(residual(W, R, x, y, damp), rel=1e-5, abs=1e-15)
+
+
+@pytest.mark.parametrize("maxiter", [0, 3, safeguard.PROBE + 4, 2 * safeguard.PROBE + 3])
+def test_maxiter_bounds_the_probes_and_is_reported(maxiter):
+    op = anti_diagonal("zeros", 32)
+    W = op.matrix.toarray()
+    y = op @ np.random.default_rng(seed_of("maxiter-probe")).random(op.shape[1])
+    seen = []
+    x, info = tikhonov(op, y, 5e-3, maxiter=maxiter, callback=seen.append)
+    assert info.iterations == len(seen) <= maxiter and not info.converged
+    assert info.residual > 1e-6
+    assert info.residual == pytest.approx(residual(W, np.eye(W.shape[1]), x, y, 5e-3), rel=1e-8)
+
+
+# ---------------------------------------------------------------------------
+# The safeguard
+# ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("mode", ["zeros", "replicate"])
+@pytest.mark.parametrize("L", [None, "gradient"])
+def test_the_safeguard_drops_a_preconditioner_that_loses(mode, L):
+    # The DCT-II assumes a kernel symmetric about its centre; the anti-diagonal motion is not,
+    # and DCT-preconditioned CG takes 2-3x the iterations of plain CG.
+    op = anti_diagonal(mode)
+    y = op @ np.random.default_rng(seed_of("safeguard", mode)).random(op.shape[1])
+    counted = count_products(op)
+    dct, dct_info = tikhonov(op, y, 5e-3, L=L, M="dct2")
+    dct_products, counted[0] = counted[0], 0
+    plain, plain_info = tikhonov(op, y, 5e-3, L=L, M=None)
+    plain_products, counted[0] = counted[0], 0
+    seen = []
+    x, info = tikhonov(op, y, 5e-3, L=L, callback=seen.append)
+    assert dct_products > plain_products  # the case the safeguard exists for
+    assert info.preconditioner == "none (safeguard)" and info.converged
+    assert info.iterations == len(seen)
+    # no more products than plain CG's plus the probe of the preconditioned run (2 spare:
+    # scipy's cg and the safeguard's own recurrences round differently; 0 used when written)
+    assert counted[0] <= plain_products + safeguard.PROBE + 2
+    assert info.residual <= 1e-6
+    assert rel(x, plain) < 1e-4
+
+
+def test_the_safeguard_keeps_a_preconditioner_that_wins():
+    op = ConvOperator(disk(3)[None, None], (1, 48, 48), padding="same")
+    y = op @ np.random.default_rng(seed_of("safeguard-keeps")).random(op.shape[1])
+    counted = count_products(op)
+    _, dct_info = tikhonov(op, y, 1e-2, M="dct2")
+    dct_products, counted[0] = counted[0], 0
+    _, plain_info = tikhonov(op, y, 1e-2, M=None)
+    plain_products, counted[0] = counted[0], 0
+    _, info = tikhonov(op, y, 1e-2)
+    assert info.preconditioner == "dct2" and info.converged
+    # the cost of the safeguard: plain CG's probe
+    assert counted[0] <= dct_products + safeguard.PROBE + 2
+    assert counted[0] < plain_products / 3
+
+
+def test_an_exact_preconditioner_ends_within_its_probe():
+    # a separable kernel: the Kronecker construction is the inverse, no plain probe runs
+    t = np.exp(-(np.arange(7) - 3.0) ** 2 / 4)
+    op = ConvOperator(np.outer(t, t)[None, None], (1, 32, 32), padding="same",
+                      padding_mode="replicate")
+    y = op @ np.random.default_rng(seed_of("safeguard-exact")).random(op.shape[1])
+    _, info = tikhonov(op, y, 1e-2)
+    assert info.preconditioner == "kronecker" and info.iterations <= 2 and info.converged
+
+
+def test_a_given_kind_is_not_raced():
+    op = anti_diagonal("zeros", 32)
+    y = op @ np.random.default_rng(seed_of("safeguard-given")).random(op.shape[1])
+    assert tikhonov(op, y, 5e-3, M="dct2")[1].preconditioner == "dct2"
+
+
+# ---------------------------------------------------------------------------
+# Errors
+# ---------------------------------------------------------------------------
+
+
+def test_errors_name_l_and_its_shapes():
+    op = ConvOperator(disk(1)[None, None], (1, 8, 8), padding=1)
+    y = np.ones(op.shape[0])
+    with pytest.raises(ValueError, match=r"L must be one of \('gradient',\), got L='laplace'"):
+        tikhonov(op, y, 0.1, L="laplace")
+    with pytest.raises(ValueError, match=r"L must have 64 columns .*got L.shape=\(5, 63\)"):
+        tikhonov(op, y, 0.1, L=np.ones((5, 63)))
+    with pytest.raises(ValueError, match=r"L must have 64 columns .*got L.shape=\(64, 3\)"):
+        tikhonov(op, y, 0.1, L=aslinearoperator(np.ones((64, 3))))
+    with pytest.raises(ValueError, match="L must be a 2-D numeric array"):
+        tikhonov(op, y, 0.1, L=np.ones(64))
+    with pytest.raises(TypeError, match="L must be None, 'gradient', a LinearOperator.*list"):
+        tikhonov(op, y, 0.1, L=[[1.0] * 64])
+    with pytest.raises(NotImplementedError, match="method='fft' solves with L=None only"):
+        tikhonov(ConvOperator(disk(1)[None, None], (1, 8, 8), padding=1,
+                              padding_mode="circular"), y, 0.1, L="gradient", method="fft")
+    with pytest.raises(NotImplementedError, match="kind='dct1' does not model L='gradient'"):
+        tikhonov(op, y, 0.1, L="gradient", M="dct1")
+    with pytest.raises(NotImplementedError, match="kind='kronecker' does not model"):
+        preconditioner(op, 0.1, "kronecker", L="gradient")
+    with pytest.raises(NotImplementedError, match="M='dct2': the preconditioner kinds model"):
+        tikhonov(op, y, 0.1, L=np.eye(64), M="dct2")
+    with pytest.raises(ValueError, match=r"L must be one of \('gradient',\)"):
+        preconditioner(op, 0.1, L="identity")
+    with pytest.raises(ValueError, match="L must be one of"):
+        normal_operator(op, 0.1, L="grad")
+    with pytest.raises(ValueError, match="input_shape must be .* at least one spatial"):
+        gradient_operator((3,))
+    with pytest.raises(TypeError, match="input_shape must be a sequence of ints"):
+        gradient_operator(5)
+    with pytest.raises(ValueError, match="input_shape must contain only positive sizes"):
+        gradient_operator((1, 0, 3))
