@@ -23,6 +23,8 @@ import numpy as np
 import scipy.linalg
 import scipy.sparse as sp
 import scipy.sparse.linalg as spla
+from scipy.linalg import lapack
+from scipy.sparse.csgraph import reverse_cuthill_mckee
 
 from . import _sparsetools
 from ._fourier import check_circulant, circular_blocks
@@ -41,6 +43,7 @@ __all__ = [
     "inertia_applies",
     "inertia_upper",
     "psd_deficit",
+    "band_deficit",
     "border_upper",
     "product_nnz",
     "lower_bound",
@@ -671,17 +674,64 @@ def psd_deficit(M: sp.csr_array) -> float | None:
             + _gamma(2 * n) * _nonnegative_norm(absL, [(1.0, absU)]))
 
 
+# band_deficit factorises when the reordered band costs at most this many
+# operations (n kd^2: about 10 s on 2 cores) and takes at most this many bytes.
+_BAND_DEFICIT_OPERATIONS = 1e12
+_BAND_DEFICIT_BYTES = 1 << 31
+
+
+def band_deficit(M: sp.csr_array) -> float | None:
+    """:func:`psd_deficit` by a dense banded Cholesky factorisation, where it is cheap.
+
+    The frame matrices of the border certificate hold dense channel blocks
+    between nearby positions of a ring around the input: in the reverse
+    Cuthill-McKee order their profile is a band of a few thousand, which
+    LAPACK's ``?pbtrf`` factorises with level-3 BLAS (a 64-channel frame at
+    32x32: seconds, where SuperLU's supernodes on 8x8 scalar blocks took
+    minutes).  If it completes, ``L L^H = P M P^T + E`` with ``|E| <=
+    gamma_(kd+1) |L| |L^H|`` (Higham, Thm 10.3), so ``M >= -||E|| I`` with
+    ``||E|| <= gamma_(kd+1) ||L||_F^2``.  None when the band is too costly
+    (see :data:`_BAND_DEFICIT_OPERATIONS`), or a pivot is not positive.
+    """
+    n = M.shape[0]
+    if n == 0:
+        return 0.0
+    order = reverse_cuthill_mckee(sp.csr_matrix(M), symmetric_mode=True)
+    P = sp.csr_array(M)[order][:, order]
+    lower = sp.coo_array(sp.tril(P))
+    kd = int((lower.row - lower.col).max(initial=0))
+    item = np.dtype(M.dtype).itemsize
+    if float(n) * kd * kd > _BAND_DEFICIT_OPERATIONS or (kd + 1) * n * item > _BAND_DEFICIT_BYTES:
+        return None
+    ab = np.zeros((kd + 1, n), dtype=M.dtype, order="F")
+    ab[lower.row - lower.col, lower.col] = lower.data
+    del P, lower
+    pbtrf = lapack.zpbtrf if np.iscomplexobj(ab) else lapack.dpbtrf
+    factor, info = pbtrf(ab, lower=1, overwrite_ab=1)
+    if info != 0:
+        return None
+    values = factor.reshape(-1, order="F")
+    squares = float(np.vdot(values, values).real) * (1 + _gamma(values.size))
+    return _gamma(kd + 2) * squares
+
+
 # The border certificate forms the frame's rows of the Gram matrix and the
 # coupling term's Gram matrix: the frame of border_frame(wide=True) when the
 # first is estimated at most _BORDER_WIDE_NNZ entries, else the narrow one, up
 # to _BORDER_NNZ.
-_BORDER_WIDE_NNZ = 2**23
-_BORDER_NNZ = 2**25
+_BORDER_WIDE_NNZ = 2**26
+_BORDER_NNZ = 2**26
 # It reads the whole CSR matrix of W (and of W^T): up to this many entries
-# (about 400 MB each in float64).  Past it the operator's products serve,
+# (about 800 MB each in float64).  Past it the operator's products serve,
 # and the structural bound stands (a 64->64 3x3 layer at 512^2 has 9.7e9
 # entries, 116 GB as CSR).
-_BORDER_MATRIX_NNZ = 2**25
+_BORDER_MATRIX_NNZ = 2**26
+# The wide frame is at least this deep: the top singular vectors of reflect
+# and replicate layers decay into the interior, and the coupling term's bound
+# (see border_upper) only costs what is left of them at the frame's inner
+# edge: a 32->32 reflect layer at 32x32 is certified to 2.75% at depth 2,
+# 0.05% at depth 4 (and no better at 6 or 8, at twice and four times the cost).
+_FRAME_DEPTH = 4
 
 
 def border_frame(geom: ConvGeometry, wide: bool) -> np.ndarray:
@@ -689,7 +739,8 @@ def border_frame(geom: ConvGeometry, wide: bool) -> np.ndarray:
 
     A boolean mask over the input (channel-major): along each padded
     dimension the coordinates the padding copies (``wide=False``), or every
-    coordinate from the border to the deepest of them and at least 2 deep
+    coordinate from the border to the deepest of them and at least
+    ``_FRAME_DEPTH`` (4) deep
     (``wide=True``: a tighter certificate, at about twice the frame).  An
     element outside the frame is read only by the taps that read it under
     zero padding, so W's columns there are zero padding's.
@@ -703,9 +754,9 @@ def border_frame(geom: ConvGeometry, wide: bool) -> np.ndarray:
             low = [c for c in copied if 2 * c < L]
             high = [c for c in copied if 2 * c >= L]
             if low:
-                near[: max(2, max(low) + 1)] = True
+                near[: max(_FRAME_DEPTH, max(low) + 1)] = True
             if high:
-                near[min(L - 2, min(high)):] = True
+                near[max(0, min(L - _FRAME_DEPTH, min(high))):] = True
         inside |= near.reshape([-1 if e == d else 1 for e in range(geom.ndim)])
     return np.broadcast_to(inside, (geom.in_channels, *geom.input_size)).ravel()
 
@@ -736,7 +787,8 @@ def _threaded_product(a: sp.csr_array, b: sp.csr_array) -> sp.csr_array:
     return sp.csr_array(sp.vstack(products, format="csr"))
 
 
-def border_upper(structure: _Structure, lower: float, widenings) -> float | None:
+def border_upper(structure: _Structure, lower: float, widenings,
+                 refine_above: float = 0.0) -> float | None:
     """A certified upper bound from the frame of :func:`border_frame` and zero padding's.
 
     Split W's columns into the frame F and the rest R.  The rest's columns
@@ -804,7 +856,10 @@ def border_upper(structure: _Structure, lower: float, widenings) -> float | None
         if not t > u2 * (1 + 1e-9):  # the rest's bound must stay below the shift
             return None
         q = 1.0 / (t - u2) * (1 + 4 * _U64)  # >= 1 / (t - ||G_RR||)
-        deficit = psd_deficit(sp.csr_array(t * identity - g_ff - q * coupling))
+        shifted = sp.csr_array(t * identity - g_ff - q * coupling)
+        deficit = band_deficit(shifted)
+        if deficit is None:
+            deficit = psd_deficit(shifted)
         if deficit is None:
             return None
         # The computed S against S(t) of the stored W: the Gram products' errors
@@ -824,8 +879,9 @@ def border_upper(structure: _Structure, lower: float, widenings) -> float | None
         if best is None:
             failed = c
             continue
-        # two halvings of the step between the last refused widening and this one
-        for _ in range(2):
+        # two halvings of the step between the last refused widening and this one,
+        # where it is wider than refine_above (each costs a factorisation)
+        for _ in range(2 if c > refine_above else 0):
             middle = (failed + c) / 2
             tighter = certified(middle)
             if tighter is None:
