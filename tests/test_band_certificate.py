@@ -46,18 +46,19 @@ def _position_major_gram(op, group: int) -> np.ndarray:
     return Wg.conj().T @ Wg
 
 
-def _zero_padding(g):
-    return {**g, "padding_mode": "zeros"}
+def _zero_padded_layer(g, complex_weight: bool, seed: int) -> ConvOperator:
+    """The drawn geometry with zero padding, and a random real or complex weight."""
+    g = {**g, "padding_mode": "zeros"}
+    dtype = np.complex128 if complex_weight else np.float64
+    weight = random_array(np.random.default_rng(seed), g["weight_shape"], dtype)
+    return ConvOperator(weight, g["input_shape"], **_kwargs(g))
 
 
 @settings(max_examples=40, deadline=None)
 @given(geometries(), st.booleans(), st.integers(0, 2**32 - 1))
 def test_the_band_holds_the_gram_matrix(g, complex_weight, seed):
     # every entry of the band is that of t I - W^H W, for each group, any N-d geometry
-    g = _zero_padding(g)
-    rng = np.random.default_rng(seed)
-    dtype = np.complex128 if complex_weight else np.float64
-    op = ConvOperator(random_array(rng, g["weight_shape"], dtype), g["input_shape"], **_kwargs(g))
+    op = _zero_padded_layer(g, complex_weight, seed)
     geom = op.convolution.geometry
     groups, taps = geom.groups, math.prod(geom.kernel_size)
     opg, cpg = geom.out_channels // groups, geom.in_channels // groups
@@ -75,10 +76,7 @@ def test_the_band_holds_the_gram_matrix(g, complex_weight, seed):
 @settings(max_examples=25, deadline=None)
 @given(geometries(), st.booleans(), st.integers(0, 2**32 - 1))
 def test_the_band_certifies_above_the_norm_and_refuses_below(g, complex_weight, seed):
-    g = _zero_padding(g)
-    rng = np.random.default_rng(seed)
-    dtype = np.complex128 if complex_weight else np.float64
-    op = ConvOperator(random_array(rng, g["weight_shape"], dtype), g["input_shape"], **_kwargs(g))
+    op = _zero_padded_layer(g, complex_weight, seed)
     norm = float(np.linalg.norm(op.matrix.toarray().astype(np.complex128), 2))
     assume(norm > 0)  # (the certificate runs above a positive lower bound only)
     structure = bounds_module.structure_of(op)

@@ -25,6 +25,7 @@ from .._parallel import resolve_threads
 from .._validation import INT64_MAX, PADDING_MODES, as_weight
 from . import compare, perf
 from .configs import Config, select
+from .norm_bench import _first_line
 from .outputs import output_path_problem
 
 __all__ = ["main"]
@@ -353,16 +354,6 @@ def _read_npy(path: str) -> np.ndarray:
     return value
 
 
-def _load_failure(exc: BaseException) -> str:
-    """The reason in torch.load's message: after 'WeightsUnpickler error:' if there is one."""
-    text = str(exc)
-    marker = "WeightsUnpickler error:"
-    if marker in text:
-        text = text.split(marker, 1)[1]
-    lines = [line.strip() for line in text.splitlines() if line.strip()]
-    return lines[0] if lines else type(exc).__name__
-
-
 def _read_torch(path: str, key: str | None) -> np.ndarray:
     try:
         import torch
@@ -378,7 +369,7 @@ def _read_torch(path: str, key: str | None) -> np.ndarray:
     except Exception as exc:  # torch raises many kinds (pickle, zip, runtime) for a bad file
         raise UsageError(
             f"--weight {path!r}: torch.load(weights_only=True) cannot read it "
-            f"({_load_failure(exc)}); it reads tensors and state dicts, not pickled objects"
+            f"({_first_line(exc)}); it reads tensors and state dicts, not pickled objects"
         ) from None
     if isinstance(value, torch.Tensor):
         if key is not None:
