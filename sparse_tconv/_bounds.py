@@ -463,26 +463,51 @@ def _selection_norm(geom: ConvGeometry) -> float:
     return norm
 
 
-def exact_single_tap(structure: _Structure) -> NormBounds | None:
-    """The norm of a one-tap (``1x1``) layer, as a narrow interval (else None).
+def _active_taps(geom: ConvGeometry) -> list[np.ndarray]:
+    """Per dimension, the kernel coordinates ``k`` some output reads inside the input with.
 
-    With one tap, W is the Kronecker product of the channel matrix (block
-    diagonal over the groups) and the position map ``S`` of
+    Output ``o`` reads ``o s - lo + k d``; under zero padding a tap that
+    only ever reads padding contributes nothing to W (on an input of one
+    pixel, a 3x3 kernel's centre alone).  Other modes map every read inside.
+    """
+    active = []
+    for L, O, k, s, d, (lo, _) in zip(geom.input_size, geom.output_size, geom.kernel_size,
+                                      geom.stride, geom.dilation, geom.padding):
+        if geom.padding_mode != "zeros":
+            active.append(np.arange(k))
+            continue
+        reads = (np.arange(O)[None, :] * s - lo) + (np.arange(k) * d)[:, None]
+        active.append(np.flatnonzero(((reads >= 0) & (reads < L)).any(axis=1)))
+    return active
+
+
+def exact_single_tap(structure: _Structure) -> NormBounds | None:
+    """The norm of a layer with one tap that reads the input, as a narrow interval (else None).
+
+    A ``1x1`` kernel, or (zero padding) a kernel whose other taps only read
+    padding.  W is then the Kronecker product of that tap's channel matrix
+    (block diagonal over the groups) and the position map ``S`` of
     :func:`_selection_norm`: ``W[(o, p), (c, q)] = w[o, c] S[p, q]``, so
     ``||W|| = max_g ||w_g||_2 ||S||`` exactly.  The stored W holds the
     weights themselves (no taps merge); the SVD errs by a few ``(C_out +
     C_in) u ||w_g||``.
     """
     geom = structure.geometry
-    if math.prod(geom.kernel_size) != 1:
+    active = _active_taps(geom)
+    if math.prod(len(a) for a in active) != 1:
         return None
     g = geom.groups
     work = np.complex128 if np.iscomplexobj(structure.weight) else np.float64
-    blocks = np.asarray(structure.weight, dtype=work).reshape(
-        g, geom.out_channels // g, geom.in_channels // g)
+    weight = np.asarray(structure.weight, dtype=work)
+    flat_tap = int(np.ravel_multi_index(tuple(int(a[0]) for a in active), geom.kernel_size))
+    tap = weight.reshape(*weight.shape[:2], -1)[:, :, flat_tap]
+    blocks = tap.reshape(g, geom.out_channels // g, geom.in_channels // g)
     channel_norm = float(np.linalg.svd(blocks, compute_uv=False)[:, 0].max())
-    selection = _selection_norm(geom)
-    value = channel_norm * selection
+    one_tap = dataclasses.replace(
+        geom, kernel_size=(1,) * geom.ndim,
+        padding=tuple((lo - int(a[0]) * d, hi) for (lo, hi), a, d in zip(
+            geom.padding, active, geom.dilation)))
+    value = channel_norm * _selection_norm(one_tap)
     size = blocks.shape[1] + blocks.shape[2]
     margin = (10.0 * size + 10.0) * _U64 * value
     return NormBounds(max(0.0, value - margin), value + margin)

@@ -107,6 +107,25 @@ def test_one_tap_layers_are_exact(mode, input_shape, kwargs, dtype):
     assert _contains(norm_bounds(op.T), _dense_norm(op))
 
 
+@pytest.mark.parametrize("weight_shape, input_shape, kwargs, exact", [
+    ((8, 6, 3, 3), (6, 1, 1), dict(padding=1), True),  # the centre tap alone reads the input
+    ((8, 3, 3), (6, 2), dict(padding=2, dilation=2, groups=2), True),
+    ((4, 4, 3, 3), (4, 1, 1), dict(padding=(1, 2), dilation=(1, 2), stride=(3, 1)), True),
+    ((8, 6, 3, 3), (6, 2, 2), dict(padding=1), False),  # every tap reads something
+    ((8, 6, 3, 3), (6, 1, 1), dict(padding=1, padding_mode="replicate"), False),
+])
+def test_layers_with_one_active_tap_are_exact(weight_shape, input_shape, kwargs, exact):
+    # zero padding: taps that only ever read padding contribute nothing, and with one
+    # tap left W is its channel matrix (x) an injective position map
+    rng = np.random.default_rng(seed_of("active-tap", str(input_shape), str(kwargs)))
+    op = ConvOperator(rng.standard_normal(weight_shape), input_shape, **kwargs)
+    found = bounds_module.exact_single_tap(bounds_module.structure_of(op))
+    assert (found is not None) == exact
+    if exact:
+        assert found.gap < 1e-9 and _contains(found, _dense_norm(op))
+    assert _contains(norm_bounds(op), _dense_norm(op))
+
+
 @pytest.mark.parametrize("shape", [(5, 3, 12), (5, 12, 3), (5, 4, 4)])
 def test_the_block_norms_by_gram_matrices_hold_their_margin(shape):
     # wide and tall blocks take the largest eigenvalue of the smaller Gram matrix; the
