@@ -22,8 +22,8 @@ CERTIFICATES: tuple[Certificate, ...] = (
     Lanczos(),             # lower
     MoreGrids(),           # upper, zero and circular padding
     Lanczos(),             # lower again, towards the tighter upper bound
+    Band(),                # upper, by a banded Cholesky: zero padding, small grids
     Inertia(),             # upper, by a sparse LDL^H
     DenseSVD(),            # both, small matrices
-    Band(),                # upper, by a banded Cholesky: zero padding past the inertia's size
     Border(),              # upper, reflect and replicate past the inertia's size
 )

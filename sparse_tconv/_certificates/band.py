@@ -34,6 +34,8 @@ __all__ = ["Band", "band_cost", "band_upper", "reuse_band_memory"]
 # most this many (about 30 s on 2 cores) and its band takes at most _BAND_BYTES.
 _BAND_OPERATIONS = 3e12
 _BAND_BYTES = 1 << 31
+# Where the inertia certificate applies too, the band goes first up to this.
+_BAND_CHEAP = 2e10
 
 def _reach(geom: ConvGeometry) -> int:
     """The largest offset, in row-major input positions, between two positions an
@@ -57,18 +59,20 @@ def band_cost(geom: ConvGeometry, complex_weight: bool = False) -> tuple[float, 
 
 
 def band_applies(run: Interval) -> bool:
-    """Zero padding, an interval still open, a matrix past the inertia certificate and
-    the dense SVD, and a factorisation within :data:`_BAND_OPERATIONS` and
-    :data:`_BAND_BYTES`."""
+    """Zero padding, an interval still open, a matrix past the dense SVD, and a
+    factorisation within :data:`_BAND_OPERATIONS` and :data:`_BAND_BYTES`; where
+    the inertia certificate applies too, only a band of at most
+    :data:`_BAND_CHEAP` operations (a fraction of a second, where SuperLU on the
+    same Gram matrix takes seconds: 64 channels at 8x8)."""
     structure = run.structure
     geom = structure.geometry
     if geom.padding_mode != "zeros" or not run.open or run.lower <= 0:
         return False
-    if _bounds.inertia_applies(structure):
-        return False
     if math.prod(geom.output_shape) * structure.n_in <= _bounds._DENSE_SVD_ENTRIES:
         return False
     operations, nbytes = band_cost(geom, np.iscomplexobj(structure.weight))
+    if _bounds.inertia_applies(structure):
+        return operations <= _BAND_CHEAP
     return operations <= _BAND_OPERATIONS and nbytes <= _BAND_BYTES
 
 
