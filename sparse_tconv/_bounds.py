@@ -44,6 +44,7 @@ __all__ = [
     "inertia_upper",
     "psd_deficit",
     "band_deficit",
+    "banded_cholesky_error",
     "border_upper",
     "product_nnz",
     "lower_bound",
@@ -731,13 +732,25 @@ def band_deficit(M: sp.csr_array) -> float | None:
     ab = np.zeros((kd + 1, n), dtype=M.dtype, order="F")
     ab[lower.row - lower.col, lower.col] = lower.data
     del P, lower
+    return banded_cholesky_error(ab)
+
+
+def banded_cholesky_error(ab: np.ndarray) -> float | None:
+    """``||E||`` bounded, where ``L L^H = A + E``, for ``A`` in LAPACK's lower band storage.
+
+    ``ab`` (``(kd + 1, n)``, Fortran order, real or complex double) is
+    factorised in place by ``?pbtrf``.  If every pivot is positive,
+    ``|E| <= gamma_(kd+1) |L| |L^H|`` (Higham, Thm 10.3), so ``||E|| <=
+    gamma_(kd+2) ||L||_F^2`` (the sum of squares rounded up) and ``A >=
+    -||E|| I``; None otherwise (A is not positive definite, rounding aside).
+    """
     pbtrf = lapack.zpbtrf if np.iscomplexobj(ab) else lapack.dpbtrf
     factor, info = pbtrf(ab, lower=1, overwrite_ab=1)
     if info != 0:
         return None
     values = factor.reshape(-1, order="F")
     squares = float(np.vdot(values, values).real) * (1 + _gamma(values.size))
-    return _gamma(kd + 2) * squares
+    return _gamma(ab.shape[0] + 1) * squares
 
 
 # The border certificate forms the frame's rows of the Gram matrix and the
