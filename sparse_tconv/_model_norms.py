@@ -24,7 +24,7 @@ import numpy as np
 
 from ._bounds import NormBounds
 from ._geometry import ConvGeometry
-from ._torch import _import_torch, from_torch
+from ._torch import _import_torch, _layer_kind, from_torch
 from ._validation import normalize_shape
 
 __all__ = ["LayerNormBounds", "ModelNormBounds"]
@@ -353,8 +353,7 @@ def _naming(application: _Application):
 def _bound_one(torch, application: _Application, bound: Callable[[Any], NormBounds],
                rtol: float) -> LayerNormBounds:
     module = application.module
-    transposed = isinstance(module, tuple(getattr(torch.nn, name)
-                                          for name in _CONV_TYPES if "Transpose" in name))
+    _, transposed = _layer_kind(torch, module)
     dtype = np.complex128 if module.weight.is_complex() else np.float64
     # A transposed layer's output size is the one its forward produced (output_size=
     # included); the whole shape is accepted, its leading entries ignored.
