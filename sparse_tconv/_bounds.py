@@ -24,13 +24,11 @@ import scipy.linalg
 import scipy.sparse as sp
 import scipy.sparse.linalg as spla
 from scipy.linalg import lapack
-from scipy.sparse.csgraph import reverse_cuthill_mckee
 
-from . import _sparsetools
+from . import _frame_gram, _sparsetools
 from ._fourier import check_circulant, circular_blocks
 from ._geometry import ConvGeometry
 from ._indexmap import mode_map
-from ._parallel import balanced_ranges, get_num_threads, run_parallel
 
 __all__ = [
     "NormBounds",
@@ -43,9 +41,9 @@ __all__ = [
     "inertia_applies",
     "inertia_upper",
     "psd_deficit",
-    "band_deficit",
     "banded_cholesky_error",
     "border_upper",
+    "border_is_cheap",
     "product_nnz",
     "lower_bound",
     "start_vector",
@@ -700,41 +698,6 @@ def psd_deficit(M: sp.csr_array) -> float | None:
             + _gamma(2 * n) * _nonnegative_norm(absL, [(1.0, absU)]))
 
 
-# band_deficit factorises when the reordered band costs at most this many
-# operations (n kd^2: about 10 s on 2 cores) and takes at most this many bytes.
-_BAND_DEFICIT_OPERATIONS = 1e12
-_BAND_DEFICIT_BYTES = 1 << 31
-
-
-def band_deficit(M: sp.csr_array) -> float | None:
-    """:func:`psd_deficit` by a dense banded Cholesky factorisation, where it is cheap.
-
-    The frame matrices of the border certificate hold dense channel blocks
-    between nearby positions of a ring around the input: in the reverse
-    Cuthill-McKee order their profile is a band of a few thousand, which
-    LAPACK's ``?pbtrf`` factorises with level-3 BLAS (a 64-channel frame at
-    32x32: seconds, where SuperLU's supernodes on 8x8 scalar blocks took
-    minutes).  If it completes, ``L L^H = P M P^T + E`` with ``|E| <=
-    gamma_(kd+1) |L| |L^H|`` (Higham, Thm 10.3), so ``M >= -||E|| I`` with
-    ``||E|| <= gamma_(kd+1) ||L||_F^2``.  None when the band is too costly
-    (see :data:`_BAND_DEFICIT_OPERATIONS`), or a pivot is not positive.
-    """
-    n = M.shape[0]
-    if n == 0:
-        return 0.0
-    order = reverse_cuthill_mckee(sp.csr_matrix(M), symmetric_mode=True)
-    P = sp.csr_array(M)[order][:, order]
-    lower = sp.coo_array(sp.tril(P))
-    kd = int((lower.row - lower.col).max(initial=0))
-    item = np.dtype(M.dtype).itemsize
-    if float(n) * kd * kd > _BAND_DEFICIT_OPERATIONS or (kd + 1) * n * item > _BAND_DEFICIT_BYTES:
-        return None
-    ab = np.zeros((kd + 1, n), dtype=M.dtype, order="F")
-    ab[lower.row - lower.col, lower.col] = lower.data
-    del P, lower
-    return banded_cholesky_error(ab)
-
-
 def banded_cholesky_error(ab: np.ndarray) -> float | None:
     """``||E||`` bounded, where ``L L^H = A + E``, for ``A`` in LAPACK's lower band storage.
 
@@ -753,22 +716,18 @@ def banded_cholesky_error(ab: np.ndarray) -> float | None:
     return _gamma(ab.shape[0] + 1) * squares
 
 
-# The border certificate forms the frame's rows of the Gram matrix and the
-# coupling term's Gram matrix: the frame of border_frame(wide=True) when the
-# first is estimated at most _BORDER_WIDE_NNZ entries, else the narrow one, up
-# to _BORDER_NNZ.
-_BORDER_WIDE_NNZ = 2**26
-_BORDER_NNZ = 2**26
-# It reads the whole CSR matrix of W (and of W^T): up to this many entries
-# (about 800 MB each in float64).  Past it the operator's products serve,
-# and the structural bound stands (a 64->64 3x3 layer at 512^2 has 9.7e9
-# entries, 116 GB as CSR).
-_BORDER_MATRIX_NNZ = 2**26
+# The border certificate factorises when its tiled band costs at most this many
+# operations per try (about 50 s at the machine's GEMM rate on 2 cores: a
+# 64-channel layer at 512x512 takes 2.6e12), and
+# factorises the whole t I - G, not the frame, where that costs at most
+# _BORDER_CHEAP (a fraction of a second).
+_BORDER_OPERATIONS = 4e12
+_BORDER_CHEAP = 3e10
 # The wide frame is at least this deep: the top singular vectors of reflect
-# and replicate layers decay into the interior, and the coupling term's bound
-# (see border_upper) only costs what is left of them at the frame's inner
-# edge: a 32->32 reflect layer at 32x32 is certified to 2.75% at depth 2,
-# 0.05% at depth 4 (and no better at 6 or 8, at twice and four times the cost).
+# and replicate layers decay into the interior, and the rest's bound (see
+# border_upper) only costs what is left of them at the frame's inner edge: a
+# 32->32 reflect layer at 32x32 is certified to 2.75% at depth 2, 0.05% at
+# depth 4 (and no better at 6 or 8, at twice and four times the cost).
 _FRAME_DEPTH = 4
 
 
@@ -799,134 +758,207 @@ def border_frame(geom: ConvGeometry, wide: bool) -> np.ndarray:
     return np.broadcast_to(inside, (geom.in_channels, *geom.input_size)).ravel()
 
 
-def _gram_row_entries(geom: ConvGeometry) -> int:
-    """At most how many entries a row of ``W^H W`` holds (taps two kernels apart)."""
-    reach = math.prod(min(L, 2 * (k - 1) * d + 1)
-                      for L, k, d in zip(geom.input_size, geom.kernel_size, geom.dilation))
-    return (geom.in_channels // geom.groups) * reach
+def _within_reach(mask: np.ndarray, reach: tuple[int, ...]) -> np.ndarray:
+    """The positions at most ``reach_d`` from a position of ``mask`` along every dimension."""
+    near = mask.copy()
+    for d, r in enumerate(reach):
+        grown = near.copy()
+        for shift in range(1, r + 1):
+            ahead = [slice(None)] * mask.ndim
+            behind = [slice(None)] * mask.ndim
+            ahead[d], behind[d] = slice(shift, None), slice(None, -shift)
+            grown[tuple(ahead)] |= near[tuple(behind)]
+            grown[tuple(behind)] |= near[tuple(ahead)]
+        near = grown
+    return near
 
 
-def _threaded_product(a: sp.csr_array, b: sp.csr_array) -> sp.csr_array:
-    """``a @ b``, ranges of ``a``'s rows on the threads of :func:`get_num_threads`.
+class _ShiftedGram:
+    """``A(t)``: ``t I - G`` on chosen positions of W's input, and ``rest I`` beside the frame.
 
-    scipy's product kernels release the GIL; each row of the result is the
-    same product, alone, whatever the split.
+    ``keep`` holds the frame F and the positions N that share an output
+    with it (``in_frame`` tells them apart, in ``np.argwhere(keep)``
+    order); blocks couple F with F and with N, N's diagonal blocks are
+    ``rest I`` and N's other pairs are not formed.  With F every position
+    (N empty) this is ``t I - G`` itself, for any padding mode.
     """
-    parts = balanced_ranges(a.indptr, get_num_threads())
-    if len(parts) <= 1:
-        return sp.csr_array(a @ b)
-    products: list[Any] = [None] * len(parts)
 
-    def multiply(i):
-        start, stop = parts[i]
-        products[i] = sp.csr_array(a[start:stop] @ b)
+    def __init__(self, structure: _Structure, keep: np.ndarray, in_frame: np.ndarray,
+                 counts: list[np.ndarray], reach: tuple[int, ...]):
+        geom = structure.geometry
+        g = geom.groups
+        opg, cpg = geom.out_channels // g, geom.in_channels // g
+        self.groups, self.channels, self.in_frame, self.counts = g, cpg, in_frame, counts
+        self.band = _frame_gram.position_band(
+            keep, lambda i, j: in_frame[i] | in_frame[j], reach, cpg)
+        taps = math.prod(geom.kernel_size)
+        weight = np.asarray(structure.weight).reshape(g, opg, cpg, taps)
+        self.products = [_frame_gram.tap_products(np.moveaxis(weight[group], 2, 0))
+                         for group in range(g)]
+        complex_factor = 2 if self.products[0].dtype.kind == "c" else 1
+        # an entry: opg terms per pair of taps, then taps^2 pairs with integer weights,
+        # each at most the same entry of |W|^H |W|
+        self.gram_error = _gamma(complex_factor * (opg + taps * taps + 2))
 
-    run_parallel(multiply, range(len(parts)), len(parts))
-    return sp.csr_array(sp.vstack(products, format="csr"))
+    @property
+    def operations(self) -> float:
+        return self.band.operations * self.groups
+
+    def deficit(self, t: float, rest: float) -> float | None:
+        """A bound on ``-lambda_min(A(t))`` of the computed matrix (Cholesky's backward
+        error), or None if a pivot is not positive; the worst group's."""
+        band, C = self.band, self.channels
+        m, K = band.per_tile, band.K
+        work = self.products[0].dtype
+        positions_at = np.full(band.n_tiles * m, -1, dtype=np.int64)
+        positions_at[band.rank] = np.arange(len(band.rank))
+        diagonal = np.repeat(np.arange(m), C), np.tile(np.arange(C), m)
+        chunk = max(1, _frame_gram._CHUNK_BYTES // (C * C * work.itemsize))
+        first, second = band.pairs
+        worst = 0.0
+        for products in self.products:
+
+            def fill(J: int, row: np.ndarray, products=products) -> None:
+                view = row.reshape(K + 1, m, C, m, C)
+                stop = band.starts[J + 1]
+                for start in range(band.starts[J], stop, chunk):
+                    part = slice(start, min(start + chunk, stop))
+                    i, j = first[part], second[part]
+                    blocks = _frame_gram.gram_blocks(self.counts, products, band.positions[i],
+                                                     band.positions[j])
+                    ri, rj = band.rank[i], band.rank[j]
+                    view[ri // m - J, ri % m, :, rj % m, :] = -blocks
+                at = positions_at[J * m:(J + 1) * m]
+                shift = np.where(at < 0, 1.0, np.where(self.in_frame[at], t, rest))
+                view[0, diagonal[0], diagonal[1], diagonal[0], diagonal[1]] += np.repeat(shift, C)
+
+            squares = _frame_gram.streamed_cholesky(band.below, band.tile, work, fill)
+            if squares is None:
+                return None
+            entries = band.n_tiles * (K + 1) * band.tile ** 2
+            worst = max(worst, _gamma(band.terms + 1) * squares * (1 + _gamma(entries)))
+        return worst
 
 
-def border_upper(structure: _Structure, lower: float, widenings,
-                 refine_above: float = 0.0) -> float | None:
-    """A certified upper bound from the frame of :func:`border_frame` and zero padding's.
+def _natural_band_operations(geom: ConvGeometry, reach: tuple[int, ...]) -> float:
+    """``n kd^2`` of ``t I - G`` in row-major order: the whole band's cost, roughly, before
+    its order is looked for (reverse Cuthill-McKee does better on long thin inputs only)."""
+    cpg = geom.in_channels // geom.groups
+    kd, stride = 0, 1
+    for L, r in zip(reversed(geom.input_size), reversed(reach)):
+        kd += min(L - 1, r) * stride
+        stride *= L
+    return float(math.prod(geom.input_size) * cpg) * ((kd + 1) * cpg) ** 2 * geom.groups
 
-    Split W's columns into the frame F and the rest R.  The rest's columns
-    are zero padding's, so ``||G_RR|| <= ||W_R||^2 <= u^2`` with ``u`` the
-    structural bound of the zero-padded convolution (:func:`upper_bound`).
-    For ``t > u^2`` and any ``x = (x_F, x_R)``, minimising over ``x_R``,
 
-    ``x^H (t I - G) x >= x_F^H (t I - G_FF - q G_FR G_FR^H) x_F``,
-    ``q = 1 / (t - u^2)``,
+def border_is_cheap(structure: _Structure) -> bool:
+    """Whether :func:`border_upper` would factorise the whole ``t I - G`` within
+    ``_BORDER_CHEAP`` operations (by its row-major estimate): a fraction of a second,
+    where the inertia certificate's SuperLU takes seconds (128 channels at 4x4)."""
+    geom = structure.geometry
+    if geom.padding_mode not in ("reflect", "replicate"):
+        return False
+    reach = tuple(min(L - 1, (k - 1) * d)
+                  for L, k, d in zip(geom.input_size, geom.kernel_size, geom.dilation))
+    return _natural_band_operations(geom, reach) <= _BORDER_CHEAP
 
-    so ``||W||^2 <= t`` once the frame-sized ``S(t) = t I - G_FF - q G_FR
-    G_FR^H`` is positive semi-definite, which :func:`psd_deficit` tests (up
-    to its deficit, and the rounding of ``S``'s three products, both added
-    to ``t``).  Tried at ``t = (max(lower, u) (1 + c))^2`` for each ``c`` in
-    ``widenings`` until one holds, then twice halfway back towards the last
-    that did not: the tightest that holds is returned.  None for zeros and
-    circular padding, without the explicit matrix, when the frame holds
-    every element, when even the narrow frame's rows of the Gram matrix
-    would hold more than ``2**25`` entries, or when W has more than
-    ``2**25`` (the matrix it reads).
+
+def border_upper(structure: _Structure, lower: float, widenings, refine_above: float = 0.0,
+                 embedding: _Upper | None = None) -> float | None:
+    """A certified upper bound from a banded Cholesky factorisation of ``t I - W^H W``
+    on the frame of :func:`border_frame`, or on every position where that is cheap.
+
+    Split W's columns into the frame F, the rest's positions N that share an
+    output with the frame, and the rest D.  The rest's columns are zero
+    padding's, so ``G_RR = W_R^H W_R <= u^2 I`` for ``R = N + D``, with ``u``
+    the structural bound of the zero-padded convolution
+    (:func:`upper_bound`), and ``G_FD = 0``.  Hence for ``t > u^2``
+
+    ``t I - G >= A(t) = [[t I - G_FF, -G_FN], [-G_NF, (t - u^2) I]]``
+
+    (and ``(t - u^2) I`` on D), so ``||W||^2 <= t`` once ``A(t)``, a band
+    around the border, is positive semi-definite: by Schur's complement on
+    its diagonal N block this is the frame's ``t I - G_FF - G_FN G_NF / (t -
+    u^2)``.  The rest's bound is loose where W's top singular vectors reach
+    deep into the input (small grids), so where the whole ``t I - G`` costs
+    at most ``_BORDER_CHEAP`` operations F is every position instead (no rest,
+    no ``u``), and where the frame is refused at ``rtol`` the whole is tried up
+    to ``_BORDER_OPERATIONS``.
+
+    ``A(t)`` is assembled from the taps' channel blocks (:mod:`._frame_gram`,
+    no CSR of W) and factorised by a streamed tiled Cholesky: if it
+    completes, ``A(t) >= -||E|| I`` with ``||E|| <= gamma_(m+1) ||L||_F^2``
+    (Higham, Thm 10.3), which is added to ``t`` with the roundings of the
+    Gram blocks and the shift.  Tried at ``t = (max(lower, u) (1 + c))^2``
+    for each ``c`` in ``widenings`` until one holds, then twice halfway back
+    towards the last that did not where ``c > refine_above``: the tightest
+    that holds is returned.  None for the other padding modes, or when every
+    factorisation within ``_BORDER_OPERATIONS`` is refused.
+
+    ``embedding``, the layer's own bound :func:`upper_bound` (grid 0), saves
+    forming ``u``: its circulant ``C_N`` on the padded grid also embeds the
+    zero-padded layer without aliasing, so ``u = ||C_N||`` is its bound
+    divided by ``||P||``.
     """
     geom = structure.geometry
-    if geom.padding_mode not in ("reflect", "replicate") or structure.matrix is None:
+    if geom.padding_mode not in ("reflect", "replicate"):
         return None
-    if geom.nnz > _BORDER_MATRIX_NNZ:
+    frame = border_frame(geom, wide=True).reshape(geom.in_channels, *geom.input_size)[0]
+    counts, reach = _frame_gram.axis_counts(geom)
+    whole = None
+    if _natural_band_operations(geom, reach) <= 10 * _BORDER_OPERATIONS:
+        everywhere = np.ones(geom.input_size, dtype=bool)
+        whole = _ShiftedGram(structure, everywhere, everywhere.ravel(), counts, reach)
+    systems = []
+    if (whole is None or whole.operations > _BORDER_CHEAP) and not frame.all():
+        keep = _within_reach(frame, reach)
+        framed = _ShiftedGram(structure, keep, frame[keep], counts, reach)
+        if framed.operations <= _BORDER_OPERATIONS:
+            systems.append(framed)
+    if whole is not None and whole.operations <= _BORDER_OPERATIONS:
+        systems.append(whole)
+    if not systems:
         return None
-    per_row = _gram_row_entries(geom)
-    frame = border_frame(geom, wide=True)
-    if np.count_nonzero(frame) * per_row > _BORDER_WIDE_NNZ:
-        frame = border_frame(geom, wide=False)
-        if np.count_nonzero(frame) * per_row > _BORDER_NNZ:
-            return None
-    if frame.all() or not frame.any():
-        return None
-    zeros = dataclasses.replace(structure, geometry=dataclasses.replace(geom, padding_mode="zeros"))
-    interior = upper_bound(zeros, 0)
-    u = interior.value + interior.margin
-    stored = sp.csr_array(structure.matrix())
-    work = np.complex128 if stored.dtype.kind == "c" else np.float64
-    # W and W^T as CSR (W^T's rows are W's columns): one of them is stored, the
-    # other one conversion away
-    other = sp.csr_array(stored.T)
-    W, W_t = (other, stored) if structure.transposed else (stored, other)
-    W, W_t = W.astype(work, copy=False), W_t.astype(work, copy=False)
-    in_frame, rest = np.flatnonzero(frame), np.flatnonzero(~frame)
-    frame_h = sp.csr_array(W_t[in_frame].conj())  # W_F^H, frame x outputs
-    rows = _threaded_product(frame_h, W)  # the frame's rows of G = W^H W
-    g_ff = sp.csr_array(rows[:, in_frame])
-    g_fr = sp.csr_array(rows[:, rest])
-    coupling = _threaded_product(g_fr, sp.csr_array(g_fr.conj().T))
-    identity = sp.identity(len(in_frame), dtype=work, format="csr")
-    # || |W| || of the stored W: its merged entries may exceed the sum of their
-    # taps' magnitudes by their rounding in the stored precision
-    taps = math.prod(geom.kernel_size)
-    merged = 2 * taps * float(np.finfo(structure.dtype).eps)
-    a = structure.abs_bound * (1 + 1e-6) * (1 + merged)
-    # a complex product errs by up to sqrt(2) gamma_2: gamma_(2m + 2) covers m terms
-    complex_factor = 2 if work is np.complex128 else 1
-    gamma_m = _gamma(complex_factor * (structure.most_terms + 1))
-    gamma_k = _gamma(complex_factor * (int(np.diff(g_fr.indptr).max(initial=0)) + 1))
+    if embedding is None:
+        embedding = upper_bound(structure, 0)
+    # value = ||C_N|| ||P||, margin = its rounding times ||P|| plus the merge margin
+    u = (embedding.value + embedding.margin) / structure.padding_norm * (1 + 4 * _U64)
     u2 = u * u * (1 + 4 * _U64)  # >= u^2
+    abs_sq = (structure.abs_bound * (1 + 1e-6)) ** 2
 
-    def certified(c: float) -> float | None:
-        t = (max(lower, u) * (1 + c)) ** 2
-        if not t > u2 * (1 + 1e-9):  # the rest's bound must stay below the shift
+    def certified(system: _ShiftedGram, c: float) -> float | None:
+        has_rest = not system.in_frame.all()
+        t = (max(lower, u if has_rest else 0.0) * (1 + c)) ** 2
+        rest = (t - u2) * (1 - 4 * _U64)  # <= t - u^2
+        if has_rest and not rest > 0:  # the rest's bound must stay below the shift
             return None
-        q = 1.0 / (t - u2) * (1 + 4 * _U64)  # >= 1 / (t - ||G_RR||)
-        shifted = sp.csr_array(t * identity - g_ff - q * coupling)
-        deficit = band_deficit(shifted)
-        if deficit is None:
-            deficit = psd_deficit(shifted)
+        deficit = system.deficit(t, rest)
         if deficit is None:
             return None
-        # The computed S against S(t) of the stored W: the Gram products' errors
-        # (gamma_m |W|^H |W| each), the coupling product's (gamma_k, on top of
-        # G_FR's error times ||G_FR|| + its computed norm), and 3 roundings per entry.
-        fr_error = gamma_m * a * a
-        fr_abs = (1 + gamma_m) * a * a
-        coupling_error = gamma_k * fr_abs ** 2 + fr_error * (fr_abs + a * a)
-        assembly = 3 * _U64 * (t + fr_abs + q * (1 + gamma_k) * fr_abs ** 2)
-        # (four additions, and the square root and the product: a few ulps)
-        top = (t + deficit + fr_error + q * coupling_error + assembly) * (1 + 8 * _U64)
-        return math.sqrt(top) * (1 + 2 * _U64)
+        storage_error = 2 * _U64 * (t + abs_sq)
+        top = (t + deficit + system.gram_error * abs_sq + storage_error) * (1 + 8 * _U64)
+        return math.sqrt(top) * (1 + 2 * _U64) + _merge_margin(structure)
 
-    failed = 0.0
-    for c in widenings:
-        best = certified(c)
-        if best is None:
-            failed = c
-            continue
-        # two halvings of the step between the last refused widening and this one,
-        # where it is wider than refine_above (each costs a factorisation)
-        for _ in range(2 if c > refine_above else 0):
-            middle = (failed + c) / 2
-            tighter = certified(middle)
-            if tighter is None:
-                failed = middle
-            else:
-                best, c = tighter, middle
-        return best
+    for number, system in enumerate(systems):
+        last = number == len(systems) - 1
+        # a system that is not the last gets the widenings up to rtol (refine_above)
+        tries = [c for c in widenings if last or c <= refine_above]
+        failed = 0.0
+        for c in tries:
+            best = certified(system, c)
+            if best is None:
+                failed = c
+                continue
+            # two halvings of the step between the last refused widening and this one,
+            # where it is wider than refine_above (each costs a factorisation)
+            for _ in range(2 if c > refine_above else 0):
+                middle = (failed + c) / 2
+                tighter = certified(system, middle)
+                if tighter is None:
+                    failed = middle
+                else:
+                    best, c = tighter, middle
+            return best
     return None
 
 

@@ -142,29 +142,8 @@ def test_reused_memory_gives_the_same_bounds_and_is_let_go(band_sized):
     assert band._kept.buffer is None
 
 
-@pytest.mark.parametrize("n, complex_matrix", [(40, False), (300, False), (120, True)])
-def test_band_deficit_matches_the_spectrum(n, complex_matrix):
-    # M >= -e I from the banded factorisation of the RCM-reordered matrix: e is tiny where
-    # M is positive definite, and there is no answer where it is not (dense eigenvalues)
-    import scipy.sparse as sp
-
-    rng = np.random.default_rng(seed_of("band-deficit", str(n), str(complex_matrix)))
-    A = sp.random(n, n, density=0.05, random_state=rng, format="csr")
-    if complex_matrix:
-        A = A + 1j * sp.random(n, n, density=0.05, random_state=rng, format="csr")
-    A = (A + A.conj().T) / 2
-    least = float(np.linalg.eigvalsh(A.toarray())[0])
-    identity = sp.identity(n, format="csr")
-    above = bounds_module.band_deficit(sp.csr_array(A + (1e-3 - least) * identity))
-    assert above is not None and 0 <= above < 1e-9
-    assert bounds_module.band_deficit(sp.csr_array(A - (1e-3 + least) * identity)) is None
-
-
 @pytest.mark.parametrize("mode", ["reflect", "replicate"])
-@pytest.mark.parametrize("band_limit", [None, 0])  # the band, or SuperLU where it is refused
-def test_the_border_certificate_holds_by_either_factorisation(monkeypatch, mode, band_limit):
-    if band_limit is not None:
-        monkeypatch.setattr(bounds_module, "_BAND_DEFICIT_OPERATIONS", band_limit)
+def test_the_border_certificate_holds_past_the_inertia_certificate(monkeypatch, mode):
     monkeypatch.setattr(bounds_module, "_INERTIA_GRAM_NNZ", 0)
     monkeypatch.setattr(bounds_module, "_DENSE_SVD_ENTRIES", 0)
     rng = np.random.default_rng(seed_of("border-band", mode))
@@ -175,4 +154,4 @@ def test_the_border_certificate_holds_by_either_factorisation(monkeypatch, mode,
         bounds = norm_bounds(op, rtol=1e-2)
     norm = float(np.linalg.norm(op.matrix.toarray(), 2))
     assert bounds.lower <= norm * (1 + 1e-12) and norm <= bounds.upper
-    assert bounds.gap <= 0.3  # the certificate held: far inside the padding map's factor 2
+    assert bounds.gap <= 0.01  # the certificate held, within rtol

@@ -52,7 +52,7 @@ def test_norm_bounds_by_chunks_contain_the_norm(monkeypatch, mode):
     interval still contains the dense SVD's norm."""
     monkeypatch.setattr(_bounds, "_BLOCKS_BYTES", 0)
     monkeypatch.setattr(_bounds, "_BLOCKS_CHUNK_BYTES", 4096)
-    monkeypatch.setattr(_bounds, "_BORDER_MATRIX_NNZ", 0)
+    monkeypatch.setattr(_bounds, "_BORDER_OPERATIONS", 0)
     rng = np.random.default_rng(5)
     op = ConvOperator(rng.standard_normal((5, 4, 3, 3)), (4, 8, 9), padding=1, padding_mode=mode)
     exact = np.linalg.norm(op.matrix.toarray(), 2)

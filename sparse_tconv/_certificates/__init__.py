@@ -23,7 +23,7 @@ CERTIFICATES: tuple[Certificate, ...] = (
     MoreGrids(),           # upper, zero and circular padding
     Lanczos(),             # lower again, towards the tighter upper bound
     Band(),                # upper, by a banded Cholesky: zero padding, small grids
+    Border(),              # upper, by a banded Cholesky: reflect and replicate
     Inertia(),             # upper, by a sparse LDL^H
     DenseSVD(),            # both, small matrices
-    Border(),              # upper, reflect and replicate past the inertia's size
 )

@@ -1,0 +1,286 @@
+"""The Gram matrix of a convolution on chosen input positions, from its taps, and a
+streamed tiled Cholesky test of ``t I - G`` there.
+
+``W = sum_t S_t (x) B_t``: for each tap ``t`` a 0/1 map ``S_t`` of the input
+position each output reads (through the padding map: reflect and replicate
+send several taps to one element) and the tap's channel block ``B_t``.
+Every padding mode acts per dimension, so ``S_t`` is a Kronecker product of
+one map per dimension and the Gram matrix's block between input positions
+``p`` and ``q`` is
+
+``G[p, q] = sum_(t, s) prod_d M_d[t_d, s_d][p_d, q_d] (B_t^H B_s)``,
+
+with ``M_d[t_d, s_d] = A_d(t_d)^T A_d(s_d)`` the number of outputs along
+dimension ``d`` that read ``p_d`` by tap ``t_d`` and ``q_d`` by ``s_d``.
+The blocks of many position pairs are one matrix product: the pairs'
+integer coefficients against every product of two taps' blocks.  No CSR of
+W is formed, so this serves layers of any size.
+
+:func:`streamed_cholesky` factorises a Hermitian band matrix given tile row
+by tile row, keeping only the ``K + 1`` rows a step touches: the factor is
+not kept, only whether every pivot was positive and ``||L||_F^2``, which is
+all a certificate reads.  Its tiles are ``b x b`` with ``b`` a few hundred,
+so that every step is a level-3 BLAS call at the machine's GEMM rate
+(LAPACK's ``?pbtrf`` works in blocks of at most 32 and ran at a quarter
+of that rate on these bands).
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+import scipy.sparse as sp
+from scipy.linalg import get_blas_funcs, get_lapack_funcs
+from scipy.sparse.csgraph import reverse_cuthill_mckee
+
+from ._geometry import ConvGeometry
+from ._indexmap import mode_map
+
+__all__ = ["axis_counts", "tap_products", "gram_blocks", "PositionBand", "position_band",
+           "streamed_cholesky"]
+
+# A tile holds about this many rows (a whole number of positions): GEMMs of this
+# size run near the machine's rate, and the tiles past the band stay few.
+_TILE_ROWS = 256
+# Pairs' blocks are formed this many bytes at a time.
+_CHUNK_BYTES = 1 << 25
+
+
+def _tap_sources(L: int, O: int, s: int, d: int, lo: int, k: int, mode: str) -> np.ndarray:
+    """``(k, O)``: the input coordinate output ``o`` reads by tap ``t``, -1 for a zero."""
+    padded = np.arange(O)[None, :] * s + np.arange(k)[:, None] * d - lo
+    outside = (padded < 0) | (padded >= L)
+    sources = padded.copy()
+    if outside.any():
+        sources[outside] = -1 if mode == "zeros" else mode_map(padded[outside], L, mode)
+    return sources
+
+
+def axis_counts(geom: ConvGeometry) -> tuple[list[np.ndarray], tuple[int, ...]]:
+    """``(counts, reach)``: per dimension ``M[t, s, p, q - p + r]``, the outputs reading
+    ``p`` by tap ``t`` and ``q`` by ``s``, and ``r``, the farthest apart two
+    coordinates one output reads (the Gram matrix's reach)."""
+    counts, reach = [], []
+    for L, O, s, d, (lo, _), k in zip(geom.input_size, geom.output_size, geom.stride,
+                                      geom.dilation, geom.padding, geom.kernel_size):
+        sources = _tap_sources(L, O, s, d, lo, k, geom.padding_mode)
+        read = sources >= 0
+        far = np.where(read, sources, -1).max(axis=0) - np.where(read, sources, L).min(axis=0)
+        r = int(far.max(initial=0)) if read.any() else 0
+        M = np.zeros((k, k, L, 2 * r + 1), dtype=np.int64)
+        for t in range(k):
+            for u in range(k):
+                both = read[t] & read[u]
+                np.add.at(M[t, u], (sources[t][both], sources[u][both] - sources[t][both] + r), 1)
+        counts.append(M)
+        reach.append(r)
+    return counts, tuple(reach)
+
+
+def tap_products(blocks: np.ndarray) -> np.ndarray:
+    """``(taps^2, C^2)``: row ``t * taps + s`` is ``B_t^H B_s``, for ``blocks`` of shape
+    ``(taps, C_out, C)``."""
+    taps, _, cpg = blocks.shape
+    work = np.result_type(blocks.dtype, np.float64)
+    stacked = np.ascontiguousarray(blocks.astype(work).transpose(1, 0, 2)).reshape(-1, taps * cpg)
+    products = stacked.conj().T @ stacked  # [t C + a, s C + b] = (B_t^H B_s)[a, b]
+    return products.reshape(taps, cpg, taps, cpg).transpose(0, 2, 1, 3).reshape(taps * taps, -1)
+
+
+def gram_blocks(counts: list[np.ndarray], products: np.ndarray, p: np.ndarray,
+                q: np.ndarray) -> np.ndarray:
+    """``(pairs, C, C)``: ``G[p_i, q_i]`` for the position pairs ``p, q`` (``(pairs, ndim)``,
+    within the reach of :func:`axis_counts`)."""
+    coefficients = None
+    for d, M in enumerate(counts):
+        r = M.shape[-1] // 2
+        along = np.moveaxis(M[:, :, p[:, d], q[:, d] - p[:, d] + r], -1, 0)  # (pairs, k_d, k_d)
+        if coefficients is None:
+            coefficients = along
+            continue
+        n, a, _ = coefficients.shape
+        k = along.shape[1]
+        # taps in row-major order over the kernel's dimensions
+        coefficients = (coefficients[:, :, None, :, None] * along[:, None, :, None, :]).reshape(
+            n, a * k, a * k)
+    assert coefficients is not None
+    cpg = math.isqrt(products.shape[1])
+    flat = coefficients.reshape(len(p), -1).astype(products.dtype)
+    # (flat @ products)^T = products^T flat^T: both Fortran-ordered views, in
+    # scipy's BLAS, the library the factorisation runs in (see streamed_cholesky)
+    gemm = get_blas_funcs("gemm", dtype=products.dtype)
+    return gemm(1.0, products.T, flat.T).T.reshape(len(p), cpg, cpg)
+
+
+class PositionBand:
+    """Chosen input positions in a low-bandwidth order, tiled, with the pairs that couple.
+
+    ``positions`` (``(n, ndim)``) are ranked by ``rank``; a tile holds
+    ``per_tile`` consecutive ranks (``per_tile * channels`` rows).  ``pairs``
+    are the index pairs ``(i, j)`` with ``rank[i] >= rank[j]`` whose block
+    is formed, sorted by the tile column of ``j`` (``starts`` delimits them).
+    Block column ``J`` reaches ``below[J]`` tile rows below the diagonal,
+    fill-in included: the factor's rows keep their first nonzero column
+    (its envelope), so ``below[J] >= below[J - 1] - 1``.
+    """
+
+    def __init__(self, positions, rank, pairs, per_tile, channels):
+        self.positions = positions
+        self.rank = rank
+        self.per_tile = per_tile
+        self.channels = channels
+        self.tile = per_tile * channels
+        self.n_tiles = -(-len(positions) // per_tile)
+        i, j = pairs
+        column = rank[j] // per_tile
+        order = np.argsort(column, kind="stable")
+        self.pairs = (i[order], j[order])
+        self.starts = np.searchsorted(column[order], np.arange(self.n_tiles + 1))
+        below = np.zeros(self.n_tiles, dtype=np.int64)
+        np.maximum.at(below, column, rank[i] // per_tile - column)
+        for J in range(1, self.n_tiles):
+            below[J] = max(below[J], below[J - 1] - 1)
+        self.below = below
+        self.K = int(below.max(initial=0))
+
+    @property
+    def operations(self) -> float:
+        """The factorisation's floating-point operations (real)."""
+        return float(((self.below ** 2 + self.below + 1 / 3) * float(self.tile) ** 3).sum())
+
+    @property
+    def terms(self) -> int:
+        """The most terms of an entry of ``L L^H``: the tiled band's width."""
+        return (self.K + 1) * self.tile
+
+
+def _folded_angle_rank(positions: np.ndarray, size: tuple[int, ...]) -> np.ndarray | None:
+    """2-D only: positions ranked by their angle's distance from one ray out of the centre.
+
+    A frame around a 2-D input is a ring.  Any order of a ring's positions
+    has two fronts; sorting by ``|angle|`` walks both halves together from
+    the ray to the opposite side, each position's neighbours a few places away.
+    """
+    if positions.shape[1] != 2:
+        return None
+    centre = (np.asarray(size) - 1) / 2
+    y, x = (positions - centre).T
+    key = np.abs(np.arctan2(y, x))
+    order = np.lexsort((positions[:, 1], positions[:, 0], key))
+    rank = np.empty(len(positions), dtype=np.int64)
+    rank[order] = np.arange(len(positions))
+    return rank
+
+
+def position_band(keep: np.ndarray, couples: Callable[[np.ndarray, np.ndarray], np.ndarray],
+                  reach: tuple[int, ...], channels: int) -> PositionBand:
+    """The positions of the mask ``keep`` in the narrowest of a few orders, with their pairs.
+
+    Positions ``p, q`` pair when ``|p_d - q_d| <= reach_d`` in every
+    dimension and ``couples(i, j)`` (indices into the kept positions) says so.
+    Orders tried: reverse Cuthill-McKee on the pairs' graph, and in 2-D the
+    folded angle (:func:`_folded_angle_rank`); the one whose factorisation
+    costs least wins.
+    """
+    size = keep.shape
+    positions = np.argwhere(keep)
+    index = np.full(size, -1, dtype=np.int64)
+    index[tuple(positions.T)] = np.arange(len(positions))
+    bounds = np.asarray(size)
+    first, second = [], []
+    for offset in itertools.product(*[range(-r, r + 1) for r in reach]):
+        q = positions + np.asarray(offset, dtype=np.int64)
+        inside = ((q >= 0) & (q < bounds)).all(axis=1)
+        i = np.flatnonzero(inside)
+        j = index[tuple(q[inside].T)]
+        i, j = i[j >= 0], j[j >= 0]
+        wanted = couples(i, j)
+        first.append(i[wanted])
+        second.append(j[wanted])
+    i, j = np.concatenate(first), np.concatenate(second)
+    n = len(positions)
+    graph = sp.csr_matrix((np.ones(len(i), dtype=np.int8), (i, j)), shape=(n, n))
+    order = reverse_cuthill_mckee(graph, symmetric_mode=True)
+    by_levels = np.empty(n, dtype=np.int64)
+    by_levels[order] = np.arange(n)
+    per_tile = max(1, round(_TILE_ROWS / channels))
+    candidates = []
+    for rank in (by_levels, _folded_angle_rank(positions, size)):
+        if rank is not None:
+            lower = rank[i] >= rank[j]
+            candidates.append(PositionBand(positions, rank, (i[lower], j[lower]), per_tile,
+                                           channels))
+    return min(candidates, key=lambda band: band.operations)
+
+
+def streamed_cholesky(below: np.ndarray, tile: int, dtype,
+                      fill: Callable[[int, np.ndarray], None]) -> float | None:
+    """``||L||_F^2`` of the Cholesky factor of a Hermitian tiled band matrix, or None.
+
+    Block column ``J`` of the lower half has ``below[J]`` tiles under its
+    diagonal tile, envelope closed (``below[J] >= below[J - 1] - 1``), and
+    ``K = max(below)``.  ``fill(J, row)`` writes it into ``row`` (``(K + 1,
+    tile, tile)``, its first ``below[J] + 1`` tiles zeroed): ``row[k]`` is
+    the tile at block row ``J + k``
+    (only the lower triangle of ``row[0]`` is read).  Right-looking: step
+    ``J`` factorises the diagonal tile, solves the ``below[J]`` tiles under
+    it, and subtracts their products from the next ``below[J]`` columns, so
+    ``K + 1`` tile columns are held at a time.  None as soon as a pivot
+    is not positive.  Every step is a conventional level-3 BLAS or LAPACK
+    call, so ``L L^H = A + E`` with ``|E| <= gamma_(m+1) |L| |L^H|``, ``m``
+    the band's ``(K + 1) tile`` (Higham, Thm 10.3, for any order of the
+    inner products' terms).
+
+    The steps run in place on the transposed rows (``A = U^H U``, row ``J``
+    of ``U`` is a Fortran-ordered ``(tile, (K + 1) tile)`` view of the
+    array ``fill`` wrote), all in scipy's BLAS: no temporaries (fresh memory
+    is slow to touch on some virtual machines), and no second BLAS thread
+    pool spinning beside it (numpy's and scipy's OpenBLAS are two libraries;
+    interleaving their calls made each step several times slower).
+    """
+    n_tiles, K = len(below), int(np.max(below, initial=0))
+    window = np.zeros((K + 1, K + 1, tile, tile), dtype=dtype)
+    potrf: Any = get_lapack_funcs("potrf", dtype=window.dtype)
+    trsm, gemm = get_blas_funcs(("trsm", "gemm"), dtype=window.dtype)
+    adjoint = 2 if window.dtype.kind == "c" else 1
+
+    def upper_row(J: int) -> np.ndarray:
+        # [y, k tile + x] = A[(J + k) tile + x, J tile + y]
+        return window[J % (K + 1)].reshape((K + 1) * tile, tile).T
+
+    def filled(J: int) -> None:
+        row = window[J % (K + 1)]
+        row[:below[J] + 1].fill(0)  # the tiles past below[J] are never read
+        fill(J, row)
+        if adjoint == 2:
+            np.conjugate(row, out=row)  # the transposed view is then the upper half
+
+    for J in range(min(K, n_tiles)):
+        filled(J)
+    squares = 0.0
+    for J in range(n_tiles):
+        if J + K < n_tiles:
+            filled(J + K)
+        row = upper_row(J)
+        diagonal = row[:, :tile]
+        _, info = potrf(diagonal, lower=0, clean=1, overwrite_a=1)
+        if info != 0:
+            return None
+        reach = min(int(below[J]), n_tiles - 1 - J)
+        used = row[:, :(reach + 1) * tile]
+        if reach:
+            # U_J,rest = U_JJ^-H A_J,rest, then each later row J + k loses
+            # U_J,J+k^H U_J,J+k..
+            trsm(1.0, diagonal, row[:, tile:(reach + 1) * tile], lower=0, trans_a=adjoint,
+                 overwrite_b=1)
+            for k in range(1, reach + 1):
+                later = upper_row(J + k)[:, :(reach - k + 1) * tile]
+                gemm(-1.0, row[:, k * tile:(k + 1) * tile], row[:, k * tile:(reach + 1) * tile],
+                     1.0, later, trans_a=adjoint, overwrite_c=1)
+        flat = used.T.reshape(-1).view(np.float64)  # C-ordered: its real and imaginary parts
+        squares += float(np.einsum("i,i->", flat, flat))
+    return squares
