@@ -737,7 +737,7 @@ def border_frame(geom: ConvGeometry, wide: bool) -> np.ndarray:
     A boolean mask over the input (channel-major): along each padded
     dimension the coordinates the padding copies (``wide=False``), or every
     coordinate from the border to the deepest of them and at least
-    ``_FRAME_DEPTH`` (4) deep
+    ``_FRAME_DEPTH`` (4) and the kernel's extent plus one deep
     (``wide=True``: a tighter certificate, at about twice the frame).  An
     element outside the frame is read only by the taps that read it under
     zero padding, so W's columns there are zero padding's.
@@ -748,12 +748,14 @@ def border_frame(geom: ConvGeometry, wide: bool) -> np.ndarray:
         near = np.zeros(L, dtype=bool)
         near[copied] = True
         if wide:
+            # wider kernels reach further in: a 5x5 reflect layer needs 6
+            depth = max(_FRAME_DEPTH, (geom.kernel_size[d] - 1) * geom.dilation[d] + 2)
             low = [c for c in copied if 2 * c < L]
             high = [c for c in copied if 2 * c >= L]
             if low:
-                near[: max(_FRAME_DEPTH, max(low) + 1)] = True
+                near[: max(depth, max(low) + 1)] = True
             if high:
-                near[max(0, min(L - _FRAME_DEPTH, min(high))):] = True
+                near[max(0, min(L - depth, min(high))):] = True
         inside |= near.reshape([-1 if e == d else 1 for e in range(geom.ndim)])
     return np.broadcast_to(inside, (geom.in_channels, *geom.input_size)).ravel()
 
@@ -972,7 +974,8 @@ def start_vector(structure: _Structure, upper: _Upper) -> np.ndarray:
 
     A plane wave at the top block's frequency times that block's top right
     singular vector: on the circulant it attains ``||C_N||``; cut to the
-    input it loses only what the borders lose.
+    input it loses only what the borders lose.  With groups, the other
+    groups' channels hold a seeded random vector of the same norm.
     """
     circulant, block, group, freq = upper.top
     geom = structure.geometry
@@ -998,6 +1001,17 @@ def start_vector(structure: _Structure, upper: _Upper) -> np.ndarray:
     window = np.ix_(*[(lo + np.arange(L)) % n for (lo, _), L, n in
                       zip(geom.padding, geom.input_size, circulant.input_size)])
     wave[group * cpg:(group + 1) * cpg] = grid[(slice(None), *window)]
+    if g > 1:
+        # W^H W is block diagonal over the groups: a Krylov space started in one
+        # group never leaves it, and with reflect or replicate padding another
+        # group's border can hold the norm (a 4-group layer's Lanczos bound
+        # stalled 6% low).  The other groups get a seeded random start of the
+        # same size.
+        others = np.ones(geom.in_channels, dtype=bool)
+        others[group * cpg:(group + 1) * cpg] = False
+        noise = np.random.default_rng(0).standard_normal((int(others.sum()), *geom.input_size))
+        own = float(np.linalg.norm(wave[group * cpg:(group + 1) * cpg]))
+        wave[others] = noise * (own / max(float(np.linalg.norm(noise)), 1e-300))
     x: np.ndarray = wave.ravel() if structure.dtype.kind == "c" else wave.real.ravel()
     if not np.any(x):  # a degenerate phase: any vector will do
         x = np.random.default_rng(0).standard_normal(x.shape)

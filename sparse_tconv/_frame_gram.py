@@ -182,9 +182,9 @@ def position_band(keep: np.ndarray, couples: Callable[[np.ndarray, np.ndarray], 
 
     Positions ``p, q`` pair when ``|p_d - q_d| <= reach_d`` in every
     dimension and ``couples(i, j)`` (indices into the kept positions) says so.
-    Orders tried: reverse Cuthill-McKee on the pairs' graph, and in 2-D the
-    folded angle (:func:`_folded_angle_rank`); the one whose factorisation
-    costs least wins.
+    Orders tried: reverse Cuthill-McKee on the pairs' graph, row-major, and
+    in 2-D the folded angle (:func:`_folded_angle_rank`); the one whose
+    factorisation costs least wins.
     """
     size = keep.shape
     positions = np.argwhere(keep)
@@ -209,7 +209,9 @@ def position_band(keep: np.ndarray, couples: Callable[[np.ndarray, np.ndarray], 
     by_levels[order] = np.arange(n)
     per_tile = max(1, round(_TILE_ROWS / channels))
     candidates = []
-    for rank in (by_levels, _folded_angle_rank(positions, size)):
+    row_major = np.arange(n)  # np.argwhere's order: planes of a 3-D volume (RCM's wavefronts
+    # there are wider)
+    for rank in (by_levels, row_major, _folded_angle_rank(positions, size)):
         if rank is not None:
             lower = rank[i] >= rank[j]
             candidates.append(PositionBand(positions, rank, (i[lower], j[lower]), per_tile,

@@ -90,6 +90,11 @@ LAYERS = [
           (32, 32, 32), dict(padding=1, padding_mode="reflect")),
     Layer("repl32", "Conv2d(32->32, 3x3, padding 1, replicate), 32x32", (32, 32, 3, 3),
           (32, 32, 32), dict(padding=1, padding_mode="replicate")),
+    *(Layer(f"{short}{c}" + ("" if size == 32 else f"x{size}"),
+            f"Conv2d({c}->{c}, 3x3, padding 1, {mode}), {size}x{size}", (c, c, 3, 3),
+            (c, size, size), dict(padding=1, padding_mode=mode))
+      for short, mode in (("refl", "reflect"), ("repl", "replicate"))
+      for c, size in ((32, 64), (64, 32), (64, 64))),
 ]
 
 QUICK_LAYERS = [
@@ -110,12 +115,12 @@ def _timed(func):
     return value, time.perf_counter() - start
 
 
-def _reference(op) -> tuple[float, str]:
-    """The norm, by a dense SVD when the matrix is small, else by svds."""
+def _reference(op, svds_value: float) -> tuple[float, str]:
+    """The norm, by a dense SVD when the matrix is small, else svds' (already computed)."""
     W = op.matrix
     if W.shape[0] * W.shape[1] <= _DENSE_REFERENCE:
         return float(np.linalg.norm(W.toarray(), 2)), "dense SVD"
-    return float(svds(W, k=1, return_singular_vectors=False)[0]), "svds"
+    return svds_value, "svds"
 
 
 def run_layer(layer: Layer, *, gram: bool, rtol: float) -> dict:
@@ -131,7 +136,7 @@ def run_layer(layer: Layer, *, gram: bool, rtol: float) -> dict:
         bounds_s = best_time(lambda: norm_bounds(op, rtol=rtol), repeat=3, min_time=0)
     svds_value, svds_s = _timed(lambda: float(svds(op.matrix, k=1,
                                                    return_singular_vectors=False)[0]))
-    reference, how = _reference(op)
+    reference, how = _reference(op, svds_value)
     r: dict[str, Any] = dict(
         layer=layer.name, description=layer.description, lower=bounds.lower,
         upper=bounds.upper, gap=bounds.gap, bounds_s=bounds_s, svds=svds_value, svds_s=svds_s,
