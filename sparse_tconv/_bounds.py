@@ -834,11 +834,14 @@ class _ShiftedGram:
                 shift = np.where(at < 0, 1.0, np.where(self.in_frame[at], t, rest))
                 view[0, diagonal[0], diagonal[1], diagonal[0], diagonal[1]] += np.repeat(shift, C)
 
-            squares = _frame_gram.streamed_cholesky(band.below, band.tile, work, fill)
-            if squares is None:
+            factorised = _frame_gram.streamed_cholesky(band.below, band.tile, work, fill,
+                                                       scale=t)
+            if factorised is None:
                 return None
+            squares, flushed = factorised
             entries = band.n_tiles * (K + 1) * band.tile ** 2
-            worst = max(worst, _gamma(band.terms + 1) * squares * (1 + _gamma(entries)))
+            worst = max(worst, _gamma(band.terms + 1) * squares * (1 + _gamma(entries))
+                        + flushed)
         return worst
 
 

@@ -95,9 +95,11 @@ def test_the_streamed_cholesky_matches_lapack(below, tile, complex_matrix):
     identity = np.eye(len(A))
     dtype = A.dtype
     above = A + (1e-3 - least) * identity
-    squares = _frame_gram.streamed_cholesky(below, tile, dtype, _fill_from(above, below, tile))
+    squares, flushed = _frame_gram.streamed_cholesky(below, tile, dtype,
+                                                     _fill_from(above, below, tile))
     factor = np.linalg.cholesky(above)
     assert squares == pytest.approx(float(np.vdot(factor, factor).real), rel=1e-10)
+    assert 0 <= flushed < 1e-90
     under = A - (1e-3 + least) * identity
     assert _frame_gram.streamed_cholesky(below, tile, dtype,
                                          _fill_from(under, below, tile)) is None
@@ -166,3 +168,19 @@ def test_the_border_certificate_reaches_rtol_past_the_inertia_certificate(
     norm = float(np.linalg.norm(op.matrix.toarray(), 2))
     assert bounds.lower <= norm * (1 + 1e-12) and norm <= bounds.upper
     assert bounds.gap <= 0.01
+
+
+def test_the_streamed_cholesky_flushes_tiny_entries_within_its_bound(monkeypatch):
+    # with the flush level raised above some of the factor's entries: they go, the
+    # returned bound on the change is positive, and the factor's ||L||_F^2 moves by
+    # less than the bound allows (||L~||_F^2 - ||L||_F^2 = trace(F))
+    monkeypatch.setattr(_frame_gram, "_FLUSH", 1e-3)
+    below, tile = np.asarray([1, 1, 1, 0]), 3
+    rng = np.random.default_rng(seed_of("flush"))
+    A = _random_band(rng, below, tile, False) * 1e-3 + 4 * np.eye(len(below) * tile)
+    exact = np.linalg.cholesky(A)
+    assert np.count_nonzero((np.abs(exact) < 1e-3) & (exact != 0))  # some to flush
+    squares, flushed = _frame_gram.streamed_cholesky(below, tile, A.dtype,
+                                                     _fill_from(A, below, tile))
+    assert flushed > 0
+    assert abs(squares - float(np.vdot(exact, exact))) <= len(A) * flushed
