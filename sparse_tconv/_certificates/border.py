@@ -27,8 +27,11 @@ class Border(Certificate):
     def tighten(self, run: Interval) -> None:
         # half of rtol first: where the frame is deep enough that holds, in one
         # factorisation; then just inside rtol, and wider ones (refined) where
-        # neither holds
+        # neither holds.  Where the whole t I - G is cheap (an exact test, no
+        # rest) a tenth of rtol comes first, as the inertia certificate's did.
         widenings = (run.rtol / 2, 0.9 * run.rtol, max(run.rtol, 0.02), 0.05, 0.075, 0.1, 0.25)
+        if _bounds.border_is_cheap(run.structure):
+            widenings = (run.rtol / 10, *widenings)
         border = _bounds.border_upper(run.structure, run.lower, widenings,
                                       refine_above=run.rtol, embedding=run.notes.get("embedding"))
         run.notes["border"] = border
