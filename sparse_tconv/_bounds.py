@@ -717,11 +717,11 @@ def banded_cholesky_error(ab: np.ndarray) -> float | None:
 
 
 # The border certificate factorises when its tiled band costs at most this many
-# operations per try (about 50 s at the machine's GEMM rate on 2 cores: a
-# 64-channel layer at 512x512 takes 2.6e12), and
+# operations per try (about 80 s at the machine's rate on 2 cores: a 64-channel
+# layer at 512x512 takes 2.6e12, a 16-channel volume at 16^3 4.4e12), and
 # factorises the whole t I - G, not the frame, where that costs at most
 # _BORDER_CHEAP (a fraction of a second).
-_BORDER_OPERATIONS = 4e12
+_BORDER_OPERATIONS = 6e12
 _BORDER_CHEAP = 3e10
 # The wide frame is at least this deep: the top singular vectors of reflect
 # and replicate layers decay into the interior, and the rest's bound (see

@@ -664,7 +664,7 @@ def norm_bounds(op, *, rtol=1e-2, maxiter=None) -> NormBounds:
     RuntimeWarning
         If the interval is still wider than ``rtol`` on return; it holds all
         the same.  With reflect or replicate padding past the border
-        certificate's ``4e12`` operations (hundreds of channels on large
+        certificate's ``6e12`` operations (hundreds of channels on large
         grids) this is the rule, not the exception (see Notes).
 
     See Also
@@ -756,7 +756,7 @@ def norm_bounds(op, *, rtol=1e-2, maxiter=None) -> NormBounds:
     gamma_(m+1) ||L||_F^2`` plus the roundings of the blocks and the shift,
     ``m`` the band's width.  Where the whole ``t I - G`` costs at most
     ``3e10`` operations the frame is every position (no rest, no ``u``);
-    where the frame fails within ``rtol`` the whole is tried up to ``4e12``.
+    where the frame fails within ``rtol`` the whole is tried up to ``6e12``.
     Tried at ``t = (max(lower, u) (1 + c))^2`` for ``c = rtol / 2``, then
     ``0.9 rtol``, then from ``max(rtol, 0.02)`` up to 0.25 until one holds
     and twice halfway back.  The top singular vectors of these layers sit at
