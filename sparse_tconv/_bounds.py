@@ -786,7 +786,7 @@ class _ShiftedGram:
     """
 
     def __init__(self, structure: _Structure, keep: np.ndarray, in_frame: np.ndarray,
-                 counts: list[np.ndarray], reach: tuple[int, ...]):
+                 counts: list[_frame_gram.AxisCounts], reach: tuple[int, ...]):
         geom = structure.geometry
         g = geom.groups
         opg, cpg = geom.out_channels // g, geom.in_channels // g
@@ -804,7 +804,11 @@ class _ShiftedGram:
 
     @property
     def operations(self) -> float:
-        return self.band.operations * self.groups
+        """The factorisation's operations and the blocks' assembly (a GEMM of the
+        pairs' tap-pair coefficients against the taps' products), all groups."""
+        taps = self.products[0].shape[0]  # pairs of taps
+        assembly = _assembly_operations(len(self.band.pairs[0]), taps, self.channels)
+        return (self.band.operations + assembly) * self.groups
 
     def deficit(self, t: float, rest: float) -> float | None:
         """A bound on ``-lambda_min(A(t))`` of the computed matrix (Cholesky's backward
@@ -815,7 +819,9 @@ class _ShiftedGram:
         positions_at = np.full(band.n_tiles * m, -1, dtype=np.int64)
         positions_at[band.rank] = np.arange(len(band.rank))
         diagonal = np.repeat(np.arange(m), C), np.tile(np.arange(C), m)
-        chunk = max(1, _frame_gram._CHUNK_BYTES // (C * C * work.itemsize))
+        # a pair's block, and its tap pairs' coefficients (integers, then as floats)
+        per_pair = C * C * work.itemsize + 16 * self.products[0].shape[0]
+        chunk = max(1, _frame_gram._CHUNK_BYTES // per_pair)
         first, second = band.pairs
         worst = 0.0
         for products in self.products:
@@ -831,7 +837,9 @@ class _ShiftedGram:
                     ri, rj = band.rank[i], band.rank[j]
                     view[ri // m - J, ri % m, :, rj % m, :] = -blocks
                 at = positions_at[J * m:(J + 1) * m]
-                shift = np.where(at < 0, 1.0, np.where(self.in_frame[at], t, rest))
+                # the last tile's empty slots: t, which adds t per row to ||L||_F^2
+                # as every row does (1.0 would not scale with the weights)
+                shift = np.where(at < 0, t, np.where(self.in_frame[at], t, rest))
                 view[0, diagonal[0], diagonal[1], diagonal[0], diagonal[1]] += np.repeat(shift, C)
 
             factorised = _frame_gram.streamed_cholesky(band.below, band.tile, work, fill,
@@ -840,9 +848,18 @@ class _ShiftedGram:
                 return None
             squares, flushed = factorised
             entries = band.n_tiles * (K + 1) * band.tile ** 2
-            worst = max(worst, _gamma(band.terms + 1) * squares * (1 + _gamma(entries))
+            # gamma_(m+2): LAPACK and BLAS multiply by reciprocals where Higham's
+            # Theorem 10.3 divides
+            worst = max(worst, _gamma(band.terms + 2) * squares * (1 + _gamma(entries))
                         + flushed)
         return worst
+
+
+def _assembly_operations(pairs: float, tap_pairs: int, channels: int) -> float:
+    """The blocks' assembly in GEMM-operation equivalents: each pair's tap-pair
+    coefficients are built elementwise (memory-bound: counted 40 each; an 11x11
+    single-channel blur at 48x48 spent 15 s there), then one GEMM row each."""
+    return pairs * tap_pairs * (40.0 + 2.0 * channels ** 2)
 
 
 def _natural_band_operations(geom: ConvGeometry, reach: tuple[int, ...]) -> float:
@@ -865,7 +882,10 @@ def border_is_cheap(structure: _Structure) -> bool:
         return False
     reach = tuple(min(L - 1, (k - 1) * d)
                   for L, k, d in zip(geom.input_size, geom.kernel_size, geom.dilation))
-    return _natural_band_operations(geom, reach) <= _BORDER_CHEAP
+    pairs = math.prod(geom.input_size) * math.prod(2 * r + 1 for r in reach) / 2
+    cpg = geom.in_channels // geom.groups
+    assembly = _assembly_operations(pairs, math.prod(geom.kernel_size) ** 2, cpg) * geom.groups
+    return _natural_band_operations(geom, reach) + assembly <= _BORDER_CHEAP
 
 
 def border_upper(structure: _Structure, lower: float, widenings, refine_above: float = 0.0,
@@ -909,13 +929,14 @@ def border_upper(structure: _Structure, lower: float, widenings, refine_above: f
     if geom.padding_mode not in ("reflect", "replicate"):
         return None
     frame = border_frame(geom, wide=True).reshape(geom.in_channels, *geom.input_size)[0]
-    counts, reach = _frame_gram.axis_counts(geom)
+    counts = _frame_gram.axis_counts(geom)
+    reach = tuple(axis.reach for axis in counts)
     whole = None
     if _natural_band_operations(geom, reach) <= 10 * _BORDER_OPERATIONS:
         everywhere = np.ones(geom.input_size, dtype=bool)
         whole = _ShiftedGram(structure, everywhere, everywhere.ravel(), counts, reach)
     systems = []
-    if (whole is None or whole.operations > _BORDER_CHEAP) and not frame.all():
+    if (whole is None or whole.operations > _BORDER_CHEAP) and frame.any() and not frame.all():
         keep = _within_reach(frame, reach)
         framed = _ShiftedGram(structure, keep, frame[keep], counts, reach)
         if framed.operations <= _BORDER_OPERATIONS:

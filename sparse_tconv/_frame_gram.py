@@ -30,7 +30,7 @@ from __future__ import annotations
 import itertools
 import math
 from collections.abc import Callable
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 import scipy.sparse as sp
@@ -40,8 +40,8 @@ from scipy.sparse.csgraph import reverse_cuthill_mckee
 from ._geometry import ConvGeometry
 from ._indexmap import mode_map
 
-__all__ = ["axis_counts", "tap_products", "gram_blocks", "PositionBand", "position_band",
-           "streamed_cholesky"]
+__all__ = ["AxisCounts", "axis_counts", "tap_products", "gram_blocks", "PositionBand",
+           "position_band", "streamed_cholesky"]
 
 # A tile holds about this many rows (a whole number of positions): GEMMs of this
 # size run near the machine's rate, and the tiles past the band stay few.
@@ -60,25 +60,58 @@ def _tap_sources(L: int, O: int, s: int, d: int, lo: int, k: int, mode: str) -> 
     return sources
 
 
-def axis_counts(geom: ConvGeometry) -> tuple[list[np.ndarray], tuple[int, ...]]:
-    """``(counts, reach)``: per dimension ``M[t, s, p, q - p + r]``, the outputs reading
-    ``p`` by tap ``t`` and ``q`` by ``s``, and ``r``, the farthest apart two
-    coordinates one output reads (the Gram matrix's reach)."""
-    counts, reach = [], []
-    for L, O, s, d, (lo, _), k in zip(geom.input_size, geom.output_size, geom.stride,
-                                      geom.dilation, geom.padding, geom.kernel_size):
+class AxisCounts(NamedTuple):
+    """One dimension's ``M[t, s, p, q - p + reach]``, its interior rows stored once.
+
+    ``table[:, :, row[p], q - p + reach]`` is the number of outputs that read
+    ``p`` by tap ``t`` and ``q`` by tap ``s``.  Away from the borders the
+    counts depend only on ``p`` modulo the stride, so the coordinates there
+    share ``stride`` rows: a 1-D input of 300,000 with an 11-tap kernel
+    keeps a few hundred rows, not 6 GB.
+    """
+
+    table: np.ndarray
+    row: np.ndarray
+    reach: int
+
+
+def _interior(L: int, O: int, s: int, d: int, lo: int, hi: int, k: int) -> tuple[int, int]:
+    """``(first, stop)``: coordinates ``p`` in ``[first, stop)`` have the counts of
+    ``p - s`` (every output reading them, by any tap, reads every tap inside the input
+    and the outputs are not cut short).  Generous margins: a test checks them."""
+    span = (k - 1) * d
+    unused = max(0, L + lo + hi - ((O - 1) * s + span + 1))  # padded tail no output reads
+    pad = lo + hi  # circular padding copies each side's padding to the other end
+    return 2 * span + pad + 2 * s, L - (2 * span + pad + unused + 2 * s)
+
+
+def axis_counts(geom: ConvGeometry) -> list[AxisCounts]:
+    """Per dimension, the counts of outputs reading two coordinates by two taps
+    (:class:`AxisCounts`), with ``reach``, the farthest apart two coordinates one
+    output reads (the Gram matrix's reach along that dimension)."""
+    counts = []
+    for L, O, s, d, (lo, hi), k in zip(geom.input_size, geom.output_size, geom.stride,
+                                       geom.dilation, geom.padding, geom.kernel_size):
         sources = _tap_sources(L, O, s, d, lo, k, geom.padding_mode)
         read = sources >= 0
         far = np.where(read, sources, -1).max(axis=0) - np.where(read, sources, L).min(axis=0)
         r = int(far.max(initial=0)) if read.any() else 0
-        M = np.zeros((k, k, L, 2 * r + 1), dtype=np.int64)
+        first, stop = _interior(L, O, s, d, lo, hi, k)
+        row = np.arange(L)
+        if stop - first > s:  # rows first..first+s-1 stand for the whole interior
+            row[first:stop] = first + (row[first:stop] - first) % s
+            row[stop:] -= stop - first - s
+        kept = np.zeros(L, dtype=bool)
+        kept[np.unique(row, return_index=True)[1]] = True  # the first coordinate of each row
+        M = np.zeros((k, k, int(row[-1]) + 1 if L else 0, 2 * r + 1), dtype=np.int64)
         for t in range(k):
             for u in range(k):
                 both = read[t] & read[u]
-                np.add.at(M[t, u], (sources[t][both], sources[u][both] - sources[t][both] + r), 1)
-        counts.append(M)
-        reach.append(r)
-    return counts, tuple(reach)
+                p, q = sources[t][both], sources[u][both]
+                mine = kept[p]
+                np.add.at(M[t, u], (row[p[mine]], q[mine] - p[mine] + r), 1)
+        counts.append(AxisCounts(M, row, r))
+    return counts
 
 
 def tap_products(blocks: np.ndarray) -> np.ndarray:
@@ -91,14 +124,14 @@ def tap_products(blocks: np.ndarray) -> np.ndarray:
     return products.reshape(taps, cpg, taps, cpg).transpose(0, 2, 1, 3).reshape(taps * taps, -1)
 
 
-def gram_blocks(counts: list[np.ndarray], products: np.ndarray, p: np.ndarray,
+def gram_blocks(counts: list[AxisCounts], products: np.ndarray, p: np.ndarray,
                 q: np.ndarray) -> np.ndarray:
     """``(pairs, C, C)``: ``G[p_i, q_i]`` for the position pairs ``p, q`` (``(pairs, ndim)``,
     within the reach of :func:`axis_counts`)."""
     coefficients = None
-    for d, M in enumerate(counts):
-        r = M.shape[-1] // 2
-        along = np.moveaxis(M[:, :, p[:, d], q[:, d] - p[:, d] + r], -1, 0)  # (pairs, k_d, k_d)
+    for d, axis in enumerate(counts):
+        along = np.moveaxis(axis.table[:, :, axis.row[p[:, d]], q[:, d] - p[:, d] + axis.reach],
+                            -1, 0)  # (pairs, k_d, k_d)
         if coefficients is None:
             coefficients = along
             continue
@@ -226,6 +259,13 @@ def position_band(keep: np.ndarray, couples: Callable[[np.ndarray, np.ndarray], 
 _FLUSH = 1e-100
 
 
+def _in_place(result: np.ndarray, target: np.ndarray) -> None:
+    """Make sure an f2py wrapper's ``overwrite_*`` result is in ``target``: they write in
+    place for Fortran-ordered arrays of their dtype, and copy otherwise."""
+    if not np.shares_memory(result, target):
+        target[...] = result
+
+
 def streamed_cholesky(below: np.ndarray, tile: int, dtype,
                       fill: Callable[[int, np.ndarray], None],
                       scale: float = 1.0) -> tuple[float, float] | None:
@@ -287,24 +327,26 @@ def streamed_cholesky(below: np.ndarray, tile: int, dtype,
             filled(J + K)
         row = upper_row(J)
         diagonal = row[:, :tile]
-        _, info = potrf(diagonal, lower=0, clean=1, overwrite_a=1)
+        factor, info = potrf(diagonal, lower=0, clean=1, overwrite_a=1)
         if info != 0:
             return None
+        _in_place(factor, diagonal)
         reach = min(int(below[J]), n_tiles - 1 - J)
         used = row[:, :(reach + 1) * tile]
         if reach:
             # U_J,rest = U_JJ^-H A_J,rest, then each later row J + k loses
             # U_J,J+k^H U_J,J+k..
             panel = row[:, tile:(reach + 1) * tile]
-            trsm(1.0, diagonal, panel, lower=0, trans_a=adjoint, overwrite_b=1)
+            _in_place(trsm(1.0, diagonal, panel, lower=0, trans_a=adjoint, overwrite_b=1), panel)
             size = reach * tile
             np.abs(panel, out=magnitudes[:, :size])
             np.less(magnitudes[:, :size], flush, out=tiny[:, :size])
             panel[tiny[:, :size]] = 0
             for k in range(1, reach + 1):
                 later = upper_row(J + k)[:, :(reach - k + 1) * tile]
-                gemm(-1.0, row[:, k * tile:(k + 1) * tile], row[:, k * tile:(reach + 1) * tile],
-                     1.0, later, trans_a=adjoint, overwrite_c=1)
+                _in_place(gemm(-1.0, row[:, k * tile:(k + 1) * tile],
+                               row[:, k * tile:(reach + 1) * tile], 1.0, later,
+                               trans_a=adjoint, overwrite_c=1), later)
         flat = used.T.reshape(-1).view(np.float64)  # C-ordered: its real and imaginary parts
         squares += float(np.einsum("i,i->", flat, flat))
         entries += used.size

@@ -13,6 +13,7 @@ import warnings
 
 import numpy as np
 import pytest
+from scipy.sparse.linalg import svds
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -21,7 +22,7 @@ from sparse_tconv import ConvOperator, ConvTransposeOperator, _frame_gram
 from sparse_tconv._geometry import validate
 from sparse_tconv.spectral import norm_bounds
 
-from reference import random_array, reference_conv_matrix, seed_of
+from reference import padded_indices, random_array, reference_conv_matrix, seed_of
 from strategies import _kwargs, geometries
 
 
@@ -43,7 +44,8 @@ def test_the_taps_give_every_block_of_the_gram_matrix(g, complex_weight, seed):
     dense, _, _ = reference_conv_matrix(weight, g["input_shape"], kw["stride"], kw["padding"],
                                         kw["dilation"], kw["groups"], kw["padding_mode"])
     _, geom = validate(weight, g["input_shape"], transposed=False, **kw)
-    counts, reach = _frame_gram.axis_counts(geom)
+    counts = _frame_gram.axis_counts(geom)
+    reach = tuple(axis.reach for axis in counts)
     groups, taps = geom.groups, math.prod(geom.kernel_size)
     opg, cpg = geom.out_channels // groups, geom.in_channels // groups
     size = geom.input_size
@@ -62,6 +64,39 @@ def test_the_taps_give_every_block_of_the_gram_matrix(g, complex_weight, seed):
         scale = max(1.0, float(np.abs(expected).max()))
         np.testing.assert_allclose(blocks, expected[p, q], rtol=0, atol=1e-12 * scale)
         assert not np.abs(expected[far]).any()
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.integers(1, 90), st.integers(1, 5), st.integers(1, 4), st.integers(1, 3),
+       st.integers(0, 4), st.integers(0, 4), st.sampled_from(["zeros", "reflect", "replicate",
+                                                              "circular"]))
+def test_the_interior_rows_of_the_counts_are_those_of_every_coordinate(L, k, s, d, lo, hi, mode):
+    # the counts stored once for the interior equal, for every coordinate, a count by
+    # brute force over the outputs (each output's taps through the padding map)
+    if mode == "reflect" and max(lo, hi) >= L or mode == "circular" and max(lo, hi) > L:
+        return
+    if L + lo + hi < (k - 1) * d + 1:
+        return
+    weight = np.ones((1, 1, k))
+    _, geom = validate(weight, (1, L), transposed=False, stride=s, padding=[(lo, hi)],
+                       dilation=d, padding_mode=mode)
+    axis = _frame_gram.axis_counts(geom)[0]
+    O = geom.output_size[0]
+    padded = np.arange(-lo, L + hi)
+    source = {int(a): int(b) for a, b in zip(padded, padded_indices(L, lo, hi, mode))}
+    expected = np.zeros((k, k, L, L), dtype=np.int64)
+    for o in range(O):
+        reads = [source[o * s + t * d - lo] for t in range(k)]
+        for t in range(k):
+            for u in range(k):
+                if reads[t] >= 0 and reads[u] >= 0:
+                    expected[t, u, reads[t], reads[u]] += 1
+    r = axis.reach
+    for p in range(L):
+        for q in range(max(0, p - r), min(L, p + r + 1)):
+            assert np.array_equal(axis.table[:, :, axis.row[p], q - p + r], expected[:, :, p, q])
+    far = np.abs(np.arange(L)[:, None] - np.arange(L)[None, :]) > r
+    assert not expected[:, :, far].any()
 
 
 def _random_band(rng, below: np.ndarray, tile: int, complex_matrix: bool) -> np.ndarray:
@@ -184,3 +219,95 @@ def test_the_streamed_cholesky_flushes_tiny_entries_within_its_bound(monkeypatch
                                                      _fill_from(A, below, tile))
     assert flushed > 0
     assert abs(squares - float(np.vdot(exact, exact))) <= len(A) * flushed
+
+
+def _frame_only(monkeypatch) -> None:
+    """The border certificate on its frame alone: the whole t I - G never tried."""
+    monkeypatch.setattr(bounds_module, "_BORDER_CHEAP", 0)
+    monkeypatch.setattr(bounds_module, "_natural_band_operations", lambda *args: math.inf)
+
+
+@settings(max_examples=25, deadline=None)
+@given(st.sampled_from(["reflect", "replicate"]), st.integers(1, 2), st.integers(1, 2),
+       st.integers(1, 2), st.integers(1, 2), st.booleans(), st.booleans(),
+       st.integers(0, 2**32 - 1))
+def test_the_frame_alone_holds_in_every_dimension(mode, ndim, stride, dilation, groups,
+                                                   transposed, complex_weight, seed):
+    # the frame, its neighbours N and the rest's bound u: whatever shift is offered, the
+    # bound is at least the dense SVD's norm (strided, dilated, grouped, either operator;
+    # 3-D below, whose transposed strided frames take tens of seconds)
+    with pytest.MonkeyPatch.context() as monkeypatch:
+        _frame_only(monkeypatch)
+        rng = np.random.default_rng(seed)
+        size = {1: (40,), 2: (15, 14)}[ndim]
+        dtype = np.complex128 if complex_weight else np.float64
+        weight = random_array(rng, (2 * groups, 2, *(3,) * ndim), dtype) / 3
+        cls = ConvTransposeOperator if transposed else ConvOperator
+        op = cls(weight, (2 * groups, *size), stride=stride, dilation=dilation,
+                 padding=dilation, groups=groups, padding_mode=mode)
+        norm = float(np.linalg.norm(op.matrix.toarray(), 2))
+        structure = bounds_module.structure_of(op)
+        for start in (0.9, 1.0):
+            upper = bounds_module.border_upper(structure, start * norm, (0.0, 0.01, 0.05, 0.2))
+            assert upper is None or upper >= norm
+
+
+@pytest.mark.parametrize("mode", ["reflect", "replicate"])
+def test_the_frame_alone_holds_in_3d(monkeypatch, mode):
+    _frame_only(monkeypatch)
+    rng = np.random.default_rng(seed_of("frame-3d", mode))
+    op = ConvOperator(rng.standard_normal((2, 2, 3, 3, 3)) / 4, (2, 12, 11, 12), padding=1,
+                      padding_mode=mode)
+    norm = float(np.linalg.norm(op.matrix.toarray(), 2))
+    structure = bounds_module.structure_of(op)
+    assert not bounds_module.border_frame(structure.geometry, wide=True).all()  # a rest
+    for start in (0.9, 1.0):
+        upper = bounds_module.border_upper(structure, start * norm, (0.0, 0.01, 0.05, 0.2))
+        assert upper is None or upper >= norm
+    assert bounds_module.border_upper(structure, norm, (0.05, 0.2)) is not None
+
+
+@pytest.mark.parametrize("mode, within", [("reflect", 0.01), ("replicate", 0.05)])
+def test_the_frame_alone_narrows_the_interval(monkeypatch, mode, within):
+    # a 4-channel layer at 40x40, the frame 4 deep around a 32x32 rest: above the dense
+    # SVD's norm and close to it (this replicate layer holds at 5%, not 2%: on grids this
+    # small the whole t I - G takes over, see border_upper)
+    _frame_only(monkeypatch)
+    rng = np.random.default_rng(seed_of("frame-alone", mode))
+    op = ConvOperator(rng.standard_normal((4, 4, 3, 3)) / 6, (4, 40, 40), padding=1,
+                      padding_mode=mode)
+    # ARPACK to machine precision (a dense SVD of 6400 columns takes a minute)
+    norm = float(svds(op.matrix, k=1, tol=0, return_singular_vectors=False)[0])
+    upper = bounds_module.border_upper(bounds_module.structure_of(op), norm,
+                                       (0.005, 0.009, 0.02, 0.05))
+    assert upper is not None and norm <= upper <= norm * (1 + within)
+
+
+def test_a_reflect_layer_without_padding_is_zero_paddings(monkeypatch):
+    # padding 0 with padding_mode='reflect' (what nn.Conv2d(..., padding=0,
+    # padding_mode='reflect') gives): no frame, and the interval still holds
+    _frame_only(monkeypatch)
+    rng = np.random.default_rng(seed_of("no-padding"))
+    op = ConvOperator(rng.standard_normal((3, 3, 3, 3)), (3, 12, 11), padding=0,
+                      padding_mode="reflect")
+    norm = float(np.linalg.norm(op.matrix.toarray(), 2))
+    assert bounds_module.border_upper(bounds_module.structure_of(op), norm, (0.01,)) is None
+    bounds = norm_bounds(op, rtol=1e-6)
+    assert bounds.lower <= norm * (1 + 1e-12) and norm <= bounds.upper * (1 + 1e-12)
+
+
+def test_large_kernels_and_long_inputs_stay_small(monkeypatch):
+    # an 11x11 single-channel blur (121^2 tap pairs a block) and a 1-D input of 300,000:
+    # the counts keep their interior rows once and the blocks come in chunks
+    rng = np.random.default_rng(seed_of("large-kernels"))
+    blur = ConvOperator(rng.random((1, 1, 11, 11)) / 60, (1, 48, 48), padding=5,
+                        padding_mode="reflect")
+    norm = float(np.linalg.norm(blur.matrix.toarray(), 2))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        bounds = norm_bounds(blur, rtol=1e-2)
+    assert bounds.lower <= norm * (1 + 1e-12) and norm <= bounds.upper
+    line = ConvOperator(rng.standard_normal((1, 1, 11)), (1, 300_000), padding=5,
+                        padding_mode="reflect")
+    counts = _frame_gram.axis_counts(line.convolution.geometry)
+    assert counts[0].table.shape[2] < 200

@@ -29,9 +29,10 @@ class Border(Certificate):
         # factorisation; then just inside rtol, and wider ones (refined) where
         # neither holds.  Where the whole t I - G is cheap (an exact test, no
         # rest) a tenth of rtol comes first, as the inertia certificate's did.
-        widenings = (run.rtol / 2, 0.9 * run.rtol, max(run.rtol, 0.02), 0.05, 0.075, 0.1, 0.25)
+        tries = [run.rtol / 2, 0.9 * run.rtol, max(run.rtol, 0.02), 0.05, 0.075, 0.1, 0.25]
         if _bounds.border_is_cheap(run.structure):
-            widenings = (run.rtol / 10, *widenings)
+            tries.append(run.rtol / 10)
+        widenings = sorted(set(tries))
         border = _bounds.border_upper(run.structure, run.lower, widenings,
                                       refine_above=run.rtol, embedding=run.notes.get("embedding"))
         run.notes["border"] = border
