@@ -358,8 +358,9 @@ class _Checked:
 
 
 # (layer, certificates left out): without the border and inertia certificates the small
-# reflect layer reaches the dense SVD; the 3-D reflect layer is past the inertia's size (lowered to 256
-# rows for the test, and the dense SVD left out), so the border certificate runs
+# reflect layer reaches the dense SVD; the 3-D reflect layer is past the inertia's size
+# (lowered to 256 rows for the test, and the dense SVD left out), so the border
+# certificate runs
 _BORDER_LAYER = ((2, 2, 3, 3, 3), (2, 8, 8, 8), dict(padding=1, padding_mode="reflect"))
 # a zero-padded layer past the inertia certificate and the dense SVD (both lowered to
 # nothing for the test): the band certificate closes it
