@@ -23,6 +23,7 @@ import numpy as np
 import scipy.linalg
 import scipy.sparse as sp
 import scipy.sparse.linalg as spla
+from scipy import ndimage
 from scipy.linalg import lapack
 
 from . import _frame_gram, _sparsetools
@@ -469,15 +470,11 @@ def _active_taps(geom: ConvGeometry) -> list[np.ndarray]:
     only ever reads padding contributes nothing to W (on an input of one
     pixel, a 3x3 kernel's centre alone).  Other modes map every read inside.
     """
-    active = []
-    for L, O, k, s, d, (lo, _) in zip(geom.input_size, geom.output_size, geom.kernel_size,
-                                      geom.stride, geom.dilation, geom.padding):
-        if geom.padding_mode != "zeros":
-            active.append(np.arange(k))
-            continue
-        reads = (np.arange(O)[None, :] * s - lo) + (np.arange(k) * d)[:, None]
-        active.append(np.flatnonzero(((reads >= 0) & (reads < L)).any(axis=1)))
-    return active
+    return [np.flatnonzero((_frame_gram.tap_sources(L, O, s, d, lo, k, geom.padding_mode)
+                            >= 0).any(axis=1))
+            for L, O, k, s, d, (lo, _) in zip(geom.input_size, geom.output_size,
+                                              geom.kernel_size, geom.stride, geom.dilation,
+                                              geom.padding)]
 
 
 def exact_single_tap(structure: _Structure) -> NormBounds | None:
@@ -760,21 +757,6 @@ def border_frame(geom: ConvGeometry, wide: bool) -> np.ndarray:
     return np.broadcast_to(inside, (geom.in_channels, *geom.input_size)).ravel()
 
 
-def _within_reach(mask: np.ndarray, reach: tuple[int, ...]) -> np.ndarray:
-    """The positions at most ``reach_d`` from a position of ``mask`` along every dimension."""
-    near = mask.copy()
-    for d, r in enumerate(reach):
-        grown = near.copy()
-        for shift in range(1, r + 1):
-            ahead = [slice(None)] * mask.ndim
-            behind = [slice(None)] * mask.ndim
-            ahead[d], behind[d] = slice(shift, None), slice(None, -shift)
-            grown[tuple(ahead)] |= near[tuple(behind)]
-            grown[tuple(behind)] |= near[tuple(ahead)]
-        near = grown
-    return near
-
-
 class _ShiftedGram:
     """``A(t)``: ``t I - G`` on chosen positions of W's input, and ``rest I`` beside the frame.
 
@@ -785,22 +767,15 @@ class _ShiftedGram:
     (N empty) this is ``t I - G`` itself, for any padding mode.
     """
 
-    def __init__(self, structure: _Structure, keep: np.ndarray, in_frame: np.ndarray,
-                 counts: list[_frame_gram.AxisCounts], reach: tuple[int, ...]):
-        geom = structure.geometry
-        g = geom.groups
-        opg, cpg = geom.out_channels // g, geom.in_channels // g
-        self.groups, self.channels, self.in_frame, self.counts = g, cpg, in_frame, counts
+    def __init__(self, keep: np.ndarray, in_frame: np.ndarray,
+                 counts: list[_frame_gram.AxisCounts], products: list[np.ndarray]):
+        """``products``: each group's :func:`~._frame_gram.tap_products`."""
+        self.channels = math.isqrt(products[0].shape[1])
+        self.groups, self.in_frame, self.counts, self.products = (
+            len(products), in_frame, counts, products)
         self.band = _frame_gram.position_band(
-            keep, lambda i, j: in_frame[i] | in_frame[j], reach, cpg)
-        taps = math.prod(geom.kernel_size)
-        weight = np.asarray(structure.weight).reshape(g, opg, cpg, taps)
-        self.products = [_frame_gram.tap_products(np.moveaxis(weight[group], 2, 0))
-                         for group in range(g)]
-        complex_factor = 2 if self.products[0].dtype.kind == "c" else 1
-        # an entry: opg terms per pair of taps, then taps^2 pairs with integer weights,
-        # each at most the same entry of |W|^H |W|
-        self.gram_error = _gamma(complex_factor * (opg + taps * taps + 2))
+            keep, lambda i, j: in_frame[i] | in_frame[j], tuple(a.reach for a in counts),
+            self.channels)
 
     @property
     def operations(self) -> float:
@@ -912,8 +887,8 @@ def border_upper(structure: _Structure, lower: float, widenings, refine_above: f
 
     ``A(t)`` is assembled from the taps' channel blocks (:mod:`._frame_gram`,
     no CSR of W) and factorised by a streamed tiled Cholesky: if it
-    completes, ``A(t) >= -||E|| I`` with ``||E|| <= gamma_(m+1) ||L||_F^2``
-    (Higham, Thm 10.3), which is added to ``t`` with the roundings of the
+    completes, ``A(t) >= -||E|| I`` with ``||E|| <= gamma_(m+2) ||L||_F^2``
+    (Higham, Thm 10.3, with LAPACK's reciprocals), which is added to ``t`` with the roundings of the
     Gram blocks and the shift.  Tried at ``t = (max(lower, u) (1 + c))^2``
     for each ``c`` in ``widenings`` until one holds, then twice halfway back
     towards the last that did not where ``c > refine_above``: the tightest
@@ -931,14 +906,23 @@ def border_upper(structure: _Structure, lower: float, widenings, refine_above: f
     frame = border_frame(geom, wide=True).reshape(geom.in_channels, *geom.input_size)[0]
     counts = _frame_gram.axis_counts(geom)
     reach = tuple(axis.reach for axis in counts)
+    g = geom.groups
+    opg, cpg, taps = geom.out_channels // g, geom.in_channels // g, math.prod(geom.kernel_size)
+    weight = np.asarray(structure.weight).reshape(g, opg, cpg, taps)
+    products = [_frame_gram.tap_products(np.moveaxis(weight[group], 2, 0)) for group in range(g)]
+    complex_factor = 2 if products[0].dtype.kind == "c" else 1
+    # an entry: opg terms per pair of taps, then taps^2 pairs with integer weights,
+    # each at most the same entry of |W|^H |W|
+    gram_error = _gamma(complex_factor * (opg + taps * taps + 2))
     whole = None
     if _natural_band_operations(geom, reach) <= 10 * _BORDER_OPERATIONS:
         everywhere = np.ones(geom.input_size, dtype=bool)
-        whole = _ShiftedGram(structure, everywhere, everywhere.ravel(), counts, reach)
+        whole = _ShiftedGram(everywhere, everywhere.ravel(), counts, products)
     systems = []
     if (whole is None or whole.operations > _BORDER_CHEAP) and frame.any() and not frame.all():
-        keep = _within_reach(frame, reach)
-        framed = _ShiftedGram(structure, keep, frame[keep], counts, reach)
+        # the frame and the positions within reach of it along every dimension
+        keep = ndimage.binary_dilation(frame, structure=np.ones([2 * r + 1 for r in reach], bool))
+        framed = _ShiftedGram(keep, frame[keep], counts, products)
         if framed.operations <= _BORDER_OPERATIONS:
             systems.append(framed)
     if whole is not None and whole.operations <= _BORDER_OPERATIONS:
@@ -962,7 +946,7 @@ def border_upper(structure: _Structure, lower: float, widenings, refine_above: f
         if deficit is None:
             return None
         storage_error = 2 * _U64 * (t + abs_sq)
-        top = (t + deficit + system.gram_error * abs_sq + storage_error) * (1 + 8 * _U64)
+        top = (t + deficit + gram_error * abs_sq + storage_error) * (1 + 8 * _U64)
         return math.sqrt(top) * (1 + 2 * _U64) + _merge_margin(structure)
 
     for number, system in enumerate(systems):

@@ -40,8 +40,8 @@ from scipy.sparse.csgraph import reverse_cuthill_mckee
 from ._geometry import ConvGeometry
 from ._indexmap import mode_map
 
-__all__ = ["AxisCounts", "axis_counts", "tap_products", "gram_blocks", "PositionBand",
-           "position_band", "streamed_cholesky"]
+__all__ = ["AxisCounts", "axis_counts", "tap_sources", "tap_products", "gram_blocks",
+           "PositionBand", "position_band", "streamed_cholesky"]
 
 # A tile holds about this many rows (a whole number of positions): GEMMs of this
 # size run near the machine's rate, and the tiles past the band stay few.
@@ -50,7 +50,7 @@ _TILE_ROWS = 256
 _CHUNK_BYTES = 1 << 25
 
 
-def _tap_sources(L: int, O: int, s: int, d: int, lo: int, k: int, mode: str) -> np.ndarray:
+def tap_sources(L: int, O: int, s: int, d: int, lo: int, k: int, mode: str) -> np.ndarray:
     """``(k, O)``: the input coordinate output ``o`` reads by tap ``t``, -1 for a zero."""
     padded = np.arange(O)[None, :] * s + np.arange(k)[:, None] * d - lo
     outside = (padded < 0) | (padded >= L)
@@ -92,7 +92,7 @@ def axis_counts(geom: ConvGeometry) -> list[AxisCounts]:
     counts = []
     for L, O, s, d, (lo, hi), k in zip(geom.input_size, geom.output_size, geom.stride,
                                        geom.dilation, geom.padding, geom.kernel_size):
-        sources = _tap_sources(L, O, s, d, lo, k, geom.padding_mode)
+        sources = tap_sources(L, O, s, d, lo, k, geom.padding_mode)
         read = sources >= 0
         far = np.where(read, sources, -1).max(axis=0) - np.where(read, sources, L).min(axis=0)
         r = int(far.max(initial=0)) if read.any() else 0
