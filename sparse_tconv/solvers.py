@@ -232,27 +232,6 @@ class _Gradient(LinearOperator):
             out[tuple(upper)] += d
         return out.reshape(-1)
 
-    def _adjoint(self):
-        return _AdjointGradient(self)
-
-
-class _AdjointGradient(LinearOperator):
-    """``D^T`` (D is real)."""
-
-    def __init__(self, gradient):  # unannotated, as LinearOperator's own (scipy-stubs)
-        self._gradient = gradient
-        rows, columns = gradient.shape
-        super().__init__(dtype=gradient.dtype, shape=(columns, rows))
-
-    def _matvec(self, y):
-        return self._gradient._rmatvec(y)
-
-    def _rmatvec(self, x):
-        return self._gradient._matvec(x)
-
-    def _adjoint(self):
-        return self._gradient
-
 
 def gradient_operator(input_shape) -> LinearOperator:
     """``D``, the forward differences of ``tikhonov(..., L='gradient')``, as a LinearOperator.

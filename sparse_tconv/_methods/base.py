@@ -70,19 +70,21 @@ class Problem:
         return self.x0.astype(self.dtype)
 
 
-def pcg(problem: Problem, x: np.ndarray, M,
-        maxiter: int | None = None) -> tuple[np.ndarray, int, float]:
+def pcg(problem: Problem, x: np.ndarray, M, maxiter: int | None = None,
+        value: float | None = None) -> tuple[np.ndarray, int, float]:
     """``(x, iterations, residual)``: scipy's CG, restarted until the true residual meets rtol.
 
     CG updates its residual by a recurrence, which drifts from ``b - A x``
     by rounding; after it stops, the true residual is measured and, if it
     misses ``rtol``, CG restarts from ``x`` (it recomputes ``b - A x``) with
     the iterations left (of ``maxiter``, default ``problem.maxiter``).
+    ``value`` is ``x``'s relative residual where the caller measured it already.
     """
     rtol, callback = problem.rtol, problem.callback
     maxiter = problem.maxiter if maxiter is None else maxiter
     done = 0
-    value = problem.residual(x) if np.any(x) else 1.0  # (b - A 0 = b)
+    if value is None:
+        value = problem.residual(x) if np.any(x) else 1.0  # (b - A 0 = b)
     while value > rtol and done < maxiter:
         count = [0]
 

@@ -140,5 +140,5 @@ def _finish(problem: Problem, run: _Run, done: int, maxiter: int) -> tuple[np.nd
     value = problem.residual(run.x)
     if value <= problem.rtol or done >= maxiter or not math.isfinite(value):
         return run.x, done, value
-    x, more, value = pcg(problem, run.x, run.M, maxiter - done)
+    x, more, value = pcg(problem, run.x, run.M, maxiter - done, value)
     return x, done + more, value
