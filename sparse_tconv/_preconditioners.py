@@ -31,6 +31,7 @@ Nothing here validates user arguments: :mod:`sparse_tconv.solvers` does.
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 from typing import Literal
@@ -40,6 +41,7 @@ import scipy.fft
 import scipy.linalg
 from scipy.sparse.linalg import LinearOperator
 
+from ._blas import one_blas_thread
 from ._fourier import check_circulant, circular_blocks
 from ._geometry import ConvGeometry
 
@@ -124,7 +126,12 @@ class _FourierBasis:
 
 @dataclass(frozen=True)
 class _CosineBasis:
-    """The orthonormal DCT of type ``dct_type`` along the axes ``axes`` (spatial, 0-based)."""
+    """The orthonormal DCT of type ``dct_type`` along the axes ``axes`` (spatial, 0-based).
+
+    Each axis is transformed by scipy.fft, or by its dense DCT matrix where
+    pocketfft is slow at that length (:func:`_dense_dct`); the results agree
+    to rounding.
+    """
 
     channels: int
     groups: int
@@ -138,18 +145,32 @@ class _CosineBasis:
     def block_size(self) -> int:
         return self.channels // self.groups
 
+    def _transform(self, x: np.ndarray, inverse: bool) -> np.ndarray:
+        fast = []
+        workers = _workers(x, self.threads)
+        for a in self.axes:
+            n = self.sample_size[a]
+            if not _dense_dct(n, self.dct_type):
+                fast.append(2 + a)
+                continue
+            M = _dct_matrix(n, self.dct_type)
+            # one BLAS thread where pocketfft would have one worker: OpenBLAS on two
+            # threads, with another process busy on one of the two cores, took 14 ms
+            # for what one thread did in 0.08 (n=128)
+            with one_blas_thread(workers == 1):
+                x = _along_axis(M.T if inverse else M, x, 2 + a)
+        if fast:  # the other axes in one call
+            dctn = scipy.fft.idctn if inverse else scipy.fft.dctn
+            x = dctn(x, type=self.dct_type, axes=fast, norm="ortho", workers=workers)
+        return x
+
     def forward(self, x: np.ndarray) -> np.ndarray:
-        if self.axes:
-            x = scipy.fft.dctn(x, type=self.dct_type, axes=[2 + a for a in self.axes],
-                               norm="ortho", workers=_workers(x, self.threads))
+        x = self._transform(x, inverse=False)
         return x.reshape(x.shape[0], self.groups, self.block_size, *self.sample_size)
 
     def inverse(self, X: np.ndarray) -> np.ndarray:
         X = X.reshape(X.shape[0], self.channels, *self.sample_size)
-        if not self.axes:
-            return X
-        return scipy.fft.idctn(X, type=self.dct_type, axes=[2 + a for a in self.axes],
-                               norm="ortho", workers=_workers(X, self.threads))
+        return self._transform(X, inverse=True)
 
 
 @dataclass(frozen=True)
@@ -207,6 +228,79 @@ class _PositionBasis:
 
 def _workers(x: np.ndarray, threads: int) -> int:
     return threads if x.size >= _PARALLEL_FFT_SIZE else 1
+
+
+# pocketfft computes a DCT-I of n points through a real FFT of length 2(n - 1), a
+# DCT-II through one of length n; a large prime factor of that length makes it slow,
+# and a product with the dense n x n matrix (BLAS, 2n flops an element) is then
+# faster.  Measured on (1, 1, n, n) float64 samples along one axis, one thread each
+# (pocketfft, OpenBLAS), ms for scipy.fft / the dense matrix, FFT length factored:
+#   DCT-I   n=96   2*5*19     0.057 / 0.037    n=128  2*127        0.43  / 0.077
+#           n=160  2*3*53     0.25  / 0.14     n=192  2*191        1.36  / 0.22
+#           n=255  2^2*127    1.33  / 0.50     n=384  2*383        3.6   / 1.7
+#           n=512  2*7*73     3.5   / 3.8      n=256  2*3*5*17     0.35  / 0.49
+#           n=129  2^8        0.055 / 0.085    n=257  2^9          0.21  / 0.51
+#           n=640  2*3^2*71   5.1   / 7.4      n=768  2*13*59      7.7   / 12.9
+#   DCT-II  n=127  127        0.37  / 0.090    n=257  257          0.95  / 0.53
+#           n=509  509        3.6   / 3.9      n=1009 1009         18.6  / 28.4
+#           n=128  2^7        0.040 / 0.083    n=192  2^6*3        0.084 / 0.24
+# The dense product wins where the largest prime factor exceeds n / 8, up to n = 512
+# (even at 512 and 509); beyond, it loses on one thread and wins by at most 1.5x on
+# two (n=640: 3.8 ms, 1009: 15 ms), and its matrix would pass 2 MiB.
+_DENSE_DCT_MAX = 512
+
+
+def _largest_prime_factor(m: int) -> int:
+    """The largest prime factor of ``m >= 1`` (1 for 1), by trial division."""
+    largest, f = 1, 2
+    while f * f <= m:
+        while m % f == 0:
+            largest, m = f, m // f
+        f += 1
+    return max(largest, m)
+
+
+@functools.lru_cache(maxsize=64)
+def _dense_dct(n: int, dct_type: int) -> bool:
+    """Whether a DCT of ``n`` points is faster as a dense product than by scipy.fft."""
+    length = 2 * (n - 1) if dct_type == 1 else n
+    return 2 <= n <= _DENSE_DCT_MAX and 8 * _largest_prime_factor(length) > n
+
+
+@functools.lru_cache(maxsize=8)
+def _dct_matrix(n: int, dct_type: int) -> np.ndarray:
+    """The orthonormal DCT matrix of ``n`` points, scipy.fft's ``norm='ortho'`` (read-only).
+
+    ``y = M x`` is ``scipy.fft.dct(x, type=dct_type, norm='ortho')``.  The
+    DCT-I matrix is symmetric and its own inverse; the DCT-II's inverse is its
+    transpose.
+    """
+    j = np.arange(n)
+    k = j[:, None]
+    if dct_type == 1:  # sqrt(2 / (n-1)) f_k f_j cos(pi k j / (n-1)), f = 1/sqrt 2 at both ends
+        f = np.ones(n)
+        f[[0, -1]] = math.sqrt(0.5)
+        # integer phases reduced modulo the period, so that cos sees small arguments
+        phase = k * j % (2 * n - 2)
+        M = math.sqrt(2 / (n - 1)) * np.outer(f, f) * np.cos(np.pi * phase / (n - 1))
+    else:  # sqrt(2 / n) f_k cos(pi k (2j + 1) / 2n), f_0 = 1/sqrt 2
+        f = np.ones((n, 1))
+        f[0] = math.sqrt(0.5)
+        phase = k * (2 * j + 1) % (4 * n)
+        M = math.sqrt(2 / n) * f * np.cos(np.pi * phase / (2 * n))
+    M.setflags(write=False)
+    return M
+
+
+def _along_axis(M: np.ndarray, x: np.ndarray, axis: int) -> np.ndarray:
+    """``y[..., i, ...] = sum_j M[i, j] x[..., j, ...]`` along ``axis`` of ``x``."""
+    if axis == x.ndim - 1:
+        # one GEMM over all the leading axes: faster here than matmul, which runs one per
+        # sample (3-D, 48^3: 0.31 ms against 0.51)
+        return np.tensordot(x, M, axes=([axis], [1]))
+    # one GEMM per leading index: faster here than tensordot, which copies x to put the
+    # axis last (3-D, 48^3: 0.40 ms against 1.6)
+    return np.moveaxis(M @ np.moveaxis(x, axis, -2), -2, axis)
 
 
 def _half(grid: tuple[int, ...]) -> tuple[int, ...]:
