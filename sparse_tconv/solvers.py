@@ -356,12 +356,14 @@ def preconditioner(op, damp=0.0, kind="auto", *, shift=None, border=True,
         The construction (see Notes).  ``'auto'`` (default): ``'circulant'``
         where W is circulant (exact); ``'kronecker'`` for a separable kernel
         with one input and one output channel (exact; every axis at most 4096
-        long); else, for a low-pass kernel (a blur: the Gram symbol's largest
-        eigenvalue at frequency 0 is within 10% of the top) whose Gram matrix
-        is Toeplitz (stride 1, or any transposed convolution), ``'dct1'`` for
-        reflect padding and ``'dct2'`` for the other modes; else
-        ``'circulant'`` (shifted) when the strides divide the input size,
-        else ``'dct2'`` or ``'block_jacobi'``.
+        long, and the axes' eigendecompositions, ``sum_a L_a^3``, at most 500
+        times a product with W); else, for a low-pass kernel (a blur: the
+        Gram symbol's largest eigenvalue at frequency 0 is within 10% of the
+        top) whose Gram kernel is even along every axis (within 25%, see
+        Notes) and whose Gram matrix is Toeplitz (stride 1, or any transposed
+        convolution), ``'dct1'`` for reflect padding and ``'dct2'`` for the
+        other modes; else ``'circulant'`` (shifted) when the strides divide
+        the input size, else ``'dct2'`` or ``'block_jacobi'``.
     shift : float, optional
         Damp the preconditioner more than the system: its blocks are
         inverted with ``damp**2 + shift * lambda_max`` in place of
@@ -445,7 +447,13 @@ def preconditioner(op, damp=0.0, kind="auto", *, shift=None, border=True,
       padding it keeps the borders apart; ``S = sqrt((diag(M) + damp^2) /
       (diag(W^H W) + damp^2))`` (``M`` the DCT model) then gives every unknown
       the true diagonal: the border columns of W are lighter (zeros) or
-      heavier (replicate) than the model's.
+      heavier (replicate) than the model's.  Being a mean over reflections,
+      the symbol is the true one only where ``G`` is even along every axis
+      alone; ``'auto'`` asks ``max_a ||G - R_a G|| / ||G|| <= 0.25`` (``R_a``
+      the reversal of lag axis a).  Symmetric blurs, and any 1-D or separable
+      kernel, give 0; an L-shaped 5x5 0.52, a 7x7 anti-diagonal motion 1.26
+      (its model smears the blur over both diagonals), random 3 -> 3 and
+      4 -> 4 layers 0.75-0.77: on each the DCT lost to plain CG in time.
     * ``'dct1'`` (T: orthonormal DCT-I): ``H_f = sum_t G(t) prod_a cos(pi
       f_a t_a / (L_a - 1))``, the whole-sample symmetric extension, which is
       PyTorch's ``'reflect'``.  For an axis-symmetric kernel with reflect
@@ -594,6 +602,13 @@ def _tikhonov_kind(op, regulariser: str = "identity") -> str:
     if _blocks_nbytes(op) > _PRECONDITIONER_BYTES:
         return "none"
     chosen = auto(op, regulariser)
+    if not chosen.models(op):
+        # The registry's choices for the other kernels lost to plain CG in time on every
+        # problem measured (2 threads, damp 5e-3 to 1e-2): the shifted circulant on random
+        # 3 -> 3 to 32 -> 32 layers at 32x32 to 96x96, 0.4-0.9x (1.2-2x fewer iterations,
+        # each twice the cost), on asymmetric single-channel blurs 0.74-1.5x; block-Jacobi
+        # 0.88-1.23 times plain CG's iterations (a convolution's diagonal is nearly constant).
+        return "none"
     exact = regulariser == "identity" and chosen.exact(op)
     return chosen.name if exact or op.shape[0] >= op.shape[1] else "none"
 
@@ -685,9 +700,11 @@ def tikhonov(op, y, damp, *, L=None, rtol=1e-6, maxiter=None, x0=None, callback=
         ``kind='auto'`` (with ``L``: for ``'gradient'``, among the kinds
         that model it; plain CG for any other ``L``), except plain CG on a
         wide W (more unknowns than equations) that no exact construction
-        covers (see Notes), and where the preconditioner's channel blocks
-        would take more than 512 MB (``C x C`` complex per position: a
-        64-channel input of 512x512); guarded by the safeguard (Notes).  A
+        covers (see Notes), where that choice does not model ``W^H W``
+        (the shifted circulant and block-Jacobi of kernels that are not even
+        blurs: see Notes), and where the preconditioner's channel blocks would take more than
+        512 MB (``C x C`` complex per position: a 64-channel input of
+        512x512); guarded by the safeguard (Notes).  A
         kind by name, or a LinearOperator, is used as given.
     method : {'auto', 'fft', 'cg'}, optional
         ``'auto'`` (default): ``'fft'`` where W is circulant and ``L`` is
@@ -765,31 +782,37 @@ def tikhonov(op, y, damp, *, L=None, rtol=1e-6, maxiter=None, x0=None, callback=
     With ``'gradient'``, ``'auto'`` picks ``'circulant'`` for circular
     padding (W exact, the Laplacian by its periodic version: an
     approximation), ``'dct2'`` for blurs with any other padding
-    (``D^H D`` exact in its basis), the shifted ``'circulant'`` for other
-    kernels at stride 1, ``'block_jacobi'`` otherwise; with any other ``L``
-    plain CG.
+    (``D^H D`` exact in its basis), plain CG for other kernels (see *Which
+    preconditioner*) and for any other ``L``.
 
     *The safeguard.*  Where ``M='auto'`` chose a preconditioner, CG runs
-    10 iterations with it; if they do not reach ``rtol``, 10 iterations of
-    plain CG from the same start, and the run with the lower residual
-    (over the second half of its probe) continues from where it stopped.
-    The cost is the other run's 10 iterations, and nothing where the
-    preconditioner solves the problem within its probe (the exact ones).
-    The comparison is per iteration (per product with W and ``W^H``), so
-    the choice is the same on every run; it catches the preconditioners that
-    lose many times over (a DCT on a kernel far from symmetric, such as an
-    anti-diagonal motion blur), not those within a small factor of plain CG.
+    with it and plain CG runs from the same start, in rounds of 10 and 20
+    iterations each (``sparse_tconv._methods.safeguard``); the run that
+    converges faster *per second* continues from its own state.  Each run's
+    rate is the fall of ``log ||b - A x_k||`` over the second half of its
+    iterations, divided by their time; the preconditioner goes on where it
+    is not behind (its residual at most twice plain CG's after as many
+    iterations) and its rate is 2.5 times plain CG's after 10 iterations,
+    or 0.8 times after 20; plain
+    CG where its rate is 2.5 times the other's, or after 20.  The cost is
+    the losing run's 10 or 20 iterations, nothing where the preconditioner
+    meets ``rtol`` within its first round (the exact ones).  As it reads the
+    clock, the choice may differ between runs where the two are close.
 
     *Which preconditioner.*  A separable single-channel kernel makes W a
     Kronecker product of one-dimensional convolutions, whatever the padding
     mode: the ``'kronecker'`` construction is its exact inverse (one
-    iteration).  For other blurs the DCTs cut the iterations 4-220x on the
-    benchmark's problems and cost about one product each.  For kernels that
-    are not low-pass (a random 4 -> 4 channel layer) the shifted circulant
-    cuts them 1.7-2.6x, which is 1.1-1.6x in time.  On a wide W (a
-    strided convolution) the ``n - rank(W)`` eigenvalues at ``damp**2`` form
-    one cluster that plain CG resolves in one step and an inexact
-    preconditioner spreads; ``'auto'`` runs plain CG there.
+    iteration).  For other blurs even along every axis the DCTs cut the
+    iterations 3-220x on the benchmark's problems and cost about one
+    product each.  ``'auto'`` preconditions only with a construction that
+    models ``W^H W`` (``Construction.models``: an exact one, or a DCT of
+    an even blur) and runs plain CG for the other kernels: measured in time,
+    the shifted circulant and block-Jacobi never paid on them (random 3 -> 3
+    to 32 -> 32 channel layers: 0.4-0.9x plain CG; asymmetric blurs such as
+    an anti-diagonal motion or an L-shape: 0.74-1.5x, and the DCTs 0.36-0.6x).
+    On a wide W (a strided convolution) the ``n - rank(W)`` eigenvalues at
+    ``damp**2`` form one cluster that plain CG resolves in one step and an
+    inexact preconditioner spreads; ``'auto'`` runs plain CG there.
 
     A float32 or complex64 operator is solved in double precision through a
     copy with its values widened (sharing the index arrays): the residual

@@ -12,14 +12,17 @@ operator's products (never times).
 from __future__ import annotations
 
 import itertools
+import math
+import types
 
 import numpy as np
 import pytest
 import scipy.sparse
 from scipy.sparse.linalg import aslinearoperator
 
-from sparse_tconv import ConvOperator, ConvTransposeOperator
+from sparse_tconv import ConvOperator, ConvTransposeOperator, solvers
 from sparse_tconv._methods import safeguard
+from sparse_tconv._preconditioning.cosine import _ASYMMETRY, _axis_asymmetry
 from sparse_tconv.solvers import gradient_operator, normal_operator, preconditioner, tikhonov
 
 from reference import seed_of
@@ -77,6 +80,11 @@ def disk(radius):
     t = np.arange(-radius, radius + 1)
     k = (t[:, None] ** 2 + t[None, :] ** 2 <= (radius + 0.5) ** 2).astype(float)
     return k / k.sum()
+
+
+def choose_for_auto(monkeypatch, kind):
+    """Make tikhonov's ``M='auto'`` pick ``kind``: the race then decides, as for its own picks."""
+    monkeypatch.setattr(solvers, "_tikhonov_kind", lambda op, regulariser="identity": kind)
 
 
 def count_products(op):
@@ -248,7 +256,7 @@ def paths():
          None, 1e-2, {}, "dct2"),
         ("plain", ConvOperator(blur, (1, 24, 24), padding="same"), None, 1e-2,
          dict(M=None), "none"),
-        ("switched", anti_diagonal("zeros"), None, 5e-3, {}, "none (safeguard)"),
+        ("switched", anti_diagonal("zeros"), None, 5e-3, dict(auto="dct1"), "none (safeguard)"),
         ("given kind", anti_diagonal("replicate", 24), None, 5e-3, dict(M="dct2"), "dct2"),
         ("gradient, kept", ConvOperator(blur, (1, 48, 48), padding="same",
                                         padding_mode="replicate"),
@@ -256,15 +264,19 @@ def paths():
         ("gradient, circular", ConvOperator(blur, (1, 24, 24), padding="same",
                                             padding_mode="circular"),
          "gradient", 1e-2, {}, None),
-        ("gradient, switched", anti_diagonal("zeros"), "gradient", 5e-3, {},
+        ("gradient, switched", anti_diagonal("zeros"), "gradient", 5e-3, dict(auto="dct2"),
          "none (safeguard)"),
+        ("asymmetric, reflect", anti_diagonal("reflect", 24), None, 5e-3, {}, "none"),
     ]
 
 
 @pytest.mark.parametrize("label, op, L, damp, kwargs, expected", paths(),
                          ids=[case[0] for case in paths()])
-def test_the_residual_meets_rtol_on_every_return_path(label, op, L, damp, kwargs, expected):
+def test_the_residual_meets_rtol_on_every_return_path(label, op, L, damp, kwargs, expected,
+                                                      monkeypatch):
     rng = np.random.default_rng(seed_of("paths", label))
+    if "auto" in kwargs:  # what 'auto' picks, to reach the safeguard's switch
+        choose_for_auto(monkeypatch, kwargs.pop("auto"))
     W = op.matrix.toarray()
     R = np.eye(op.shape[1]) if L is None else finite_differences(op.input_shape)
     y = op @ rng.random(op.shape[1]) + 1e-3 * rng.standard_normal(op.shape[0])
@@ -295,20 +307,23 @@ def test_maxiter_bounds_the_probes_and_is_reported(maxiter):
 
 
 @pytest.mark.parametrize("mode", ["zeros", "replicate"])
-@pytest.mark.parametrize("L", [None, "gradient"])
-def test_the_safeguard_drops_a_preconditioner_that_loses(mode, L):
-    # The DCT-II assumes a kernel symmetric about its centre; the anti-diagonal motion is not,
-    # and DCT-preconditioned CG takes 2-3x the iterations of plain CG.
+@pytest.mark.parametrize("L, kind", [(None, "dct1"), ("gradient", "dct2")])
+def test_the_safeguard_drops_a_preconditioner_that_loses(mode, L, kind, monkeypatch):
+    # The DCTs model a kernel even along every axis (and the DCT-I reflect padding); the
+    # anti-diagonal motion is odd along each, and DCT-preconditioned CG takes 1.6-12x the
+    # iterations of plain CG.  'auto' no longer picks them there: made to, the race must
+    # drop them.
     op = anti_diagonal(mode)
     y = op @ np.random.default_rng(seed_of("safeguard", mode)).random(op.shape[1])
     counted = count_products(op)
-    dct, dct_info = tikhonov(op, y, 5e-3, L=L, M="dct2")
+    dct, dct_info = tikhonov(op, y, 5e-3, L=L, M=kind)
     dct_products, counted[0] = counted[0], 0
     plain, plain_info = tikhonov(op, y, 5e-3, L=L, M=None)
     plain_products, counted[0] = counted[0], 0
+    choose_for_auto(monkeypatch, kind)
     seen = []
     x, info = tikhonov(op, y, 5e-3, L=L, callback=seen.append)
-    assert dct_products > plain_products  # the case the safeguard exists for
+    assert dct_products > 1.5 * plain_products  # the case the safeguard exists for
     assert info.preconditioner == "none (safeguard)" and info.converged
     assert info.iterations == len(seen)
     # no more products than plain CG's plus the probe of the preconditioned run (2 spare:
@@ -331,6 +346,40 @@ def test_the_safeguard_keeps_a_preconditioner_that_wins():
     # the cost of the safeguard: plain CG's probe
     assert counted[0] <= dct_products + safeguard.PROBE + 2
     assert counted[0] < plain_products / 3
+
+
+@pytest.mark.parametrize("rates, levels, last, expected", [
+    ((1.0, 1.0), (1e-3, 1e-2), False, None),  # level rates before the last round: race on
+    ((1.0, 1.0), (1e-3, 1e-2), True, "chosen"),  # ahead, as fast
+    ((0.85, 1.0), (1e-3, 1e-2), True, "chosen"),  # ahead, within KEEP
+    ((0.7, 1.0), (1e-3, 1e-2), True, "plain"),  # ahead, but falling too slowly now
+    ((1.0, 1.0), (1e-2, 1e-3), True, "plain"),  # behind
+    ((3.0, 1.0), (1e-3, 1e-2), False, "chosen"),  # clearly faster, and ahead
+    ((3.0, 1.0), (1e-2, 1e-3), False, None),  # faster but behind: race on
+    ((1.0, 3.0), (1e-3, 1e-2), False, "plain"),  # plain CG clearly faster
+    ((-1.0, 0.5), (1e-3, 1e-2), False, "plain"),  # the preconditioned run broke down
+    ((0.5, -math.inf), (1e-3, 1e-2), False, "chosen"),  # plain CG's did
+])
+def test_the_race_ends_on_a_clear_rate_or_at_its_last_round(rates, levels, last, expected):
+    chosen, plain = (types.SimpleNamespace(rate=lambda r=r: r, history=[1.0, 2 * level, level])
+                     for r, level in zip(rates, levels))
+    winner = safeguard._decided(chosen, plain, last)
+    assert winner is {"chosen": chosen, "plain": plain, None: None}[expected]
+
+
+def test_the_rate_is_the_fall_of_the_second_half_per_second():
+    # A run whose residual falls by 10x per iteration for 10 iterations, then by 2x per
+    # iteration for 10, each iteration taking 1 ms (3 ms for one outlier, which the median
+    # ignores): its rate is log(2) per ms.
+    problem = types.SimpleNamespace(rtol=1e-30)
+    run = safeguard._Run.__new__(safeguard._Run)
+    run.problem, run.stopped, run.iterations = problem, False, 20
+    run.history = [10.0 ** -k for k in range(11)] + [1e-10 * 0.5 ** k for k in range(1, 11)]
+    run.seconds = [1e-3] * 20
+    run.seconds[15] = 3e-3
+    assert run.rate() == pytest.approx(math.log(2) / 1e-3, rel=1e-12)
+    run.stopped = True
+    assert run.rate() == -math.inf
 
 
 def test_an_exact_preconditioner_ends_within_its_probe():
@@ -386,3 +435,49 @@ def test_errors_name_l_and_its_shapes():
         gradient_operator(5)
     with pytest.raises(ValueError, match="input_shape must contain only positive sizes"):
         gradient_operator((1, 0, 3))
+
+
+# ---------------------------------------------------------------------------
+# What M='auto' preconditions with
+# ---------------------------------------------------------------------------
+
+
+def gram_asymmetry(op) -> float:
+    """``max_a ||G - G reversed along axis a|| / ||G||`` with G read off the dense
+    ``W^T W`` of the circular convolution (its column at the centre: the kernel's
+    autocorrelation), the oracle of the cosine constructions' evenness test."""
+    n = op.input_shape[1]
+    circular = ConvOperator(op.weight, op.input_shape, padding="same", padding_mode="circular")
+    W = circular.matrix.toarray()
+    G = (W.T @ W)[:, (n // 2) * n + n // 2].reshape(n, n)  # lags centred at (n/2, n/2)
+    G = np.roll(G, (-(n // 2), -(n // 2)), axis=(0, 1))  # lag 0 at index 0
+    flips = [np.roll(G[::-1], 1, axis=0), np.roll(G[:, ::-1], 1, axis=1)]
+    return max(np.linalg.norm(G - F) for F in flips) / np.linalg.norm(G)
+
+
+def lshape():
+    w = np.zeros((5, 5))
+    w[:, 0] = w[-1, :] = 1
+    return w / w.sum()
+
+
+@pytest.mark.parametrize("label, weight, mode, kind", [
+    ("disk", disk(3)[None, None], "zeros", "dct2"),
+    ("disk, reflect", disk(3)[None, None], "reflect", "dct1"),
+    ("anti-diagonal", np.fliplr(np.eye(7))[None, None] / 7, "zeros", "none"),
+    ("anti-diagonal, reflect", np.fliplr(np.eye(7))[None, None] / 7, "reflect", "none"),
+    ("L-shape", lshape()[None, None], "replicate", "none"),
+    ("random 3 -> 3", np.random.default_rng(0).standard_normal((3, 3, 3, 3)), "zeros", "none"),
+    ("colour blur with cross-talk", np.einsum("oc,kl->ockl", 0.7 * np.eye(3) + 0.1, disk(2)),
+     "zeros", "dct2"),
+    ("separable", np.outer(disk(2)[2], np.ones(5))[None, None], "replicate", "kronecker"),
+])
+def test_auto_preconditions_where_the_construction_models_the_gram_matrix(label, weight, mode,
+                                                                         kind):
+    op = ConvOperator(weight, (weight.shape[1], 24, 24), padding="same", padding_mode=mode)
+    assert solvers._tikhonov_kind(op) == kind
+    # the cosine constructions' evenness test against the dense Gram matrix
+    asymmetry = _axis_asymmetry(op)
+    if weight.shape[:2] == (1, 1):
+        assert asymmetry == pytest.approx(gram_asymmetry(op), abs=1e-12)
+    assert (asymmetry <= _ASYMMETRY) == (kind in ("dct1", "dct2", "kronecker"))

@@ -86,6 +86,26 @@ class Construction(abc.ABC):
         return False
 
     @classmethod
+    def models(cls, op: Operator) -> bool:
+        """Whether the construction models ``W^H W`` itself for ``op``: exactly, or exactly
+        away from the border.
+
+        :func:`~sparse_tconv.solvers.tikhonov`'s ``M='auto'`` preconditions
+        only with a construction that does; elsewhere it runs plain CG.
+
+        Parameters
+        ----------
+        op : ConvOperator or ConvTransposeOperator
+            W.
+
+        Returns
+        -------
+        bool
+            :meth:`exact` unless a subclass says more.
+        """
+        return cls.exact(op)
+
+    @classmethod
     def auto_applies(cls, op: Operator) -> bool:
         """Whether ``kind='auto'`` picks this construction for ``op``.
 
