@@ -17,6 +17,7 @@ import scipy.fft
 from sparse_tconv import ConvOperator
 from sparse_tconv import _preconditioners as pc
 from sparse_tconv._preconditioners import _CosineBasis
+from sparse_tconv._preconditioning.cosine import _cosine_diagonal
 from sparse_tconv.solvers import preconditioner
 
 RTOL = ATOL = 1e-12
@@ -136,3 +137,34 @@ def test_dct1_preconditioner_matches_scipy_only(monkeypatch, complex_vector):
     reference = preconditioner(op, 0.05, kind="dct1") @ v
     np.testing.assert_allclose(dense, reference, rtol=0,
                                atol=1e-12 * np.abs(reference).max())
+
+
+# ---------------------------------------------------------------------------
+# The DCT-II model's diagonal (its border scaling reads it)
+# ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("size, reach", [((1,), 0), ((6,), 2), ((40,), 3), ((5, 9), (2, 1)),
+                                         ((3, 30), (4, 6)), ((64,), 20)])
+def test_the_cosine_model_diagonal_is_that_of_its_dense_matrix(size, reach):
+    # The model is C^T diag(lambda) C per channel, C the orthonormal DCT-II matrix of each
+    # axis (scipy's) and lambda_f = sum_t G(t) prod_a cos(pi f_a t_a / n_a): its diagonal
+    # formed densely, against the one counted from the reflections.
+    reach = np.broadcast_to(reach, len(size))
+    rng = np.random.default_rng(int(np.prod(size)) + int(reach.sum()))
+    lags = [np.r_[0:r + 1, -r:0] for r in reach]  # wrap-around order, as _gram_kernel's
+    G = rng.random((1, 2, 2, *(lag.size for lag in lags)))
+    for axis, lag in enumerate(lags):  # even in every lag axis: G(-t) = G(t)
+        G = (G + np.take(G, (-np.arange(lag.size)) % lag.size, axis=3 + axis)) / 2
+    diagonal = _cosine_diagonal(G, lags, size, tuple(range(len(size))))
+    for c in range(2):
+        lam = G[0, c, c]
+        for axis, (n, lag) in enumerate(zip(size, lags)):
+            cos = np.cos(np.pi * np.outer(np.arange(n), lag) / n)
+            lam = np.moveaxis(np.tensordot(lam, cos, axes=([axis], [1])), -1, axis)
+        C = np.ones((1, 1))
+        for n in size:
+            C = np.kron(C, scipy.fft.dct(np.eye(n), type=2, norm="ortho", axis=0))
+        dense = C.T @ np.diag(lam.ravel()) @ C
+        np.testing.assert_allclose(diagonal[c].ravel(), np.diag(dense), rtol=1e-10,
+                                   atol=1e-12)
