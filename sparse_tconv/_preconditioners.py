@@ -245,8 +245,8 @@ def _workers(x: np.ndarray, threads: int) -> int:
 #           n=509  509        3.6   / 3.9      n=1009 1009         18.6  / 28.4
 #           n=128  2^7        0.040 / 0.083    n=192  2^6*3        0.084 / 0.24
 # The dense product wins where the largest prime factor exceeds n / 8, up to n = 512
-# (even at 512 and 509); beyond, it loses on one thread and wins by at most 1.5x on
-# two (n=640: 3.8 ms, 1009: 15 ms), and its matrix would pass 2 MiB.
+# (at 512 and 509 the two are about level); beyond, it loses on one thread and wins by at
+# most 1.5x on two (n=640: 3.8 ms, 1009: 15 ms), and its matrix would pass 2 MiB.
 _DENSE_DCT_MAX = 512
 
 

@@ -450,10 +450,11 @@ def preconditioner(op, damp=0.0, kind="auto", *, shift=None, border=True,
       heavier (replicate) than the model's.  Being a mean over reflections,
       the symbol is the true one only where ``G`` is even along every axis
       alone; ``'auto'`` asks ``max_a ||G - R_a G|| / ||G|| <= 0.25`` (``R_a``
-      the reversal of lag axis a).  Symmetric blurs, and any 1-D or separable
-      kernel, give 0; an L-shaped 5x5 0.52, a 7x7 anti-diagonal motion 1.26
-      (its model smears the blur over both diagonals), random 3 -> 3 and
-      4 -> 4 layers 0.75-0.77: on each the DCT lost to plain CG in time.
+      the reversal of lag axis a).  Symmetric blurs, and any real
+      single-channel 1-D or separable kernel, give 0; an L-shaped 5x5 0.52,
+      a 7x7 anti-diagonal motion 1.26 (its model smears the blur over both
+      diagonals), random 3 -> 3 and 4 -> 4 layers 0.75-0.77: on each the
+      DCT lost to plain CG in time.
     * ``'dct1'`` (T: orthonormal DCT-I): ``H_f = sum_t G(t) prod_a cos(pi
       f_a t_a / (L_a - 1))``, the whole-sample symmetric extension, which is
       PyTorch's ``'reflect'``.  For an axis-symmetric kernel with reflect
@@ -586,8 +587,9 @@ def _blocks_nbytes(op) -> int:
 
 
 def _tikhonov_kind(op, regulariser: str = "identity") -> str:
-    """tikhonov's ``M='auto'``: :func:`preconditioner`'s choice, but plain CG on a wide W,
-    or where the preconditioner's blocks would take more than 512 MB.
+    """tikhonov's ``M='auto'``: :func:`preconditioner`'s choice where it models ``W^H W``
+    (``Construction.models``), but plain CG on a wide W, or where the preconditioner's
+    blocks would take more than 512 MB.
 
     A wide W (more unknowns than equations: a strided convolution) gives the
     damped normal matrix ``n - rank(W)`` eigenvalues at ``damp**2``, one
@@ -660,7 +662,7 @@ def tikhonov(op, y, damp, *, L=None, rtol=1e-6, maxiter=None, x0=None, callback=
     channels, groups and stride) and ``L = I`` an exact direct solve by FFT
     with one small SVD per frequency, no iterations; otherwise conjugate
     gradients on the normal equations with the structured
-    :func:`preconditioner`, raced against plain CG for a few iterations (the
+    :func:`preconditioner`, raced against plain CG for up to 20 iterations (the
     safeguard, see Notes).  Either way the residual of the normal equations
     is measured on return.
 

@@ -167,6 +167,12 @@ def auto_cases():
          "kronecker", "kronecker"),
         ("separable, too long an axis", ConvOperator(separable, (1, 5000, 3), padding="same"),
          "dct2", "dct2"),
+        # sum L^3 = 256^3 is 4,400 times 15 taps * 256: the eigendecomposition costs more
+        # than a whole plain CG solve (at most 500 times a product)
+        ("1-D, 15 taps, 256 long", ConvOperator(np.exp(-np.arange(15.0))[None, None], (1, 256),
+                                                padding=7), "dct2", "dct2"),
+        ("1-D, 15 taps, 64 long", ConvOperator(np.exp(-np.arange(15.0))[None, None], (1, 64),
+                                               padding=7), "kronecker", "kronecker"),
         ("sharpen 2ch", ConvOperator(sharpen(), (2, 8, 8), padding=1), "circulant", "none"),
         ("sharpen 2ch reflect", ConvOperator(sharpen(), (2, 8, 8), padding=1,
                                              padding_mode="reflect"), "circulant", "none"),

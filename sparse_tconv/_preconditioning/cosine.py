@@ -246,8 +246,8 @@ def _reflect_weights(op, axes) -> np.ndarray | None:
 # Above it no DCT: the kernels measured there lost to plain CG with one (2 threads, damp
 # 5e-3 to 1e-2): an L-shaped 5x5 (asymmetry 0.52; 0.6x with the DCT-I, reflect, 160x160), a
 # 7x7 anti-diagonal motion (1.26; 0.36-0.47x with the DCT-II, zeros and replicate, 256x256),
-# random 3 -> 3 and 4 -> 4 layers (0.75, 0.77; 0.5x).  Every symmetric blur, and any 1-D or
-# separable kernel (whose autocorrelation is even), is at 0.
+# random 3 -> 3 and 4 -> 4 layers (0.75, 0.77; 0.5x).  Every symmetric blur, and any real
+# single-channel 1-D or separable kernel (whose autocorrelation is even), is at 0.
 _ASYMMETRY = 0.25
 
 
