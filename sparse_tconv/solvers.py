@@ -789,17 +789,13 @@ def tikhonov(op, y, damp, *, L=None, rtol=1e-6, maxiter=None, x0=None, callback=
 
     *The safeguard.*  Where ``M='auto'`` chose a preconditioner, CG runs
     with it and plain CG runs from the same start, in rounds of 10 and 20
-    iterations each (``sparse_tconv._methods.safeguard``); the run that
-    converges faster *per second* continues from its own state.  Each run's
-    rate is the fall of ``log ||b - A x_k||`` over the second half of its
-    iterations, divided by their time; the preconditioner goes on where it
-    is not behind (its residual at most twice plain CG's after as many
-    iterations) and its rate is 2.5 times plain CG's after 10 iterations,
-    or 0.8 times after 20; plain
-    CG where its rate is 2.5 times the other's, or after 20.  The cost is
+    iterations each (``sparse_tconv._methods.safeguard``), and the run
+    ahead continues from its own state: after 10 iterations a residual at
+    most 0.2 times the other's decides, after 20 the preconditioner goes on
+    where its residual is at most 1.3 times plain CG's.  The comparison is
+    per iteration (the same choice on every run and machine); the cost is
     the losing run's 10 or 20 iterations, nothing where the preconditioner
-    meets ``rtol`` within its first round (the exact ones).  As it reads the
-    clock, the choice may differ between runs where the two are close.
+    meets ``rtol`` within its first round (the exact ones).
 
     *Which preconditioner.*  A separable single-channel kernel makes W a
     Kronecker product of one-dimensional convolutions, whatever the padding

@@ -126,6 +126,7 @@ _KERNELS = {
     "depthwise3": lambda: np.stack([_gaussian(7, s) for s in (1.0, 1.5, 2.0)])[:, None],
     "random5": lambda: np.random.default_rng(0).standard_normal((1, 1, 5, 5)) / 5,
     "exp15": lambda: _exponential()[None, None],
+    "gauss1d": lambda: _gaussian(15, 3.0, 1)[None, None],  # 1-D, symmetric
     "gauss3d": lambda: _gaussian(5, 1.0, 3)[None, None],
     "ball3d": lambda: _ball(2, 3)[None, None],
 }
@@ -323,6 +324,7 @@ def _general_problems() -> list[GeneralProblem]:
         G("random5", "zeros", 96, 1e-2),
         # (quick: plain CG takes milliseconds, and a preconditioner's set-up as long)
         G("exp15", "zeros", 2048, 1e-3),
+        G("gauss1d", "replicate", 4096, 1e-4),  # a harder 1-D problem
         G("gauss3d", "zeros", 32, 1e-2), G("ball3d", "replicate", 32, 1e-2),
         G("disk", "zeros", 128, 1e-2, stride=2),
         G("disk", "zeros", 128, 1e-2, transposed=True),
@@ -420,7 +422,7 @@ def _race(op, y, damp, *, L=None, repeat: int, samples: int, others=None) -> dic
     op.rmatvec(y)  # the transposed product form, built once outside the timings
     n = op.shape[1]
     last: dict[str, Any] = {}  # what the timed calls return
-    # (tikhonov's safeguard decides by the clock: every choice it made is reported)
+    # (every choice tikhonov made is reported, should its safeguard ever differ)
     choices: set[str] = set()
 
     def plain():
