@@ -6,8 +6,9 @@
   (or with ``damp^2 D^H D``, ``D`` the gradient) built from the geometry and
   the kernel (FFT, DCT or block-Jacobi), for ``scipy.sparse.linalg.cg(..., M=...)``.
 - :func:`tikhonov`: ``argmin ||W x - y||^2 + damp^2 ||L x||^2``, exactly by FFT
-  for circular padding and ``L = I``, by preconditioned CG otherwise (with a
-  safeguard against a poor preconditioner), with the residual of the normal
+  for circular padding and ``L = I``, by preconditioned CG otherwise where a
+  construction models ``W^H W`` (with a safeguard against a poor
+  preconditioner), plain CG elsewhere, with the residual of the normal
   equations checked on return.
 - :func:`gradient_operator`: ``D``, the forward differences of ``L='gradient'``.
 
