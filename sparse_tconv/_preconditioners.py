@@ -195,8 +195,8 @@ class _DenseBasis:
         for axis, U in enumerate(self.matrices):
             if U is None:
                 continue
-            M = np.conj(U) if conjugate else U.T  # x_i -> sum_j x_j conj(U[j, i]), or U[i, j]
-            x = np.moveaxis(np.tensordot(x, M, axes=([2 + axis], [0])), -1, 2 + axis)
+            # x_i -> sum_j conj(U[j, i]) x_j (U^H), or sum_j U[i, j] x_j
+            x = _along_axis(np.conj(U).T if conjugate else U, x, 2 + axis)
         return x
 
     def forward(self, x: np.ndarray) -> np.ndarray:

@@ -261,12 +261,13 @@ def _models_the_interior(op) -> bool:
     smears the blur over both diagonals, and DCT-preconditioned CG took
     twice plain CG's iterations.
     """
-    return _low_pass(op) and _axis_asymmetry(op) <= _ASYMMETRY
+    G, _ = _gram_kernel(op)  # (both tests read it)
+    return _low_pass(G) and _axis_asymmetry(G) <= _ASYMMETRY
 
 
-def _axis_asymmetry(op) -> float:
-    """``max_a ||G - G flipped along lag axis a|| / ||G||``, G the Gram kernel (0: even)."""
-    G, _ = _gram_kernel(op)  # lags in wrap-around order: lag -t at index (-t) mod E
+def _axis_asymmetry(G: np.ndarray) -> float:
+    """``max_a ||G - G flipped along lag axis a|| / ||G||`` for the Gram kernel G (g, m, m,
+    *lags) of :func:`_gram_kernel`, lags in wrap-around order (0: even)."""
     top = float(np.linalg.norm(G))
     if top == 0.0:
         return 0.0
@@ -277,7 +278,7 @@ def _axis_asymmetry(op) -> float:
     return worst
 
 
-def _low_pass(op) -> bool:
+def _low_pass(G: np.ndarray) -> bool:
     """Whether the Gram symbol's largest eigenvalue at frequency 0 is within 10% of the top.
 
     True for blurs (non-negative weights put the top at 0): the DCTs' model
@@ -285,8 +286,7 @@ def _low_pass(op) -> bool:
     symbol is small at scattered frequencies, do better with the shifted
     circulant (``sparse_tconv.tools.solve_bench``).
     """
-    G, _ = _gram_kernel(op)  # (g, m, m, *lags), the lags in wrap-around order
-    n = G.ndim - 3
+    n = G.ndim - 3  # G: (g, m, m, *lags), the lags in wrap-around order
     H = np.moveaxis(np.fft.fftn(G, axes=tuple(range(3, 3 + n))), (1, 2), (-2, -1))
     H = (H + np.conj(np.swapaxes(H, -1, -2))) / 2  # Hermitian up to rounding
     top = np.linalg.eigvalsh(H)[..., -1]  # (g, *frequencies)
