@@ -331,8 +331,7 @@ def product_log(monkeypatch):
             return real_conv(x, weight, geom, out, threads)
 
         monkeypatch.setattr(_structured, name, counting_conv)
-    for module, name in ((_csr, "run_parallel"), (_structured, "run_parallel"),
-                         (_structured, "run_phases")):
+    for module, name in ((_csr, "run_parallel"), (_structured, "run_parallel")):
         real_parallel = getattr(module, name)
 
         def counting_parallel(func, items, threads, real_parallel=real_parallel):

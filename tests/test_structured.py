@@ -155,6 +155,24 @@ def test_a_batch_equals_one_product_per_column(mode, stride):
     np.testing.assert_allclose(op.H @ Y, columns, rtol=1e-13, atol=1e-13)
 
 
+@pytest.mark.parametrize("mode", ["zeros", "reflect", "circular"])
+@pytest.mark.parametrize("stride, dilation", [((2, 2), (2, 2)), ((3, 2), (2, 3)),
+                                              ((4, 1), (1, 1)), ((1, 1), (2, 1))])
+def test_transposed_products_of_strided_dilated_layers_equal_the_csr(mode, stride, dilation):
+    """W.T @ y lands each tap in the frame's class modulo the stride: classes a tap
+    never reaches (dilation a multiple of the stride) stay zero, the others add up.
+    Layers large enough for several tiles and chunks of channels, at full tile size."""
+    rng = np.random.default_rng(11)
+    weight = rng.standard_normal((6, 8, 3, 4))
+    op = ConvOperator(weight, (8, 23, 19), padding=((3, 2), (1, 3)), stride=stride,
+                      dilation=dilation, padding_mode=mode, threads=2)
+    A = op.matrix
+    Y = rng.standard_normal((A.shape[0], 3))
+    np.testing.assert_allclose(op.H @ Y, A.T @ Y, rtol=1e-12, atol=1e-12 * np.abs(Y).max())
+    np.testing.assert_allclose(op.H @ Y[:, 1], A.T @ Y[:, 1], rtol=1e-12,
+                               atol=1e-12 * np.abs(Y).max())
+
+
 def test_the_form_stores_the_weight_only():
     """A few hundred kB where the CSR matrix takes tens of MB; the CSR is built when read."""
     weight = np.random.default_rng(0).standard_normal((64, 64, 3, 3))

@@ -26,10 +26,12 @@ gigabytes, built in microseconds.  Its products are the structure's:
     then folded back (``P.T``: zeros padding crops, the other modes add each
     padded element onto the element it copies).  For other strides
     (:func:`conv_transpose_samples`), tile by tile: one GEMM by the
-    transposed weight gives every tap's windows, added tap by tap into the
-    padded frame (col2im), then folded back.  Neighbouring tiles' windows
-    overlap; tiles that write disjoint rows run at once, in phases
-    (:func:`~.._parallel.disjoint_phases`).
+    transposed weight gives every tap's windows (col2im).  Each tap's
+    windows land in one class of frame positions modulo the stride, as one
+    contiguous run of that class's array: one add of long rows per tap.  The
+    classes are then interleaved into the frame and folded back.  The GEMMs
+    run on the threads; the adds, many short numpy calls, on the calling
+    thread.
 
 The tiles depend on the geometry and the number of samples alone, and each
 is computed by the same calls whatever thread runs it: the result does not
@@ -41,6 +43,7 @@ exact zeros for finite weights.
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import math
 import threading
 from typing import Any
@@ -50,12 +53,13 @@ from numpy.lib.stride_tricks import as_strided
 
 from .._blas import one_blas_thread
 from .._geometry import ConvGeometry
-from .._parallel import disjoint_phases, run_parallel, run_phases
+from .._parallel import run_parallel
 from .._validation import cast_if_safe
 from ..direct import _padded_index, _padded_size
 from .base import ProductForm
 
-__all__ = ["StructuredForm", "conv_samples", "conv_transpose_samples", "Tiling", "tiling"]
+__all__ = ["StructuredForm", "conv_samples", "conv_transpose_samples", "Tiling", "tiling",
+           "channel_chunks"]
 
 # Bytes of one tile's gathered windows (the im2col matrix): at least
 # _TILE_BYTES, at most _MAX_TILE_BYTES, else a _MIN_TILES-th of the product's.
@@ -67,15 +71,16 @@ _TILE_BYTES = 1 << 20
 _MAX_TILE_BYTES = 1 << 23
 _MIN_TILES = 4
 
-# The transposed product's tiles (windows added into the frame tap by tap) are
-# larger: each tap's add is one numpy call, whose cost (some 4 us) a small
-# tile pays for every tap (measured on the bench's 3->64 7x7 stride-2 layer:
-# 8.8 ms with 1 MB tiles, 5.7 ms with 4 MB).
+# The transposed product's tiles (windows added tap by tap) are larger: each
+# tap's add is one numpy call, whose cost (some 4 us) a small tile pays for
+# every tap (measured on the bench's 3->64 7x7 stride-2 layer, when the adds
+# were strided: 8.8 ms with 1 MB tiles, 5.7 ms with 4 MB).
 _SCATTER_TILE_BYTES = 1 << 22
 
 # The largest scratch array (a frame, a tile's buffer) a thread keeps per slot
-# between products (see _scratch; four slots: at most 256 MB per thread, and
-# the pool's threads hold only tile buffers).
+# between products (see _scratch).  A thread that runs products holds at most
+# four frame-sized slots ("frame", "sums", "lattices", "widened": 256 MB) and
+# its tiles' buffers; the pool's threads hold only tile buffers.
 _SCRATCH_BYTES = 1 << 26
 _local = threading.local()
 
@@ -271,48 +276,148 @@ def conv_samples(x: np.ndarray, weight: np.ndarray, geom: ConvGeometry, out: np.
         _run_tiles(run, plan.tiles, _threads_for(geom, x.shape[-1], threads))
 
 
+def channel_chunks(geom: ConvGeometry, tiles: int) -> list[tuple[int, int]]:
+    """Ranges of each group's input channels whose windows one GEMM computes.
+
+    A product of fewer than ``_MIN_TILES`` tiles cuts each tile's GEMM into
+    that many, so that a small layer keeps the threads busy (the bench's
+    64->32 4x4 stride-2 transposed layer at 28x28 is one tile).  The geometry
+    and the number of tiles alone decide, as the tiles do.
+    """
+    cpg = geom.in_channels // geom.groups
+    count = max(1, min(cpg, -(-_MIN_TILES // max(1, tiles))))
+    cuts = [cpg * k // count for k in range(count + 1)]
+    return [(a, b) for a, b in zip(cuts[:-1], cuts[1:]) if b > a]
+
+
+def _lattice(geom: ConvGeometry) -> tuple[int, ...]:
+    """Per dimension, the positions of the padded frame in each class modulo the stride
+    (``ceil(Lp / s)``: the first class's count, the most any class has)."""
+    return tuple(-(-n // s) for n, s in zip(_padded_size(geom), geom.stride))
+
+
+def _widened(y: np.ndarray, geom: ConvGeometry) -> np.ndarray:
+    """``y`` (C_out, *O, B) with zeros after its last elements along the dimensions after
+    the first, up to the lattice's extent (:func:`_lattice`): a view when it needs none."""
+    lattice = _lattice(geom)
+    wide = (geom.output_size[0], *lattice[1:])
+    if wide == tuple(geom.output_size):
+        return y
+    widened = _scratch("widened", (y.shape[0], *wide, y.shape[-1]), y.dtype)
+    widened[(slice(None), *(slice(0, n) for n in geom.output_size), slice(None))] = y
+    for axis, n in enumerate(geom.output_size[1:], start=2):
+        where: list[Any] = [slice(None)] * widened.ndim
+        where[axis] = slice(n, None)
+        widened[tuple(where)] = 0
+    return widened
+
+
+def _landing(geom: ConvGeometry, lattice: tuple[int, ...], samples: int) -> list[tuple[int, int]]:
+    """Per tap (row-major): the index of its lattice (the class of ``t d`` modulo the
+    stride, row-major) and the offset of its windows in that lattice, flattened."""
+    steps = [math.prod(lattice[k + 1:]) * samples for k in range(geom.ndim)]
+    per_axis = []
+    for k, d, s, step in zip(geom.kernel_size, geom.dilation, geom.stride, steps):
+        per_axis.append([(u * d % s, u * d // s * step) for u in range(k)])
+    landing = []
+    for t in itertools.product(*per_axis):
+        index = 0
+        for (r, _), s in zip(t, geom.stride):
+            index = index * s + r
+        landing.append((index, sum(offset for _, offset in t)))
+    return landing
+
+
 def conv_transpose_samples(y: np.ndarray, weight: np.ndarray, geom: ConvGeometry,
                            out: np.ndarray, threads: int) -> None:
     """``out[..., b] = conv_transpose(y[..., b])``: ``y`` (C_out, *O, B) into ``out`` (C_in, *L, B).
 
-    The adjoint of :func:`conv_samples` (no conjugation), on the same tiles:
-    ``weight.T @ y``'s tile gives each tap's windows, added into a padded
-    frame tap by tap, then folded onto ``out``.  Tiles that write disjoint
-    rows of the frame run at once; the phases, hence the order of every sum,
-    depend on the tiles alone.
+    The adjoint of :func:`conv_samples` (no conjugation), on the same tiles.
+    Tap ``t`` sends output position ``o`` to frame position ``o s + t d``,
+    per dimension, which is ``(o + q) s + r`` for ``q, r = divmod(t d, s)``:
+    in the frame's class ``r`` modulo the stride (its *lattice*, an array
+    of its own), at ``o + q``.  So, with ``y`` widened by zeros along the
+    dimensions after the first to the lattices' extent (:func:`_widened`),
+    every tap's windows land in one lattice as one contiguous run at a fixed
+    offset: a tile's GEMM by the transposed weight gives every tap's windows,
+    and each tap is one add of long rows (zeros land past each row's end,
+    where the widened ``y`` is zero).  The lattices are then interleaved into
+    the padded frame and folded onto ``out``.
+
+    The GEMMs of a few tiles (in chunks of channels, :func:`channel_chunks`)
+    run at once, then this thread adds their windows, in tile order: the
+    order of every sum depends on the tiles alone.
     """
     g = geom.groups
     opg, cpg = geom.out_channels // g, geom.in_channels // g
     samples = y.shape[-1]
-    frame = _scratch("sums", (geom.in_channels, *_padded_size(geom), samples), y.dtype)
-    frame.fill(0)
-    plan = tiling(geom, samples, y.dtype.itemsize, _SCATTER_TILE_BYTES)
-    extent = (geom.kernel_size[0] - 1) * geom.dilation[0] + 1
-    flipped = weight.transpose(0, 2, 1)  # (g, cpg * taps, opg), a view
+    lattice = _lattice(geom)
+    classes = list(np.ndindex(*geom.stride))
+    # one more row: a tap's run ends up to a row after its last position
+    lattices = _scratch("lattices", (len(classes), g, cpg, lattice[0] + 1, *lattice[1:], samples),
+                        y.dtype)
+    lattices.fill(0)
+    runs = lattices.reshape(len(classes), g, cpg, -1)
+    row = math.prod(lattice[1:]) * samples  # elements of one lattice row
     taps = math.prod(geom.kernel_size)
+    landing = _landing(geom, lattice, samples)
+    values = _widened(y, geom)
+    flipped = weight.transpose(0, 2, 1)  # (g, cpg * taps, opg), a view
+    plan = tiling(geom, samples, y.dtype.itemsize, _SCATTER_TILE_BYTES)
+    chunks = channel_chunks(geom, len(plan.tiles))
 
-    def span(tile):  # the frame rows the tile adds into, times the samples
-        b0, b1, r0, r1 = tile
-        lo, hi = r0 * geom.stride[0], (r1 - 1) * geom.stride[0] + extent
-        return lo * samples + b0, (hi - 1) * samples + b1
+    def windows_of(tile, chunk, windows):  # a chunk of the tile's windows: one GEMM
+        (_, _, r0, r1), (c0, c1) = tile, chunk
+        np.matmul(flipped[:, c0 * taps:c1 * taps], values[:, r0:r1].reshape(g, opg, -1),
+                  out=windows[:, c0 * taps:c1 * taps])
 
-    def add_tile(tile):
-        b0, b1, r0, r1 = tile
-        shape = (r1 - r0, *geom.output_size[1:], b1 - b0)
-        n = math.prod(shape)
-        values = y[:, r0:r1, ..., b0:b1].reshape(g, opg, n)
-        windows = _scratch("windows", (g, cpg * taps, n), y.dtype)
-        np.matmul(flipped, values, out=windows)
-        windows = windows.reshape((g, cpg, *geom.kernel_size, *shape))
-        for t in np.ndindex(*geom.kernel_size):
-            target = frame[(slice(None), *_tap_slices(geom, t, tile))]
-            target += windows[(slice(None), slice(None), *t)].reshape(target.shape)
+    def add_windows(tile, windows):
+        _, _, r0, r1 = tile
+        n = (r1 - r0) * row
+        windows = windows.reshape(g, cpg, taps, n)
+        for j, (lattice_index, start) in enumerate(landing):
+            start += r0 * row
+            runs[lattice_index, :, :, start:start + n] += windows[:, :, j]
 
+    threads = _threads_for(geom, samples, threads)
     tiles = plan.tiles
-    phases = disjoint_phases([span(tile) for tile in tiles])
+    per_batch = max(1, _MIN_TILES // len(chunks))
     with one_blas_thread():
-        run_phases(lambda k: add_tile(tiles[k]), phases, _threads_for(geom, samples, threads))
-    _fold_into(frame, geom, out)
+        for first in range(0, len(tiles), per_batch):
+            batch = [(tile, _scratch(f"windows{j}", (g, cpg * taps, (tile[3] - tile[2]) * row),
+                                     y.dtype))
+                     for j, tile in enumerate(tiles[first:first + per_batch])]
+            run_parallel(lambda item: windows_of(*item),
+                         [(tile, chunk, windows) for tile, windows in batch for chunk in chunks],
+                         threads)
+            for tile, windows in batch:
+                add_windows(tile, windows)
+    _interleave(lattices, geom, out)
+
+
+def _interleave(lattices: np.ndarray, geom: ConvGeometry, out: np.ndarray) -> None:
+    """``out = P.T frame``, the frame being the lattices (:func:`conv_transpose_samples`)
+    interleaved.  Zeros padding (``P.T`` crops) writes the cropped part of each lattice
+    straight into ``out``; the other modes fill the frame and fold it."""
+    crop = geom.padding_mode == "zeros"
+    if crop:
+        frame, offsets = out, [lo for lo, _ in geom.padding]
+    else:
+        frame = _scratch("sums", (geom.in_channels, *_padded_size(geom), out.shape[-1]),
+                         out.dtype)
+        offsets = [0] * geom.ndim
+    shape = (geom.in_channels, *lattices.shape[3:])
+    for index, r in enumerate(np.ndindex(*geom.stride)):
+        target, source = [slice(None)], [slice(None)]
+        for c, s, lo, n in zip(r, geom.stride, offsets, frame.shape[1:-1]):
+            first = max(0, -(-(lo - c) // s))  # the lattice's first position at or after lo
+            start = first * s + c - lo
+            count = len(range(start, n, s))
+            target.append(slice(start, n, s))
+            source.append(slice(first, first + count))
+        frame[tuple(target)] = lattices[index].reshape(shape)[tuple(source)]
+    if not crop:
+        _fold_into(frame, geom, out)
 
 
 def gathered_adjoint(geom: ConvGeometry, weight: np.ndarray):
