@@ -191,3 +191,34 @@ def test_banded_diagonals_store_one_period_of_the_interior(dtype, transposed):
     for product in products:
         np.testing.assert_array_equal(product, csr @ x)
         np.testing.assert_array_equal(product, dia @ x)
+
+
+@pytest.mark.parametrize("zeros", ["anti-diagonal", "first-and-last", "all"])
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("transposed", [False, True])
+def test_taps_of_weight_zero_are_not_multiplied(zeros, dtype, transposed, monkeypatch):
+    """A kernel with zero taps (a diagonal motion blur) stores and multiplies its
+    nonzero taps only; the products stay the CSR products (which store the zeros)."""
+    monkeypatch.setattr(_parallel, "MIN_PARALLEL_NNZ", 0)
+    _small_chunks(monkeypatch)
+    rng = np.random.default_rng(5)
+    weight = random_array(rng, (1, 1, 5, 5), dtype)
+    if zeros == "anti-diagonal":
+        weight = weight * np.fliplr(np.eye(5))
+    elif zeros == "first-and-last":
+        weight.reshape(-1)[[0, -1]] = 0
+    else:
+        weight = np.zeros_like(weight)
+    w, geom = validate(weight, (1, 23, 17), transposed=False, padding=2)
+    banded = _dia.BandedDiagonals(geom, w, transposed=transposed)
+    assert len(banded.offsets) == np.count_nonzero(weight)
+    assert all(p.values.shape[0] == np.count_nonzero(weight) for p in banded.pieces)
+    csr = build(geom, w, transposed=transposed, threads=1)
+    x = random_array(rng, csr.shape[1], dtype)
+    for threads in (1, 2):
+        np.testing.assert_array_equal(_dia._banded_product(banded, x, threads, None), csr @ x)
+    op = ConvOperator(weight, (1, 23, 17), padding=2)
+    assert op.product_form.name == "diagonals"
+    x[7] = np.inf  # through the canonical CSR: inf times a stored zero is NaN there too
+    np.testing.assert_array_equal(op @ x, op.matrix @ x)
+    np.testing.assert_array_equal(op.H @ x, op.matrix.conj().T @ x)

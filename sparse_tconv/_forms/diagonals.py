@@ -221,14 +221,21 @@ class BandedDiagonals:
         layout = _Layout.of(geom, transposed, weight.dtype.itemsize)
         self.shape = (layout.n, layout.n)
         self.dtype = weight.dtype
-        self.offsets = layout.offsets.astype(index_dtype(layout.n))
+        # Taps of weight 0 add exact zeros to every row (the operators send
+        # vectors with a NaN or infinity to the CSR matrix): they are left out,
+        # so that a sparse kernel (a 7x7 motion blur along a diagonal: 7 taps of
+        # 49) costs what its nonzero taps do.
+        nonzero = weight.reshape(-1) != 0
+        self.kept = np.flatnonzero(nonzero[::-1] if transposed else nonzero)
+        self.offsets = layout.offsets[self.kept].astype(index_dtype(layout.n))
         self.pieces = self._pieces(geom, weight, transposed, layout, threads)
         self.nbytes = sum(a.nbytes for a in self.arrays())
 
     def _pieces(self, geom, weight, transposed, layout, threads) -> list[_Piece]:
         def window(rows):
-            return _diagonal_values(geom, weight, transposed=transposed, rows=rows,
-                                    threads=threads)
+            values = _diagonal_values(geom, weight, transposed=transposed, rows=rows,
+                                      threads=threads)
+            return values if len(self.kept) == len(values) else values[self.kept]
 
         def piece(start, stop, first_column, values, phase=0):
             shifted = (self.offsets + (start - first_column)).astype(self.offsets.dtype)
