@@ -473,11 +473,16 @@ def _window_counts(geom: ConvGeometry, axis: int, on_input: bool) -> np.ndarray:
     L, O = geom.input_size[axis], geom.output_size[axis]
     k, s, d = geom.kernel_size[axis], geom.stride[axis], geom.dilation[axis]
     lo = geom.padding[axis][0]
-    p, t = np.meshgrid(np.arange(O), np.arange(k), indexing="ij")
-    i = p * s + t * d - lo
-    valid = (i >= 0) & (i < L)
     V = np.zeros((L if on_input else O, k))
-    V[(i if on_input else p)[valid], t[valid]] = 1.0  # each (position, tap) at most once
+    for t in range(k):
+        # outputs p in [first, end) read input p s + t d - lo inside [0, L)
+        first = max(0, -(-(lo - t * d) // s))
+        end = min(O, (L - 1 + lo - t * d) // s + 1)
+        if end > first:
+            if on_input:
+                V[first * s + t * d - lo:(end - 1) * s + t * d - lo + 1:s, t] = 1.0
+            else:
+                V[first:end, t] = 1.0
     return V
 
 

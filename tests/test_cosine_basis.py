@@ -17,7 +17,7 @@ import scipy.fft
 from sparse_tconv import ConvOperator
 from sparse_tconv import _preconditioners as pc
 from sparse_tconv._preconditioners import _CosineBasis
-from sparse_tconv._preconditioning.cosine import _cosine_diagonal
+from sparse_tconv._preconditioning.cosine import _cosine_diagonal, _cosine_sums
 from sparse_tconv.solvers import preconditioner
 
 RTOL = ATOL = 1e-12
@@ -168,3 +168,23 @@ def test_the_cosine_model_diagonal_is_that_of_its_dense_matrix(size, reach):
         dense = C.T @ np.diag(lam.ravel()) @ C
         np.testing.assert_allclose(diagonal[c].ravel(), np.diag(dense), rtol=1e-10,
                                    atol=1e-12)
+
+
+@pytest.mark.parametrize("n, dct_type", [(2, 1), (2, 2), (5, 1), (17, 2), (64, 1), (2048, 2)])
+@pytest.mark.parametrize("lag", [[0], [0, 1, 2, -2, -1], [0, 3, -3], list(range(-40, 41))],
+                         ids=["zero", "reach-2", "strided", "past-2N"])
+@pytest.mark.parametrize("dtype", [np.float64, np.complex128])
+def test_the_cosine_sums_are_the_table_of_cosines(n, dct_type, lag, dtype):
+    # The model's symbol sum_j G_j cos(pi f lag_j / N) by a folded FFT against the
+    # definition, a table of cosines; lags past 2N alias unless the FFT is longer.
+    rng = np.random.default_rng(n)
+    lag = np.array(lag)
+    values = rng.standard_normal((2, 3, lag.size, 4))
+    if dtype == np.complex128:
+        values = values + 1j * rng.standard_normal(values.shape)
+    N = n - 1 if dct_type == 1 else n
+    table = np.cos(np.pi * np.outer(np.arange(n), lag) / N)
+    expected = np.moveaxis(np.tensordot(values, table, axes=([2], [1])), -1, 2)
+    got = _cosine_sums(values, 2, lag, n, N)
+    assert got.shape == expected.shape and got.dtype == expected.dtype
+    np.testing.assert_allclose(got, expected, rtol=0, atol=1e-12 * np.abs(values).sum())

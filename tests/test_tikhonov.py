@@ -32,6 +32,7 @@ from scipy.sparse.linalg import LinearOperator, aslinearoperator, cg
 from sparse_tconv import ConvOperator, ConvTransposeOperator, _methods
 from sparse_tconv import _preconditioners as pre
 from sparse_tconv._fourier import circular_blocks
+from sparse_tconv._geometry import conv_geometry
 from sparse_tconv._preconditioning import build_preconditioner
 from sparse_tconv.solvers import normal_operator, preconditioner, tikhonov
 
@@ -233,6 +234,24 @@ def test_block_jacobi_inverts_the_diagonal_blocks_of_the_gram_matrix():
         block = G[np.ix_(index, index)] + damp**2 * np.eye(2)
         expected[np.ix_(index, index)] = np.linalg.inv(block)
     assert rel(P, expected) < 1e-12
+
+
+@pytest.mark.parametrize("size, kernel, stride, dilation, padding", [
+    (9, 3, 1, 1, (1, 1)), (9, 5, 2, 1, (3, 0)), (5, 3, 3, 2, (6, 5)), (2, 5, 1, 2, (0, 9)),
+    (12, 4, 3, 3, (0, 0)), (1, 1, 1, 1, (0, 0)), (7, 2, 2, 1, (0, 5)),
+])
+@pytest.mark.parametrize("on_input", [True, False])
+def test_window_counts_mark_the_taps_that_stay_inside(size, kernel, stride, dilation, padding,
+                                                       on_input):
+    geom = conv_geometry((1, 1, kernel), (1, size), stride=stride, dilation=dilation,
+                         padding=[padding])
+    out = geom.output_size[0]
+    expected = np.zeros((size if on_input else out, kernel))
+    for p, t in itertools.product(range(out), range(kernel)):  # the definition
+        i = p * stride + t * dilation - padding[0]
+        if 0 <= i < size:
+            expected[i if on_input else p, t] = 1
+    np.testing.assert_array_equal(pre._window_counts(geom, 0, on_input), expected)
 
 
 @pytest.mark.parametrize("mode", MODES)

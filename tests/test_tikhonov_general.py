@@ -420,6 +420,43 @@ def test_a_run_level_is_its_least_recent_residual():
     assert run.level() == 0.0  # met rtol
 
 
+def history_run(history, rtol=1e-6):
+    """A run as :func:`safeguard._on_course` reads it: its residuals after 0, 1, ... iterations."""
+    run = safeguard._Run.__new__(safeguard._Run)
+    run.problem, run.stopped = types.SimpleNamespace(rtol=rtol), False
+    run.history, run.iterations = list(history), len(history) - 1
+    return run
+
+
+@pytest.mark.parametrize("label, history, expected", [
+    ("10x per 3 iterations: 1e-6 near iteration 18", 10.0 ** -(np.arange(11) / 3), True),
+    ("10x per 10 iterations: 1e-6 at 60", 10.0 ** -(np.arange(11) / 10), False),
+    ("fast, then slow over the last round: the slower rate counts",
+     np.r_[10.0 ** -(np.arange(11) / 2), 10.0 ** -(5 + np.arange(1, 11) / 40)], False),
+    ("fast, then as fast", 10.0 ** -(np.arange(21) / 4), True),
+    ("not falling", np.ones(11), False),
+    ("risen", np.r_[1.0, np.full(10, 2.0)], False),
+    ("broken down: not finite", np.r_[10.0 ** -np.arange(10), np.nan], False),
+    ("met", np.r_[10.0 ** -np.arange(7), 1e-7], True),
+])
+def test_a_run_on_course_meets_rtol_within_the_probe(label, history, expected):
+    assert safeguard._on_course(history_run(history)) is expected
+
+
+def test_a_run_on_course_is_not_raced():
+    # the DCT-II of a disk blur at damp 1e-1 meets rtol in about a dozen iterations: a race
+    # would add at least a round of plain CG
+    op = ConvOperator(disk(3)[None, None], (1, 48, 48), padding="same")
+    y = op @ np.random.default_rng(seed_of("on-course")).random(op.shape[1])
+    counted = count_products(op)
+    _, dct_info = tikhonov(op, y, 1e-1, M="dct2")
+    dct_products, counted[0] = counted[0], 0
+    _, info = tikhonov(op, y, 1e-1)
+    assert info.preconditioner == "dct2" and info.converged
+    assert dct_info.iterations > safeguard.ROUNDS[0]  # past the first round, yet no race:
+    assert counted[0] <= dct_products + 2  # no plain CG iterations (2 spare, as above)
+
+
 def test_an_exact_preconditioner_ends_within_its_probe():
     # a separable kernel: the Kronecker construction is the inverse, no plain probe runs
     t = np.exp(-(np.arange(7) - 3.0) ** 2 / 4)

@@ -183,11 +183,9 @@ def _cosine(op, damp: float, boost: float, threads: int, dct_type: Literal[1, 2]
     lam = G
     for axis, (n, lag) in enumerate(zip(size, lags)):
         if axis in axes:
-            N = n - 1 if dct_type == 1 else n
-            cos = np.cos(np.pi * np.outer(np.arange(n), lag) / N)
+            lam = _cosine_sums(lam, 3 + axis, lag, n, n - 1 if dct_type == 1 else n)
         else:
-            cos = np.ones((1, lag.size))
-        lam = np.moveaxis(np.tensordot(lam, cos, axes=([3 + axis], [1])), -1, 3 + axis)
+            lam = lam.sum(axis=3 + axis, keepdims=True)
     H = np.moveaxis(lam, (1, 2), (-2, -1))  # (g, *F, m, m), Hermitian PSD
     basis = _CosineBasis(channels, op.convolution.geometry.groups, size, dct_type, axes, threads)
     if gradient:
@@ -208,6 +206,31 @@ def _cosine(op, damp: float, boost: float, threads: int, dct_type: Literal[1, 2]
     elif correct:
         scale = _matching_scale(op, _cosine_diagonal(G, lags, size, axes), shift)
     return basis, _regularised_inverse(H, shift), scale
+
+
+def _cosine_sums(values: np.ndarray, axis: int, lag: np.ndarray, n: int, N: int) -> np.ndarray:
+    """``sum_j values[.., j, ..] cos(pi f lag_j / N)`` for ``f < n``, in place of ``axis``.
+
+    By lags folded onto ``|t|`` and one FFT of length ``2 N`` (a multiple
+    of it past the longest lag): ``O(n log n)``, where the table of cosines
+    costs ``n`` times the lags (the 29 lags of a 15-tap blur on 2048 samples:
+    0.5 ms, a quarter of plain CG's whole solve).
+    """
+    values = np.moveaxis(values, axis, -1)
+    reach = int(np.abs(lag).max(initial=0))
+    folded = np.zeros((*values.shape[:-1], reach + 1), dtype=values.dtype)
+    for j, t in enumerate(np.abs(lag)):
+        folded[..., t] += values[..., j]
+    repeats = -(-(reach + 1) // (2 * N))
+
+    def transform(v):  # sum_t v_t exp(-i pi f t / N), f < n
+        return np.fft.fft(v, n=2 * N * repeats, axis=-1)[..., :n * repeats:repeats]
+
+    if np.iscomplexobj(folded):  # cos = (exp(-i.) + exp(+i.)) / 2
+        sums = (transform(folded) + np.conj(transform(np.conj(folded)))) / 2
+    else:
+        sums = transform(folded).real
+    return np.moveaxis(sums, -1, axis)
 
 
 def _cosine_diagonal(G, lags, size, axes) -> np.ndarray:
