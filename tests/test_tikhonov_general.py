@@ -386,7 +386,7 @@ def test_the_safeguard_keeps_a_preconditioner_that_wins():
 
 def fake_run(level):
     """What the race reads of a run: its level (its least recent residual)."""
-    return types.SimpleNamespace(level=lambda: level)
+    return types.SimpleNamespace(level=lambda at=None: level)
 
 
 @pytest.mark.parametrize("levels, last, expected", [
@@ -455,6 +455,31 @@ def test_a_run_on_course_is_not_raced():
     assert info.preconditioner == "dct2" and info.converged
     assert dct_info.iterations > safeguard.ROUNDS[0]  # past the first round, yet no race:
     assert counted[0] <= dct_products + 2  # no plain CG iterations (2 spare, as above)
+
+
+def test_a_run_ahead_is_raced_at_the_same_iterations():
+    # The DCT-II of a disk blur at damp 1e-3 runs ahead while on course, then falls off
+    # it short of rtol: plain CG then catches up and is compared at 10 iterations with
+    # the DCT's residual at 10, as a race from the start would (and costs no more).
+    op = ConvOperator(disk(4)[None, None], (1, 48, 48), padding="same")
+    y = op @ np.random.default_rng(seed_of("ahead")).random(op.shape[1])
+    counted = count_products(op)
+    _, dct_info = tikhonov(op, y, 1e-3, M="dct2")
+    dct_products, counted[0] = counted[0], 0
+    _, info = tikhonov(op, y, 1e-3)
+    assert dct_info.iterations > safeguard.AHEAD  # past what it may run alone
+    assert info.preconditioner == "dct2" and info.converged
+    assert counted[0] <= dct_products + safeguard.ROUNDS[0] + 2
+
+
+def test_a_run_level_at_an_earlier_iteration():
+    run = history_run([1.0, 0.5, 0.1, 0.3, 0.2, 0.25], rtol=0.15)
+    run.stopped = True  # broke down at its last iteration, not before
+    assert run.level(2) == 0.0  # met rtol at iteration 2
+    run.problem.rtol = 1e-3
+    assert run.level(1) == 0.5 and run.level(3) == 0.1 and run.level(4) == 0.1
+    assert run.level(5) == run.level() == math.inf
+    assert run.level(99) == math.inf
 
 
 def test_an_exact_preconditioner_ends_within_its_probe():

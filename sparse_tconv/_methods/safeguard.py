@@ -18,9 +18,14 @@ The winner continues from its own state: nothing is repeated, and what the
 race costs is the loser's iterations, none where the preconditioner meets
 ``rtol`` in the first round (the exact constructions).  Nor does plain CG
 start while the preconditioned run is on course to meet ``rtol`` within
-:data:`PROBE` more iterations (:func:`_on_course`): a race costs plain CG at
-least a round, which a run that close to the end cannot win back (the DCT-II
-of a disk blur at damp 1e-1, 12 iterations, raced 10 more of plain CG's).
+:data:`PROBE` more iterations (:func:`_on_course`), for up to :data:`AHEAD`
+iterations: a race costs plain CG at least a round, which a run that close
+to the end cannot win back (the DCT-II of a disk blur at damp 1e-1, 12
+iterations, raced 10 more of plain CG's).  A run that falls off course, or
+is still short of ``rtol`` after :data:`AHEAD`, is raced as any other: plain
+CG catches up round by round, and the comparisons read the preconditioned
+run's residuals at the same iterations, so the choice is the one the race
+would have made from the start.
 
 The comparison is per iteration, not per second, so that the choice is the
 same on every run and machine.  Per second was tried: over a window of 20
@@ -42,12 +47,15 @@ import numpy as np
 
 from .base import Problem, pcg
 
-__all__ = ["BEHIND", "EARLY_KEEP", "PROBE", "ROUNDS", "cg_steps", "safeguarded"]
+__all__ = ["AHEAD", "BEHIND", "EARLY_KEEP", "PROBE", "ROUNDS", "cg_steps", "safeguarded"]
 
 ROUNDS = (10, 20)
 """The iterations of each run at which the race may end (the last ends it)."""
 PROBE = ROUNDS[-1]
-"""The most iterations of each run before the choice."""
+"""The most iterations of plain CG before the choice."""
+AHEAD = 40
+"""The most iterations the preconditioned run makes alone while on course (:func:`_on_course`)
+before the race."""
 EARLY_KEEP = 0.2
 """After the first round, a residual this many times the other's decides."""
 BEHIND = 1.3
@@ -125,13 +133,18 @@ class _Run:
             if not math.isfinite(norm):
                 self.stopped = True
 
-    def level(self) -> float:
-        """The least relative residual of the last three iterations (inf where the run broke
-        down short of rtol, or its residual is not finite)."""
-        if self.met:
+    def level(self, at: int | None = None) -> float:
+        """The least relative residual of the last three iterations up to iteration ``at``
+        (default: now); 0 where it met rtol, inf where the run broke down short of rtol or
+        its residual is not finite."""
+        if at is None or at >= self.iterations:
+            history, broken = self.history, self.stopped
+        else:
+            history, broken = self.history[:at + 1], False
+        if history[-1] <= self.problem.rtol:
             return 0.0
-        recent = self.history[-3:]
-        if self.stopped or not all(math.isfinite(value) for value in recent):
+        recent = history[-3:]
+        if broken or not all(math.isfinite(value) for value in recent):
             return math.inf
         return min(recent)
 
@@ -151,9 +164,10 @@ def _on_course(run: _Run) -> bool:
     return math.log(run.problem.rtol / level) / rate <= PROBE
 
 
-def _decided(chosen: _Run, plain: _Run, last: bool) -> _Run | None:
-    """The run to continue, or None to race on (the rules: the module's docstring)."""
-    a, b = chosen.level(), plain.level()
+def _decided(chosen: _Run, plain: _Run, last: bool, at: int | None = None) -> _Run | None:
+    """The run to continue, or None to race on (the rules: the module's docstring), on the
+    runs' levels at iteration ``at`` (default: now)."""
+    a, b = chosen.level(at), plain.level(at)
     if a <= (BEHIND if last else EARLY_KEEP) * b:
         return chosen
     if last or b <= EARLY_KEEP * a:
@@ -174,29 +188,29 @@ def safeguarded(problem: Problem, x: np.ndarray, M) -> tuple[np.ndarray, int, fl
     chosen = _Run(problem, x, M)
     if chosen.met or maxiter == 0:
         return x, 0, chosen.history[0], False
-    plain = None  # started only if the preconditioner misses rtol in the first round
-    winner = None
+    # The preconditioned run alone, while it stays on course to meet rtol.
+    chosen.advance(min(ROUNDS[0], maxiter))
+    while (not chosen.met and chosen.iterations < min(AHEAD, maxiter)
+           and _on_course(chosen)):
+        chosen.advance(min(ROUNDS[0], maxiter - chosen.iterations))
+    winner = chosen if chosen.met else None
+    plain = None
+    # The race: plain CG from the same point, compared round by round at as many
+    # iterations of both (the preconditioned run may be ahead: its level then).
     for i, count in enumerate(ROUNDS):
+        if winner is not None or _done(chosen, plain) >= maxiter:
+            break
         chosen.advance(min(count - chosen.iterations, maxiter - _done(chosen, plain)))
         if chosen.met:
             winner = chosen
             break
-        if plain is None and _on_course(chosen):
-            if i == len(ROUNDS) - 1:
-                winner = chosen
-                break
-            continue
         if plain is None:
             plain = _Run(problem, x, None, chosen.history[0])
         plain.advance(min(count - plain.iterations, maxiter - _done(chosen, plain)))
         if plain.met:
             winner = plain
-            break
-        if _done(chosen, plain) >= maxiter:
-            break
-        winner = _decided(chosen, plain, i == len(ROUNDS) - 1)
-        if winner is not None:
-            break
+        elif _done(chosen, plain) < maxiter:
+            winner = _decided(chosen, plain, i == len(ROUNDS) - 1, count)
     if winner is None:  # maxiter ran out during the race: the lower residual
         winner = chosen if plain is None or chosen.level() <= plain.level() else plain
     winner.advance(maxiter - _done(chosen, plain))
