@@ -219,16 +219,6 @@ def _windows(frame: np.ndarray, geom: ConvGeometry, tile) -> np.ndarray:
     )
 
 
-def _tap_slices(geom: ConvGeometry, tap, tile) -> tuple[slice, ...]:
-    """The frame's elements (after the channel axis) that tap ``tap`` reads for a tile."""
-    b0, b1, r0, r1 = tile
-    first = [r0 * geom.stride[0] + tap[0] * geom.dilation[0]]
-    first += [u * d for u, d in zip(tap[1:], geom.dilation[1:])]
-    counts = [r1 - r0, *geom.output_size[1:]]
-    spatial = (slice(f, f + (n - 1) * s + 1, s) for f, n, s in zip(first, counts, geom.stride))
-    return (*spatial, slice(b0, b1))
-
-
 def _threads_for(geom: ConvGeometry, samples: int, threads: int) -> int:
     macs = samples * math.prod(geom.output_size) * geom.out_channels * (
         geom.in_channels // geom.groups) * math.prod(geom.kernel_size)
@@ -352,12 +342,12 @@ def conv_transpose_samples(y: np.ndarray, weight: np.ndarray, geom: ConvGeometry
     opg, cpg = geom.out_channels // g, geom.in_channels // g
     samples = y.shape[-1]
     lattice = _lattice(geom)
-    classes = list(np.ndindex(*geom.stride))
+    classes = math.prod(geom.stride)
     # one more row: a tap's run ends up to a row after its last position
-    lattices = _scratch("lattices", (len(classes), g, cpg, lattice[0] + 1, *lattice[1:], samples),
+    lattices = _scratch("lattices", (classes, g, cpg, lattice[0] + 1, *lattice[1:], samples),
                         y.dtype)
     lattices.fill(0)
-    runs = lattices.reshape(len(classes), g, cpg, -1)
+    runs = lattices.reshape(classes, g, cpg, -1)
     row = math.prod(lattice[1:]) * samples  # elements of one lattice row
     taps = math.prod(geom.kernel_size)
     landing = _landing(geom, lattice, samples)
