@@ -90,20 +90,23 @@ def test_diagonals_over_random_geometries(case, transposed, seed):
 
 
 @pytest.mark.parametrize(
-    "input_shape, kwargs",
+    "input_shape, kwargs, form",
     [
-        ((1, 8, 8), dict(padding=1, stride=2)),  # stride 2: no constant offset per tap
-        ((1, 8, 8), dict()),  # 'valid': the output is smaller
-        ((1, 8, 8), dict(padding=1, padding_mode="circular")),  # taps wrap around
-        ((1, 2, 8), dict(padding=1)),  # kernel as long as a dimension: offsets collide
+        ((1, 8, 8), dict(padding=1, stride=2), "csr"),  # stride 2: no constant offset per tap
+        # the diagonals of the padded frame's convolution:
+        ((1, 8, 8), dict(), "padded_diagonals"),  # 'valid': the output is smaller
+        ((1, 8, 8), dict(padding=1, padding_mode="circular"), "padded_diagonals"),  # wraps
+        ((1, 2, 8), dict(padding=1), "padded_diagonals"),  # kernel as long as a dimension
     ],
 )
-def test_other_single_channel_geometries_stay_csr(input_shape, kwargs):
+def test_other_single_channel_geometries_are_not_diagonals(input_shape, kwargs, form):
     weight = np.arange(9.0).reshape(1, 1, 3, 3)
     op = ConvOperator(weight, input_shape, **kwargs)
-    assert op.product_form.name == "csr"
-    x = np.random.default_rng(1).standard_normal(op.shape[1])
-    np.testing.assert_array_equal(op.matvec(x), op.matrix @ x)
+    assert op.product_form.name == form
+    rng = np.random.default_rng(1)
+    x, y = rng.standard_normal(op.shape[1]), rng.standard_normal(op.shape[0])
+    np.testing.assert_allclose(op.matvec(x), op.matrix @ x, rtol=1e-13, atol=1e-13)
+    np.testing.assert_allclose(op.rmatvec(y), op.matrix.T @ y, rtol=1e-13, atol=1e-13)
 
 
 def test_diagonal_operator_stores_less_and_builds_the_csr_on_request():

@@ -74,16 +74,24 @@ GEOMETRIES = {
         ((1, 1, 3, 2, 2), (1, 5, 5, 3), dict(padding=[(4, 0), (1, 0), (0, 1)],
                                              dilation=(2, 1, 1))),
     ],
+    "padded_diagonals": [
+        ((1, 1, 3, 3), (1, 8, 7), dict(padding=1, padding_mode="reflect")),
+        ((1, 1, 5), (1, 13), dict(padding=[(4, 1)], padding_mode="replicate", dilation=2)),
+        ((1, 1, 3, 2, 2), (1, 5, 4, 3), dict(padding=1, padding_mode="circular")),  # 3-D
+        ((1, 1, 3, 4), (1, 8, 9), dict(padding=[(0, 0), (3, 1)])),  # zeros, not the same size
+    ],
     "csr": [
         ((6, 1, 3), (6, 11), dict(groups=6)),  # depthwise: one-entry blocks
         ((1, 1, 3, 3), (1, 8, 7), dict(padding=1, stride=2)),
-        ((1, 1, 3, 3), (1, 8, 7), dict(padding=1, padding_mode="reflect")),
+        ((1, 1, 3, 3), (1, 8, 7), dict(padding=1, stride=(1, 2), padding_mode="reflect")),
     ],
 }
 
 # form name -> (module, constant, value): what makes small matrices take the large ones' paths
 SMALL_SCALE = {
     "diagonals": [(diagonals, "_CHUNK_BYTES", 1), (diagonals, "_MIN_CHUNK_ROWS", 1)],
+    "padded_diagonals": [(diagonals, "_CHUNK_BYTES", 1), (diagonals, "_MIN_CHUNK_ROWS", 1),
+                         (_parallel, "MIN_PARALLEL_NNZ", 0)],
     # tiles of one output row (or one sample), and two threads even for tiny products
     "structured": SMALL_TILES,
 }

@@ -15,6 +15,7 @@ from sparse_tconv._forms import (
     FORMS,
     CsrForm,
     DiagonalForm,
+    PaddedDiagonalForm,
     Request,
     Role,
     StructuredForm,
@@ -57,7 +58,10 @@ def test_predicted_bytes_are_the_built_forms_bytes(g, dtype, seed):
     ((4, 2, 3), (4, 9), dict(padding=1, padding_mode="replicate", groups=2), StructuredForm),
     ((1, 1, 3, 3), (1, 8, 8), dict(padding=1), DiagonalForm),
     ((1, 1, 3, 3), (1, 8, 8), dict(padding=1, stride=2), CsrForm),
-    ((1, 1, 3, 3), (1, 8, 8), dict(padding=1, padding_mode="reflect"), CsrForm),
+    ((1, 1, 3, 3), (1, 8, 8), dict(padding=1, padding_mode="reflect"), PaddedDiagonalForm),
+    ((1, 1, 3, 3), (1, 8, 8), dict(padding=1), DiagonalForm),
+    ((1, 1, 3, 3), (1, 8, 8), dict(), PaddedDiagonalForm),  # 'valid': not the same size
+    ((1, 1, 3, 3), (1, 8, 8), dict(padding=1, stride=(1, 2), padding_mode="reflect"), CsrForm),
     ((6, 1, 3), (6, 9), dict(groups=6), CsrForm),  # depthwise: one-entry blocks
 ])
 def test_each_geometry_gets_its_form(weight_shape, input_shape, kwargs, expected):
@@ -72,6 +76,12 @@ def test_each_geometry_gets_its_form(weight_shape, input_shape, kwargs, expected
         arrays = stored._arrays()
         assert arrays[0].size == np.prod(weight_shape)
         assert all(a.size == np.prod(weight_shape) for a in arrays)
+    elif expected is PaddedDiagonalForm:
+        # No scipy matrix: the banded diagonals of the padded frame's convolution.
+        assert info.matrix is None
+        arrays = stored._arrays()
+        assert all(not a.flags.writeable for a in arrays)
+        assert info.nbytes == sum(a.nbytes for a in stored.banded.arrays())
     else:
         # What a product reads, counted from the scipy matrix itself.
         m = info.matrix

@@ -47,15 +47,18 @@ CASES = [
     (ConvTransposeOperator, (3, 5, 3, 3), (3, 8, 9), dict(padding=1,
                                                           padding_mode="replicate"),
      "structured"),
-    (ConvOperator, (1, 1, 3, 3), (1, 8, 9), dict(padding=1, padding_mode="reflect"), "csr"),
+    (ConvOperator, (1, 1, 3, 3), (1, 8, 9), dict(padding=1, padding_mode="reflect"),
+     "padded_diagonals"),
     (ConvOperator, (1, 1, 3, 3), (1, 9, 8), dict(padding=1, stride=2), "csr"),
+    (ConvOperator, (1, 1, 3, 3), (1, 9, 8), dict(padding=1, stride=(2, 1),
+                                                 padding_mode="reflect"), "csr"),
     (ConvTransposeOperator, (4, 1, 3, 3), (4, 8, 9), dict(padding=1, groups=4,
                                                           padding_mode="replicate"), "csr"),
 ]
 IDS = ["structured", "structured-wide-T", "structured-groups", "structured-transposed",
        "diagonals-2d", "diagonals-1d", "structured-reflect", "structured-circular-groups",
-       "csr-depthwise", "structured-transposed-replicate", "csr-reflect", "csr-strided",
-       "csr-transposed-depthwise"]
+       "csr-depthwise", "structured-transposed-replicate", "padded-reflect", "csr-strided",
+       "csr-strided-reflect", "csr-transposed-depthwise"]
 BY_ID = dict(zip(IDS, CASES))
 
 
@@ -159,7 +162,7 @@ def test_one_form_is_held_after_both_directions(case):
     # The default holds a second form of (about) as many bytes.
     default_forms = [default._forward_slot.built, default._backward_slot.built]
     assert all(f is not None for f in default_forms)
-    if case[-1] == "diagonals":
+    if case[-1] in ("diagonals", "padded_diagonals"):
         # Their one form holds both matrices' banded diagonals (a few MB at any
         # size): the transposed product sums as W.T's own kernel does.
         assert lean.nbytes == default.nbytes
@@ -204,7 +207,8 @@ def test_the_stored_orientation_and_product_form_say_so(stride):
 
 
 @pytest.mark.parametrize("case_id", ["structured", "structured-wide-T", "diagonals-2d",
-                                     "csr-reflect", "csr-depthwise"])
+                                     "padded-reflect", "csr-strided-reflect",
+                                     "csr-depthwise"])
 def test_pickle_deepcopy_and_with_weight_keep_the_mode(case_id):
     case = BY_ID[case_id]
     default, lean = _pair(case, np.float64)
@@ -221,7 +225,8 @@ def test_pickle_deepcopy_and_with_weight_keep_the_mode(case_id):
     np.testing.assert_array_equal(new.rmatvec(y), fresh.rmatvec(y))
     old_form, new_form = lean._forward_slot.built, new._forward_slot.built
     assert new_form.transposed == old_form.transposed
-    if case[-1] == "structured":  # the new weight alone: nothing of the old form
+    if case[-1] in ("structured", "padded_diagonals"):  # the new weight alone: nothing of
+        # the old form
         assert not any(np.shares_memory(a, b)
                        for a in new_form._arrays() for b in old_form._arrays())
     else:
@@ -261,7 +266,7 @@ def test_non_finite_vectors_reach_only_the_rows_that_read_them():
 def test_mixed_dtypes_widen_as_scipy():
     # (zeros padding on the structured form: its float64 product reads the float32
     # weight's values, as the CSR's entries, none a sum of folded taps)
-    for case in (BY_ID["structured"], BY_ID["diagonals-2d"], BY_ID["csr-reflect"],
+    for case in (BY_ID["structured"], BY_ID["diagonals-2d"], BY_ID["padded-reflect"],
                  BY_ID["csr-depthwise"]):
         _, lean = _pair(case, np.float32)
         y = np.random.default_rng(6).standard_normal(lean.shape[0])  # float64

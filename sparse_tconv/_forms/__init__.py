@@ -12,6 +12,7 @@ from .._geometry import ConvGeometry
 from .base import Canonical, ProductForm, Request, Role, from_position_major, to_position_major
 from .csr import CsrForm, csr_product
 from .diagonals import DiagonalForm
+from .padded import PaddedDiagonalForm
 from .structured import StructuredForm
 
 __all__ = [
@@ -23,13 +24,15 @@ __all__ = [
     "Role",
     "CsrForm",
     "DiagonalForm",
+    "PaddedDiagonalForm",
     "StructuredForm",
     "csr_product",
     "to_position_major",
     "from_position_major",
 ]
 
-FORMS: tuple[type[ProductForm], ...] = (StructuredForm, DiagonalForm, CsrForm)
+FORMS: tuple[type[ProductForm], ...] = (StructuredForm, DiagonalForm, PaddedDiagonalForm,
+                                         CsrForm)
 """Every product form, the preferred first; :class:`CsrForm` applies to any geometry."""
 
 
