@@ -48,8 +48,8 @@ class ProductFormInfo:
 
     def __init__(self, name: str, nbytes: int, form, transposed: bool = False):
         self.name = name
-        """``'structured'`` (the weight's taps, tiled GEMMs), ``'diagonals'`` (DIA) or
-        ``'csr'``."""
+        """``'structured'`` (the weight's taps, tiled GEMMs), ``'diagonals'`` (DIA),
+        ``'padded_diagonals'`` (the padded frame's DIA) or ``'csr'``."""
         self.nbytes = nbytes
         """Bytes a product reads: values and index arrays."""
         self.transposed = transposed
@@ -340,7 +340,8 @@ class _ConvOperatorBase(LinearOperator):
         """What ``matvec`` multiplies: the form's name, its bytes and its scipy matrix.
 
         ``name`` is ``'structured'`` (the weight's taps, multiplied as tiled
-        GEMMs), ``'diagonals'`` (a DIA matrix) or ``'csr'`` (the canonical
+        GEMMs), ``'diagonals'`` (a DIA matrix), ``'padded_diagonals'`` (the
+        padded frame's DIA matrix) or ``'csr'`` (the canonical
         :attr:`matrix`); see Notes of :class:`ConvOperator`.
         ``nbytes`` is what a product reads, the figure that bounds its speed.
         """
@@ -792,8 +793,9 @@ class ConvOperator(_ConvOperatorBase):
     dtype : numpy.dtype
         That of ``matrix``.
     product_form : ProductFormInfo
-        What ``matvec`` multiplies: ``'structured'``, ``'diagonals'`` or
-        ``'csr'``, its bytes and the scipy matrix (see Notes).
+        What ``matvec`` multiplies: ``'structured'``, ``'diagonals'``,
+        ``'padded_diagonals'`` or ``'csr'``, its bytes and the scipy matrix (see
+        Notes).
     nbytes : int
         Bytes of every matrix the operator holds now.
     keep_transpose : bool
@@ -862,7 +864,19 @@ class ConvOperator(_ConvOperatorBase):
     the DIA kernel on transposed columns, for 12 more bytes per entry; so does a
     vector with a NaN or infinity (the diagonals' stored zeros would carry it,
     times zero, to rows that do not read it).  The results are bit for bit
-    scipy's CSR products with ``matrix``/``transpose_matrix``.
+    scipy's CSR products with ``matrix``/``transpose_matrix``.  Taps of weight
+    zero are left out of the stored diagonals.
+
+    *Padded diagonals.*  With one channel and stride 1 but another padding
+    (reflect, replicate, circular, or zeros that change the size), ``W = C P``:
+    ``P`` pads the vector into a frame and ``C``, the frame's convolution, is
+    a sum of diagonals on the frame's grid, stored as above (a few MB at any
+    size).  ``matvec`` pads, multiplies and keeps the output's positions;
+    ``rmatvec`` widens ``y`` onto the frame, multiplies by the diagonals of
+    ``C.T`` and folds the padding back.  A block of columns runs column by
+    column; a vector with a NaN or infinity runs on ``matrix``.  The results
+    equal the CSR products to rounding (the CSR adds the taps that padding
+    sends to one element first) and do not depend on the number of threads.
 
     *CSR.*  Otherwise ``matvec``/``matmat`` are bit-for-bit scipy's serial
     ``matrix @ x`` (``csr_matvecs`` reads the matrix once for all the columns
