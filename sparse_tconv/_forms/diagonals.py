@@ -37,7 +37,7 @@ from .._validation import cast_if_safe
 from .base import ProductForm, Role
 from .csr import csr_product
 
-__all__ = ["DiagonalForm", "BandedDiagonals", "build_diagonals"]
+__all__ = ["DiagonalForm", "BandedForm", "BandedDiagonals", "build_diagonals"]
 
 
 def _offsets(geom: ConvGeometry, transposed: bool) -> tuple[np.ndarray, np.ndarray]:
@@ -324,7 +324,41 @@ def _all_finite(x: np.ndarray) -> bool:
     return bool(np.isfinite(np.sum(x)))
 
 
-class DiagonalForm(ProductForm):
+class BandedForm(ProductForm):
+    """A form whose products read :class:`BandedDiagonals`: its own matrix's
+    (``banded``), and the other matrix's, built on first use, for
+    :meth:`multiply_transposed`."""
+
+    banded: BandedDiagonals
+    _other: BandedDiagonals | None = None
+    _frozen: bool = False
+
+    def _other_diagonals(self, build) -> BandedDiagonals:
+        """The other matrix's diagonals, ``build()`` on first use (read-only if the form is)."""
+        if self._other is None:
+            other = build()
+            if self._frozen:
+                for array in other.arrays():
+                    array.flags.writeable = False
+            self._other = other
+        return self._other
+
+    @property
+    def nbytes(self) -> int:
+        return self.banded.nbytes  # what a product reads
+
+    def freeze(self) -> ProductForm:
+        self._frozen = True
+        return super().freeze()
+
+    def _arrays(self):
+        arrays = self.banded.arrays()
+        if self._other is not None:
+            arrays += self._other.arrays()
+        return arrays
+
+
+class DiagonalForm(BandedForm):
     """W (or W.T) of a single-channel, stride-1, same-size convolution by diagonals.
 
     The products read :class:`BandedDiagonals` (the edge rows and one period
@@ -358,9 +392,7 @@ class DiagonalForm(ProductForm):
         # keep_transpose=False: a block of columns runs on the diagonals, column
         # by column, so that no CSR matrix is built for it.
         self.lean = lean
-        self._frozen = False
         self._matrix: sp.dia_array | None = None
-        self._other: BandedDiagonals | None = None
 
     @staticmethod
     def applies(geometry) -> bool:
@@ -411,27 +443,12 @@ class DiagonalForm(ProductForm):
             # the canonical CSR's transpose (scipy's serial CSC kernel), as the
             # default operators' W.T would: infinities reach only the rows that read them
             return self._canonical().T @ y
-        if self._other is None:
-            other = BandedDiagonals(self._geometry, self._weight,
-                                    transposed=not self.transposed)
-            if self._frozen:
-                for array in other.arrays():
-                    array.flags.writeable = False
-            self._other = other
-        return _banded_product(self._other, y, threads, lambda v: self._canonical().T @ v)
-
-    @property
-    def nbytes(self) -> int:
-        return self.banded.nbytes  # what a product reads
-
-    def freeze(self) -> ProductForm:
-        self._frozen = True
-        return super().freeze()
+        other = self._other_diagonals(lambda: BandedDiagonals(
+            self._geometry, self._weight, transposed=not self.transposed))
+        return _banded_product(other, y, threads, lambda v: self._canonical().T @ v)
 
     def _arrays(self):
-        arrays = self.banded.arrays()
-        if self._other is not None:
-            arrays += self._other.arrays()
+        arrays = super()._arrays()
         if self._matrix is not None:
             arrays += [self._matrix.data, self._matrix.offsets]
         return arrays

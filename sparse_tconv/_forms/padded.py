@@ -43,9 +43,9 @@ from .. import _parallel
 from .._geometry import ConvGeometry
 from .._validation import cast_if_safe
 from ..direct import _padded_size
-from .base import ProductForm, Role
+from .base import Role
 from .csr import csr_product
-from .diagonals import BandedDiagonals, DiagonalForm, _all_finite, _Layout
+from .diagonals import BandedDiagonals, BandedForm, DiagonalForm, _all_finite, _Layout
 from .structured import _fold_into, _pad_frame
 
 __all__ = ["PaddedDiagonalForm", "frame_geometry"]
@@ -61,7 +61,7 @@ def frame_geometry(geom: ConvGeometry) -> ConvGeometry:
                                output_padding=(0,) * geom.ndim)
 
 
-class PaddedDiagonalForm(ProductForm):
+class PaddedDiagonalForm(BandedForm):
     """W (or W.T) of a single-channel stride-1 convolution as the diagonals of its padded
     frame's convolution (see the module)."""
 
@@ -76,8 +76,6 @@ class PaddedDiagonalForm(ProductForm):
         self.transposed = transposed
         self._canonical = canonical
         self.lean = lean
-        self._frozen = False
-        self._other: BandedDiagonals | None = None
         self.matrix = None  # no scipy matrix: the operator's CSR is built when read
 
     @staticmethod
@@ -105,13 +103,8 @@ class PaddedDiagonalForm(ProductForm):
         """The diagonals of C (``transposed=False``) or C.T, the other built on first use."""
         if transposed == self.transposed:
             return self.banded
-        if self._other is None:
-            other = BandedDiagonals(self._frame, self._weight, transposed=transposed)
-            if self._frozen:
-                for array in other.arrays():
-                    array.flags.writeable = False
-            self._other = other
-        return self._other
+        return self._other_diagonals(
+            lambda: BandedDiagonals(self._frame, self._weight, transposed=transposed))
 
     def _product(self, v: np.ndarray, threads: int, transposed: bool) -> np.ndarray:
         """W @ v (``transposed=False``) or W.T @ v, for a 1-D ``v`` or a block of columns."""
@@ -152,17 +145,3 @@ class PaddedDiagonalForm(ProductForm):
 
     def multiply_transposed(self, y, threads):
         return self._product(y, threads, not self.transposed)
-
-    @property
-    def nbytes(self) -> int:
-        return self.banded.nbytes  # what a product reads
-
-    def freeze(self) -> ProductForm:
-        self._frozen = True
-        return super().freeze()
-
-    def _arrays(self):
-        arrays = self.banded.arrays()
-        if self._other is not None:
-            arrays += self._other.arrays()
-        return arrays
