@@ -46,7 +46,7 @@ from ..direct import _padded_size
 from .base import Role
 from .csr import csr_product
 from .diagonals import BandedDiagonals, BandedForm, DiagonalForm, _all_finite, _Layout
-from .structured import _fold_into, _pad_frame
+from .structured import _fold_into, _pad_frame, _scratch
 
 __all__ = ["PaddedDiagonalForm", "frame_geometry"]
 
@@ -128,10 +128,13 @@ class PaddedDiagonalForm(BandedForm):
                 full = banded.matvec(np.ascontiguousarray(padded[0, ..., j]).reshape(-1), threads)
                 out[..., j] = full.reshape(frame)[kept]
         else:  # W.T y = P.T (C.T y widened onto the frame)
-            wide = np.zeros((*frame, columns), dtype=banded.dtype)
+            # (per-thread scratch arrays, as the structured form's frames: fresh
+            # frame-sized arrays fault their pages in on every product)
+            wide = _scratch("widened", (*frame, columns), banded.dtype)
+            wide.fill(0)
             wide[tuple(slice(0, n) for n in geom.output_size)] = v.reshape(
                 (*geom.output_size, columns))
-            sums = np.empty((1, *frame, columns), dtype=banded.dtype)
+            sums = _scratch("sums", (1, *frame, columns), banded.dtype)
             for j in range(columns):
                 column = np.ascontiguousarray(wide[..., j]).reshape(-1)
                 sums[0, ..., j] = banded.matvec(column, threads).reshape(frame)
