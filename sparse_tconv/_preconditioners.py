@@ -175,35 +175,53 @@ class _CosineBasis:
 
 @dataclass(frozen=True)
 class _DenseBasis:
-    """One dense unitary matrix per spatial axis (a Kronecker product), one channel.
+    """One dense unitary matrix per spatial axis (a Kronecker product), for each channel.
 
-    ``forward`` applies ``(U_1 (x) ... (x) U_N)^H``, ``inverse`` the product
-    itself; an axis whose matrix is ``None`` is left as it is (the identity).
+    ``matrices[c]`` holds channel ``c``'s matrices, one per axis; each channel
+    is a group of its own (a depthwise layer, or one channel).  ``forward``
+    applies ``(U_1 (x) ... (x) U_N)^H``, ``inverse`` the product itself; an
+    axis whose matrix is ``None`` is left as it is (the identity).
     """
 
-    matrices: tuple[np.ndarray | None, ...]
+    matrices: tuple[tuple[np.ndarray | None, ...], ...]
     sample_size: tuple[int, ...]
-    channels = 1
-    groups = 1
     block_size = 1
 
     @property
+    def channels(self) -> int:
+        return len(self.matrices)
+
+    @property
+    def groups(self) -> int:
+        return len(self.matrices)
+
+    @property
     def real(self) -> bool:
-        return not any(np.iscomplexobj(U) for U in self.matrices if U is not None)
+        return not any(np.iscomplexobj(U) for per_axis in self.matrices for U in per_axis
+                       if U is not None)
 
     def _apply(self, x: np.ndarray, conjugate: bool) -> np.ndarray:
-        for axis, U in enumerate(self.matrices):
-            if U is None:
-                continue
-            # x_i -> sum_j conj(U[j, i]) x_j (U^H), or sum_j U[i, j] x_j
-            x = _along_axis(np.conj(U).T if conjugate else U, x, 2 + axis)
-        return x
+        if len(self.matrices) == 1:
+            return _kronecker_product(self.matrices[0], x, conjugate)
+        return np.concatenate([_kronecker_product(per_axis, x[:, c:c + 1], conjugate)
+                               for c, per_axis in enumerate(self.matrices)], axis=1)
 
     def forward(self, x: np.ndarray) -> np.ndarray:
-        return self._apply(x, True).reshape(x.shape[0], 1, 1, *self.sample_size)
+        return self._apply(x, True).reshape(x.shape[0], self.channels, 1, *self.sample_size)
 
     def inverse(self, X: np.ndarray) -> np.ndarray:
-        return self._apply(X.reshape(X.shape[0], 1, *self.sample_size), False)
+        return self._apply(X.reshape(X.shape[0], self.channels, *self.sample_size), False)
+
+
+def _kronecker_product(matrices: tuple[np.ndarray | None, ...], x: np.ndarray,
+                       conjugate: bool) -> np.ndarray:
+    """``(U_1 (x) ... (x) U_N) x`` (or its adjoint) on samples ``(B, C, *P)``."""
+    for axis, U in enumerate(matrices):
+        if U is None:
+            continue
+        # x_i -> sum_j conj(U[j, i]) x_j (U^H), or sum_j U[i, j] x_j
+        x = _along_axis(np.conj(U).T if conjugate else U, x, 2 + axis)
+    return x
 
 
 @dataclass(frozen=True)

@@ -356,7 +356,8 @@ def preconditioner(op, damp=0.0, kind="auto", *, shift=None, border=True,
     kind : {'auto', 'circulant', 'dct2', 'dct1', 'kronecker', 'block_jacobi'}, optional
         The construction (see Notes).  ``'auto'`` (default): ``'circulant'``
         where W is circulant (exact); ``'kronecker'`` for a separable kernel
-        with one input and one output channel (exact; every axis at most 4096
+        with one input and one output channel, or a depthwise layer with a
+        separable kernel in every channel (exact; every axis at most 4096
         long, and the axes' eigendecompositions, ``sum_a L_a^3``, at most 500
         times a product with W); else, for a low-pass kernel (a blur: the
         Gram symbol's largest eigenvalue at frequency 0 is within 10% of the
@@ -476,7 +477,10 @@ def preconditioner(op, damp=0.0, kind="auto", *, shift=None, border=True,
       lambda_a(f_a)`` with ``A_a^H A_a = U_a diag(lambda_a) U_a^H``
       (Hansen, Nagy & O'Leary, *Deblurring Images*, ch. 4).  **Exact** for
       separable kernels in every padding mode and stride: CG converges in one
-      iteration.  Otherwise the nearest Kronecker product (Kamm & Nagy).
+      iteration.  A depthwise layer (each group one channel in and one out)
+      is one such convolution per channel, with eigenbases of its own:
+      exact where every channel's kernel is separable.  Otherwise the
+      nearest Kronecker product (Kamm & Nagy).
       Set-up: one ``L_a x L_a`` eigendecomposition per axis; each
       application ``4 n sum_a L_a`` flops (dense, BLAS).
     * ``'block_jacobi'`` (no transform): ``H_f`` is the ``m x m`` diagonal

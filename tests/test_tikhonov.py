@@ -347,6 +347,62 @@ def test_kronecker_is_the_exact_inverse_for_separable_kernels(cls, kernel, input
     assert info.iterations <= 2 and info.converged
 
 
+def _rank_one(rng, *sizes) -> np.ndarray:
+    out = rng.standard_normal(sizes[0])
+    for n in sizes[1:]:
+        out = np.multiply.outer(out, rng.standard_normal(n))
+    return out
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("cls, kernel_size, input_shape, settings", [
+    (ConvOperator, (3, 4), (3, 6, 7), dict(padding=(1, 2))),
+    (ConvOperator, (3, 2), (2, 9, 8), dict(padding=1, stride=2, dilation=(2, 1))),
+    (ConvTransposeOperator, (3, 4), (2, 4, 5), dict(padding=1, stride=2, output_padding=1)),
+    (ConvOperator, (5,), (4, 11), dict(padding=2)),
+    (ConvOperator, (2, 3, 2), (2, 4, 5, 3), dict(padding=1)),
+])
+def test_kronecker_is_the_exact_inverse_for_depthwise_separable_kernels(
+        cls, kernel_size, input_shape, settings, mode):
+    # A depthwise layer is one convolution per channel: W is block diagonal, and with
+    # a separable kernel in each channel every block is a Kronecker product of 1-D
+    # convolutions, each with its own eigenbases.
+    rng = np.random.default_rng(41)
+    channels = input_shape[0]
+    kernel = np.stack([_rank_one(rng, *kernel_size) for _ in range(channels)])[:, None]
+    try:
+        op = cls(kernel, input_shape, groups=channels, padding_mode=mode, **settings)
+    except ValueError:
+        pytest.skip("this mode does not take this geometry")
+    A = dense(op)
+    n = A.shape[1]
+    M = preconditioner(op, 0.1, "kronecker")
+    assert rel(M @ np.eye(n), np.linalg.inv(A.conj().T @ A + 0.01 * np.eye(n))) < 1e-10
+    # 'auto' picks it, or the DFT where W is circulant (also exact)
+    exact = ("kronecker", "circulant") if mode == "circular" else ("kronecker",)
+    y = rng.standard_normal(A.shape[0])
+    x, info = tikhonov(op, y, 0.1, rtol=1e-10)
+    assert info.preconditioner in exact and info.iterations <= 2 and info.converged
+    assert rel(x, dense_tikhonov(A, y, 0.1)[0]) < 1e-8
+
+
+def test_kronecker_needs_one_channel_per_group_and_a_rank_one_kernel_in_each():
+    rng = np.random.default_rng(42)
+    separable = np.stack([_rank_one(rng, 3, 3) for _ in range(2)])
+    # one kernel of the two not separable: the per-channel model is not exact
+    mixed = separable.copy()
+    mixed[1] = rng.standard_normal((3, 3))
+    op = ConvOperator(mixed[:, None], (2, 8, 8), padding=1, groups=2)
+    assert preconditioner(op, 0.1).kind != "kronecker"
+    # a depthwise multiplier (two output channels per input channel): W^H W of each
+    # channel is a sum of two Kronecker products
+    doubled = np.concatenate([separable, 2 * separable[::-1]])[:, None]
+    op = ConvOperator(doubled, (2, 8, 8), padding=1, groups=2)
+    assert preconditioner(op, 0.1).kind != "kronecker"
+    with pytest.raises(NotImplementedError, match="one input and one output channel per group"):
+        preconditioner(op, 0.1, "kronecker")
+
+
 def test_kronecker_factors_of_separable_and_other_kernels():
     u, v, w = np.array([1.0, -2, 3]), np.array([2.0, 1]), np.array([1.0, 0.5, 0.25, 2])
     sigma, vectors, error = pre.kronecker_factors(np.multiply.outer(np.outer(u, v), w))

@@ -3,7 +3,9 @@
 The kernel's best rank-one approximation ``sigma u_1 (x) ... (x) u_N`` makes
 W the Kronecker product of one-dimensional convolutions in the operator's
 own geometry, whose Gram matrices are diagonalised axis by axis: the exact
-inverse for a separable kernel, in every padding mode and stride.
+inverse for a separable kernel, in every padding mode and stride.  A
+depthwise layer (each group one channel in, one out) is one such
+convolution per channel, each with its own eigenbases.
 """
 
 from __future__ import annotations
@@ -36,7 +38,8 @@ _KRONECKER_AUTO_SIZE = 4096
 
 
 class Kronecker(Construction):
-    """The nearest Kronecker product; exact for a separable single-channel kernel."""
+    """The nearest Kronecker product per channel; exact for separable single-channel and
+    depthwise kernels."""
 
     name: ClassVar[str] = "kronecker"
 
@@ -46,10 +49,12 @@ class Kronecker(Construction):
 
     @classmethod
     def auto_applies(cls, op: Operator) -> bool:
-        """Where it is exact, every axis is at most 4096 long (the dense eigenbases), and
-        the eigendecompositions cost little beside the products (:func:`_cheap_set_up`)."""
-        return (_separable(op) and max(_gram_side(op)[1]) <= _KRONECKER_AUTO_SIZE
-                and _cheap_set_up(op))
+        """Where it is exact, every axis is at most 4096 long and the dense eigenbases fit
+        (:data:`_KRONECKER_MAX_BYTES`), and the eigendecompositions cost little beside the
+        products (:func:`_cheap_set_up`)."""
+        return (max(_gram_side(op)[1]) <= _KRONECKER_AUTO_SIZE
+                and _eigenbases_nbytes(op) <= _KRONECKER_MAX_BYTES
+                and _cheap_set_up(op) and _separable(op))
 
     @classmethod
     def blocks(cls, op: Operator, damp: float, boost: float, threads: int,
@@ -71,6 +76,12 @@ def _cheap_set_up(op) -> bool:
     return sum(n**3 for n in size) <= _KRONECKER_SET_UP * taps * int(np.prod(size))
 
 
+def _eigenbases_nbytes(op) -> int:
+    """The bytes of the dense eigenbases: one ``L_a x L_a`` matrix per axis and channel."""
+    channels, size = _gram_side(op)
+    return channels * sum(16 * n * n for n in size)
+
+
 def _axis_matrix(op, axis: int, vector: np.ndarray) -> np.ndarray:
     """The dense one-dimensional convolution of ``vector`` along ``axis``, in op's geometry."""
     from .._build import build  # the same builder, so the padding mode folds taps alike
@@ -87,21 +98,33 @@ def _axis_matrix(op, axis: int, vector: np.ndarray) -> np.ndarray:
 
 
 def _kronecker(op, damp: float, boost: float):
-    """``W^H W`` of ``sigma A_1 (x) ... (x) A_N``, diagonalised axis by axis."""
-    geom: ConvGeometry = op.convolution.geometry
-    if geom.in_channels != 1 or geom.out_channels != 1:
+    """``W^H W`` of ``sigma A_1 (x) ... (x) A_N`` per channel, diagonalised axis by axis."""
+    kernels = _channel_kernels(op)
+    if kernels is None:
         raise NotImplementedError(
-            "kind='kronecker' needs one input and one output channel, got weight.shape="
-            f"{op.weight.shape}"
+            "kind='kronecker' needs one input and one output channel per group (one "
+            f"channel, or a depthwise layer), got weight.shape={op.weight.shape} with "
+            f"groups={op.convolution.geometry.groups}"
         )
     channels, size = _gram_side(op)
-    nbytes = sum(16 * n * n for n in size)
+    nbytes = _eigenbases_nbytes(op)
     if nbytes > _KRONECKER_MAX_BYTES:
         raise NotImplementedError(
-            f"kind='kronecker' would store {nbytes} bytes of dense eigenvectors for the input "
-            f"size {size}, more than {_KRONECKER_MAX_BYTES}"
+            f"kind='kronecker' would store {nbytes} bytes of dense eigenvectors for "
+            f"{channels} channel(s) of size {size}, more than {_KRONECKER_MAX_BYTES}"
         )
-    sigma, vectors, _ = kronecker_factors(op.weight[0, 0])
+    bases, H = [], np.empty((channels, *size))
+    for c, kernel in enumerate(kernels):
+        per_axis, H[c] = _channel_factors(op, kernel)
+        bases.append(per_axis)
+    H = H.reshape(channels, *size, 1, 1)
+    basis = _DenseBasis(tuple(bases), size)
+    return basis, _regularised_inverse(H, _total_shift(H, damp, boost)), None
+
+
+def _channel_factors(op, kernel: np.ndarray) -> tuple[tuple[np.ndarray | None, ...], np.ndarray]:
+    """One channel's eigenbases per axis and eigenvalues (``*size``) of its rank-one model."""
+    sigma, vectors, _ = kronecker_factors(kernel)
     bases: list[np.ndarray | None] = []
     values: list[np.ndarray] = []
     for axis, v in enumerate(vectors):
@@ -116,14 +139,24 @@ def _kronecker(op, damp: float, boost: float):
         lam, U = scipy.linalg.eigh(G)
         bases.append(U)
         values.append(np.maximum(lam, 0.0))
-    H = abs(sigma) ** 2 * functools.reduce(np.multiply.outer, values)
-    H = H.reshape(1, *size, 1, 1)
-    basis = _DenseBasis(tuple(bases), size)
-    return basis, _regularised_inverse(H, _total_shift(H, damp, boost)), None
+    return tuple(bases), abs(sigma) ** 2 * functools.reduce(np.multiply.outer, values)
+
+
+def _channel_kernels(op) -> np.ndarray | None:
+    """The kernel of each channel (C, *k) where every group maps one channel to one (a
+    single channel, or a depthwise layer without a multiplier); else None.
+
+    W is then block diagonal, one convolution per channel, and so is ``W^H W``.
+    """
+    geom: ConvGeometry = op.convolution.geometry
+    if not geom.in_channels == geom.out_channels == geom.groups:
+        return None
+    return op.weight[:, 0]
 
 
 def _separable(op) -> bool:
-    """One channel in and out, and a rank-one kernel (to :data:`SEPARABLE_RTOL`)."""
-    if op.weight.shape[:2] != (1, 1):
-        return False
-    return kronecker_factors(op.weight[0, 0])[2] <= SEPARABLE_RTOL
+    """One channel in and out per group, and a rank-one kernel in each (to
+    :data:`SEPARABLE_RTOL`)."""
+    kernels = _channel_kernels(op)
+    return kernels is not None and all(kronecker_factors(k)[2] <= SEPARABLE_RTOL
+                                       for k in kernels)
