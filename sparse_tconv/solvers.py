@@ -353,13 +353,16 @@ def preconditioner(op, damp=0.0, kind="auto", *, shift=None, border=True,
         W.
     damp : float, optional
         The damping of the system to precondition (default 0).
-    kind : {'auto', 'circulant', 'dct2', 'dct1', 'kronecker', 'block_jacobi'}, optional
+    kind : {'auto', 'circulant', 'dct2', 'dct1', 'kronecker', 'lines', 'block_jacobi'}, optional
         The construction (see Notes).  ``'auto'`` (default): ``'circulant'``
         where W is circulant (exact); ``'kronecker'`` for a separable kernel
         with one input and one output channel, or a depthwise layer with a
         separable kernel in every channel (exact; every axis at most 4096
         long, and the axes' eigendecompositions, ``sum_a L_a^3``, at most 500
-        times a product with W); else, for a low-pass kernel (a blur: the
+        times a product with W); ``'lines'`` for a single-channel kernel
+        whose nonzero taps lie on one line (a motion blur along a diagonal),
+        stride 1, zero padding (exact; a band at most 64 steps wide); else,
+        for a low-pass kernel (a blur: the
         Gram symbol's largest eigenvalue at frequency 0 is within 10% of the
         top) whose Gram kernel is even along every axis (within 25%, see
         Notes) and whose Gram matrix is Toeplitz (stride 1, or any transposed
@@ -380,8 +383,8 @@ def preconditioner(op, damp=0.0, kind="auto", *, shift=None, border=True,
         ``'gradient'``: approximate ``(W^H W + damp^2 D^H D)^{-1}`` instead,
         ``D`` the forward differences of :func:`gradient_operator` (see
         Notes); ``'auto'`` then walks the same order among the kinds that
-        model it: ``'circulant'`` (stride 1 or transposed), ``'dct2'`` (also
-        for reflect padding), ``'block_jacobi'``.
+        model it: ``'lines'``, ``'circulant'`` (stride 1 or transposed),
+        ``'dct2'`` (also for reflect padding), ``'block_jacobi'``.
 
     Returns
     -------
@@ -404,7 +407,9 @@ def preconditioner(op, damp=0.0, kind="auto", *, shift=None, border=True,
         is not Toeplitz);
         ``'circulant'`` when a stride does not divide the input size or a
         dilated kernel is wider than the input; ``'kronecker'`` with several
-        channels, or eigenvectors over 512 MiB (``16 * sum(L_a**2)`` bytes).
+        channels per group, or eigenvectors over 512 MiB (``16 C
+        sum(L_a**2)`` bytes); ``'lines'`` on a kernel off one line, several
+        channels, a stride or a transposed convolution.
 
     See Also
     --------
@@ -413,8 +418,9 @@ def preconditioner(op, damp=0.0, kind="auto", *, shift=None, border=True,
 
     Notes
     -----
-    Each construction is ``S T^{-1} diag(K_f) T S``: a transform ``T``, one
-    small Hermitian block ``K_f = (H_f + damp^2 I)^{-1}`` per frequency or
+    Each construction but ``'lines'`` is ``S T^{-1} diag(K_f) T S``: a
+    transform ``T``, one small Hermitian block ``K_f = (H_f + damp^2
+    I)^{-1}`` per frequency or
     position ``f``, and a diagonal border correction ``S`` (or none).  The
     blocks are ``m x m``, ``m`` the channels per group of the operator's
     input (times ``prod(stride)`` for ``'circulant'`` on a strided
@@ -483,6 +489,21 @@ def preconditioner(op, damp=0.0, kind="auto", *, shift=None, border=True,
       nearest Kronecker product (Kamm & Nagy).
       Set-up: one ``L_a x L_a`` eigendecomposition per axis; each
       application ``4 n sum_a L_a`` flops (dense, BLAS).
+    * ``'lines'`` (no transform: a banded Cholesky factor).  A kernel whose
+      nonzero taps lie on one line ``t_0 + j v`` reads, for each output,
+      inputs on one line ``p + Z u`` (``u = d v``, the dilation per axis);
+      with zero padding two inputs share an output only on the same line,
+      so ``W^H W`` is block diagonal over the lines, each block banded
+      with ``G_k(p) = sum_j conj(w_j) w_{j+k} [p + lo - d t_j is an
+      output]`` between ``p`` and ``p + k u``.  Ordered line by line,
+      ``W^H W + damp^2 I`` is one band of width ``b`` (the taps' span
+      along the line, 6 for a 7x7 anti-diagonal) whose Cholesky factor is
+      **exact**: set-up ``O(n b^2)``, each application ``4 n b`` flops.
+      Other padding modes fold taps onto other lines: as a model it is
+      then poor (see the solvers guide), and ``'auto'`` leaves it out.
+      With ``L='gradient'`` it adds the part of ``damp^2 D^H D`` within
+      the lines (its diagonal, and the differences along an axis-aligned
+      line).
     * ``'block_jacobi'`` (no transform): ``H_f`` is the ``m x m`` diagonal
       block of ``W^H W`` at position ``f``, computed from the matrix (for
       one channel the squared column norms: Jacobi).  Any geometry; it only

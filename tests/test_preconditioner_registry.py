@@ -86,6 +86,10 @@ CONTRACT_OPERATORS = {
     "1-D dilated": lambda: random_op(ConvOperator, (2, 1, 5), (1, 11), padding=4, dilation=2,
                                      seed=2),
     "3-D": lambda: random_op(ConvOperator, (2, 2, 3, 3, 3), (2, 4, 5, 4), padding=1, seed=4),
+    "anti-diagonal zeros": lambda: ConvOperator(np.fliplr(np.diag([1.0, 2, 1]))[None, None],
+                                                (1, 7, 6), padding=1),
+    "anti-diagonal reflect": lambda: ConvOperator(np.fliplr(np.diag([1.0, 2, 1]))[None, None],
+                                                  (1, 7, 6), padding=1, padding_mode="reflect"),
 }
 
 
@@ -126,7 +130,7 @@ def test_the_exact_constructions_are_exact_somewhere():
     # (so that the exactness check above is not empty)
     exact = {name for name, construction in registry.CONSTRUCTIONS.items()
              for make in CONTRACT_OPERATORS.values() if construction.exact(make())}
-    assert exact == {"circulant", "kronecker"}
+    assert exact == {"circulant", "kronecker", "lines"}
 
 
 def test_auto_always_finds_a_registered_construction():
@@ -168,9 +172,19 @@ def auto_cases():
         ("separable, too long an axis", ConvOperator(separable, (1, 5000, 3), padding="same"),
          "dct2", "dct2"),
         # sum L^3 = 256^3 is 4,400 times 15 taps * 256: the eigendecomposition costs more
-        # than a whole plain CG solve (at most 500 times a product)
+        # than a whole plain CG solve (at most 500 times a product); a 1-D kernel lies on a
+        # line, and with zero padding the banded factorisation is exact (it was 'dct2')
         ("1-D, 15 taps, 256 long", ConvOperator(np.exp(-np.arange(15.0))[None, None], (1, 256),
-                                                padding=7), "dct2", "dct2"),
+                                                padding=7), "lines", "lines"),
+        ("1-D, 15 taps, 256 long, replicate",
+         ConvOperator(np.exp(-np.arange(15.0))[None, None], (1, 256), padding=7,
+                      padding_mode="replicate"), "dct2", "dct2"),
+        ("anti-diagonal", ConvOperator(np.fliplr(np.eye(7))[None, None], (1, 16, 16),
+                                       padding=3), "lines", "lines"),
+        ("anti-diagonal, replicate", ConvOperator(np.fliplr(np.eye(7))[None, None],
+                                                  (1, 16, 16), padding=3,
+                                                  padding_mode="replicate"),
+         "circulant", "none"),
         ("1-D, 15 taps, 64 long", ConvOperator(np.exp(-np.arange(15.0))[None, None], (1, 64),
                                                padding=7), "kronecker", "kronecker"),
         ("sharpen 2ch", ConvOperator(sharpen(), (2, 8, 8), padding=1), "circulant", "none"),

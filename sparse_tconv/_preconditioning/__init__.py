@@ -15,16 +15,16 @@ regularised inverse of the blocks, the border scaling) is in
 
 from __future__ import annotations
 
-import numpy as np
+from scipy.sparse.linalg import LinearOperator
 
 from .._parallel import resolve_threads
-from .._preconditioners import SpectralPreconditioner
 from .base import Construction, Operator
 from .block_jacobi import BlockJacobi
 from .circulant import Circulant, ExactCirculant
 from .cosine import DCT1, DCT2
 from .gradient import REGULARISERS
 from .kronecker import Kronecker
+from .lines import Lines
 
 __all__ = [
     "AUTO_ORDER",
@@ -40,13 +40,14 @@ __all__ = [
 ]
 
 CONSTRUCTIONS: dict[str, type[Construction]] = {
-    cls.name: cls for cls in (Circulant, DCT2, DCT1, Kronecker, BlockJacobi)
+    cls.name: cls for cls in (Circulant, DCT2, DCT1, Kronecker, Lines, BlockJacobi)
 }
 """Every construction by its kind, in the order error messages list them."""
 
 AUTO_ORDER: list[type[Construction]] = [
     ExactCirculant,  # W circulant: the inverse, by the DFT
     Kronecker,  # a separable single-channel kernel: the inverse, axis by axis
+    Lines,  # a kernel on one line, zero padding: the inverse, line by line
     DCT1,  # a blur with a Toeplitz Gram matrix: the cosine matching the padding
     DCT2,
     Circulant,  # the shifted circulant, where the kernel has one on the grid
@@ -85,8 +86,10 @@ def auto_kind(op) -> str:
 
 def build_preconditioner(op, damp: float, kind: str, *, boost: float | None = None,
                          correct: bool = True,
-                         regulariser: str = "identity") -> SpectralPreconditioner:
-    """The :class:`SpectralPreconditioner` of the construction registered as ``kind``.
+                         regulariser: str = "identity") -> LinearOperator:
+    """The preconditioner of the construction registered as ``kind``: its
+    :meth:`~.base.Construction.preconditioner` (a :class:`SpectralPreconditioner`
+    for the spectral ones).
 
     The blocks are inverted with ``damp**2 + boost * lambda_max`` (a
     preconditioner damped more than the system, ``lambda_max`` the largest
@@ -107,9 +110,4 @@ def build_preconditioner(op, damp: float, kind: str, *, boost: float | None = No
     if boost is None:
         # (exact() is asked only of a shifted construction: Kronecker's costs an SVD)
         boost = method.default_shift if method.default_shift and not method.exact(op) else 0.0
-    if regulariser == "identity":  # (a construction need not know of the others)
-        basis, blocks, scale = method.blocks(op, damp, boost, threads, correct)
-    else:
-        basis, blocks, scale = method.blocks(op, damp, boost, threads, correct, regulariser)
-    return SpectralPreconditioner(basis, blocks, scale, kind, damp,
-                                  np.result_type(op.dtype, np.float64))
+    return method.preconditioner(op, damp, boost, threads, correct, regulariser)

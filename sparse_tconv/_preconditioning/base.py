@@ -16,6 +16,9 @@ import abc
 from typing import TYPE_CHECKING, ClassVar, Protocol, TypeAlias
 
 import numpy as np
+from scipy.sparse.linalg import LinearOperator
+
+from .._preconditioners import SpectralPreconditioner
 
 if TYPE_CHECKING:
     from .._operator import ConvOperator, ConvTransposeOperator
@@ -141,6 +144,23 @@ class Construction(abc.ABC):
             :meth:`auto_applies` where the construction models ``regulariser``.
         """
         return regulariser in cls.regularisers and cls.auto_applies(op)
+
+    @classmethod
+    def preconditioner(cls, op: Operator, damp: float, boost: float, threads: int,
+                       correct: bool, regulariser: str = "identity") -> LinearOperator:
+        """The preconditioner for ``op`` and ``damp`` (the arguments of :meth:`blocks`).
+
+        By default the :class:`~sparse_tconv._preconditioners.SpectralPreconditioner`
+        of :meth:`blocks`; a construction that is not spectral (a factorisation)
+        returns its own LinearOperator, Hermitian positive definite, with the
+        attributes ``kind`` and ``damp``.
+        """
+        if regulariser == "identity":  # (a construction need not know of the others)
+            pieces = cls.blocks(op, damp, boost, threads, correct)
+        else:
+            pieces = cls.blocks(op, damp, boost, threads, correct, regulariser)
+        return SpectralPreconditioner(*pieces, cls.name, damp,
+                                      np.result_type(op.dtype, np.float64))
 
     @classmethod
     @abc.abstractmethod

@@ -1,0 +1,189 @@
+"""The lines construction (``kind='lines'``): kernels whose taps lie on one line.
+
+- :func:`kernel_line` against collinearity decided independently (the rank
+  of the taps' offsets);
+- the preconditioner against the dense inverse of ``W^H W + damp^2 I``
+  built from the CSR matrix, for zero padding (and for no padding in any
+  mode), in 1-D to 3-D, dilated, complex;
+- with ``L='gradient'`` against the dense inverse of ``W^H W`` plus
+  ``damp^2`` times the entries of ``D^H D`` between positions of one line,
+  the lines found by brute force;
+- 'auto' and tikhonov's choice, and the solves against dense ones.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from sparse_tconv import ConvOperator, ConvTransposeOperator
+from sparse_tconv._preconditioning.lines import kernel_line
+from sparse_tconv.solvers import gradient_operator, preconditioner, tikhonov
+
+
+def rel(a, b) -> float:
+    return float(np.linalg.norm(a - b) / np.linalg.norm(b))
+
+
+def dense(op) -> np.ndarray:
+    return op.matrix.toarray().astype(np.result_type(op.dtype, np.float64))
+
+
+def line_kernel(shape, first, direction, values) -> np.ndarray:
+    """A kernel with ``values[j]`` at ``first + j * direction``."""
+    k = np.zeros(shape, dtype=np.result_type(np.asarray(values), np.float64))
+    for j, value in enumerate(values):
+        k[tuple(np.asarray(first) + j * np.asarray(direction))] = value
+    return k
+
+
+ANTI = line_kernel((7, 7), (0, 6), (1, -1), np.full(7, 1 / 7))
+
+GEOMETRIES = [  # (kernel, input shape, settings)
+    (ANTI, (1, 12, 11), dict(padding=3)),
+    (line_kernel((3, 4), (0, 0), (1, 1), [1.0, -2.0, 0.5]), (1, 9, 7), dict(padding=(1, 2))),
+    (line_kernel((5, 3), (0, 2), (2, -1), [1.0, 0.0, 3.0]), (1, 10, 9),
+     dict(padding=((4, 0), (1, 1)))),  # (a zero tap inside the line)
+    (line_kernel((3, 3), (0, 0), (1, 1), [1.0, 2.0, -1.0]), (1, 11, 9),
+     dict(padding=2, dilation=(2, 1))),
+    (line_kernel((3, 3), (0, 2), (1, -1), [2.0, 0.0, 1.0]), (1, 8, 8), dict(padding=0)),
+    (line_kernel((5,), (0,), (2,), [1.0, 0.5, 0.25]), (1, 13), dict(padding=2)),
+    (line_kernel((3, 3, 3), (0, 0, 2), (1, 1, -1), [1.0, 2.0, -1.0]), (1, 5, 6, 5),
+     dict(padding=1)),
+    (line_kernel((3, 3), (0, 2), (1, -1), [1 + 2j, 0.5j, -1.0]), (1, 7, 8), dict(padding=1)),
+]
+
+
+@given(st.integers(1, 3), st.integers(1, 5), st.data())
+@settings(max_examples=60, deadline=None)
+def test_kernel_line_finds_the_line_exactly_when_the_taps_are_collinear(ndim, count, data):
+    shape = tuple(data.draw(st.integers(1, 5)) for _ in range(ndim))
+    taps = data.draw(st.lists(st.tuples(*(st.integers(0, n - 1) for n in shape)),
+                              min_size=count, max_size=count, unique=True))
+    k = np.zeros(shape)
+    for tap in taps:
+        k[tap] = data.draw(st.sampled_from([1.0, -2.0, 0.5]))
+    offsets = np.array(taps) - np.array(taps[0])
+    collinear = np.linalg.matrix_rank(offsets) <= 1
+    line = kernel_line(k)
+    assert (line is not None) == collinear
+    if line is None:
+        return
+    v = line.direction
+    assert np.gcd.reduce(np.abs(v)) == 1 and v[np.flatnonzero(v)[0]] > 0
+    assert np.all(np.diff(line.steps) > 0) and line.steps[0] == 0
+    found = line.taps[0] + line.steps[:, None] * v
+    assert sorted(map(tuple, found.tolist())) == sorted(taps)
+    assert np.array_equal(line.values, k[tuple(found.T)])
+
+
+def test_kernel_line_of_no_tap_and_one_tap():
+    assert kernel_line(np.zeros((3, 3))) is None
+    one = kernel_line(line_kernel((3, 3), (1, 2), (1, 0), [4.0]))
+    assert one.bandwidth == 0 and one.taps.tolist() == [[1, 2]]
+
+
+@pytest.mark.parametrize("damp", [0.1, 1e-3])
+@pytest.mark.parametrize("case", range(len(GEOMETRIES)))
+def test_lines_is_the_exact_inverse_with_zero_padding(case, damp):
+    kernel, input_shape, kw = GEOMETRIES[case]
+    op = ConvOperator(kernel[None, None], input_shape, **kw)
+    A = dense(op)
+    n = A.shape[1]
+    M = preconditioner(op, damp, "lines")
+    assert M.kind == "lines" and M.damp == damp and M.shape == (n, n)
+    inverse = np.linalg.inv(A.conj().T @ A + damp**2 * np.eye(n))
+    assert rel(M @ np.eye(n), inverse) < 1e-8
+    # 'auto' takes it (the Kronecker construction, also exact, first for 1-D kernels)
+    assert preconditioner(op, damp).kind == ("kronecker" if kernel.ndim == 1 else "lines")
+    # complex vectors on a real factor, and several at once
+    X = np.random.default_rng(case).standard_normal((n, 3)) * (1 + 0.5j)
+    assert rel(M @ X, inverse @ X) < 1e-8
+    assert rel(M.H @ X[:, 0], inverse @ X[:, 0]) < 1e-8
+
+
+@pytest.mark.parametrize("mode", ["reflect", "replicate", "circular"])
+def test_lines_is_exact_without_padding_in_any_mode(mode):
+    op = ConvOperator(ANTI[None, None], (1, 10, 9), padding=0, padding_mode=mode)
+    A = dense(op)
+    n = A.shape[1]
+    assert rel(preconditioner(op, 0.05) @ np.eye(n),
+               np.linalg.inv(A.T @ A + 0.0025 * np.eye(n))) < 1e-8
+
+
+def same_line(size, step) -> np.ndarray:
+    """``S[p, q]``: whether ``q - p`` is a multiple of ``step`` (brute force)."""
+    points = np.argwhere(np.ones(size, dtype=bool))
+    diff = points[None, :, :] - points[:, None, :]
+    lead = np.flatnonzero(step)[0]
+    multiple = diff[..., lead] // step[lead]
+    return np.all(diff == multiple[..., None] * np.asarray(step), axis=-1) & (
+        diff[..., lead] % step[lead] == 0)
+
+
+@pytest.mark.parametrize("case", [0, 1, 3, 5])
+def test_lines_with_the_gradient_adds_its_part_within_the_lines(case):
+    kernel, input_shape, kw = GEOMETRIES[case]
+    op = ConvOperator(kernel[None, None], input_shape, **kw)
+    A = dense(op)
+    n, damp = A.shape[1], 0.2
+    D = gradient_operator(input_shape) @ np.eye(n)
+    line = kernel_line(kernel)
+    step = np.asarray(kw.get("dilation", 1)) * line.direction
+    model = A.T @ A + damp**2 * np.where(same_line(input_shape[1:], step), D.T @ D, 0)
+    M = preconditioner(op, damp, "lines", L="gradient")
+    assert rel(M @ np.eye(n), np.linalg.inv(model)) < 1e-8
+    assert preconditioner(op, damp, L="gradient").kind == "lines"
+    # and tikhonov solves the true system to rtol with it
+    y = np.random.default_rng(7).standard_normal(A.shape[0])
+    x, info = tikhonov(op, y, damp, L="gradient", rtol=1e-10)
+    expected = np.linalg.solve(A.T @ A + damp**2 * D.T @ D, A.T @ y)
+    assert info.preconditioner == "lines" and info.converged
+    assert rel(x, expected) < 1e-7
+
+
+@pytest.mark.parametrize("damp", [0.1, 1e-2])
+def test_tikhonov_solves_a_diagonal_motion_blur_in_one_iteration(damp):
+    op = ConvOperator(ANTI[None, None], (1, 24, 20), padding="same")
+    A = dense(op)
+    y = np.random.default_rng(3).standard_normal(A.shape[0])
+    x, info = tikhonov(op, y, damp, rtol=1e-10)
+    assert info.preconditioner == "lines" and info.iterations <= 2 and info.converged
+    expected = np.linalg.solve(A.T @ A + damp**2 * np.eye(A.shape[1]), A.T @ y)
+    assert rel(x, expected) < 1e-8
+
+
+@pytest.mark.parametrize("mode", ["reflect", "replicate"])
+def test_auto_leaves_lines_out_where_padding_folds_taps_onto_other_lines(mode):
+    op = ConvOperator(ANTI[None, None], (1, 12, 12), padding=3, padding_mode=mode)
+    assert preconditioner(op, 1e-2).kind != "lines"
+    # by name: a Hermitian positive definite model, not the inverse
+    n = op.shape[1]
+    P = preconditioner(op, 1e-2, "lines") @ np.eye(n)
+    assert rel(P, P.T) < 1e-12 and np.linalg.eigvalsh(P).min() > 0
+    A = dense(op)
+    assert rel(P, np.linalg.inv(A.T @ A + 1e-4 * np.eye(n))) > 1e-3
+
+
+@pytest.mark.parametrize("make", [
+    lambda: ConvOperator(np.stack([ANTI, ANTI])[:, None], (1, 9, 9), padding=3),  # 2 outputs
+    lambda: ConvOperator(ANTI[None, None], (1, 9, 9), padding=3, stride=2),
+    lambda: ConvTransposeOperator(ANTI[None, None], (1, 9, 9), padding=3),
+    lambda: ConvOperator(ANTI[None, None] + np.eye(7), (1, 9, 9), padding=3),  # two lines
+])
+def test_lines_does_not_apply_elsewhere(make):
+    op = make()
+    assert preconditioner(op, 1e-2).kind != "lines"
+    with pytest.raises(NotImplementedError, match="kind='lines' needs"):
+        preconditioner(op, 1e-2, "lines")
+
+
+def test_lines_with_no_damping_of_a_singular_gram_matrix_stays_positive_definite():
+    # taps at both ends of a line of length 2 read nothing at the middle: a zero column
+    op = ConvOperator(line_kernel((3, 3), (0, 0), (1, 1), [1.0, 0.0, 1.0])[None, None],
+                      (1, 5, 5), padding=0)
+    n = op.shape[1]
+    P = preconditioner(op, 0.0, "lines") @ np.eye(n)
+    assert np.all(np.isfinite(P)) and np.linalg.eigvalsh((P + P.T) / 2).min() > 0
