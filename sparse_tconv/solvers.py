@@ -361,7 +361,8 @@ def preconditioner(op, damp=0.0, kind="auto", *, shift=None, border=True,
         long, and the axes' eigendecompositions, ``sum_a L_a^3``, at most 500
         times a product with W); ``'lines'`` for a single-channel kernel
         whose nonzero taps lie on one line (a motion blur along a diagonal),
-        stride 1, zero padding (exact; a band at most 64 steps wide); else,
+        stride 1 (exact in every padding mode; a band at most 64 steps wide,
+        and the folded taps' columns about 512 MB at most); else,
         for a low-pass kernel (a blur: the
         Gram symbol's largest eigenvalue at frequency 0 is within 10% of the
         top) whose Gram kernel is even along every axis (within 25%, see
@@ -409,7 +410,8 @@ def preconditioner(op, damp=0.0, kind="auto", *, shift=None, border=True,
         dilated kernel is wider than the input; ``'kronecker'`` with several
         channels per group, or eigenvectors over 512 MiB (``16 C
         sum(L_a**2)`` bytes); ``'lines'`` on a kernel off one line, several
-        channels, a stride or a transposed convolution.
+        channels, a stride or a transposed convolution, or folded taps'
+        columns of about 1 GiB.
 
     See Also
     --------
@@ -499,11 +501,14 @@ def preconditioner(op, damp=0.0, kind="auto", *, shift=None, border=True,
       ``W^H W + damp^2 I`` is one band of width ``b`` (the taps' span
       along the line, 6 for a 7x7 anti-diagonal) whose Cholesky factor is
       **exact**: set-up ``O(n b^2)``, each application ``4 n b`` flops.
-      Other padding modes fold taps onto other lines: as a model it is
-      then poor (see the solvers guide), and ``'auto'`` leaves it out.
-      With ``L='gradient'`` it adds the part of ``damp^2 D^H D`` within
-      the lines (its diagonal, and the differences along an axis-aligned
-      line).
+      Other padding modes fold taps onto a *ring* of positions (the edge,
+      the rows inside it, the opposite side), which are eliminated last:
+      ``C = L^{-1} A_IR`` (``L`` the lines' factor without the ring; each
+      line meets the ring near its ends) and the Schur complement ``A_RR -
+      C^H C``, banded in reverse Cuthill-McKee order, make it **exact** in
+      every mode.  With ``L='gradient'`` it adds the part of ``damp^2 D^H
+      D`` within the lines (its diagonal, and the differences along an
+      axis-aligned line).
     * ``'block_jacobi'`` (no transform): ``H_f`` is the ``m x m`` diagonal
       block of ``W^H W`` at position ``f``, computed from the matrix (for
       one channel the squared column norms: Jacobi).  Any geometry; it only

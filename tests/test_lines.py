@@ -3,8 +3,9 @@
 - :func:`kernel_line` against collinearity decided independently (the rank
   of the taps' offsets);
 - the preconditioner against the dense inverse of ``W^H W + damp^2 I``
-  built from the CSR matrix, for zero padding (and for no padding in any
-  mode), in 1-D to 3-D, dilated, complex;
+  built from the CSR matrix, in every padding mode, in 1-D to 3-D, dilated,
+  complex; the ring it eliminates last against the columns where W differs
+  from zero padding's;
 - with ``L='gradient'`` against the dense inverse of ``W^H W`` plus
   ``damp^2`` times the entries of ``D^H D`` between positions of one line,
   the lines found by brute force;
@@ -85,19 +86,32 @@ def test_kernel_line_of_no_tap_and_one_tap():
     assert one.bandwidth == 0 and one.taps.tolist() == [[1, 2]]
 
 
+MODES = ["zeros", "reflect", "replicate", "circular"]
+
+
 @pytest.mark.parametrize("damp", [0.1, 1e-3])
+@pytest.mark.parametrize("mode", MODES)
 @pytest.mark.parametrize("case", range(len(GEOMETRIES)))
-def test_lines_is_the_exact_inverse_with_zero_padding(case, damp):
+def test_lines_is_the_exact_inverse_in_every_padding_mode(case, mode, damp):
+    # zero padding: the lines alone; the others fold taps onto a ring of positions
+    # (the edge, the rows inside it, the opposite side), eliminated last
     kernel, input_shape, kw = GEOMETRIES[case]
-    op = ConvOperator(kernel[None, None], input_shape, **kw)
+    try:
+        op = ConvOperator(kernel[None, None], input_shape, padding_mode=mode, **kw)
+    except ValueError:
+        pytest.skip("this mode does not take this padding")
     A = dense(op)
     n = A.shape[1]
     M = preconditioner(op, damp, "lines")
     assert M.kind == "lines" and M.damp == damp and M.shape == (n, n)
     inverse = np.linalg.inv(A.conj().T @ A + damp**2 * np.eye(n))
     assert rel(M @ np.eye(n), inverse) < 1e-8
-    # 'auto' takes it (the Kronecker construction, also exact, first for 1-D kernels)
-    assert preconditioner(op, damp).kind == ("kronecker" if kernel.ndim == 1 else "lines")
+    # 'auto' takes it (the Kronecker construction, also exact, first for 1-D kernels;
+    # the DFT, exact, first where W is circulant)
+    exact = {"kronecker"} if kernel.ndim == 1 else {"lines"}
+    if mode == "circular":
+        exact.add("circulant")
+    assert preconditioner(op, damp).kind in exact
     # complex vectors on a real factor, and several at once
     X = np.random.default_rng(case).standard_normal((n, 3)) * (1 + 0.5j)
     assert rel(M @ X, inverse @ X) < 1e-8
@@ -144,27 +158,28 @@ def test_lines_with_the_gradient_adds_its_part_within_the_lines(case):
     assert rel(x, expected) < 1e-7
 
 
+@pytest.mark.parametrize("mode", MODES)
 @pytest.mark.parametrize("damp", [0.1, 1e-2])
-def test_tikhonov_solves_a_diagonal_motion_blur_in_one_iteration(damp):
-    op = ConvOperator(ANTI[None, None], (1, 24, 20), padding="same")
+def test_tikhonov_solves_a_diagonal_motion_blur_in_one_iteration(damp, mode):
+    op = ConvOperator(ANTI[None, None], (1, 24, 20), padding="same", padding_mode=mode)
     A = dense(op)
     y = np.random.default_rng(3).standard_normal(A.shape[0])
     x, info = tikhonov(op, y, damp, rtol=1e-10)
-    assert info.preconditioner == "lines" and info.iterations <= 2 and info.converged
+    exact = ("lines", "circulant") if mode == "circular" else ("lines",)  # (both exact)
+    assert info.preconditioner in exact and info.iterations <= 2 and info.converged
     expected = np.linalg.solve(A.T @ A + damp**2 * np.eye(A.shape[1]), A.T @ y)
     assert rel(x, expected) < 1e-8
 
 
-@pytest.mark.parametrize("mode", ["reflect", "replicate"])
-def test_auto_leaves_lines_out_where_padding_folds_taps_onto_other_lines(mode):
-    op = ConvOperator(ANTI[None, None], (1, 12, 12), padding=3, padding_mode=mode)
-    assert preconditioner(op, 1e-2).kind != "lines"
-    # by name: a Hermitian positive definite model, not the inverse
-    n = op.shape[1]
-    P = preconditioner(op, 1e-2, "lines") @ np.eye(n)
-    assert rel(P, P.T) < 1e-12 and np.linalg.eigvalsh(P).min() > 0
-    A = dense(op)
-    assert rel(P, np.linalg.inv(A.T @ A + 1e-4 * np.eye(n))) > 1e-3
+def test_the_ring_is_where_the_padding_folds_taps():
+    # the positions whose column of W differs from zero padding's, found from the matrices
+    for mode in ("reflect", "replicate", "circular"):
+        op = ConvOperator(ANTI[None, None], (1, 14, 13), padding=3, padding_mode=mode)
+        zeros = ConvOperator(ANTI[None, None], (1, 14, 13), padding=3)
+        differs = np.abs(dense(op) - dense(zeros)).sum(axis=0) > 0
+        M = preconditioner(op, 0.1, "lines")
+        assert sorted(M._ring.tolist()) == np.flatnonzero(differs).tolist()
+        assert differs.any()
 
 
 @pytest.mark.parametrize("make", [

@@ -70,6 +70,12 @@ def rel(a, b) -> float:
     return float(np.linalg.norm(a - b) / np.linalg.norm(b))
 
 
+def lshape():
+    w = np.zeros((5, 5))
+    w[:, 0] = w[-1, :] = 1
+    return w / w.sum()
+
+
 def anti_diagonal(mode, n=64):
     """The issue's case: a 7x7 anti-diagonal motion blur, where the DCTs lose to plain CG."""
     kernel = np.fliplr(np.eye(7)) / 7
@@ -266,7 +272,11 @@ def paths():
          "gradient", 1e-2, {}, None),
         ("gradient, switched", anti_diagonal("zeros"), "gradient", 5e-3, dict(auto="dct2"),
          "none (safeguard)"),
-        ("asymmetric, reflect", anti_diagonal("reflect", 24), None, 5e-3, {}, "none"),
+        ("asymmetric, reflect", ConvOperator(lshape()[None, None], (1, 24, 24), padding="same",
+                                             padding_mode="reflect"), None, 5e-3, {}, "none"),
+        ("kernel on a line, reflect", anti_diagonal("reflect", 24), None, 5e-3, {}, "lines"),
+        ("kernel on a line, gradient", anti_diagonal("replicate", 24), "gradient", 5e-3, {},
+         "lines"),
     ]
 
 
@@ -555,18 +565,12 @@ def gram_asymmetry(op) -> float:
     return max(np.linalg.norm(G - F) for F in flips) / np.linalg.norm(G)
 
 
-def lshape():
-    w = np.zeros((5, 5))
-    w[:, 0] = w[-1, :] = 1
-    return w / w.sum()
-
-
 @pytest.mark.parametrize("label, weight, mode, kind", [
     ("disk", disk(3)[None, None], "zeros", "dct2"),
     ("disk, reflect", disk(3)[None, None], "reflect", "dct1"),
-    # a kernel on one line, zero padding: W^H W is banded line by line (the exact inverse)
+    # a kernel on one line: W^H W is banded line by line, the folded taps' ring last
     ("anti-diagonal", np.fliplr(np.eye(7))[None, None] / 7, "zeros", "lines"),
-    ("anti-diagonal, reflect", np.fliplr(np.eye(7))[None, None] / 7, "reflect", "none"),
+    ("anti-diagonal, reflect", np.fliplr(np.eye(7))[None, None] / 7, "reflect", "lines"),
     ("L-shape", lshape()[None, None], "replicate", "none"),
     ("random 3 -> 3", np.random.default_rng(0).standard_normal((3, 3, 3, 3)), "zeros", "none"),
     ("colour blur with cross-talk", np.einsum("oc,kl->ockl", 0.7 * np.eye(3) + 0.1, disk(2)),

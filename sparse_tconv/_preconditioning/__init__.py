@@ -47,7 +47,7 @@ CONSTRUCTIONS: dict[str, type[Construction]] = {
 AUTO_ORDER: list[type[Construction]] = [
     ExactCirculant,  # W circulant: the inverse, by the DFT
     Kronecker,  # a separable single-channel kernel: the inverse, axis by axis
-    Lines,  # a kernel on one line, zero padding: the inverse, line by line
+    Lines,  # a kernel on one line: the inverse, line by line, the folded taps' ring last
     DCT1,  # a blur with a Toeplitz Gram matrix: the cosine matching the padding
     DCT2,
     Circulant,  # the shifted circulant, where the kernel has one on the grid

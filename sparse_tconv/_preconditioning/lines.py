@@ -19,12 +19,23 @@ triangular solves (``O(n b)``), whatever the image size.  A 7x7
 anti-diagonal motion blur has ``b = 6`` where a two-dimensional banded
 ordering would have ``6 L``.
 
-Other padding modes fold the taps outside onto positions of other lines
-(the edge, or its mirror): the zero-padding model then misses couplings
-between lines at the border, which it does not bound, and measured as a
-preconditioner it lost to plain CG by 5-10x (the anti-diagonal with
-replicate or reflect padding at 256x256, damp 5e-3: over 1,000 iterations
-against plain CG's 300).  So ``'auto'`` takes it only where it is exact.
+Other padding modes fold the taps outside onto positions of other lines:
+the edge (replicate), the rows inside it (reflect), the opposite side
+(circular).  Those positions, the *ring*, are eliminated last.  Every
+other position's column of W is its zero-padding column, so the inner
+block ``A_II`` of ``A = W^H W + damp^2 I`` is the banded matrix above with
+the ring left out; its factor ``L`` gives ``C = L^{-1} A_IR`` (each line
+meets the ring near its two ends: one banded solve with a few columns per
+line) and the Schur complement ``S = A_RR - C^H C``, sparse, whose lines
+join the ring's pieces at their two ends: in reverse Cuthill-McKee order
+a band, factored by banded Cholesky.  Then
+
+``x_R = S^{-1} (b_R - C^H L^{-1} b_I)``, ``x_I = L^{-H} (L^{-1} b_I - C x_R)``
+
+is the exact solve in every padding mode (the anti-diagonal at 256x256:
+a ring of 1,018 positions with replicate padding, 3,024 with reflect).
+Measured as a preconditioner, the zero-padding model alone had lost to
+plain CG 5-10x on those (over 1,000 iterations against plain CG's 300).
 
 With ``L='gradient'`` the model adds the part of ``damp^2 D^H D`` within
 each line: its diagonal, and the differences along the line where the line
@@ -38,10 +49,14 @@ from typing import ClassVar
 
 import numpy as np
 import scipy.linalg
+import scipy.linalg.lapack
+import scipy.sparse as sp
+import scipy.sparse.csgraph
 from scipy.sparse.linalg import LinearOperator
 
 from .._geometry import ConvGeometry
 from .._preconditioners import _FLOOR
+from ..direct import _padded_index
 from .base import Construction, Operator, Pieces
 from .gradient import gradient_diagonal
 
@@ -50,27 +65,33 @@ __all__ = ["BandedLinesPreconditioner", "Lines", "kernel_line"]
 # 'auto' takes it up to this bandwidth (the span of the taps along the line, in steps):
 # the factorisation costs n b^2, each application 4 n b flops.
 _AUTO_BANDWIDTH = 64
+# ... and where the ring's columns C = L^{-1} A_IR (n rows, a few columns per line) take
+# at most this many bytes; the construction refuses twice as many.
+_RING_BYTES = 1 << 29
 
 
 class Lines(Construction):
-    """Line-by-line banded Cholesky: exact for a kernel on a line with zero padding."""
+    """Line-by-line banded Cholesky, the folded taps' ring last: exact for a kernel on a
+    line."""
 
     name: ClassVar[str] = "lines"
     regularisers: ClassVar[tuple[str, ...]] = ("identity", "gradient")
 
     @classmethod
     def exact(cls, op: Operator) -> bool:
-        """Where it applies and no tap is folded back: zero padding (or none)."""
-        geom = _geometry(op)
-        return geom is not None and _folds_nothing(geom)
+        """Wherever it applies (every padding mode)."""
+        return _geometry(op) is not None
 
     @classmethod
     def auto_applies(cls, op: Operator) -> bool:
-        """Where it is exact and the band is at most 64 steps wide."""
-        if not cls.exact(op):
+        """Where it applies, the band is at most 64 steps wide, and the ring's columns
+        (:func:`_ring_columns_estimate`) take at most 512 MB."""
+        geom = _geometry(op)
+        if geom is None:
             return False
         line = kernel_line(op.weight[0, 0])
-        return line is not None and line.bandwidth <= _AUTO_BANDWIDTH
+        return (line is not None and line.bandwidth <= _AUTO_BANDWIDTH
+                and _ring_columns_estimate(geom, line) <= _RING_BYTES)
 
     @classmethod
     def blocks(cls, op: Operator, damp: float, boost: float, threads: int,
@@ -93,6 +114,13 @@ class Lines(Construction):
             )
         line = kernel_line(op.weight[0, 0])
         assert line is not None  # (_geometry checked it)
+        nbytes = _ring_columns_estimate(geom, line)
+        if nbytes > 2 * _RING_BYTES:
+            raise NotImplementedError(
+                f"kind='lines' would hold up to {nbytes} bytes of the folded taps' columns for "
+                f"the input size {geom.input_size} with padding {geom.padding} "
+                f"({geom.padding_mode!r}), more than {2 * _RING_BYTES}"
+            )
         return BandedLinesPreconditioner(geom, line, damp, boost, regulariser, cls.name,
                                          np.result_type(op.dtype, np.float64))
 
@@ -148,43 +176,75 @@ def _geometry(op) -> ConvGeometry | None:
     return geom if kernel_line(op.weight[0, 0]) is not None else None
 
 
+def _ring_columns_estimate(geom: ConvGeometry, line: KernelLine) -> int:
+    """About the bytes of the ring's columns: ``16 n`` per packed column, a line meeting
+    some ``2 (b + 1) w`` positions of the ring at its ends (``w`` the widest padding;
+    none for zero padding)."""
+    if _folds_nothing(geom):
+        return 0
+    width = max(max(pair) for pair in geom.padding)
+    return 16 * math.prod(geom.input_size) * (2 * (line.bandwidth + 1) * width)
+
+
 def _folds_nothing(geom: ConvGeometry) -> bool:
     """Whether the padding drops the taps outside the input (zeros, or no padding)."""
     return geom.padding_mode == "zeros" or not any(lo or hi for lo, hi in geom.padding)
 
 
 class BandedLinesPreconditioner(LinearOperator):
-    """``(W^H W + damp^2 I)^{-1}`` (zero padding) as a banded Cholesky factor, line by line.
+    """``(W^H W + damp^2 I)^{-1}`` line by line: a banded Cholesky factor, and for padding
+    that folds taps, the Schur complement of the positions they land on.
 
-    The unknowns are permuted line by line (:func:`_line_order`); the factor
-    is that of the permuted matrix in LAPACK's lower band storage.  Vectors
-    are solved in double precision; a complex vector on a real factor as its
-    real and imaginary parts.
+    The unknowns the padding folds no tap onto (all, with zero padding) are
+    permuted line by line (:func:`_line_order`); the factor is that of their
+    permuted matrix in LAPACK's lower band storage.  The others, the *ring*
+    (the edge for replicate padding, the rows inside it for reflect, the
+    opposite side for circular), are eliminated last (:func:`_ring_pieces`).
+    Vectors are solved in double precision; a complex vector on a real
+    factor as its real and imaginary parts.
     """
 
     def __init__(self, geom, line, damp, boost, regulariser, kind, dtype):
         # (unannotated: scipy-stubs give LinearOperator no __init__ to check against)
         step = np.asarray(geom.dilation) * line.direction
-        self._order, line_id = _line_order(geom.input_size, step)
+        order, line_id, back = _line_order(geom.input_size, step)
         bands = _gram_bands(geom, line)
         shift = boost * _largest_eigenvalue_bound(bands)
         if regulariser == "gradient":
             _add_gradient_part(bands, geom.input_size, step, damp)
         else:
             shift += damp * damp
-        self._factor = _factor(_band_storage(bands, self._order, line_id), shift)
+        ring = _ring(geom, line)
+        inner = ~ring[order]
+        self._inner, line_id, back = order[inner], line_id[inner], back[inner]
+        self._factor = _factor(_band_storage(bands, self._inner, line_id, back), shift)
+        self._ring = np.flatnonzero(ring)
+        self._coupling = self._schur = None
+        if self._ring.size:
+            extra = shift + (damp * damp * gradient_diagonal(1, geom.input_size).reshape(-1)[
+                self._ring] if regulariser == "gradient" else 0.0)
+            self._coupling, self._schur = _ring_pieces(geom, line, self._factor, self._inner,
+                                                       line_id, self._ring, extra)
         self.kind, self.damp = kind, damp
-        n = self._order.size
+        n = math.prod(geom.input_size)
         super().__init__(dtype=dtype, shape=(n, n))
 
     def _solve(self, X: np.ndarray) -> np.ndarray:
         X = X.astype(np.result_type(X.dtype, np.float64), copy=False)
         if np.iscomplexobj(X) and not np.iscomplexobj(self._factor):
             return self._solve(X.real) + 1j * self._solve(X.imag)
-        permuted = scipy.linalg.cho_solve_banded((self._factor, True), X[self._order],
-                                                 check_finite=False)
-        out = np.empty_like(permuted)
-        out[self._order] = permuted
+        out = np.empty(X.shape, dtype=np.result_type(X.dtype, self._factor.dtype))
+        y = _triangular(self._factor, X[self._inner], "N")
+        if self._schur is not None:
+            C = self._coupling  # L^{-1} A_IR: the ring's part of the forward sweep
+            rhs = X[self._ring] - C.conj().T @ y
+            order, factor = self._schur
+            x_ring = np.empty_like(rhs)
+            x_ring[order] = scipy.linalg.cho_solve_banded((factor, True), rhs[order],
+                                                          check_finite=False)
+            out[self._ring] = x_ring
+            y = y - C @ x_ring
+        out[self._inner] = _triangular(self._factor, y, "C")
         return out
 
     def _matvec(self, x):
@@ -197,9 +257,22 @@ class BandedLinesPreconditioner(LinearOperator):
         return self  # Hermitian
 
 
-def _line_order(size: tuple[int, ...], step: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """``(order, line)``: the grid's positions line by line, each line along ``step``, and
-    the line of each position in that order (the flat index of the line's first position).
+def _triangular(factor: np.ndarray, b: np.ndarray, trans: str) -> np.ndarray:
+    """``L^{-1} b`` (``trans='N'``) or ``L^{-H} b`` (``'C'``), ``L`` in lower band storage."""
+    column = b.reshape(b.shape[0], -1)
+    complex_ = np.iscomplexobj(factor) or np.iscomplexobj(column)
+    tbtrs = scipy.linalg.lapack.ztbtrs if complex_ else scipy.linalg.lapack.dtbtrs
+    x, info = tbtrs(factor, column, uplo="L", trans=trans)
+    if info != 0:  # (a Cholesky factor has no zero on its diagonal)
+        raise np.linalg.LinAlgError(f"banded triangular solve failed: info={info}")
+    return x.reshape(b.shape)
+
+
+def _line_order(size: tuple[int, ...],
+                step: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """``(order, line, back)``: the grid's positions line by line, each line along
+    ``step``; the line of each position in that order (the flat index of the line's first
+    position), and how many steps from the line's first position it is.
 
     A position's line starts where one more step back leaves the grid.
     """
@@ -212,7 +285,7 @@ def _line_order(size: tuple[int, ...], step: np.ndarray) -> tuple[np.ndarray, np
             back = np.minimum(back, (n - 1 - grid[axis]) // -s)
     first = np.ravel_multi_index(tuple(grid - back * step[:, None]), size)
     order = np.lexsort((back, first))
-    return order, first[order]
+    return order, first[order], back[order]
 
 
 def _gram_bands(geom: ConvGeometry, line: KernelLine) -> np.ndarray:
@@ -255,19 +328,142 @@ def _largest_eigenvalue_bound(bands: np.ndarray) -> float:
     return float((magnitude[0] + 2 * magnitude[1:].sum(axis=0)).max(initial=0.0))
 
 
-def _band_storage(bands: np.ndarray, order: np.ndarray, line: np.ndarray) -> np.ndarray:
+def _band_storage(bands: np.ndarray, order: np.ndarray, line: np.ndarray,
+                  back: np.ndarray) -> np.ndarray:
     """LAPACK's lower band storage of the permuted matrix: ``ab[k, i] = A[i + k, i]``.
 
-    ``A[q, p] = conj(G[k, p])`` for ``q = p + k u`` on the same line (the next
-    positions of the order); zero across the end of a line.
+    Positions ``i`` and ``i + k`` of ``order`` on the same line, ``m =
+    back[i + k] - back[i]`` steps apart (``k``, unless positions of the ring
+    were left out between them): ``A[q, p] = conj(G[m, p])``; zero across the
+    end of a line, and beyond the band.
     """
     n = order.size
     ab = np.zeros((len(bands), n), dtype=bands.dtype)
-    for k, band in enumerate(bands):
-        same = line[:n - k] == line[k:]
-        ab[k, :n - k] = np.where(same, np.conj(band[order[:n - k]]), 0)
+    flat = bands.reshape(len(bands), -1)
+    for k in range(len(bands)):
+        apart = back[k:] - back[:n - k]
+        same = (line[:n - k] == line[k:]) & (apart < len(bands))
+        values = flat[np.where(same, apart, 0), order[:n - k]]
+        ab[k, :n - k] = np.where(same, np.conj(values), 0)
     ab[0] = ab[0].real
     return ab
+
+
+def _ring(geom: ConvGeometry, line: KernelLine) -> np.ndarray:
+    """Whether the padding folds a tap onto each input position (flat): none for zeros."""
+    ring = np.zeros(math.prod(geom.input_size), dtype=bool)
+    if _folds_nothing(geom):
+        return ring
+    for columns, inside in _tap_columns(geom, line):
+        ring[columns[~inside]] = True
+    return ring
+
+
+def _tap_columns(geom: ConvGeometry, line: KernelLine):
+    """Per nonzero tap: the input position (flat) each output reads through it, after the
+    padding map, and whether that is inside the input (not padding)."""
+    maps = [_padded_index(n, lo, hi, geom.padding_mode) for n, (lo, hi)
+            in zip(geom.input_size, geom.padding)]
+    for tap in line.taps.tolist():
+        frame = [np.arange(o) + d * t for o, d, t in zip(geom.output_size, geom.dilation, tap)]
+        inside = np.ones((), dtype=bool)
+        for f, n, (lo, _) in zip(frame, geom.input_size, geom.padding):
+            inside = np.logical_and.outer(inside, (f >= lo) & (f < lo + n))
+        index = np.ix_(*(m[f] for m, f in zip(maps, frame)))
+        yield np.ravel_multi_index(index, geom.input_size).reshape(-1), inside.reshape(-1)
+
+
+def _ring_rows(geom: ConvGeometry, line: KernelLine, ring: np.ndarray) -> sp.csr_matrix:
+    """The rows of W (the true one, taps folded) of every output that reads the ring."""
+    taps = list(_tap_columns(geom, line))
+    reads = np.zeros(math.prod(geom.output_size), dtype=bool)
+    for columns, _ in taps:
+        reads |= ring[columns]
+    rows = np.flatnonzero(reads)
+    cols = np.concatenate([columns[rows] for columns, _ in taps])
+    values = np.repeat(line.values, rows.size)
+    local = np.tile(np.arange(rows.size), len(taps))
+    return sp.csr_matrix((values, (local, cols)), shape=(rows.size, ring.size))
+
+
+def _ring_pieces(geom: ConvGeometry, line: KernelLine, factor: np.ndarray, inner: np.ndarray,
+                 line_id: np.ndarray, ring: np.ndarray, extra):
+    """``(C, (order, factor))``: ``C = L^{-1} A_IR``, and the Schur complement ``S =
+    A_RR + extra - C^H C`` by :func:`_banded_cholesky` (``A = W^H W``, I the inner
+    positions in the factor's order, R the ring; ``extra`` the shift, and the
+    regulariser's diagonal).
+
+    ``A_IR`` couples each line to the ring near its ends, so ``C`` is solved line by
+    line from the first row that touches the ring, all lines in one banded solve:
+    a line's columns of the ring are packed into as many slots as the line touches.
+    """
+    full = np.zeros(math.prod(geom.input_size), dtype=bool)
+    full[ring] = True
+    rows = _ring_rows(geom, line, full)
+    coupling = (rows.conj().T @ rows[:, ring]).tocsr()  # A[:, R]
+    a_ir = coupling[inner].tocoo()
+    # Pack: slot of each entry among its line's distinct ring columns.
+    line_of = line_id[a_ir.row]
+    pair = np.unique(np.stack([line_of, a_ir.col]), axis=1)
+    slot = np.zeros(pair.shape[1], dtype=np.int64)
+    first_of_line = np.r_[True, pair[0, 1:] != pair[0, :-1]]
+    starts = np.flatnonzero(first_of_line)
+    slot = np.arange(pair.shape[1]) - np.repeat(starts, np.diff(np.r_[starts, pair.shape[1]]))
+    key = np.searchsorted(pair[0] * ring.size + pair[1], line_of * ring.size + a_ir.col)
+    packed = np.zeros((inner.size, int(slot.max()) + 1), dtype=np.result_type(factor, a_ir))
+    np.add.at(packed, (a_ir.row, slot[key]), a_ir.data)
+    solved = _triangular(factor, packed, "N")
+    # Unpack onto the ring's columns: each line's rows, its slots -> its columns; and
+    # S = A_RR + extra - sum over the lines of block^H block, sparse.
+    boundaries = np.flatnonzero(np.r_[True, line_id[1:] != line_id[:-1], True])
+    a_rr = coupling[ring].tocoo()
+    diagonal = np.arange(ring.size)
+    s_rows, s_cols = [a_rr.row, diagonal], [a_rr.col, diagonal]
+    s_values = [a_rr.data, np.broadcast_to(extra, ring.shape).astype(a_rr.dtype)]
+    c_rows, c_cols, c_values = [], [], []
+    for a, e, begin, end in _line_slots(boundaries, line_id, pair, starts):
+        block = solved[a:e, :end - begin]
+        columns = pair[1, begin:end]
+        s_rows.append(np.repeat(columns, columns.size))
+        s_cols.append(np.tile(columns, columns.size))
+        s_values.append(-(block.conj().T @ block).reshape(-1))
+        r, c = np.nonzero(block)
+        c_rows.append(a + r)
+        c_cols.append(columns[c])
+        c_values.append(block[r, c])
+    C = sp.csr_matrix((np.concatenate(c_values), (np.concatenate(c_rows),
+                                                  np.concatenate(c_cols))),
+                      shape=(inner.size, ring.size))
+    S = sp.csr_matrix((np.concatenate(s_values), (np.concatenate(s_rows),
+                                                  np.concatenate(s_cols))),
+                      shape=(ring.size, ring.size))
+    return C, _banded_cholesky(S)
+
+
+def _banded_cholesky(S: sp.csr_matrix) -> tuple[np.ndarray, np.ndarray]:
+    """``(order, factor)``: a bandwidth-reducing order of the sparse Hermitian ``S``
+    (reverse Cuthill-McKee) and the lower banded Cholesky factor of ``S`` in it.
+
+    The ring runs round the border, and the lines join its pieces at their two ends:
+    in the right order a band (the 7x7 anti-diagonal with reflect padding at 256x256:
+    3,024 positions), where the dense factorisation cost 0.22 s.
+    """
+    order = scipy.sparse.csgraph.reverse_cuthill_mckee(S, symmetric_mode=True)
+    permuted = S[order][:, order].tocoo()
+    lower = permuted.row >= permuted.col
+    offset = (permuted.row - permuted.col)[lower]
+    ab = np.zeros((int(offset.max(initial=0)) + 1, S.shape[0]), dtype=S.dtype)
+    ab[offset, permuted.col[lower]] = permuted.data[lower]
+    return order, scipy.linalg.cholesky_banded(ab, lower=True, check_finite=False)
+
+
+def _line_slots(boundaries, line_id, pair, starts):
+    """Per line that touches the ring: its rows ``[a, e)`` and its range of ``pair``."""
+    ends = np.r_[starts[1:], pair.shape[1]]
+    where = np.searchsorted(pair[0, starts], line_id[boundaries[:-1]])
+    for a, e, w in zip(boundaries[:-1].tolist(), boundaries[1:].tolist(), where.tolist()):
+        if w < starts.size and pair[0, starts[w]] == line_id[a]:
+            yield a, e, int(starts[w]), int(ends[w])
 
 
 def _factor(ab: np.ndarray, shift: float) -> np.ndarray:
