@@ -201,10 +201,11 @@ class _DenseBasis:
                        if U is not None)
 
     def _apply(self, x: np.ndarray, conjugate: bool) -> np.ndarray:
-        if len(self.matrices) == 1:
-            return _kronecker_product(self.matrices[0], x, conjugate)
-        return np.concatenate([_kronecker_product(per_axis, x[:, c:c + 1], conjugate)
-                               for c, per_axis in enumerate(self.matrices)], axis=1)
+        with one_blas_thread():  # (as the set-up: see build_preconditioner)
+            if len(self.matrices) == 1:
+                return _kronecker_product(self.matrices[0], x, conjugate)
+            return np.concatenate([_kronecker_product(per_axis, x[:, c:c + 1], conjugate)
+                                   for c, per_axis in enumerate(self.matrices)], axis=1)
 
     def forward(self, x: np.ndarray) -> np.ndarray:
         return self._apply(x, True).reshape(x.shape[0], self.channels, 1, *self.sample_size)
