@@ -259,6 +259,8 @@ class BandedLinesPreconditioner(LinearOperator):
 
 def _triangular(factor: np.ndarray, b: np.ndarray, trans: str) -> np.ndarray:
     """``L^{-1} b`` (``trans='N'``) or ``L^{-H} b`` (``'C'``), ``L`` in lower band storage."""
+    if b.shape[0] == 0:  # (every position in the ring)
+        return b.astype(np.result_type(factor, b))
     column = b.reshape(b.shape[0], -1)
     complex_ = np.iscomplexobj(factor) or np.iscomplexobj(column)
     tbtrs = scipy.linalg.lapack.ztbtrs if complex_ else scipy.linalg.lapack.dtbtrs
@@ -340,7 +342,7 @@ def _band_storage(bands: np.ndarray, order: np.ndarray, line: np.ndarray,
     n = order.size
     ab = np.zeros((len(bands), n), dtype=bands.dtype)
     flat = bands.reshape(len(bands), -1)
-    for k in range(len(bands)):
+    for k in range(min(len(bands), n)):  # (a band wider than the grid: the rest is zero)
         apart = back[k:] - back[:n - k]
         same = (line[:n - k] == line[k:]) & (apart < len(bands))
         values = flat[np.where(same, apart, 0), order[:n - k]]
@@ -402,42 +404,48 @@ def _ring_pieces(geom: ConvGeometry, line: KernelLine, factor: np.ndarray, inner
     rows = _ring_rows(geom, line, full)
     coupling = (rows.conj().T @ rows[:, ring]).tocsr()  # A[:, R]
     a_ir = coupling[inner].tocoo()
+    a_rr = coupling[ring].tocoo()
+    diagonal = np.arange(ring.size)
+    c_entries, s_terms = _couple(a_ir, factor, line_id) if a_ir.nnz else ([], [])
+    C = _assembled(c_entries, (inner.size, ring.size), factor.dtype)
+    S = _assembled([(a_rr.row, a_rr.col, a_rr.data),
+                    (diagonal, diagonal, np.broadcast_to(extra, ring.shape)), *s_terms],
+                   (ring.size, ring.size), np.result_type(factor, a_rr))
+    return C, _banded_cholesky(S)
+
+
+def _assembled(entries, shape, dtype) -> sp.csr_matrix:
+    """The CSR matrix of ``(rows, columns, values)`` pieces, duplicates summed."""
+    if not entries:
+        return sp.csr_matrix(shape, dtype=dtype)
+    rows, cols, values = (np.concatenate(part) for part in zip(*entries))
+    return sp.csr_matrix((values.astype(dtype), (rows, cols)), shape=shape)
+
+
+def _couple(a_ir, factor, line_id):
+    """``C = L^{-1} A_IR``'s entries, and ``S``'s terms ``-C_l^H C_l`` per line ``l``, each
+    as ``(rows, columns, values)``."""
     # Pack: slot of each entry among its line's distinct ring columns.
     line_of = line_id[a_ir.row]
     pair = np.unique(np.stack([line_of, a_ir.col]), axis=1)
-    slot = np.zeros(pair.shape[1], dtype=np.int64)
-    first_of_line = np.r_[True, pair[0, 1:] != pair[0, :-1]]
-    starts = np.flatnonzero(first_of_line)
+    starts = np.flatnonzero(np.r_[True, pair[0, 1:] != pair[0, :-1]])
     slot = np.arange(pair.shape[1]) - np.repeat(starts, np.diff(np.r_[starts, pair.shape[1]]))
-    key = np.searchsorted(pair[0] * ring.size + pair[1], line_of * ring.size + a_ir.col)
-    packed = np.zeros((inner.size, int(slot.max()) + 1), dtype=np.result_type(factor, a_ir))
+    width = a_ir.shape[1]
+    key = np.searchsorted(pair[0] * width + pair[1], line_of * width + a_ir.col)
+    packed = np.zeros((a_ir.shape[0], int(slot.max()) + 1), dtype=np.result_type(factor, a_ir))
     np.add.at(packed, (a_ir.row, slot[key]), a_ir.data)
     solved = _triangular(factor, packed, "N")
-    # Unpack onto the ring's columns: each line's rows, its slots -> its columns; and
-    # S = A_RR + extra - sum over the lines of block^H block, sparse.
+    # Unpack onto the ring's columns: each line's rows, its slots -> its columns.
     boundaries = np.flatnonzero(np.r_[True, line_id[1:] != line_id[:-1], True])
-    a_rr = coupling[ring].tocoo()
-    diagonal = np.arange(ring.size)
-    s_rows, s_cols = [a_rr.row, diagonal], [a_rr.col, diagonal]
-    s_values = [a_rr.data, np.broadcast_to(extra, ring.shape).astype(a_rr.dtype)]
-    c_rows, c_cols, c_values = [], [], []
+    c_entries, s_terms = [], []
     for a, e, begin, end in _line_slots(boundaries, line_id, pair, starts):
         block = solved[a:e, :end - begin]
         columns = pair[1, begin:end]
-        s_rows.append(np.repeat(columns, columns.size))
-        s_cols.append(np.tile(columns, columns.size))
-        s_values.append(-(block.conj().T @ block).reshape(-1))
+        s_terms.append((np.repeat(columns, columns.size), np.tile(columns, columns.size),
+                        -(block.conj().T @ block).reshape(-1)))
         r, c = np.nonzero(block)
-        c_rows.append(a + r)
-        c_cols.append(columns[c])
-        c_values.append(block[r, c])
-    C = sp.csr_matrix((np.concatenate(c_values), (np.concatenate(c_rows),
-                                                  np.concatenate(c_cols))),
-                      shape=(inner.size, ring.size))
-    S = sp.csr_matrix((np.concatenate(s_values), (np.concatenate(s_rows),
-                                                  np.concatenate(s_cols))),
-                      shape=(ring.size, ring.size))
-    return C, _banded_cholesky(S)
+        c_entries.append((a + r, columns[c], block[r, c]))
+    return c_entries, s_terms
 
 
 def _banded_cholesky(S: sp.csr_matrix) -> tuple[np.ndarray, np.ndarray]:
@@ -472,6 +480,8 @@ def _factor(ab: np.ndarray, shift: float) -> np.ndarray:
     the diagonal."""
     ab = ab.copy()
     ab[0] += shift
+    if ab.shape[1] == 0:  # (every position in the ring)
+        return ab
     try:
         return scipy.linalg.cholesky_banded(ab, lower=True, check_finite=False)
     except np.linalg.LinAlgError:
