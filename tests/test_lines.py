@@ -18,10 +18,11 @@ import numpy as np
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from scipy.sparse.linalg import cg
 
-from sparse_tconv import ConvOperator, ConvTransposeOperator
-from sparse_tconv._preconditioning.lines import kernel_line
-from sparse_tconv.solvers import gradient_operator, preconditioner, tikhonov
+from sparse_tconv import ConvOperator, ConvTransposeOperator, solvers
+from sparse_tconv._preconditioning.lines import Lines, kernel_line
+from sparse_tconv.solvers import gradient_operator, normal_operator, preconditioner, tikhonov
 
 
 def rel(a, b) -> float:
@@ -159,7 +160,7 @@ def test_lines_with_the_gradient_adds_its_part_within_the_lines(case):
 
 
 @pytest.mark.parametrize("mode", MODES)
-@pytest.mark.parametrize("damp", [0.1, 1e-2])
+@pytest.mark.parametrize("damp", [1e-2, 1e-3])
 def test_tikhonov_solves_a_diagonal_motion_blur_in_one_iteration(damp, mode):
     op = ConvOperator(ANTI[None, None], (1, 24, 20), padding="same", padding_mode=mode)
     A = dense(op)
@@ -240,3 +241,27 @@ def test_lines_is_the_exact_inverse_on_random_line_layers(layer, damp, phase):
     n = A.shape[1]
     inverse = np.linalg.inv(A.conj().T @ A + damp**2 * np.eye(n))
     assert rel(preconditioner(op, damp, "lines") @ np.eye(n), inverse) < 1e-8
+
+
+@pytest.mark.parametrize("mode", ["zeros", "reflect"])
+def test_tikhonov_runs_plain_cg_where_the_set_up_would_cost_more(mode):
+    op = ConvOperator(ANTI[None, None], (1, 64, 64), padding="same", padding_mode=mode)
+    y = np.random.default_rng(5).standard_normal(op.shape[0])
+    # damp 1: plain CG takes a few iterations, fewer than the factorisation costs
+    assert solvers._plain_iterations(op, 1.0, 1e-6) < Lines.set_up_cost(op)
+    x, info = tikhonov(op, y, 1.0)
+    assert info.preconditioner == "none" and info.converged
+    x, info = tikhonov(op, y, 1e-3)
+    assert info.preconditioner == "lines" and info.iterations <= 2 and info.converged
+
+
+@pytest.mark.parametrize("damp", [0.3, 0.1, 0.03])
+def test_the_plain_cg_estimate_is_within_a_factor_of_three_of_plain_cg(damp):
+    op = ConvOperator(ANTI[None, None], (1, 96, 96), padding="same")
+    rng = np.random.default_rng(6)
+    y = op @ rng.random(op.shape[1]) + 1e-3 * rng.standard_normal(op.shape[0])
+    steps = []
+    cg(normal_operator(op, damp), op.rmatvec(y), rtol=1e-6, maxiter=5000,
+       callback=steps.append)
+    estimate = solvers._plain_iterations(op, damp, 1e-6)
+    assert estimate / 3 <= len(steps) <= 3 * estimate

@@ -90,7 +90,8 @@ def disk(radius):
 
 def choose_for_auto(monkeypatch, kind):
     """Make tikhonov's ``M='auto'`` pick ``kind``: the race then decides, as for its own picks."""
-    monkeypatch.setattr(solvers, "_tikhonov_kind", lambda op, regulariser="identity": kind)
+    monkeypatch.setattr(solvers, "_tikhonov_kind", lambda op, regulariser="identity",
+                        *args: kind)
 
 
 def count_products(op):

@@ -109,6 +109,27 @@ class Construction(abc.ABC):
         return cls.exact(op)
 
     @classmethod
+    def set_up_cost(cls, op: Operator) -> float:
+        """About what building the preconditioner for ``op`` costs, in products with the
+        normal matrix (one with W and one with ``W^H``: one plain CG iteration).
+
+        :func:`~sparse_tconv.solvers.tikhonov`'s ``M='auto'`` runs plain CG where
+        plain CG's solve is expected to cost less.
+
+        Parameters
+        ----------
+        op : ConvOperator or ConvTransposeOperator
+            W.
+
+        Returns
+        -------
+        float
+            2 unless a subclass says more (the transforms of a kernel-sized array
+            and the blocks: about a product).
+        """
+        return 2.0
+
+    @classmethod
     def auto_applies(cls, op: Operator) -> bool:
         """Whether ``kind='auto'`` picks this construction for ``op``.
 

@@ -57,6 +57,15 @@ class Kronecker(Construction):
                 and _cheap_set_up(op) and _separable(op))
 
     @classmethod
+    def set_up_cost(cls, op: Operator) -> float:
+        """``2 + sum_a L_a^3 / (3 taps prod_a L_a)``: the axes' eigendecompositions (at
+        BLAS speed) beside a product (measured: a 3x3 box at 240x240 about 15, a 9x1
+        motion at 256x256 about 16)."""
+        size = _gram_side(op)[1]
+        taps = int(np.prod(op.convolution.geometry.kernel_size))
+        return 2.0 + sum(n**3 for n in size) / (3.0 * taps * int(np.prod(size)))
+
+    @classmethod
     def blocks(cls, op: Operator, damp: float, boost: float, threads: int,
                correct: bool, regulariser: str = "identity") -> Pieces:
         return _kronecker(op, damp, boost)
