@@ -47,6 +47,7 @@ from ._geometry import ConvGeometry
 
 __all__ = [
     "SpectralPreconditioner",
+    "channel_kernels",
     "exact_solve",
     "gram_diagonal",
     "is_exact",
@@ -425,6 +426,18 @@ def _regularised_inverse(H: np.ndarray, shift: float) -> np.ndarray:
 def _gram_side(op) -> tuple[int, tuple[int, ...]]:
     """``(channels, spatial size)`` of the space ``W^H W`` acts on (the operator's input)."""
     return op.input_shape[0], tuple(op.input_shape[1:])
+
+
+def channel_kernels(op) -> np.ndarray | None:
+    """The kernel of each channel (C, *k) where every group maps one channel to one (a
+    single channel, or a depthwise layer without a multiplier); else None.
+
+    W is then block diagonal, one convolution per channel, and so is ``W^H W``.
+    """
+    geom = op.convolution.geometry
+    if not geom.in_channels == geom.out_channels == geom.groups:
+        return None
+    return op.weight[:, 0]
 
 
 def _forward_weight(op) -> np.ndarray:

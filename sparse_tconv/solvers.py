@@ -359,9 +359,9 @@ def preconditioner(op, damp=0.0, kind="auto", *, shift=None, border=True,
         with one input and one output channel, or a depthwise layer with a
         separable kernel in every channel (exact; every axis at most 4096
         long, and the axes' eigendecompositions, ``sum_a L_a^3``, at most 500
-        times a product with W); ``'lines'`` for a single-channel kernel
-        whose nonzero taps lie on one line (a motion blur along a diagonal),
-        stride 1 (exact in every padding mode; a band at most 64 steps wide,
+        times a product with W); ``'lines'`` for kernels whose nonzero
+        taps lie on one line (a motion blur along a diagonal), one channel
+        or a depthwise layer, stride 1 (exact in every padding mode; a band at most 64 steps wide,
         and the folded taps' columns about 512 MB at most); else,
         for a low-pass kernel (a blur: the
         Gram symbol's largest eigenvalue at frequency 0 is within 10% of the
@@ -856,14 +856,16 @@ def tikhonov(op, y, damp, *, L=None, rtol=1e-6, maxiter=None, x0=None, callback=
     *Which preconditioner.*  A separable single-channel kernel makes W a
     Kronecker product of one-dimensional convolutions, whatever the padding
     mode: the ``'kronecker'`` construction is its exact inverse (one
-    iteration).  For other blurs even along every axis the DCTs cut the
+    iteration), per channel for a depthwise layer.  A kernel whose taps lie
+    on one line (a motion blur along a diagonal) makes ``W^H W`` banded
+    line by line: the ``'lines'`` factorisation is its exact inverse.  For other blurs even along every axis the DCTs cut the
     iterations 3-220x on the benchmark's problems and cost about one
     product each.  ``'auto'`` preconditions only with a construction that
     models ``W^H W`` (``Construction.models``: an exact one, or a DCT of
     an even blur) and runs plain CG for the other kernels: measured in time,
     the shifted circulant and block-Jacobi never paid on them (random 3 -> 3
     to 32 -> 32 channel layers: 0.4-0.9x plain CG; asymmetric blurs such as
-    an anti-diagonal motion or an L-shape: 0.74-1.5x, and the DCTs 0.36-0.6x).
+    an L-shape: 0.74-1.5x, and the DCTs 0.36-0.6x).
     On a wide W (a strided convolution) the ``n - rank(W)`` eigenvalues at
     ``damp**2`` form one cluster that plain CG resolves in one step and an
     inexact preconditioner spreads; ``'auto'`` runs plain CG there.

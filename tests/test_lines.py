@@ -179,7 +179,8 @@ def test_the_ring_is_where_the_padding_folds_taps():
         zeros = ConvOperator(ANTI[None, None], (1, 14, 13), padding=3)
         differs = np.abs(dense(op) - dense(zeros)).sum(axis=0) > 0
         M = preconditioner(op, 0.1, "lines")
-        assert sorted(M._ring.tolist()) == np.flatnonzero(differs).tolist()
+        (solver,) = M._solvers
+        assert sorted(solver._ring.tolist()) == np.flatnonzero(differs).tolist()
         assert differs.any()
 
 
@@ -265,3 +266,22 @@ def test_the_plain_cg_estimate_is_within_a_factor_of_three_of_plain_cg(damp):
        callback=steps.append)
     estimate = solvers._plain_iterations(op, damp, 1e-6)
     assert estimate / 3 <= len(steps) <= 3 * estimate
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_lines_of_a_depthwise_layer_are_the_exact_inverse(mode):
+    # one line per channel: two channels share the anti-diagonal, one has a diagonal of
+    # its own, so W^H W is block diagonal over the channels
+    other = line_kernel((7, 7), (0, 0), (1, 1), [0.5, 1.0, -1.0, 2.0, 0.0, 1.0, 1.0])
+    kernel = np.stack([ANTI, other, ANTI])[:, None]
+    op = ConvOperator(kernel, (3, 10, 9), padding=3, groups=3, padding_mode=mode)
+    A = dense(op)
+    n = A.shape[1]
+    M = preconditioner(op, 0.05, "lines")
+    assert len({id(solver) for solver in M._solvers}) == 2  # the same kernel, one solver
+    assert rel(M @ np.eye(n), np.linalg.inv(A.T @ A + 0.0025 * np.eye(n))) < 1e-8
+    exact = {"lines", "circulant"} if mode == "circular" else {"lines"}
+    assert preconditioner(op, 0.05).kind in exact
+    y = np.random.default_rng(8).standard_normal((A.shape[0], 2))
+    assert rel(M @ (y[:n] * (1 - 1j)), np.linalg.inv(A.T @ A + 0.0025 * np.eye(n))
+               @ (y[:n] * (1 - 1j))) < 1e-8

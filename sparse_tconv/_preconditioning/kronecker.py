@@ -23,6 +23,7 @@ from .._preconditioners import (
     _gram_side,
     _regularised_inverse,
     _total_shift,
+    channel_kernels,
     kronecker_factors,
 )
 from .base import Construction, Operator, Pieces
@@ -108,7 +109,7 @@ def _axis_matrix(op, axis: int, vector: np.ndarray) -> np.ndarray:
 
 def _kronecker(op, damp: float, boost: float):
     """``W^H W`` of ``sigma A_1 (x) ... (x) A_N`` per channel, diagonalised axis by axis."""
-    kernels = _channel_kernels(op)
+    kernels = channel_kernels(op)
     if kernels is None:
         raise NotImplementedError(
             "kind='kronecker' needs one input and one output channel per group (one "
@@ -151,21 +152,9 @@ def _channel_factors(op, kernel: np.ndarray) -> tuple[tuple[np.ndarray | None, .
     return tuple(bases), abs(sigma) ** 2 * functools.reduce(np.multiply.outer, values)
 
 
-def _channel_kernels(op) -> np.ndarray | None:
-    """The kernel of each channel (C, *k) where every group maps one channel to one (a
-    single channel, or a depthwise layer without a multiplier); else None.
-
-    W is then block diagonal, one convolution per channel, and so is ``W^H W``.
-    """
-    geom: ConvGeometry = op.convolution.geometry
-    if not geom.in_channels == geom.out_channels == geom.groups:
-        return None
-    return op.weight[:, 0]
-
-
 def _separable(op) -> bool:
     """One channel in and out per group, and a rank-one kernel in each (to
     :data:`SEPARABLE_RTOL`)."""
-    kernels = _channel_kernels(op)
+    kernels = channel_kernels(op)
     return kernels is not None and all(kronecker_factors(k)[2] <= SEPARABLE_RTOL
                                        for k in kernels)

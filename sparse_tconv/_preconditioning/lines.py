@@ -37,6 +37,9 @@ a ring of 1,018 positions with replicate padding, 3,024 with reflect).
 Measured as a preconditioner, the zero-padding model alone had lost to
 plain CG 5-10x on those (over 1,000 iterations against plain CG's 300).
 
+A depthwise layer (one channel in and out per group) is one such problem per
+channel; channels with the same kernel share the factorisation.
+
 With ``L='gradient'`` the model adds the part of ``damp^2 D^H D`` within
 each line: its diagonal, and the differences along the line where the line
 runs along an axis.
@@ -55,7 +58,7 @@ import scipy.sparse.csgraph
 from scipy.sparse.linalg import LinearOperator
 
 from .._geometry import ConvGeometry
-from .._preconditioners import _FLOOR
+from .._preconditioners import _FLOOR, channel_kernels
 from ..direct import _padded_index
 from .base import Construction, Operator, Pieces
 from .gradient import gradient_diagonal
@@ -84,30 +87,31 @@ class Lines(Construction):
 
     @classmethod
     def auto_applies(cls, op: Operator) -> bool:
-        """Where it applies, the band is at most 64 steps wide, and the ring's columns
+        """Where it applies, every band is at most 64 steps wide, and the ring's columns
         (:func:`_ring_columns_estimate`) take at most 512 MB."""
-        geom = _geometry(op)
-        if geom is None:
+        geom, lines = _geometry(op), _channel_lines(op)
+        if geom is None or lines is None:
             return False
-        line = kernel_line(op.weight[0, 0])
-        return (line is not None and line.bandwidth <= _AUTO_BANDWIDTH
-                and _ring_columns_estimate(geom, line) <= _RING_BYTES)
+        return (max(line.bandwidth for line in lines) <= _AUTO_BANDWIDTH
+                and sum(_ring_columns_estimate(geom, line) for line in lines) <= _RING_BYTES)
 
     @classmethod
     def set_up_cost(cls, op: Operator) -> float:
         """``2 + 2 (b + 1)^2 / t``, and ``15 w (b + 1) / t`` more for a ring (``t`` nonzero
-        taps, ``w`` the widest padding): measured on the 7x7 anti-diagonal at 256x256
-        (``b + 1 = t = 7``, ``w = 3``), about 12 products with zero padding, 42 with
-        replicate and 56 with reflect."""
-        geom = _geometry(op)
-        line = kernel_line(op.weight[0, 0])
-        if geom is None or line is None:
+        taps, ``w`` the widest padding; the largest over the channels): measured on the
+        7x7 anti-diagonal at 256x256 (``b + 1 = t = 7``, ``w = 3``), about 12 products
+        with zero padding, 42 with replicate and 56 with reflect."""
+        geom, lines = _geometry(op), _channel_lines(op)
+        if geom is None or lines is None:
             return math.inf
-        span, taps = line.bandwidth + 1, len(line.steps)
-        cost = 2.0 + 2.0 * span * span / taps
-        if not _folds_nothing(geom):
-            cost += 15.0 * max(max(pair) for pair in geom.padding) * span / taps
-        return cost
+        costs = []
+        for line in lines:
+            span, taps = line.bandwidth + 1, len(line.steps)
+            cost = 2.0 + 2.0 * span * span / taps
+            if not _folds_nothing(geom):
+                cost += 15.0 * max(max(pair) for pair in geom.padding) * span / taps
+            costs.append(cost)
+        return max(costs)
 
     @classmethod
     def blocks(cls, op: Operator, damp: float, boost: float, threads: int,
@@ -120,24 +124,23 @@ class Lines(Construction):
     @classmethod
     def preconditioner(cls, op: Operator, damp: float, boost: float, threads: int,
                        correct: bool, regulariser: str = "identity") -> LinearOperator:
-        geom = _geometry(op)
-        if geom is None:
+        geom, lines = _geometry(op), _channel_lines(op)
+        if geom is None or lines is None:
             raise NotImplementedError(
                 "kind='lines' needs a convolution (not transposed) with one input and one "
-                "output channel, stride 1, and a kernel whose nonzero taps lie on one line; "
-                f"got weight.shape={op.weight.shape}, "
+                "output channel per group (one channel, or a depthwise layer), stride 1, "
+                "and kernels whose nonzero taps lie on one line; got "
+                f"weight.shape={op.weight.shape}, groups={op.convolution.geometry.groups}, "
                 f"stride={op.convolution.geometry.stride}"
             )
-        line = kernel_line(op.weight[0, 0])
-        assert line is not None  # (_geometry checked it)
-        nbytes = _ring_columns_estimate(geom, line)
+        nbytes = sum(_ring_columns_estimate(geom, line) for line in lines)
         if nbytes > 2 * _RING_BYTES:
             raise NotImplementedError(
                 f"kind='lines' would hold up to {nbytes} bytes of the folded taps' columns for "
                 f"the input size {geom.input_size} with padding {geom.padding} "
                 f"({geom.padding_mode!r}), more than {2 * _RING_BYTES}"
             )
-        return BandedLinesPreconditioner(geom, line, damp, boost, regulariser, cls.name,
+        return BandedLinesPreconditioner(geom, lines, damp, boost, regulariser, cls.name,
                                          np.result_type(op.dtype, np.float64))
 
 
@@ -184,12 +187,27 @@ def kernel_line(kernel: np.ndarray) -> KernelLine | None:
 
 
 def _geometry(op) -> ConvGeometry | None:
-    """The operator's geometry where the construction applies to it, else None."""
+    """The operator's geometry where the construction applies to it, else None: a
+    convolution of stride 1, one channel in and out per group, kernels on lines."""
     geom: ConvGeometry = op.convolution.geometry
-    if (op.convolution.transposed or geom.in_channels != 1 or geom.out_channels != 1
-            or any(s != 1 for s in geom.stride)):
+    if op.convolution.transposed or any(s != 1 for s in geom.stride):
         return None
-    return geom if kernel_line(op.weight[0, 0]) is not None else None
+    return geom if _channel_lines(op) is not None else None
+
+
+def _channel_lines(op) -> list[KernelLine] | None:
+    """Each channel's kernel line, where every group maps one channel to one and every
+    kernel's taps lie on a line; else None."""
+    kernels = channel_kernels(op)
+    if kernels is None:
+        return None
+    lines = []
+    for kernel in kernels:
+        line = kernel_line(kernel)
+        if line is None:
+            return None
+        lines.append(line)
+    return lines
 
 
 def _ring_columns_estimate(geom: ConvGeometry, line: KernelLine) -> int:
@@ -208,7 +226,46 @@ def _folds_nothing(geom: ConvGeometry) -> bool:
 
 
 class BandedLinesPreconditioner(LinearOperator):
-    """``(W^H W + damp^2 I)^{-1}`` line by line: a banded Cholesky factor, and for padding
+    """``(W^H W + damp^2 I)^{-1}`` line by line, channel by channel (:class:`_LineSolver`).
+
+    A depthwise layer's channels are independent; channels with the same kernel share
+    one solver.  Vectors are solved in double precision; a complex vector on real
+    factors as its real and imaginary parts.
+    """
+
+    def __init__(self, geom, lines, damp, boost, regulariser, kind, dtype):
+        # (unannotated: scipy-stubs give LinearOperator no __init__ to check against)
+        shared = {}  # (channels with the same kernel share a solver)
+        self._solvers = []
+        for line in lines:
+            key = b"".join(a.tobytes() for a in (line.direction, line.taps, line.values))
+            if key not in shared:
+                shared[key] = _LineSolver(geom, line, damp, boost, regulariser)
+            self._solvers.append(shared[key])
+        self._complex = any(s.complex for s in shared.values())
+        self.kind, self.damp = kind, damp
+        n = len(lines) * math.prod(geom.input_size)
+        super().__init__(dtype=dtype, shape=(n, n))
+
+    def _solve(self, X: np.ndarray) -> np.ndarray:
+        X = X.astype(np.result_type(X.dtype, np.float64), copy=False)
+        if np.iscomplexobj(X) and not self._complex:
+            return self._solve(X.real) + 1j * self._solve(X.imag)
+        channels = X.reshape(len(self._solvers), -1, *X.shape[1:])
+        return np.concatenate([solver.solve(x) for solver, x in zip(self._solvers, channels)])
+
+    def _matvec(self, x):
+        return self._solve(np.asarray(x).reshape(-1))
+
+    def _matmat(self, X):
+        return self._solve(np.asarray(X))
+
+    def _adjoint(self):
+        return self  # Hermitian
+
+
+class _LineSolver:
+    """One channel's ``(W^H W + damp^2 I)^{-1}``: a banded Cholesky factor, and for padding
     that folds taps, the Schur complement of the positions they land on.
 
     The unknowns the padding folds no tap onto (all, with zero padding) are
@@ -216,12 +273,10 @@ class BandedLinesPreconditioner(LinearOperator):
     permuted matrix in LAPACK's lower band storage.  The others, the *ring*
     (the edge for replicate padding, the rows inside it for reflect, the
     opposite side for circular), are eliminated last (:func:`_ring_pieces`).
-    Vectors are solved in double precision; a complex vector on a real
-    factor as its real and imaginary parts.
     """
 
-    def __init__(self, geom, line, damp, boost, regulariser, kind, dtype):
-        # (unannotated: scipy-stubs give LinearOperator no __init__ to check against)
+    def __init__(self, geom: ConvGeometry, line: KernelLine, damp: float, boost: float,
+                 regulariser: str):
         step = np.asarray(geom.dilation) * line.direction
         order, line_id, back = _line_order(geom.input_size, step)
         bands = _gram_bands(geom, line)
@@ -235,23 +290,20 @@ class BandedLinesPreconditioner(LinearOperator):
         self._inner, line_id, back = order[inner], line_id[inner], back[inner]
         self._factor = _factor(_band_storage(bands, self._inner, line_id, back), shift)
         self._ring = np.flatnonzero(ring)
-        self._coupling = self._schur = None
+        self._coupling: sp.csr_matrix | None = None
+        self._schur: tuple[np.ndarray, np.ndarray] | None = None
         if self._ring.size:
             extra = shift + (damp * damp * gradient_diagonal(1, geom.input_size).reshape(-1)[
                 self._ring] if regulariser == "gradient" else 0.0)
             self._coupling, self._schur = _ring_pieces(geom, line, self._factor, self._inner,
                                                        line_id, self._ring, extra)
-        self.kind, self.damp = kind, damp
-        n = math.prod(geom.input_size)
-        super().__init__(dtype=dtype, shape=(n, n))
+        self.complex = bool(np.iscomplexobj(self._factor))
 
-    def _solve(self, X: np.ndarray) -> np.ndarray:
-        X = X.astype(np.result_type(X.dtype, np.float64), copy=False)
-        if np.iscomplexobj(X) and not np.iscomplexobj(self._factor):
-            return self._solve(X.real) + 1j * self._solve(X.imag)
+    def solve(self, X: np.ndarray) -> np.ndarray:
+        """The solution for ``X`` (positions, or positions x columns)."""
         out = np.empty(X.shape, dtype=np.result_type(X.dtype, self._factor.dtype))
         y = _triangular(self._factor, X[self._inner], "N")
-        if self._schur is not None:
+        if self._schur is not None and self._coupling is not None:
             C = self._coupling  # L^{-1} A_IR: the ring's part of the forward sweep
             rhs = X[self._ring] - C.conj().T @ y
             order, factor = self._schur
@@ -262,15 +314,6 @@ class BandedLinesPreconditioner(LinearOperator):
             y = y - C @ x_ring
         out[self._inner] = _triangular(self._factor, y, "C")
         return out
-
-    def _matvec(self, x):
-        return self._solve(np.asarray(x).reshape(-1))
-
-    def _matmat(self, X):
-        return self._solve(np.asarray(X))
-
-    def _adjoint(self):
-        return self  # Hermitian
 
 
 def _triangular(factor: np.ndarray, b: np.ndarray, trans: str) -> np.ndarray:
