@@ -113,7 +113,7 @@ def test_each_problem_builds_its_operator(problem):
     assert problem.ndim == ndim
     assert type(op) is (ConvTransposeOperator if problem.transposed else ConvOperator)
     channels = w.shape[0] if problem.transposed else w.shape[1] * op.groups
-    assert op.groups == (3 if problem.blur == "depthwise3" else 1)
+    assert op.groups == (3 if problem.blur in ("depthwise3", "motion3") else 1)
     assert op.input_shape == (channels,) + (problem.n,) * ndim
     assert op.stride == (problem.stride,) * ndim
     assert op.output_shape[1:] == (math.ceil(problem.n / problem.stride),) * ndim

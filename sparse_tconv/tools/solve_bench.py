@@ -124,13 +124,15 @@ _KERNELS = {
     "box3": lambda: np.full((1, 1, 3, 3), 1 / 9),
     "mix3": lambda: _unit_rows(np.random.default_rng(0).standard_normal((3, 3, 3, 3))),
     "depthwise3": lambda: np.stack([_gaussian(7, s) for s in (1.0, 1.5, 2.0)])[:, None],
+    # a colour image under one anti-diagonal motion: depthwise, not separable
+    "motion3": lambda: np.stack([np.fliplr(np.eye(7)) / 7] * 3)[:, None],
     "random5": lambda: np.random.default_rng(0).standard_normal((1, 1, 5, 5)) / 5,
     "exp15": lambda: _exponential()[None, None],
     "gauss1d": lambda: _gaussian(15, 3.0, 1)[None, None],  # 1-D, symmetric
     "gauss3d": lambda: _gaussian(5, 1.0, 3)[None, None],
     "ball3d": lambda: _ball(2, 3)[None, None],
 }
-_GROUPS = {"depthwise3": 3}
+_GROUPS = {"depthwise3": 3, "motion3": 3}
 
 
 def kernel(blur: str) -> np.ndarray:
@@ -321,6 +323,7 @@ def _general_problems() -> list[GeneralProblem]:
         G("mix3", "zeros", 80, 1e-2), G("mix3", "zeros", 80, 1e-3),
         G("mix3", "replicate", 96, 1e-2),
         G("depthwise3", "replicate", 128, 1e-2),
+        G("motion3", "replicate", 128, 5e-3),
         G("random5", "zeros", 96, 1e-2),
         # (quick: plain CG takes milliseconds, and a preconditioner's set-up as long)
         G("exp15", "zeros", 2048, 1e-3),
