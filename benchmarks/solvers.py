@@ -1,7 +1,8 @@
 """Deconvolution: time to a Tikhonov solution, plain CG against tikhonov's choice.
 
 The problems are the asv sizes of sparse_tconv.tools.solve_bench (128x128
-blurs at damp 1e-2, one per padding mode, and a 4 -> 4 channel layer).
+blurs at damp 1e-2, one per padding mode, a 4 -> 4 channel layer, and the
+anti-diagonal motion with reflect padding at damp 5e-3).
 """
 
 try:

@@ -235,11 +235,12 @@ QUICK_PROBLEMS = [Problem("disk", m, 32, 1e-2, ("kronecker", "dct2", "dct1", "ci
     Problem("gaussian", "replicate", 32, 1e-2),
     Problem("gaussian", "circular", 32, 1e-2),
     Problem("random4", "zeros", 16, 1e-2, ("circulant", "block_jacobi"))]
-# The asv suite's: one per padding mode and the multi-channel layer, minutes in all.
+# The asv suite's: one per padding mode, the multi-channel layer and the anti-diagonal
+# motion (the lines construction and its ring), minutes in all.
 ASV_PROBLEMS = {f"{p.blur}-{p.mode}": p for p in (
     Problem("gaussian", "zeros", 128, 1e-2), Problem("gaussian", "replicate", 128, 1e-2),
     Problem("gaussian", "reflect", 128, 1e-2), Problem("gaussian", "circular", 128, 1e-2),
-    Problem("random4", "zeros", 48, 1e-2))}
+    Problem("random4", "zeros", 48, 1e-2), Problem("anti7", "reflect", 128, 5e-3))}
 # The iteration counts of the automatic choice, 128^2 to 512^2.
 SCALING_SIZES, QUICK_SCALING_SIZES = (128, 256, 512), (16, 32)
 
