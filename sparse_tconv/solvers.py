@@ -858,11 +858,12 @@ def tikhonov(op, y, damp, *, L=None, rtol=1e-6, maxiter=None, x0=None, callback=
     mode: the ``'kronecker'`` construction is its exact inverse (one
     iteration), per channel for a depthwise layer.  A kernel whose taps lie
     on one line (a motion blur along a diagonal) makes ``W^H W`` banded
-    line by line: the ``'lines'`` factorisation is its exact inverse.  For other blurs even along every axis the DCTs cut the
-    iterations 3-220x on the benchmark's problems and cost about one
-    product each.  ``'auto'`` preconditions only with a construction that
-    models ``W^H W`` (``Construction.models``: an exact one, or a DCT of
-    an even blur) and runs plain CG for the other kernels: measured in time,
+    line by line: the ``'lines'`` factorisation is its exact inverse.  For
+    other blurs even along every axis the DCTs cut the iterations 3-220x on
+    the benchmark's problems and cost about one product each.  ``'auto'``
+    preconditions only with a construction that models ``W^H W``
+    (``Construction.models``: an exact one, or a DCT of an even blur), and
+    runs plain CG for the other kernels: measured in time,
     the shifted circulant and block-Jacobi never paid on them (random 3 -> 3
     to 32 -> 32 channel layers: 0.4-0.9x plain CG; asymmetric blurs such as
     an L-shape: 0.74-1.5x, and the DCTs 0.36-0.6x).
