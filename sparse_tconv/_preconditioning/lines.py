@@ -99,12 +99,19 @@ class Lines(Construction):
     @classmethod
     def set_up_cost(cls, op: Operator) -> float:
         """``2 + 2 (b + 1)^2 / t``, and ``15 w (b + 1) / t`` more for a ring (``t`` nonzero
-        taps, ``w`` the widest padding; the largest over the channels): measured on the
-        7x7 anti-diagonal at 256x256 (``b + 1 = t = 7``, ``w = 3``), about 12 products
-        with zero padding, 42 with replicate and 56 with reflect."""
+        taps, ``w`` the widest padding; the largest over the channels), times ``(n /
+        65536)^0.6`` above 65,536 positions per channel.
+
+        Measured on the 7x7 anti-diagonal (``b + 1 = t = 7``, ``w = 3``): at 256x256
+        about 12 products with zero padding, 42 with replicate and 56 with reflect; at
+        512x512 with reflect 90-105, at 1024x1024 with zero padding 20-80.  The set-up
+        writes fresh arrays of the image's size (the band, the order, the ring's
+        columns), slow to touch on these machines, where the products reuse theirs.
+        """
         geom, lines = _geometry(op), _channel_lines(op)
         if geom is None or lines is None:
             return math.inf
+        size = max(1.0, math.prod(geom.input_size) / 65536) ** 0.6
         costs = []
         for line in lines:
             span, taps = line.bandwidth + 1, len(line.steps)
@@ -112,7 +119,7 @@ class Lines(Construction):
             if not _folds_nothing(geom):
                 cost += 15.0 * max(max(pair) for pair in geom.padding) * span / taps
             costs.append(cost)
-        return max(costs)
+        return size * max(costs)
 
     @classmethod
     def blocks(cls, op: Operator, damp: float, boost: float, threads: int,
@@ -354,8 +361,11 @@ def _gram_bands(geom: ConvGeometry, line: KernelLine) -> np.ndarray:
     """``G[k, p]``: the entry of ``W^H W`` between input ``p`` and ``p + k u`` (flat ``p``).
 
     ``sum_j conj(w_j) w_{j+k}`` over the taps ``j`` whose output ``p + lo -
-    d t_j`` lies in the output (zero padding drops the others): one GEMM of
-    the tap products with the taps' 0/1 masks.
+    d t_j`` lies in the output (zero padding drops the others).  A tap's 0/1
+    mask is the outer product of one mask per axis, so the sum is a
+    contraction of the tap products with the axes' masks (no ``taps x n``
+    array: fresh memory is slow to touch, 2 of 2.1 s of the set-up at
+    1024x1024 went to such arrays).
     """
     b = line.bandwidth
     at = {int(j): w for j, w in zip(line.steps, line.values)}
@@ -364,15 +374,14 @@ def _gram_bands(geom: ConvGeometry, line: KernelLine) -> np.ndarray:
         for k in range(b + 1 - j):
             if j + k in at:
                 pairs[k, i] = np.conj(w) * at[j + k]
-    masks = np.empty((len(line.steps), math.prod(geom.input_size)))
-    for i, tap in enumerate(line.taps):
-        mask = np.ones((), dtype=bool)
-        for n, (lo, _), d, o, t in zip(geom.input_size, geom.padding, geom.dilation,
-                                       geom.output_size, tap.tolist()):
-            first = np.arange(n) + lo - d * t
-            mask = np.multiply.outer(mask, (first >= 0) & (first < o))
-        masks[i] = mask.reshape(-1)
-    return pairs @ masks
+    masks = []  # per axis (taps, L_a): whether the tap's output along the axis exists
+    for axis, (n, (lo, _), d, o) in enumerate(zip(geom.input_size, geom.padding,
+                                                  geom.dilation, geom.output_size)):
+        first = np.arange(n)[None, :] + lo - d * line.taps[:, axis:axis + 1]
+        masks.append(((first >= 0) & (first < o)).astype(np.float64))
+    axes = "abcdefghi"[:len(masks)]
+    spec = "kj," + ",".join("j" + a for a in axes) + "->k" + axes
+    return np.einsum(spec, pairs, *masks, optimize=True).reshape(b + 1, -1)
 
 
 def _add_gradient_part(bands: np.ndarray, size: tuple[int, ...], step: np.ndarray,
@@ -466,8 +475,10 @@ def _ring_pieces(geom: ConvGeometry, line: KernelLine, factor: np.ndarray, inner
     a_ir = coupling[inner].tocoo()
     a_rr = coupling[ring].tocoo()
     diagonal = np.arange(ring.size)
-    c_entries, s_terms = _couple(a_ir, factor, line_id) if a_ir.nnz else ([], [])
-    C = _assembled(c_entries, (inner.size, ring.size), factor.dtype)
+    if a_ir.nnz:
+        C, s_terms = _couple(a_ir, factor, line_id)
+    else:
+        C, s_terms = sp.csr_matrix((inner.size, ring.size), dtype=factor.dtype), []
     S = _assembled([(a_rr.row, a_rr.col, a_rr.data),
                     (diagonal, diagonal, np.broadcast_to(extra, ring.shape)), *s_terms],
                    (ring.size, ring.size), np.result_type(factor, a_rr))
@@ -482,9 +493,9 @@ def _assembled(entries, shape, dtype) -> sp.csr_matrix:
     return sp.csr_matrix((values.astype(dtype), (rows, cols)), shape=shape)
 
 
-def _couple(a_ir, factor, line_id):
-    """``C = L^{-1} A_IR``'s entries, and ``S``'s terms ``-C_l^H C_l`` per line ``l``, each
-    as ``(rows, columns, values)``."""
+def _couple(a_ir, factor, line_id) -> tuple[sp.csr_matrix, list]:
+    """``C = L^{-1} A_IR``, and ``S``'s terms ``-C_l^H C_l`` per line ``l`` as ``(rows,
+    columns, values)``."""
     # The ring's columns of each line, in order: pairs (line, column) as one sorted key.
     width = a_ir.shape[1]
     line_of = line_id[a_ir.row]
@@ -495,19 +506,24 @@ def _couple(a_ir, factor, line_id):
     slot = np.arange(keys.size) - np.repeat(starts, counts)
     # Pack: each line's columns into slots 0 .. count - 1, and solve all lines at once.
     packed = np.zeros((a_ir.shape[0], int(counts.max())), dtype=np.result_type(factor, a_ir))
-    np.add.at(packed, (a_ir.row, slot[where]), a_ir.data)
+    packed[a_ir.row, slot[where]] = a_ir.data  # (each row and column once: no duplicates)
     solved = _triangular(factor, packed, "N")
-    # Unpack: row i's slot j is column columns[starts[line of i] + j] (rows of lines that
-    # touch no ring column, and slots past a line's count, are zero).
-    first = np.searchsorted(lines[starts], line_id)
-    touches = (first < starts.size) & (lines[starts[np.minimum(first, starts.size - 1)]]
-                                       == line_id)
-    rows, slots = np.nonzero(solved * touches[:, None])
-    c_entry = (rows, columns[starts[first[rows]] + slots], solved[rows, slots])
-    # S's terms, line by line: the k x k block^H block of a line with k columns (the
-    # order holds each line as one run; line_id is sorted).
+    # C as a CSR matrix of the packed array itself, a row's slots its entries: on a
+    # line's rows slot j is the line's j-th ring column; rows of lines that touch no
+    # ring column, and slots past a line's count, are zeros on column 0 (summed as
+    # such).  The order holds each line as one run (line_id is sorted): the columns
+    # are set per run and repeated over its rows (one n x slots array of indices:
+    # fresh memory is slow to touch).
     bounds = np.flatnonzero(np.r_[True, line_id[1:] != line_id[:-1], True])
     run = np.searchsorted(line_id[bounds[:-1]], lines[starts])
+    index = np.int32 if max(width, solved.size) < 2**31 else np.int64
+    per_run = np.zeros((bounds.size - 1, packed.shape[1]), dtype=index)
+    per_run[np.repeat(run, counts), slot] = columns
+    C = sp.csr_matrix((solved.reshape(-1),
+                       np.repeat(per_run, np.diff(bounds), axis=0).reshape(-1),
+                       np.arange(0, solved.size + 1, packed.shape[1], dtype=index)),
+                      shape=(a_ir.shape[0], width))
+    # S's terms, line by line: the k x k block^H block of a line with k columns.
     values = [-(block.conj().T @ block).reshape(-1) for block in
               (solved[a:e, :k] for a, e, k in zip(bounds[run].tolist(),
                                                   bounds[run + 1].tolist(), counts.tolist()))]
@@ -516,7 +532,7 @@ def _couple(a_ir, factor, line_id):
     within = np.arange(group.size) - np.repeat(np.cumsum(squares) - squares, squares)
     base, k = starts[group], counts[group]
     s_term = (columns[base + within // k], columns[base + within % k], np.concatenate(values))
-    return [c_entry], [s_term]
+    return C, [s_term]
 
 
 def _banded_cholesky(S: sp.csr_matrix) -> tuple[np.ndarray, np.ndarray]:
@@ -539,8 +555,7 @@ def _banded_cholesky(S: sp.csr_matrix) -> tuple[np.ndarray, np.ndarray]:
 def _factor(ab: np.ndarray, shift: float) -> np.ndarray:
     """The banded Cholesky factor of ``A + shift I``; where that is singular (no damping of
     a singular ``W^H W``), of ``A + (shift + floor) I``, the floor a 1e-10 part of the top of
-    the diagonal."""
-    ab = ab.copy()
+    the diagonal.  ``ab`` is overwritten (its diagonal)."""
     ab[0] += shift
     if ab.shape[1] == 0:  # (every position in the ring)
         return ab
