@@ -84,15 +84,16 @@ class Lines(Construction):
     @classmethod
     def exact(cls, op: Operator) -> bool:
         """Wherever it applies (every padding mode)."""
-        return _geometry(op) is not None
+        return _applicable(op) is not None
 
     @classmethod
     def auto_applies(cls, op: Operator) -> bool:
         """Where it applies, every band is at most 64 steps wide, and the ring's columns
         (:func:`_ring_columns_estimate`) take at most 512 MB."""
-        geom, lines = _geometry(op), _channel_lines(op)
-        if geom is None or lines is None:
+        applicable = _applicable(op)
+        if applicable is None:
             return False
+        geom, lines = applicable
         return (max(line.bandwidth for line in lines) <= _AUTO_BANDWIDTH
                 and sum(_ring_columns_estimate(geom, line) for line in lines) <= _RING_BYTES)
 
@@ -108,9 +109,10 @@ class Lines(Construction):
         writes fresh arrays of the image's size (the band, the order, the ring's
         columns), slow to touch on these machines, where the products reuse theirs.
         """
-        geom, lines = _geometry(op), _channel_lines(op)
-        if geom is None or lines is None:
+        applicable = _applicable(op)
+        if applicable is None:
             return math.inf
+        geom, lines = applicable
         size = max(1.0, math.prod(geom.input_size) / 65536) ** 0.6
         costs = []
         for line in lines:
@@ -132,8 +134,8 @@ class Lines(Construction):
     @classmethod
     def preconditioner(cls, op: Operator, damp: float, boost: float, threads: int,
                        correct: bool, regulariser: str = "identity") -> LinearOperator:
-        geom, lines = _geometry(op), _channel_lines(op)
-        if geom is None or lines is None:
+        applicable = _applicable(op)
+        if applicable is None:
             raise NotImplementedError(
                 "kind='lines' needs a convolution (not transposed) with one input and one "
                 "output channel per group (one channel, or a depthwise layer), stride 1, "
@@ -141,6 +143,7 @@ class Lines(Construction):
                 f"weight.shape={op.weight.shape}, groups={op.convolution.geometry.groups}, "
                 f"stride={op.convolution.geometry.stride}"
             )
+        geom, lines = applicable
         nbytes = sum(_ring_columns_estimate(geom, line) for line in lines)
         if nbytes > 2 * _RING_BYTES:
             raise NotImplementedError(
@@ -194,13 +197,15 @@ def kernel_line(kernel: np.ndarray) -> KernelLine | None:
                       kernel[tuple(taps[order].T)])
 
 
-def _geometry(op) -> ConvGeometry | None:
-    """The operator's geometry where the construction applies to it, else None: a
-    convolution of stride 1, one channel in and out per group, kernels on lines."""
+def _applicable(op) -> tuple[ConvGeometry, list[KernelLine]] | None:
+    """``(geometry, each channel's kernel line)`` where the construction applies to the
+    operator, else None: a convolution of stride 1, one channel in and out per group,
+    kernels on lines."""
     geom: ConvGeometry = op.convolution.geometry
     if op.convolution.transposed or any(s != 1 for s in geom.stride):
         return None
-    return geom if _channel_lines(op) is not None else None
+    lines = _channel_lines(op)
+    return None if lines is None else (geom, lines)
 
 
 def _channel_lines(op) -> list[KernelLine] | None:
@@ -293,7 +298,9 @@ class _LineSolver:
             _add_gradient_part(bands, geom.input_size, step, damp)
         else:
             shift += damp * damp
-        ring = _ring(geom, line)
+        # (the folded taps' columns, once: the ring, then the rows of W that read it)
+        taps = [] if _folds_nothing(geom) else list(_tap_columns(geom, line))
+        ring = _ring(geom, taps)
         inner = ~ring[order]
         self._inner, line_id, back = order[inner], line_id[inner], back[inner]
         self._factor = _factor(_band_storage(bands, self._inner, line_id, back), shift)
@@ -303,7 +310,8 @@ class _LineSolver:
         if self._ring.size:
             extra = shift + (damp * damp * gradient_diagonal(1, geom.input_size).reshape(-1)[
                 self._ring] if regulariser == "gradient" else 0.0)
-            self._coupling, self._schur = _ring_pieces(geom, line, self._factor, self._inner,
+            rows = _ring_rows(geom, line, taps, ring)
+            self._coupling, self._schur = _ring_pieces(rows, self._factor, self._inner,
                                                        line_id, self._ring, extra)
         self.complex = bool(np.iscomplexobj(self._factor))
 
@@ -420,12 +428,11 @@ def _band_storage(bands: np.ndarray, order: np.ndarray, line: np.ndarray,
     return ab
 
 
-def _ring(geom: ConvGeometry, line: KernelLine) -> np.ndarray:
-    """Whether the padding folds a tap onto each input position (flat): none for zeros."""
+def _ring(geom: ConvGeometry, taps) -> np.ndarray:
+    """Whether the padding folds a tap onto each input position (flat), from
+    :func:`_tap_columns` (none for zero padding, whose taps are not listed)."""
     ring = np.zeros(math.prod(geom.input_size), dtype=bool)
-    if _folds_nothing(geom):
-        return ring
-    for columns, inside in _tap_columns(geom, line):
+    for columns, inside in taps:
         ring[columns[~inside]] = True
     return ring
 
@@ -444,9 +451,9 @@ def _tap_columns(geom: ConvGeometry, line: KernelLine):
         yield np.ravel_multi_index(index, geom.input_size).reshape(-1), inside.reshape(-1)
 
 
-def _ring_rows(geom: ConvGeometry, line: KernelLine, ring: np.ndarray) -> sp.csr_matrix:
-    """The rows of W (the true one, taps folded) of every output that reads the ring."""
-    taps = list(_tap_columns(geom, line))
+def _ring_rows(geom: ConvGeometry, line: KernelLine, taps, ring: np.ndarray) -> sp.csr_matrix:
+    """The rows of W (the true one, taps folded) of every output that reads the ring
+    (``taps`` from :func:`_tap_columns`, ``ring`` the mask of :func:`_ring`)."""
     reads = np.zeros(math.prod(geom.output_size), dtype=bool)
     for columns, _ in taps:
         reads |= ring[columns]
@@ -457,20 +464,17 @@ def _ring_rows(geom: ConvGeometry, line: KernelLine, ring: np.ndarray) -> sp.csr
     return sp.csr_matrix((values, (local, cols)), shape=(rows.size, ring.size))
 
 
-def _ring_pieces(geom: ConvGeometry, line: KernelLine, factor: np.ndarray, inner: np.ndarray,
+def _ring_pieces(rows: sp.csr_matrix, factor: np.ndarray, inner: np.ndarray,
                  line_id: np.ndarray, ring: np.ndarray, extra):
     """``(C, (order, factor))``: ``C = L^{-1} A_IR``, and the Schur complement ``S =
     A_RR + extra - C^H C`` by :func:`_banded_cholesky` (``A = W^H W``, I the inner
     positions in the factor's order, R the ring; ``extra`` the shift, and the
-    regulariser's diagonal).
+    regulariser's diagonal; ``rows`` those of :func:`_ring_rows`).
 
     ``A_IR`` couples each line to the ring near its ends, so ``C`` is solved line by
     line from the first row that touches the ring, all lines in one banded solve:
     a line's columns of the ring are packed into as many slots as the line touches.
     """
-    full = np.zeros(math.prod(geom.input_size), dtype=bool)
-    full[ring] = True
-    rows = _ring_rows(geom, line, full)
     coupling = (rows.conj().T @ rows[:, ring]).tocsr()  # A[:, R]
     a_ir = coupling[inner].tocoo()
     a_rr = coupling[ring].tocoo()
