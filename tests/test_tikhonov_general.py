@@ -454,33 +454,35 @@ def test_a_run_on_course_meets_rtol_within_the_probe(label, history, expected):
     assert safeguard._on_course(history_run(history)) is expected
 
 
+def dct_then_auto(radius: int, damp: float, seed: str):
+    """A disk blur at 48x48: ``(info, products)`` of tikhonov with the DCT-II by name (no
+    race), then with ``M='auto'``."""
+    op = ConvOperator(disk(radius)[None, None], (1, 48, 48), padding="same")
+    y = op @ np.random.default_rng(seed_of(seed)).random(op.shape[1])
+    counted = count_products(op)
+    _, dct_info = tikhonov(op, y, damp, M="dct2")
+    dct_products, counted[0] = counted[0], 0
+    _, info = tikhonov(op, y, damp)
+    return (dct_info, dct_products), (info, counted[0])
+
+
 def test_a_run_on_course_is_not_raced():
     # the DCT-II of a disk blur at damp 1e-1 meets rtol in about a dozen iterations: a race
     # would add at least a round of plain CG
-    op = ConvOperator(disk(3)[None, None], (1, 48, 48), padding="same")
-    y = op @ np.random.default_rng(seed_of("on-course")).random(op.shape[1])
-    counted = count_products(op)
-    _, dct_info = tikhonov(op, y, 1e-1, M="dct2")
-    dct_products, counted[0] = counted[0], 0
-    _, info = tikhonov(op, y, 1e-1)
+    (dct_info, dct_products), (info, products) = dct_then_auto(3, 1e-1, "on-course")
     assert info.preconditioner == "dct2" and info.converged
     assert dct_info.iterations > safeguard.ROUNDS[0]  # past the first round, yet no race:
-    assert counted[0] <= dct_products + 2  # no plain CG iterations (2 spare, as above)
+    assert products <= dct_products + 2  # no plain CG iterations (2 spare, as above)
 
 
 def test_a_run_ahead_is_raced_at_the_same_iterations():
     # The DCT-II of a disk blur at damp 1e-3 runs ahead while on course, then falls off
     # it short of rtol: plain CG then catches up and is compared at 10 iterations with
     # the DCT's residual at 10, as a race from the start would (and costs no more).
-    op = ConvOperator(disk(4)[None, None], (1, 48, 48), padding="same")
-    y = op @ np.random.default_rng(seed_of("ahead")).random(op.shape[1])
-    counted = count_products(op)
-    _, dct_info = tikhonov(op, y, 1e-3, M="dct2")
-    dct_products, counted[0] = counted[0], 0
-    _, info = tikhonov(op, y, 1e-3)
+    (dct_info, dct_products), (info, products) = dct_then_auto(4, 1e-3, "ahead")
     assert dct_info.iterations > safeguard.AHEAD  # past what it may run alone
     assert info.preconditioner == "dct2" and info.converged
-    assert counted[0] <= dct_products + safeguard.ROUNDS[0] + 2
+    assert products <= dct_products + safeguard.ROUNDS[0] + 2
 
 
 def test_a_run_level_at_an_earlier_iteration():
