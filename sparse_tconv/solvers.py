@@ -29,6 +29,7 @@ from scipy.sparse.linalg import LinearOperator, aslinearoperator
 from ._methods import METHODS, Method, Problem, Residual
 from ._methods import auto as auto_method
 from ._operator import CONV_OPERATORS
+from ._preconditioners import channel_kernels
 from ._preconditioning import Construction, auto, build_preconditioner, kinds, resolve
 from ._validation import (
     check_bool,
@@ -627,10 +628,10 @@ def _plain_iterations(op, damp: float, rtol: float) -> float:
     damp 1e-1, 3e-2 and 5e-3, where the bound is 73, 240 and 1,450 (the data's
     smoothness helps CG most where the damping is small).
     """
-    geom = op.convolution.geometry
-    if damp == 0.0 or not (op.weight.shape[1] == 1 and geom.groups == op.weight.shape[0]):
+    kernels = channel_kernels(op)
+    if damp == 0.0 or kernels is None:
         return math.inf
-    norm = float(np.abs(op.weight).reshape(op.weight.shape[0], -1).sum(axis=1).max())
+    norm = float(np.abs(kernels).reshape(len(kernels), -1).sum(axis=1).max())
     return 0.25 * math.sqrt(1.0 + (norm / damp) ** 2) * math.log(2.0 / rtol)
 
 
