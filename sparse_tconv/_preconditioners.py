@@ -332,8 +332,31 @@ def _apply_blocks(K: np.ndarray, X: np.ndarray) -> np.ndarray:
     """``Y[b, g, :, f] = K[g, :, :, f] @ X[b, g, :, f]``, K (g, a, c, *F) broadcasting over F."""
     if K.shape[1] == K.shape[2] == 1:
         return K[None, :, :, 0] * X  # one channel per group: elementwise
+    if K.shape[1] * K.shape[2] <= _LOOP_BLOCKS:
+        return _blocks_by_entry(K, X)
     # Frequencies last, so that each multiply-add runs over all of them at once.
     return np.einsum("gac...,bgc...->bga...", K, X)
+
+
+# Up to this many entries a block, _apply_blocks multiplies entry by entry: measured on
+# one thread, 3 x 3 blocks at 80 x 41 frequencies 31 us against einsum's 51, 4 x 4 at
+# 96 x 49 76 against 130, 8 x 8 at 64 x 33 185 against 235.
+_LOOP_BLOCKS = 64
+
+
+def _blocks_by_entry(K: np.ndarray, X: np.ndarray) -> np.ndarray:
+    """:func:`_apply_blocks` as ``a c`` multiply-adds over the frequencies per group."""
+    batch, (g, a, c) = X.shape[0], K.shape[:3]
+    out = np.empty((batch, g, a, *X.shape[3:]), dtype=np.result_type(K, X))
+    term = np.empty(X.shape[3:], dtype=out.dtype)
+    for b in range(batch):
+        for group in range(g):
+            for i in range(a):
+                row = out[b, group, i]
+                np.multiply(K[group, i, 0], X[b, group, 0], out=row)
+                for j in range(1, c):
+                    row += np.multiply(K[group, i, j], X[b, group, j], out=term)
+    return out
 
 
 # ---------------------------------------------------------------------------
@@ -405,12 +428,55 @@ def _total_shift(H: np.ndarray, damp: float, boost: float) -> float:
     return damp * damp + boost * top
 
 
-def _regularised_inverse(H: np.ndarray, shift: float) -> np.ndarray:
-    """``(H_f + shift I)^{-1}`` for Hermitian PSD blocks H (g, *F, m, m), as (g, m, m, *F)."""
+def _shifted_inverse(H: np.ndarray, damp: float, boost: float) -> tuple[np.ndarray, float]:
+    """``(inverse, shift)``: :func:`_regularised_inverse` with :func:`_total_shift`'s shift.
+
+    Where no eigenvalue can fall below the floor (``shift`` at least twice the
+    floor of the largest trace, which bounds every eigenvalue), the blocks'
+    plain inverses, which equal the eigendecomposition's to rounding and cost a
+    third of it (3 x 3 blocks at 80 x 41 frequencies: 1.4 ms against 3.9);
+    ``lambda_max`` from the blocks whose trace can hold it (``trace >= m
+    lambda`` bounds it from below in the block of largest trace).
+    """
+    m = H.shape[-1]
+    if m == 1:
+        shift = _total_shift(H, damp, boost)
+        return _regularised_inverse(H, shift), shift
+    traces = np.einsum("...ii->...", H).real
+    top_trace = float(traces.max(initial=0.0))
+    shift = damp * damp
+    if boost:
+        shift += boost * _largest_eigenvalue(H, traces)
+    if shift == 0.0 or shift < 2 * _FLOOR * top_trace:
+        return _regularised_inverse(H, shift), shift
+    K = np.linalg.inv(H + shift * np.eye(m))
+    K = 0.5 * (K + np.conj(np.swapaxes(K, -1, -2)))  # Hermitian to the last bit
+    return np.ascontiguousarray(np.moveaxis(K, (-2, -1), (1, 2))), shift
+
+
+def _largest_eigenvalue(H: np.ndarray, traces: np.ndarray) -> float:
+    """The largest eigenvalue of the Hermitian PSD blocks ``H`` (..., m, m), ``traces``
+    theirs: that of the 64 blocks of largest trace, then of the others whose trace (an
+    upper bound) exceeds it."""
+    H, traces = H.reshape(-1, *H.shape[-2:]), traces.reshape(-1)
+    first = np.argsort(traces)[::-1][:64]
+    top = float(np.linalg.eigvalsh(H[first]).max(initial=0.0))
+    rest = np.flatnonzero(traces > top)
+    rest = rest[~np.isin(rest, first)]
+    if rest.size:
+        top = max(top, float(np.linalg.eigvalsh(H[rest]).max(initial=0.0)))
+    return top
+
+
+def _regularised_inverse(H: np.ndarray, shift: float, eigen=None) -> np.ndarray:
+    """``(H_f + shift I)^{-1}`` for Hermitian PSD blocks H (g, *F, m, m), as (g, m, m, *F).
+
+    ``eigen``: ``np.linalg.eigh(H)`` where the caller has it already.
+    """
     if H.shape[-1] == 1:
         inverse = _reciprocal(H[..., 0, 0].real, shift)
         return np.ascontiguousarray(inverse[:, None, None])
-    values, vectors = np.linalg.eigh(H)
+    values, vectors = np.linalg.eigh(H) if eigen is None else eigen
     inverse = _reciprocal(values, shift)
     K = (vectors * inverse[..., None, :]) @ np.conj(np.swapaxes(vectors, -1, -2))
     if not np.iscomplexobj(H):

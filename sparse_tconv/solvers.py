@@ -29,7 +29,6 @@ from scipy.sparse.linalg import LinearOperator, aslinearoperator
 from ._methods import METHODS, Method, Problem, Residual
 from ._methods import auto as auto_method
 from ._operator import CONV_OPERATORS
-from ._preconditioners import channel_kernels
 from ._preconditioning import Construction, auto, build_preconditioner, kinds, resolve
 from ._validation import (
     check_bool,
@@ -620,18 +619,25 @@ def _blocks_nbytes(op) -> int:
 
 def _plain_iterations(op, damp: float, rtol: float) -> float:
     """About how many iterations plain CG takes: half its bound ``sqrt(kappa) / 2
-    ln(2 / rtol)``, ``kappa = 1 + ||W||^2 / damp^2`` with ``||W||`` about the largest
-    sum of a channel's ``|w|`` (one channel per group); infinite for channel mixing
-    or no damping.
+    ln(2 / rtol)``, ``kappa = 1 + ||W||^2 / damp^2``; infinite with no damping.
 
-    Measured on the 7x7 anti-diagonal at 256x256 (sum 1): 40, 100 and 300 iterations at
-    damp 1e-1, 3e-2 and 5e-3, where the bound is 73, 240 and 1,450 (the data's
-    smoothness helps CG most where the damping is small).
+    ``||W||`` is bounded by the Schur test, ``sqrt(r c)`` with ``r`` the largest
+    sum of ``|w|`` over an output channel's taps and inputs and ``c`` over an input
+    channel's taps and outputs (the sum of a channel's ``|w|`` where each group maps
+    one channel to one).  Measured on the 7x7 anti-diagonal at 256x256 (sum 1): 40,
+    100 and 300 iterations at damp 1e-1, 3e-2 and 5e-3, where the bound is 73, 240
+    and 1,450 (the data's smoothness helps CG most where the damping is small); on
+    random 3 -> 3 layers with unit rows (solve_bench's ``mix3``), 151-175 at 1e-2 and
+    443 at 1e-3 where it is 363 and 3,600.
     """
-    kernels = channel_kernels(op)
-    if damp == 0.0 or kernels is None:
+    if damp == 0.0:
         return math.inf
-    norm = float(np.abs(kernels).reshape(len(kernels), -1).sum(axis=1).max())
+    geom = op.convolution.geometry
+    g = geom.groups
+    taps = np.abs(op.weight).reshape(*op.weight.shape[:2], -1).sum(axis=2)  # (out, in / g)
+    rows = float(taps.sum(axis=1).max(initial=0.0))
+    columns = float(taps.reshape(g, -1, taps.shape[1]).sum(axis=1).max(initial=0.0))
+    norm = math.sqrt(rows * columns)
     return 0.25 * math.sqrt(1.0 + (norm / damp) ** 2) * math.log(2.0 / rtol)
 
 

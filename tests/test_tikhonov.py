@@ -314,9 +314,9 @@ def test_auto_kinds():
          "kronecker"),
         (ConvOperator(separable, (1, 9, 8), padding=2, stride=2), "kronecker"),
         (ConvOperator(separable, (1, 5000, 3), padding="same"), "dct2"),  # too long an axis
-        # not low-pass (a sharpening filter): the (shifted) circulant
+        # not low-pass (a sharpening filter), stride 1: the circulant and the border's block
         (ConvOperator(np.einsum("oc,kl->ockl", [[1.0, 0.3], [0.2, 1.0]], sharpen), (2, 8, 8),
-                      padding=1), "circulant"),
+                      padding=1), "bordered"),
         (ConvOperator(np.stack([blur[0], blur[0]], axis=1), (2, 8, 8), padding=2), "dct2"),
     ]
     for op, kind in cases:

@@ -21,6 +21,7 @@ from .._blas import one_blas_thread
 from .._parallel import resolve_threads
 from .base import Construction, Operator
 from .block_jacobi import BlockJacobi
+from .bordered import Bordered
 from .circulant import Circulant, ExactCirculant
 from .cosine import DCT1, DCT2
 from .gradient import REGULARISERS
@@ -41,7 +42,7 @@ __all__ = [
 ]
 
 CONSTRUCTIONS: dict[str, type[Construction]] = {
-    cls.name: cls for cls in (Circulant, DCT2, DCT1, Kronecker, Lines, BlockJacobi)
+    cls.name: cls for cls in (Circulant, DCT2, DCT1, Kronecker, Lines, Bordered, BlockJacobi)
 }
 """Every construction by its kind, in the order error messages list them."""
 
@@ -51,6 +52,7 @@ AUTO_ORDER: list[type[Construction]] = [
     Lines,  # a kernel on one line: the inverse, line by line, the folded taps' ring last
     DCT1,  # a blur with a Toeplitz Gram matrix: the cosine matching the padding
     DCT2,
+    Bordered,  # channel mixing: the circulant inside, the border's block solved exactly
     Circulant,  # the shifted circulant, where the kernel has one on the grid
     BlockJacobi,  # anything else
 ]

@@ -16,6 +16,7 @@ from .._preconditioners import (
     _gram_side,
     _PositionBasis,
     _regularised_inverse,
+    _shifted_inverse,
     _total_shift,
     gram_diagonal,
 )
@@ -68,7 +69,7 @@ def _block_jacobi(op, damp: float, boost: float, gradient: bool = False):
     basis = _PositionBasis(channels, groups, size)
     H = H.reshape(groups, *size, m, m)
     if not gradient:
-        return basis, _regularised_inverse(H, _total_shift(H, damp, boost)), None
+        return basis, _shifted_inverse(H, damp, boost)[0], None
     shift = _total_shift(H, 0.0, boost)  # no damp^2 I in these equations
     extra = (damp * damp) * gradient_diagonal(channels, size).reshape(groups, m, *size)
     index = np.arange(m)

@@ -20,6 +20,7 @@ from .._preconditioners import (
     _gram,
     _matching_scale,
     _regularised_inverse,
+    _shifted_inverse,
     _total_shift,
     gram_diagonal,
     is_exact,
@@ -68,11 +69,11 @@ class Circulant(Construction):
         H = _gram(Bop)
         if regulariser == "gradient":
             return _with_gradient(op, basis, H, damp, boost, correct)
-        shift = _total_shift(H, damp, boost)
+        inverse, shift = _shifted_inverse(H, damp, boost)
         scale = None
         if correct and not exact:
             scale = _matching_scale(op, _circulant_diagonal(H, basis), shift)
-        return basis, _regularised_inverse(H, shift), scale
+        return basis, inverse, scale
 
 
 class ExactCirculant(Circulant):

@@ -23,6 +23,7 @@ from .._preconditioners import (
     _gram_side,
     _matching_scale,
     _regularised_inverse,
+    _shifted_inverse,
     _total_shift,
     gram_diagonal,
 )
@@ -199,13 +200,13 @@ def _cosine(op, damp: float, boost: float, threads: int, dct_type: Literal[1, 2]
             scale = gradient_scale(gram_diagonal(op) + extra,
                                    _cosine_diagonal(G, lags, size, axes) + extra, shift, _FLOOR)
         return basis, _regularised_inverse(H, shift), scale
-    shift = _total_shift(H, damp, boost)
+    inverse, shift = _shifted_inverse(H, damp, boost)
     scale = None
     if correct and dct_type == 1:
         scale = _reflect_weights(op, axes)
     elif correct:
         scale = _matching_scale(op, _cosine_diagonal(G, lags, size, axes), shift)
-    return basis, _regularised_inverse(H, shift), scale
+    return basis, inverse, scale
 
 
 def _cosine_sums(values: np.ndarray, axis: int, lag: np.ndarray, n: int, N: int) -> np.ndarray:
