@@ -44,15 +44,14 @@ from typing import ClassVar
 import numpy as np
 import scipy.linalg
 import scipy.linalg.lapack
-import scipy.sparse as sp
 from scipy.sparse.linalg import LinearOperator
 
 from .._build import build
 from .._geometry import ConvGeometry, matrix_size
-from .._preconditioners import _FLOOR
+from .._parallel import run_parallel
 from .base import Construction, Operator, Pieces
 from .circulant import Circulant, has_surrogate
-from .lines import _banded_cholesky
+from .lines import _factor, rcm_band
 
 __all__ = ["Bordered", "BorderedPreconditioner"]
 
@@ -125,10 +124,7 @@ class Bordered(Construction):
                 f"kind='bordered' takes the border's rows from W^T's CSR, {nbytes} bytes "
                 f"here, more than {_CSR_BYTES}"
             )
-        # (no border scaling: it changes the circulant's rows on the ring alone, which the
-        # ring's block then solves exactly; the iterations were the same with it)
-        circulant = Circulant.preconditioner(op, damp, boost, threads, correct=False)
-        return BorderedPreconditioner(op, damp, circulant, threads, cls.name)
+        return BorderedPreconditioner(op, damp, boost, threads, cls.name)
 
 
 def _applicable(op) -> bool:
@@ -157,31 +153,42 @@ class BorderedPreconditioner(LinearOperator):
     """Symmetric multiplicative Schwarz of the ring's exact block and the circulant (see
     the module docstring); Hermitian positive definite."""
 
-    def __init__(self, op, damp, circulant, threads, kind):
+    def __init__(self, op, damp, boost, threads, kind):
         # (unannotated: scipy-stubs give LinearOperator no __init__ to check against)
-        geom: ConvGeometry = op.convolution.geometry
-        channels = geom.in_channels
-        ring = np.broadcast_to(ring_mask(geom), (channels, *geom.input_size))
-        self._ring = np.flatnonzero(ring)
-        # The ring's rows of W^H W: the ring's columns of W are rows of W^T's CSR.
-        weight = op.weight.astype(np.result_type(op.weight.dtype, np.float64), copy=False)
-        W = build(geom, weight, transposed=False, threads=threads)
-        # (the ring's columns of W sliced and transposed: less than building W^T's CSR too)
-        columns = W[:, self._ring].T.tocsr()  # (ring, outputs)
-        rows = columns.conj() @ W  # W[:, S]^H W
-        count = self._ring.size
-        damping = sp.csr_array((np.full(count, damp * damp), self._ring, np.arange(count + 1)),
-                               shape=rows.shape)
-        self._rows = (rows + damping).tocsr()  # A_{S:}
-        self._columns = self._rows.conj().T.tocsr()  # A_{:S}
-        self._order, self._factor = _factor_ring(self._rows[:, self._ring].tocsr())
-        # (LAPACK's pbtrs itself: cho_solve_banded's checks took a fifth of its time)
-        self._pbtrs = scipy.linalg.lapack.get_lapack_funcs("pbtrs", (self._factor,))
-        self._circulant = circulant
+        parts: dict = {}
+
+        def circulant():
+            # (no border scaling: it changes the circulant's rows on the ring alone, which
+            # the ring's block then solves exactly; the iterations were the same with it)
+            parts["circulant"] = Circulant.preconditioner(op, damp, boost, 1, correct=False)
+
+        # The two parts on two threads (on one, they took 15 ms for a 3 -> 3 layer at 80x80,
+        # the ring two thirds); each on one thread itself, so that neither waits for the other.
+        run_parallel(lambda part: part(), [lambda: self._set_up_ring(op, damp), circulant],
+                     min(threads, 2))
+        self._circulant = parts["circulant"]
         self._sample_shape = op.input_shape
         self.kind, self.damp = kind, damp
         n = math.prod(op.input_shape)
         super().__init__(dtype=np.result_type(op.dtype, np.float64), shape=(n, n))
+
+    def _set_up_ring(self, op, damp: float) -> None:
+        geom: ConvGeometry = op.convolution.geometry
+        ring = np.broadcast_to(ring_mask(geom), (geom.in_channels, *geom.input_size))
+        self._ring = np.flatnonzero(ring)
+        weight = op.weight.astype(np.result_type(op.weight.dtype, np.float64), copy=False)
+        W = build(geom, weight, transposed=False, threads=1)
+        # The ring's rows of W^H W, from the ring's columns of W (sliced and transposed:
+        # less than building W^T's CSR too).  The damping is added where they are used.
+        rows = W[:, self._ring].T.tocsr().conj() @ W
+        self._rows = rows.tocsr()  # (W^H W)_{S:}
+        # (W^H W)_{:S} as the CSC transpose of the rows, multiplied without conversion
+        self._rows_adjoint = self._rows.T.conj() if np.iscomplexobj(rows) else self._rows.T
+        self._damp2 = damp * damp
+        order, band = rcm_band(self._rows[:, self._ring].tocsr())
+        self._order, self._factor = order, _factor(band, self._damp2)
+        # (LAPACK's pbtrs itself: cho_solve_banded's checks took a fifth of its time)
+        self._pbtrs = scipy.linalg.lapack.get_lapack_funcs("pbtrs", (self._factor,))
 
     def _ring_solve(self, R: np.ndarray) -> np.ndarray:
         """``A_SS^{-1} R`` for R (ring, columns), in the factor's order and back."""
@@ -198,11 +205,13 @@ class BorderedPreconditioner(LinearOperator):
         R = R.astype(np.result_type(R.dtype, self._factor.dtype, np.float64), copy=False)
         S = self._ring
         z_ring = self._ring_solve(R[S])
-        R1 = R - self._columns @ z_ring
+        R1 = R - self._rows_adjoint @ z_ring  # r - A z, z on the ring ...
+        R1[S] = 0.0  # ... where it is r_S - A_SS A_SS^{-1} r_S
         samples = np.ascontiguousarray(R1.T).reshape(R.shape[1], *self._sample_shape)
         U = self._circulant.solve(samples).reshape(R.shape[1], -1).T
         out = U.astype(np.result_type(U.dtype, R.dtype))  # (a copy, in n x columns order)
-        out[S] += z_ring + self._ring_solve(R1[S] - self._rows @ U)
+        AU = self._rows @ U + self._damp2 * U[S]  # (A u)_S
+        out[S] += z_ring - self._ring_solve(AU)
         return out
 
     def _matvec(self, x):
@@ -213,14 +222,3 @@ class BorderedPreconditioner(LinearOperator):
 
     def _adjoint(self):
         return self  # Hermitian
-
-
-def _factor_ring(block: sp.csr_matrix) -> tuple[np.ndarray, np.ndarray]:
-    """:func:`.lines._banded_cholesky` of the ring's block; where that is singular (no
-    damping of a singular ``W^H W``), of the block plus a 1e-10 part of its diagonal's top."""
-    try:
-        return _banded_cholesky(block)
-    except np.linalg.LinAlgError:
-        top = float(np.abs(block.diagonal()).max(initial=0.0))
-        floor = _FLOOR * (top if top > 0 else 1.0)
-        return _banded_cholesky((block + floor * sp.identity(block.shape[0])).tocsr())
