@@ -99,6 +99,12 @@ class _FourierBasis:
 
     def forward(self, x: np.ndarray) -> np.ndarray:
         n, batch = len(self.grid), x.shape[0]
+        fft = scipy.fft.rfftn if self.real else scipy.fft.fftn
+        axes = tuple(range(-n, 0))
+        if not any(s > 1 for s in self.split):  # no phases: the samples as they are
+            x = x.reshape(batch, self.channels, *self.grid)
+            X = fft(x, axes=axes, workers=_workers(x, self.threads))
+            return X.reshape(batch, self.groups, self.block_size, *self.frequencies)
         shape = [batch, self.channels]
         for m, s in zip(self.grid, self.split):
             shape += [m, s]
@@ -112,6 +118,12 @@ class _FourierBasis:
 
     def inverse(self, X: np.ndarray) -> np.ndarray:
         n, batch = len(self.grid), X.shape[0]
+        if not any(s > 1 for s in self.split):
+            X = X.reshape(batch, self.channels, *self.frequencies)
+            axes, workers = tuple(range(-n, 0)), _workers(X, self.threads)
+            if self.real:
+                return scipy.fft.irfftn(X, s=self.grid, axes=axes, workers=workers)
+            return scipy.fft.ifftn(X, axes=axes, workers=workers)
         X = X.reshape(batch, self.channels, *self.split, *self.frequencies)
         axes = tuple(range(2 + n, 2 + 2 * n))
         workers = _workers(X, self.threads)

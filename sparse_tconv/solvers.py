@@ -353,8 +353,10 @@ def preconditioner(op, damp=0.0, kind="auto", *, shift=None, border=True,
         W.
     damp : float, optional
         The damping of the system to precondition (default 0).
-    kind : {'auto', 'circulant', 'dct2', 'dct1', 'kronecker', 'lines', 'block_jacobi'}, optional
-        The construction (see Notes).  ``'auto'`` (default): ``'circulant'``
+    kind : str, optional
+        The construction (see Notes): ``'auto'``, ``'circulant'``, ``'dct2'``,
+        ``'dct1'``, ``'kronecker'``, ``'lines'``, ``'bordered'`` or
+        ``'block_jacobi'`` (the registry's kinds).  ``'auto'`` (default): ``'circulant'``
         where W is circulant (exact); ``'kronecker'`` for a separable kernel
         with one input and one output channel, or a depthwise layer with a
         separable kernel in every channel (exact; every axis at most 4096
@@ -368,14 +370,17 @@ def preconditioner(op, damp=0.0, kind="auto", *, shift=None, border=True,
         top) whose Gram kernel is even along every axis (within 25%, see
         Notes) and whose Gram matrix is Toeplitz (stride 1, or any transposed
         convolution), ``'dct1'`` for reflect padding and ``'dct2'`` for the
-        other modes; else ``'circulant'`` (shifted) when the strides divide
-        the input size, else ``'dct2'`` or ``'block_jacobi'``.
+        other modes; else, for a convolution of stride 1 (channel mixing, an
+        asymmetric kernel), ``'bordered'`` where W's CSR would take at most
+        64 MB; else ``'circulant'`` (shifted) when the strides divide the
+        input size, else ``'dct2'`` or ``'block_jacobi'``.
     shift : float, optional
         Damp the preconditioner more than the system: its blocks are
         inverted with ``damp**2 + shift * lambda_max`` in place of
         ``damp**2`` (``lambda_max`` the largest eigenvalue of its model of
         ``W^H W``).  Default ``None``: ``1e-3`` for ``'dct2'``, ``0.1`` for
-        ``'circulant'`` where W is not circulant, 0 otherwise (see Notes).
+        ``'circulant'`` where W is not circulant, ``0.01`` for the circulant
+        inside ``'bordered'``, 0 otherwise (see Notes).
     border : bool, optional
         Apply the border correction ``S`` of the construction (see Notes).
         Default True; False gives the plain transform model, as in the
@@ -411,7 +416,8 @@ def preconditioner(op, damp=0.0, kind="auto", *, shift=None, border=True,
         channels per group, or eigenvectors over 512 MiB (``16 C
         sum(L_a**2)`` bytes); ``'lines'`` on a kernel off one line, several
         channels, a stride or a transposed convolution, or folded taps'
-        columns of about 1 GiB.
+        columns of about 1 GiB; ``'bordered'`` on a stride or a transposed
+        convolution, no circulant of the kernel, or W's CSR over 256 MiB.
 
     See Also
     --------
@@ -509,6 +515,16 @@ def preconditioner(op, damp=0.0, kind="auto", *, shift=None, border=True,
       every mode.  With ``L='gradient'`` it adds the part of ``damp^2 D^H
       D`` within the lines (its diagonal, and the differences along an
       axis-aligned line).
+    * ``'bordered'``: the circulant (shift ``0.01``, no border scaling) and
+      the exact block of ``A = W^H W + damp^2 I`` on the *ring* ``S`` of
+      positions within ``d (k - 1)`` of an edge (its rows ``W[:, S]^H W``
+      from W's CSR; a banded Cholesky factor in reverse Cuthill-McKee
+      order), combined as symmetric multiplicative Schwarz: ``I - M A =
+      (I - B_S A)(I - C A)(I - B_S A)``, ``B_S`` the ring's solve.  Each
+      application costs the circulant's and two banded solves and two sparse
+      products with the ring's rows; where the ring is the whole input it
+      is the inverse.  Any kernel, channels and padding mode, stride 1, not
+      transposed.
     * ``'block_jacobi'`` (no transform): ``H_f`` is the ``m x m`` diagonal
       block of ``W^H W`` at position ``f``, computed from the matrix (for
       one channel the squared column norms: Jacobi).  Any geometry; it only
@@ -664,11 +680,12 @@ def _tikhonov_kind(op, regulariser: str = "identity", damp: float = 0.0,
         return "none"
     chosen = auto(op, regulariser)
     if not chosen.models(op):
-        # The registry's choices for the other kernels lost to plain CG in time on every
-        # problem measured (2 threads, damp 5e-3 to 1e-2): the shifted circulant on random
-        # 3 -> 3 to 32 -> 32 layers at 32x32 to 96x96, 0.4-0.9x (1.2-2x fewer iterations,
-        # each twice the cost), on asymmetric single-channel blurs 0.74-1.5x; block-Jacobi
-        # 0.88-1.23 times plain CG's iterations (a convolution's diagonal is nearly constant).
+        # The registry's choices for the other kernels (strided or transposed ones, where
+        # 'bordered' does not apply) lost to plain CG in time on every problem measured
+        # (2 threads, damp 5e-3 to 1e-2): the shifted circulant on random 3 -> 3 to
+        # 32 -> 32 layers at 32x32 to 96x96, 0.4-0.9x (1.2-2x fewer iterations, each twice
+        # the cost), on asymmetric single-channel blurs 0.74-1.5x; block-Jacobi 0.88-1.23
+        # times plain CG's iterations (a convolution's diagonal is nearly constant).
         return "none"
     if chosen.set_up_cost(op) > _plain_iterations(op, damp, rtol):
         return "none"
@@ -867,13 +884,20 @@ def tikhonov(op, y, damp, *, L=None, rtol=1e-6, maxiter=None, x0=None, callback=
     on one line (a motion blur along a diagonal) makes ``W^H W`` banded
     line by line: the ``'lines'`` factorisation is its exact inverse.  For
     other blurs even along every axis the DCTs cut the iterations 3-220x on
-    the benchmark's problems and cost about one product each.  ``'auto'``
-    preconditions only with a construction that models ``W^H W``
-    (``Construction.models``: an exact one, or a DCT of an even blur), and
-    runs plain CG for the other kernels: measured in time,
-    the shifted circulant and block-Jacobi never paid on them (random 3 -> 3
-    to 32 -> 32 channel layers: 0.4-0.9x plain CG; asymmetric blurs such as
-    an L-shape: 0.74-1.5x, and the DCTs 0.36-0.6x).
+    the benchmark's problems and cost about one product each.  Channel
+    mixing and the other kernels of stride 1 get ``'bordered'``: the shifted
+    circulant, which models ``W^H W`` away from the border, and the border's
+    exact block, in turn (random 3 -> 3 layers: 4.6-8x fewer iterations than
+    plain CG, each costing 2-3.5 times as much; see Notes of
+    :func:`preconditioner`), where its set-up and applications are expected
+    to cost less than plain CG's solve (``Construction.set_up_cost``: from 9
+    input channels per group it never does).  ``'auto'`` preconditions only
+    with a construction that models ``W^H W`` (``Construction.models``: an
+    exact one, a DCT of an even blur, the bordered circulant), and runs
+    plain CG otherwise: measured in time, the shifted circulant alone and
+    block-Jacobi never paid (random 3 -> 3 to 32 -> 32 channel layers:
+    0.4-0.9x plain CG; asymmetric blurs such as an L-shape: 0.74-1.5x, and
+    the DCTs 0.36-0.6x).
     On a wide W (a strided convolution) the ``n - rank(W)`` eigenvalues at
     ``damp**2`` form one cluster that plain CG resolves in one step and an
     inexact preconditioner spreads; ``'auto'`` runs plain CG there.

@@ -18,14 +18,20 @@ ring's columns of the identity) and ``C`` the circulant,
 
 which needs no product with the whole of A: for a residual ``r``,
 
-``z_S = A_SS^{-1} r_S``, ``r_1 = r - A_{:S} z_S``, ``u = C r_1``,
-``M r = z + u + E A_SS^{-1} (r_1 - A u)_S``
+``z_S = A_SS^{-1} r_S``, ``r_1 = r - A_{:S} z_S`` (zero on the ring),
+``u = C r_1``, ``M r = z + u - E A_SS^{-1} (A u)_S``
 
 (``A_{:S}`` and ``A_{S:}``, the ring's columns and rows of A, are sparse;
-``(A u)_S = A_{S:} u``).  ``M`` is Hermitian: a product of
-projections' complements in the A inner product, taken in both orders.
-Each application costs the circulant's transforms, two banded solves and
-two sparse products with the ring's rows.
+``(A u)_S = A_{S:} u``).  ``M`` is Hermitian: the error propagation
+``I - M A`` is A-self-adjoint (the outer factors are one A-orthogonal
+projection's complement, taken on both sides).  Each application costs the
+circulant's transforms, two banded solves and two sparse products with the
+ring's rows; the set-up, the CSR of W (for the ring's rows of ``W^H W``:
+``W[:, S]^H W``), the ring's factor and the circulant's blocks, on two
+threads.
+
+Where the ring is the whole input (an image no wider than twice the reach)
+``B_S = A^{-1}`` and ``M`` is the inverse.
 
 The circulant's shift (``boost``, 0.01 of its largest eigenvalue) is
 smaller than the circulant alone wants (0.1): the ring now handles the
@@ -181,24 +187,25 @@ class BorderedPreconditioner(LinearOperator):
         # The ring's rows of W^H W, from the ring's columns of W (sliced and transposed:
         # less than building W^T's CSR too).  The damping is added where they are used.
         rows = W[:, self._ring].T.tocsr().conj() @ W
-        self._rows = rows.tocsr()  # (W^H W)_{S:}
+        rows = rows.tocsr()
+        self._damp2 = damp * damp
+        order, band = rcm_band(rows[:, self._ring].tocsr())
+        self._factor = _factor(band, self._damp2)
+        # The ring numbered in the factor's order from here on: no permutation per solve.
+        self._ring = self._ring[order]
+        self._rows = rows[order]  # (W^H W)_{S:}
         # (W^H W)_{:S} as the CSC transpose of the rows, multiplied without conversion
         self._rows_adjoint = self._rows.T.conj() if np.iscomplexobj(rows) else self._rows.T
-        self._damp2 = damp * damp
-        order, band = rcm_band(self._rows[:, self._ring].tocsr())
-        self._order, self._factor = order, _factor(band, self._damp2)
         # (LAPACK's pbtrs itself: cho_solve_banded's checks took a fifth of its time)
         self._pbtrs = scipy.linalg.lapack.get_lapack_funcs("pbtrs", (self._factor,))
 
     def _ring_solve(self, R: np.ndarray) -> np.ndarray:
-        """``A_SS^{-1} R`` for R (ring, columns), in the factor's order and back."""
+        """``A_SS^{-1} R`` for R (ring, columns)."""
         if np.iscomplexobj(R) and not np.iscomplexobj(self._factor):
             return self._ring_solve(R.real) + 1j * self._ring_solve(R.imag)
-        out = np.empty_like(R)
-        solved, info = self._pbtrs(self._factor, R[self._order], lower=1)
+        solved, info = self._pbtrs(self._factor, R, lower=1)
         assert info == 0  # (a factor of the right shape: only invalid arguments fail)
-        out[self._order] = solved
-        return out
+        return solved
 
     def _apply(self, R: np.ndarray) -> np.ndarray:
         """``M R`` for R (n, columns)."""
