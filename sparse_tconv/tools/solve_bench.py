@@ -200,7 +200,8 @@ class Problem:
 # Each construction, and the ablations of the border correction and the shift.
 _SINGLE = ("kronecker", "dct2", "dct2@0", "dct2-raw@0", "dct1", "dct1-raw", "circulant",
            "circulant-raw", "block_jacobi")
-_MULTI = ("circulant@0", "circulant", "circulant@0.2", "dct2", "dct2@0.1", "block_jacobi")
+_MULTI = ("circulant@0", "circulant", "circulant@0.2", "dct2", "dct2@0.1", "bordered",
+          "block_jacobi")
 
 
 def _problems(sizes: dict, n_multi: int) -> list[Problem]:
