@@ -197,7 +197,8 @@ class BorderedPreconditioner(LinearOperator):
         # (W^H W)_{:S} as the CSC transpose of the rows, multiplied without conversion
         self._rows_adjoint = self._rows.T.conj() if np.iscomplexobj(rows) else self._rows.T
         # (LAPACK's pbtrs itself: cho_solve_banded's checks took a fifth of its time)
-        self._pbtrs = scipy.linalg.lapack.get_lapack_funcs("pbtrs", (self._factor,))
+        self._pbtrs = (scipy.linalg.lapack.zpbtrs if np.iscomplexobj(self._factor)
+                       else scipy.linalg.lapack.dpbtrs)
 
     def _ring_solve(self, R: np.ndarray) -> np.ndarray:
         """``A_SS^{-1} R`` for R (ring, columns)."""
