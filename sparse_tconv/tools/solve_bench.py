@@ -350,6 +350,7 @@ GENERAL_TARGETS = [
     ("speedup", ">=", 0.9, lambda r: True),
     ("speedup", ">=", 1.5, lambda r: r["blur"] == "mix3"),  # channel mixing
     ("vs_pylops", ">=", 1.0, lambda r: "vs_pylops" in r),  # tikhonov ahead of PyLops
+    ("vs_deepinv", ">=", 1.0, lambda r: "vs_deepinv" in r),  # ... and of deepinv
 ]
 # And on the hard ones (plain CG needs at least HARD_ITERATIONS): HARD_SPEEDUP on at
 # least HARD_SHARE of them.
@@ -604,10 +605,83 @@ class _PyLopsRun:
                                tol=0.0)[0])
 
 
+def deepinv_skip(problem: GeneralProblem) -> str | None:
+    """Why deepinv's ``Blur`` with ``prox_l2`` cannot pose this problem (None: it can).
+
+    One 2-D kernel for every channel (``Blur`` broadcasts its filter), stride 1,
+    not transposed, ``L = I`` (``prox_l2`` damps ``||x - z||``).
+    """
+    if problem.L is not None:
+        return f"L={problem.L!r}"
+    if problem.ndim != 2:
+        return f"{problem.ndim}-D"
+    if problem.stride != 1 or problem.transposed:
+        return "stride" if problem.stride != 1 else "transposed"
+    w = kernel(problem.blur)
+    groups = _GROUPS.get(problem.blur, 1)
+    if w.shape[1] != 1 or w.shape[0] != groups or any(not np.array_equal(k, w[0]) for k in w):
+        return "channels"
+    return None
+
+
+class _DeepinvRun:
+    """deepinv's ``Blur(filter, padding=mode).prox_l2`` (its CG, float64, CPU) to
+    tikhonov's residual, a contestant of :func:`_race`.
+
+    ``prox_l2(z=0, y, gamma)`` solves ``(A^H A + I / gamma) x = A^H y``: with
+    ``gamma = 1 / damp**2`` our normal equations, and its stopping rule (the
+    recursive residual over ``||b||``) our residual's; its CG's ``eps`` (1e-8
+    added to the step's denominators) set to 1e-300, without which it stalls
+    short of rtol.  deepinv convolves (the
+    filter flipped against torch's correlation): the filter is the kernel
+    reversed, and the operator and its adjoint are checked against ours on a
+    random vector.  The
+    tolerance is lowered tenfold from rtol until the iterate meets rtol on our
+    residual (found on construction, untimed).
+    """
+
+    def __init__(self, problem: GeneralProblem, op, y):
+        import torch
+        from deepinv.physics import Blur  # type: ignore[import-untyped, import-not-found, unused-ignore]
+
+        w = kernel(problem.blur)[:1, :1, ::-1, ::-1]
+        padding = "constant" if problem.mode == "zeros" else problem.mode
+        self.physics = Blur(filter=torch.from_numpy(np.ascontiguousarray(w)), padding=padding)
+        x = np.random.default_rng(0).standard_normal(op.shape[1])
+        ours = op @ x
+        theirs = self.physics.A(torch.from_numpy(x.reshape(1, *op.input_shape))).numpy()
+        if theirs.size != ours.size or not np.allclose(theirs.ravel(), ours, atol=1e-12):
+            raise NotImplementedError("deepinv's Blur is not this operator")
+        back = self.physics.A_adjoint(torch.from_numpy(ours.reshape(1, *op.output_shape)))
+        if not np.allclose(back.numpy().ravel(), op.rmatvec(ours), atol=1e-10):
+            # (measured: replicate padding with the 9x1 kernel, off by 16 in 24x24)
+            raise NotImplementedError("deepinv's adjoint is not W^T")
+        self.y = torch.from_numpy(np.ascontiguousarray(y.reshape(1, *op.output_shape)))
+        self.gamma, self.maxiter = 1.0 / problem.damp**2, 10 * op.shape[1]
+        normal, b = normal_operator(op, problem.damp), op.rmatvec(y)
+        self.tol = RTOL
+        while True:
+            self.tol_run()
+            self.residual = _normal_residual(normal, b, self.x)
+            if self.residual <= RTOL or self.tol < 1e-14:
+                break
+            self.tol /= 10
+
+    def tol_run(self):
+        # (eps: its CG adds 1e-8 to the step's denominators by default, which near rtol
+        # 1e-6 outweighs them: the residual stalled at 2.7e-6 on the anti-diagonal)
+        self.x = np.ravel(self.physics.prox_l2(None, self.y, self.gamma, max_iter=self.maxiter,
+                                               tol=self.tol, eps=1e-300).numpy())
+
+    def __call__(self):
+        self.tol_run()
+
+
 def run_general(problem: GeneralProblem, *, repeat: int, threads: int, samples: int = 1,
-                pylops: Any = None) -> dict:
+                pylops: Any = None, deepinv: bool = False) -> dict:
     """Every figure of one general problem: :func:`_race`, with PyLops in it where it
-    poses the problem (``pylops``: its module, None when missing: no PyLops figures)."""
+    poses the problem (``pylops``: its module, None when missing: no PyLops figures),
+    and deepinv where it is installed and poses it."""
     op = problem.operator(threads)
     y = problem.data(op)
     damp = problem.damp
@@ -616,31 +690,49 @@ def run_general(problem: GeneralProblem, *, repeat: int, threads: int, samples: 
                              transposed=problem.transposed, L=problem.L,
                              unknowns=op.shape[1])
     peer = None
+    others: dict[str, Any] = {}
     if pylops is not None:
         r["pylops_skip"] = pylops_skip(problem)
         peer = None if r["pylops_skip"] else _PyLopsRun(problem, op, y)
+        if peer:
+            others["pylops"] = peer
+    inverse = None
+    if deepinv:
+        r["deepinv_skip"] = deepinv_skip(problem)
+        if not r["deepinv_skip"]:
+            try:
+                inverse = _DeepinvRun(problem, op, y)
+            except NotImplementedError as exc:
+                r["deepinv_skip"] = str(exc)
+        if inverse:
+            others["deepinv"] = inverse
     r.update(_race(op, y, damp, L=problem.L, repeat=repeat, samples=samples,
-                   others=dict(pylops=peer) if peer else None))
+                   others=others or None))
     if peer:
         residual = _normal_residual(normal_operator(op, damp), op.rmatvec(y), peer.x)
         r.update(pylops_iterations=peer.iterations, pylops_residual=residual,
                  pylops_converged=residual <= RTOL, vs_pylops=r["pylops_s"] / r["tikhonov_s"])
+    if inverse:
+        residual = _normal_residual(normal_operator(op, damp), op.rmatvec(y), inverse.x)
+        r.update(deepinv_tol=inverse.tol, deepinv_residual=residual,
+                 deepinv_converged=residual <= RTOL,
+                 vs_deepinv=r["deepinv_s"] / r["tikhonov_s"])
     return r
 
 
-def peer_notes() -> tuple[Any, list[str]]:
-    """PyLops' module (None when missing) and the notes on the peers left out."""
+def peer_notes() -> tuple[Any, bool, list[str]]:
+    """PyLops' module (None when missing), whether deepinv loads, and the notes on the
+    peers left out."""
     found, notes = available_peers()
     notes = [note for note in notes if note.startswith("pylops")]
     try:  # (not only ImportError: torchvision fails with a RuntimeError on a torch it misses)
         importlib.import_module("deepinv")
     except Exception as exc:
-        notes.append(f"deepinv not available: {exc}; its column is left out (pip install "
-                     "deepinv: its torchvision does not load with torch 2.13, 'operator "
-                     "torchvision::nms does not exist')")
-    else:
-        notes.append("deepinv is installed but not compared here: no deepinv column")
-    return found.get("pylops"), notes
+        notes.append(f"deepinv not available: {exc}; its column is left out (it loads with "
+                     "torch 2.14.1 and torchvision 0.29.1; with torch 2.13 torchvision 0.28 "
+                     "fails, 'operator torchvision::nms does not exist')")
+        return found.get("pylops"), False, notes
+    return found.get("pylops"), True, notes
 
 
 # ---------------------------------------------------------------------------
@@ -720,18 +812,39 @@ def _pylops_cells(r: dict) -> str:
     return f"{iterations:>10}{r['pylops_s']:>9.3f}{r['vs_pylops']:>9.1f}x"
 
 
+def _deepinv_cells(r: dict) -> str:
+    """deepinv's tolerance (>: short of rtol at the smallest), seconds and tikhonov's lead;
+    or why it cannot pose the problem."""
+    if r.get("deepinv_skip"):
+        return f"   n/a: {r['deepinv_skip']}"
+    tol = f"{'' if r['deepinv_converged'] else '>'}{r['deepinv_tol']:.0e}"
+    return f"{tol:>10}{r['deepinv_s']:>9.3f}{r['vs_deepinv']:>9.1f}x"
+
+
 def format_general(general: list[dict]) -> list[str]:
-    """The general section's table: plain CG, tikhonov's choice and PyLops."""
+    """The general section's table: plain CG, tikhonov's choice, PyLops and deepinv."""
     peer = any("pylops_skip" in r for r in general)  # (PyLops installed)
+    inverse = any("deepinv_skip" in r for r in general)  # (deepinv loads)
     lines = ["general problems (issue 26): every padding mode, kernel class, dimension, "
              "channel layout, damping, L, stride and transposition"]
-    lines.append(_RACE_HEADER + (f"{'pylops it':>10}{'s':>9}{'vs pylops':>10}" if peer else ""))
-    lines += [_race_cells(r) + (_pylops_cells(r) if peer else "") for r in general]
+    header = _RACE_HEADER + (f"{'pylops it':>10}{'s':>9}{'vs pylops':>10}" if peer else "")
+    lines.append(header + (f"{'dinv tol':>10}{'s':>9}{'vs dinv':>10}" if inverse else ""))
+    for r in general:
+        row = _race_cells(r) + (_pylops_cells(r) if peer else "")
+        if inverse:  # (after a note on PyLops, in its own column still)
+            row = row.ljust(len(header)) + _deepinv_cells(r)
+        lines.append(row)
     if peer:
         lines.append(f"pylops: ConvolveND (FFT, zero boundary) + cgls(damp=damp, tol=0) for "
                      f"the iterations at which its iterate first meets rtol {RTOL:g} on our "
                      "normal equations (found beforehand, untimed); vs pylops: its time over "
                      "tikhonov's")
+    if inverse:
+        lines.append("dinv: deepinv's Blur(filter reversed, padding=mode).prox_l2(0, y, "
+                     "1/damp^2, eps=1e-300), its CG in float64 on the CPU, at the largest "
+                     f"tolerance (rtol, then tenfold smaller) whose iterate meets rtol "
+                     f"{RTOL:g} on our normal equations (found beforehand, untimed); vs dinv: "
+                     "its time over tikhonov's")
     return lines
 
 
@@ -854,10 +967,14 @@ def _problems_section(quick: bool, repeat: int, threads: int):
 
 def _general_section(quick: bool, repeat: int, threads: int) -> tuple[list[dict], list[str]]:
     """The general section's rows, and the notes on the peers left out."""
-    pylops, notes = peer_notes()
+    pylops, deepinv, notes = peer_notes()
+    if deepinv:  # (its products on the same threads as ours)
+        import torch
+
+        torch.set_num_threads(threads)
     general = _run_each(QUICK_GENERAL_PROBLEMS if quick else GENERAL_PROBLEMS, run_general,
                         repeat=repeat, threads=threads, samples=1 if quick else 2,
-                        pylops=pylops)
+                        pylops=pylops, deepinv=deepinv)
     return general, notes
 
 
