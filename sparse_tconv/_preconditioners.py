@@ -693,6 +693,36 @@ def _filter(Bop: np.ndarray, damp: float, rcond: float) -> np.ndarray:
             keep = power > (rcond * float(np.sqrt(power.max(initial=0.0)))) ** 2
             inverse = np.where(keep, np.conj(b) / np.where(keep, power, 1.0), 0.0)
         return np.ascontiguousarray(inverse[:, None, None])
+    top = float((np.abs(Bop) ** 2).sum(axis=(-2, -1)).max(initial=0.0))  # >= sigma_max^2
+    if not (damp > 0 and top <= _SOLVE_CONDITION * damp * damp):
+        return _filter_by_svd(Bop, damp, rcond)
+    inverse = _damped_pseudo_inverse(Bop, damp)
+    if not np.iscomplexobj(Bop):
+        inverse = inverse.real
+    return np.ascontiguousarray(np.moveaxis(inverse, (-2, -1), (1, 2)))
+
+
+# The exact solve's filter comes from the normal equations of each block where their
+# condition number, at most 1 + sigma_max^2 / damp^2, is at most this (their rounding
+# error then about 1e-8 relative at worst; measured against the SVD's, 3e-15 to 2e-13 on
+# random 4 x 4 blocks at damp 1e-2 and 1e-3), else from the SVD: the exact solve of a
+# 4 -> 4 layer at 96x96 spent 31 of its 54 ms in the SVD.
+_SOLVE_CONDITION = 1e8
+
+
+def _damped_pseudo_inverse(Bop: np.ndarray, damp: float) -> np.ndarray:
+    """``(B^H B + damp^2 I)^{-1} B^H`` per block, through the smaller of its two
+    normal matrices (``B^H (B B^H + damp^2 I)^{-1}`` for a wide block)."""
+    a, c = Bop.shape[-2:]
+    Bh = np.conj(np.swapaxes(Bop, -1, -2))
+    if c <= a:
+        return np.linalg.solve(Bh @ Bop + damp * damp * np.eye(c), Bh)
+    return np.conj(np.swapaxes(np.linalg.solve(Bop @ Bh + damp * damp * np.eye(a), Bop),
+                               -1, -2))
+
+
+def _filter_by_svd(Bop: np.ndarray, damp: float, rcond: float) -> np.ndarray:
+    """:func:`_filter` from the blocks' SVD (any damping, the pseudo-inverse at 0)."""
     U, s, Vh = np.linalg.svd(Bop, full_matrices=False)
     if damp > 0:
         phi = s / (s * s + damp * damp)

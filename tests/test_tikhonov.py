@@ -735,3 +735,19 @@ def test_cg_with_a_preconditioner_reads_it_as_scipy_does():
     assert isinstance(M, LinearOperator) and M.dtype == np.float64
     x, info = cg(normal_operator(op, 1e-2), op.rmatvec(y), rtol=1e-8, M=M)
     assert info == 0
+
+
+@pytest.mark.parametrize("shape", [(1, 50, 4, 4), (2, 30, 2, 5), (1, 40, 5, 3)],
+                         ids=["square", "wide", "tall"])
+@pytest.mark.parametrize("complex_", [False, True])
+@pytest.mark.parametrize("damp", [1e-2, 1e-3])
+def test_the_exact_filter_from_normal_equations_is_the_svds(shape, complex_, damp):
+    from sparse_tconv._preconditioners import _filter, _filter_by_svd
+
+    rng = np.random.default_rng(sum(shape))
+    B = rng.standard_normal(shape) + (1j * rng.standard_normal(shape) if complex_ else 0)
+    B /= np.abs(B).sum(axis=(-2, -1), keepdims=True).max()
+    # V diag(s / (s^2 + damp^2)) U^H, from numpy's SVD, against (B^H B + damp^2 I)^{-1} B^H
+    reference = _filter_by_svd(B, damp, 1e-15)
+    assert np.linalg.norm(_filter(B, damp, 1e-15) - reference) <= 1e-10 * np.linalg.norm(
+        reference)
