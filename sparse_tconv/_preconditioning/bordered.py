@@ -61,7 +61,7 @@ from .lines import _factor, rcm_band
 
 __all__ = ["Bordered", "BorderedPreconditioner"]
 
-# The ring's rows come from the CSR of W^T: the construction builds it up to this many
+# The ring's rows come from the CSR of W: the construction builds it up to this many
 # bytes (and 'auto' picks it up to a quarter of them).
 _CSR_BYTES = 1 << 28
 
@@ -80,7 +80,7 @@ class Bordered(Construction):
 
     @classmethod
     def auto_applies(cls, op: Operator) -> bool:
-        """Where it applies and W^T's CSR would take at most 64 MB (a 3 -> 3 3x3 layer up
+        """Where it applies and W's CSR would take at most 64 MB (a 3 -> 3 3x3 layer up
         to about 260x260); :meth:`set_up_cost` then weighs it against plain CG."""
         return _applicable(op) and _csr_bytes(op) <= _CSR_BYTES // 4
 
@@ -127,7 +127,7 @@ class Bordered(Construction):
         nbytes = _csr_bytes(op)
         if nbytes > _CSR_BYTES:
             raise NotImplementedError(
-                f"kind='bordered' takes the border's rows from W^T's CSR, {nbytes} bytes "
+                f"kind='bordered' takes the border's rows from W's CSR, {nbytes} bytes "
                 f"here, more than {_CSR_BYTES}"
             )
         return BorderedPreconditioner(op, damp, boost, threads, cls.name)
@@ -140,7 +140,7 @@ def _applicable(op) -> bool:
 
 
 def _csr_bytes(op) -> int:
-    return matrix_size(op.convolution.geometry, op.weight.dtype, transposed=True).nbytes
+    return matrix_size(op.convolution.geometry, op.weight.dtype, transposed=False).nbytes
 
 
 def ring_mask(geom: ConvGeometry) -> np.ndarray:
@@ -187,7 +187,6 @@ class BorderedPreconditioner(LinearOperator):
         # The ring's rows of W^H W, from the ring's columns of W (sliced and transposed:
         # less than building W^T's CSR too).  The damping is added where they are used.
         rows = W[:, self._ring].T.tocsr().conj() @ W
-        rows = rows.tocsr()
         self._damp2 = damp * damp
         order, band = rcm_band(rows[:, self._ring].tocsr())
         self._factor = _factor(band, self._damp2)

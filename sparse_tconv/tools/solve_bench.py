@@ -661,20 +661,17 @@ class _DeepinvRun:
         normal, b = normal_operator(op, problem.damp), op.rmatvec(y)
         self.tol = RTOL
         while True:
-            self.tol_run()
+            self()
             self.residual = _normal_residual(normal, b, self.x)
             if self.residual <= RTOL or self.tol < 1e-14:
                 break
             self.tol /= 10
 
-    def tol_run(self):
+    def __call__(self):
         # (eps: its CG adds 1e-8 to the step's denominators by default, which near rtol
         # 1e-6 outweighs them: the residual stalled at 2.7e-6 on the anti-diagonal)
         self.x = np.ravel(self.physics.prox_l2(None, self.y, self.gamma, max_iter=self.maxiter,
                                                tol=self.tol, eps=1e-300).numpy())
-
-    def __call__(self):
-        self.tol_run()
 
 
 def run_general(problem: GeneralProblem, *, repeat: int, threads: int, samples: int = 1,
