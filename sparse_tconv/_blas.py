@@ -26,7 +26,7 @@ import threading
 from collections.abc import Iterator
 from typing import Any
 
-__all__ = ["one_blas_thread"]
+__all__ = ["one_blas_thread", "panel_gemm", "panel_gemm_available"]
 
 # (get, set) symbol names: scipy-openblas (numpy's and scipy's wheels, 64- and
 # 32-bit integers) and a plain OpenBLAS
@@ -95,3 +95,86 @@ def one_blas_thread(active: bool = True) -> Iterator[None]:
                 for set_, threads in _saved:
                     if threads != 1:
                         set_(threads)
+
+
+# --- GEMMs on strided panels -----------------------------------------------
+#
+# numpy's ``matmul`` multiplies whole arrays.  The structured form's implicit
+# GEMMs (:mod:`._forms.structured`) multiply a weight block by a *panel* of
+# a flat frame: ``n`` consecutive columns starting at any offset, with the
+# frame's own row length as leading dimension, and add the product onto the
+# result (``beta = 1``).  That is BLAS's ``gemm`` as written, which scipy
+# exports to compiled code as ``scipy.linalg.cython_blas`` (capsules of
+# function pointers, on every platform scipy supports); they are called here
+# through ``ctypes``, which releases the GIL for the call.
+
+_GEMM_NAMES = {"f": "sgemm", "d": "dgemm", "F": "cgemm", "D": "zgemm"}
+_SCALARS = {"f": ctypes.c_float, "d": ctypes.c_double,
+            "F": ctypes.c_float * 2, "D": ctypes.c_double * 2}
+_gemms: dict[str, Any] = {}
+_INT_MAX = 2**31 - 1  # cython_blas takes C ints
+
+
+def _capsule_pointer(capsule) -> int:
+    api = ctypes.pythonapi
+    api.PyCapsule_GetName.restype = ctypes.c_char_p
+    api.PyCapsule_GetName.argtypes = [ctypes.py_object]
+    api.PyCapsule_GetPointer.restype = ctypes.c_void_p
+    api.PyCapsule_GetPointer.argtypes = [ctypes.py_object, ctypes.c_char_p]
+    return api.PyCapsule_GetPointer(capsule, api.PyCapsule_GetName(capsule))
+
+
+def _load_gemm(char: str):
+    try:
+        from scipy.linalg import cython_blas
+        capsules: Any = cython_blas.__pyx_capi__  # type: ignore[attr-defined]
+        capsule = capsules[_GEMM_NAMES[char]]
+        pointer = _capsule_pointer(capsule)
+    except Exception:  # noqa: BLE001 - any failure: no panel GEMMs, numpy's path instead
+        return None
+    p = ctypes.POINTER
+    scalar: Any = _SCALARS[char]
+    prototype = ctypes.CFUNCTYPE(
+        None, p(ctypes.c_char), p(ctypes.c_char), p(ctypes.c_int), p(ctypes.c_int),
+        p(ctypes.c_int), p(scalar), ctypes.c_void_p, p(ctypes.c_int), ctypes.c_void_p,
+        p(ctypes.c_int), p(scalar), ctypes.c_void_p, p(ctypes.c_int))
+    return prototype(pointer), scalar
+
+
+def panel_gemm_available(dtype) -> bool:
+    """Whether :func:`panel_gemm` runs for ``dtype`` (float32/64, complex64/128)."""
+    global _controls
+    char = getattr(dtype, "char", None)
+    if char not in _GEMM_NAMES:
+        return False
+    if char not in _gemms:
+        _gemms[char] = _load_gemm(char)
+        with _lock:  # the BLAS behind the capsules may be newly loaded: find it again
+            if _users == 0:
+                _controls = None
+    return _gemms[char] is not None
+
+
+def panel_gemm(a, b, b_offset: int, ldb: int, c, c_offset: int, ldc: int, n: int,
+               accumulate: bool) -> None:
+    """``C[:, :n] (+)= a @ B[:, :n]`` on panels of flat row-major arrays, in place.
+
+    ``a`` is a C-contiguous ``(m, k)`` array; ``B`` is the ``(k, n)`` panel
+    of ``b`` whose element ``(i, j)`` is ``b.flat[b_offset + i * ldb + j]``,
+    and ``C`` the ``(m, n)`` panel of ``c`` at ``c_offset`` with rows
+    ``ldc`` apart (``b``, ``c`` C-contiguous, of ``a``'s dtype, which
+    :func:`panel_gemm_available` accepts).  With ``accumulate`` the product
+    is added onto ``C``, else it replaces it.  A row-major product is the
+    column-major ``C.T = B.T a.T``: BLAS is called with the operands swapped.
+    """
+    function, scalar = _gemms[a.dtype.char]
+    m, k = a.shape
+    size = a.dtype.itemsize
+    one = scalar(1) if a.dtype.kind == "f" else scalar(1, 0)
+    beta = scalar(1 if accumulate else 0) if a.dtype.kind == "f" else scalar(int(accumulate), 0)
+    no = ctypes.c_char(b"N")
+    r = ctypes.byref
+    function(r(no), r(no), r(ctypes.c_int(n)), r(ctypes.c_int(m)), r(ctypes.c_int(k)),
+             r(one), b.ctypes.data + b_offset * size, r(ctypes.c_int(ldb)),
+             a.ctypes.data, r(ctypes.c_int(k)), r(beta),
+             c.ctypes.data + c_offset * size, r(ctypes.c_int(ldc)))

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from hypothesis import strategies as st
 
-from sparse_tconv._forms import structured
+from sparse_tconv._forms import panels, structured
 
 __all__ = ["MODES", "SMALL_TILES", "geometries", "shrink_tiles", "_kwargs"]
 
@@ -60,13 +60,22 @@ def _kwargs(g):
 
 
 # The structured form's size thresholds, as (module, name, value): tiles of one
-# output row and two threads even for tiny products, so that small layers take
-# the code paths (many tiles, threads splitting them, phases) large ones do.
+# output row (im2col) or pieces of a few columns (panel GEMMs) and two threads
+# even for tiny products, so that small layers take the code paths (many
+# tiles, threads splitting them, phases) large ones do.
 SMALL_TILES = [(structured, "_TILE_BYTES", 1), (structured, "_MAX_TILE_BYTES", 1),
-               (structured, "_SCATTER_TILE_BYTES", 1), (structured, "_MIN_PARALLEL_MACS", 0)]
+               (structured, "_SCATTER_TILE_BYTES", 1), (structured, "_MIN_PARALLEL_MACS", 0),
+               (panels, "_MIN_PARALLEL_MACS", 0), (panels, "_PIECE_MACS", 1)]
 
 
-def shrink_tiles(monkeypatch) -> None:
-    """Apply :data:`SMALL_TILES` for the test (pytest's ``monkeypatch``)."""
+def shrink_tiles(monkeypatch, panel_gemms: bool | None = None) -> None:
+    """Apply :data:`SMALL_TILES` for the test (pytest's ``monkeypatch``).
+
+    ``panel_gemms``: True runs every structured product as panel GEMMs (one
+    per tap, :mod:`sparse_tconv._forms.panels`), False as im2col, None as
+    the form chooses (the thin channels of small test layers: im2col).
+    """
     for module, name, value in SMALL_TILES:
         monkeypatch.setattr(module, name, value)
+    if panel_gemms is not None:
+        monkeypatch.setattr(panels, "_MIN_PANEL_DEPTH", 1 if panel_gemms else 1 << 62)

@@ -1,12 +1,14 @@
-"""The structured product form (the weight's taps, tiled im2col GEMMs) against independent oracles.
+"""The structured product form (the weight's taps: tiled im2col or panel GEMMs) against oracles.
 
 Random geometries (hypothesis: N = 1..3, every padding mode, stride,
 dilation, asymmetric padding, groups), both directions, float32, float64 and
-complex128, one and two threads: every product equals the canonical CSR
-matrix's (``conv_matrix`` / ``conv_transpose_matrix``) to rounding, and
-PyTorch's ``conv{N}d`` / ``conv_transpose{N}d``; the thread count changes no
-bit.  The tile budgets are lowered so that these small layers are cut into
-many tiles and two threads split them, as large layers are.
+complex128, one and two threads, each product run as im2col and as panel
+GEMMs (one per tap, :mod:`sparse_tconv._forms.panels`): every product equals
+the canonical CSR matrix's (``conv_matrix`` / ``conv_transpose_matrix``) to
+rounding, and PyTorch's ``conv{N}d`` / ``conv_transpose{N}d``; the thread
+count changes no bit.  The tile budgets are lowered so that these small
+layers are cut into many tiles (pieces) and two threads split them, as large
+layers are.
 """
 
 from __future__ import annotations
@@ -54,13 +56,14 @@ def _assert_close(actual, expected, magnitude, rtol):
 
 @settings(max_examples=60, deadline=None)
 @given(g=geometries().filter(_is_structured), transposed=st.booleans(),
-       dtype=st.sampled_from(DTYPES), seed=st.integers(0, 2**32 - 1))
-def test_products_equal_the_csr_matrix_and_do_not_depend_on_threads(g, transposed, dtype, seed):
+       dtype=st.sampled_from(DTYPES), seed=st.integers(0, 2**32 - 1), panel_gemms=st.booleans())
+def test_products_equal_the_csr_matrix_and_do_not_depend_on_threads(g, transposed, dtype, seed,
+                                                                     panel_gemms):
     rng = np.random.default_rng(seed)
     weight = random_array(rng, g["weight_shape"], dtype)
     kwargs = _kwargs(g)
     with pytest.MonkeyPatch.context() as patch:
-        shrink_tiles(patch)
+        shrink_tiles(patch, panel_gemms)
         if transposed:
             # The transposed convolution whose matrix is this convolution's W.T.
             if g["padding_mode"] != "zeros":
@@ -103,13 +106,13 @@ def test_products_equal_the_csr_matrix_and_do_not_depend_on_threads(g, transpose
 
 @settings(max_examples=40, deadline=None)
 @given(g=geometries().filter(_is_structured), seed=st.integers(0, 2**32 - 1),
-       threads=st.sampled_from([1, 2]))
-def test_conv_equals_torch(g, seed, threads):
+       threads=st.sampled_from([1, 2]), panel_gemms=st.booleans())
+def test_conv_equals_torch(g, seed, threads, panel_gemms):
     rng = np.random.default_rng(seed)
     weight = rng.standard_normal(g["weight_shape"])
     x = rng.standard_normal(g["input_shape"])
     with pytest.MonkeyPatch.context() as patch:
-        shrink_tiles(patch)
+        shrink_tiles(patch, panel_gemms)
         op = ConvOperator(weight, g["input_shape"], threads=threads, **_kwargs(g))
         got = op.conv(x)
     expected = torch_conv(x, weight, g["stride"], g["padding"], g["dilation"], g["groups"],
@@ -119,8 +122,8 @@ def test_conv_equals_torch(g, seed, threads):
 
 @settings(max_examples=40, deadline=None)
 @given(g=geometries().map(_symmetric_zeros).filter(_is_structured),
-       seed=st.integers(0, 2**32 - 1), threads=st.sampled_from([1, 2]))
-def test_conv_transpose_equals_torch(g, seed, threads):
+       seed=st.integers(0, 2**32 - 1), threads=st.sampled_from([1, 2]), panel_gemms=st.booleans())
+def test_conv_transpose_equals_torch(g, seed, threads, panel_gemms):
     from reference import torch_conv_transpose
 
     rng = np.random.default_rng(seed)
@@ -130,7 +133,7 @@ def test_conv_transpose_equals_torch(g, seed, threads):
     shape = conv_output_shape(g["input_shape"], g["weight_shape"], **kwargs)
     y = rng.standard_normal(shape)
     with pytest.MonkeyPatch.context() as patch:
-        shrink_tiles(patch)
+        shrink_tiles(patch, panel_gemms)
         try:
             op = ConvTransposeOperator(weight, shape, threads=threads, **kwargs)
         except ValueError:  # an empty output: more padding than the transposed convolution has
@@ -179,6 +182,9 @@ def test_the_form_stores_the_weight_only():
     op = ConvOperator(weight, (64, 56, 56), padding=1)
     assert op.product_form.name == "structured"
     assert op.nbytes <= 2 * weight.nbytes  # the weight and its flipped copy (stride 1)
+    _ = op @ np.ones(op.shape[1]), op.H @ np.ones(op.shape[0])
+    # and each one's per-tap blocks, made by the first panel product in each direction
+    assert op.nbytes <= 4 * weight.nbytes
     assert op._matrix_slot.built is None
     x = np.random.default_rng(1).standard_normal(op.shape[1])
     _ = op @ x, op.H @ op @ x
@@ -206,8 +212,8 @@ def _transposed_layers(draw):
 
 @settings(max_examples=60, deadline=None)
 @given(layer=_transposed_layers(), seed=st.integers(0, 2**32 - 1),
-       threads=st.sampled_from([1, 2]))
-def test_transposed_layers_with_output_padding_equal_torch(layer, seed, threads):
+       threads=st.sampled_from([1, 2]), panel_gemms=st.booleans())
+def test_transposed_layers_with_output_padding_equal_torch(layer, seed, threads, panel_gemms):
     """output_padding leaves input elements of W that no output reads (with stride 1 too):
     the products must give their zeros, as torch and the CSR matrix do."""
     from reference import torch_conv_transpose
@@ -217,7 +223,7 @@ def test_transposed_layers_with_output_padding_equal_torch(layer, seed, threads)
                                     "output_padding")}
     weight = rng.standard_normal(layer["weight_shape"])
     with pytest.MonkeyPatch.context() as patch:
-        shrink_tiles(patch)
+        shrink_tiles(patch, panel_gemms)
         try:
             op = ConvTransposeOperator(weight, layer["input_shape"], threads=threads, **kwargs)
         except ValueError:  # an empty output

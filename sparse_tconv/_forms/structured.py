@@ -57,6 +57,7 @@ from .._parallel import run_parallel
 from .._validation import cast_if_safe
 from ..direct import _padded_index, _padded_size
 from .base import ProductForm
+from .panels import conv_by_panels, conv_transpose_by_panels, panel_plan, panels_apply
 
 __all__ = ["StructuredForm", "conv_samples", "conv_transpose_samples", "Tiling", "tiling",
            "channel_chunks"]
@@ -226,15 +227,23 @@ def _threads_for(geom: ConvGeometry, samples: int, threads: int) -> int:
 
 
 def conv_samples(x: np.ndarray, weight: np.ndarray, geom: ConvGeometry, out: np.ndarray,
-                 threads: int) -> None:
+                 threads: int, blocks: dict | None = None) -> None:
     """``out[..., b] = conv(x[..., b])``: ``x`` (C_in, *L, B) into ``out`` (C_out, *O, B).
 
     The samples are the last axis (the columns of the operators' products).
-    ``weight`` is ``(groups, C_out/g, C_in/g * taps)`` in the dtype of ``x``.
-    Tiles run on ``threads`` threads (BLAS on one), each computed the same
-    way whatever thread runs it.
+    ``weight`` is ``(groups, C_out/g, C_in/g * taps)`` in the dtype of ``x``;
+    ``blocks``, where given, keeps its panel blocks by dtype (:mod:`.panels`).  Deep panels
+    run as one GEMM per tap (:func:`.panels.conv_by_panels`), others as tiled
+    im2col; pieces or tiles run on ``threads`` threads (BLAS on one), each
+    computed the same way whatever thread runs it.
     """
     frame = _pad_frame(x, geom)
+    if panels_apply(geom, x.dtype, x.shape[-1]):
+        panel = panel_plan(geom)
+        with one_blas_thread():
+            conv_by_panels(frame, _kept(blocks, x.dtype, panel.forward_weights, weight), panel,
+                           out, threads)
+        return
     g = geom.groups
     opg, cpg = geom.out_channels // g, geom.in_channels // g
     depth = weight.shape[2]
@@ -264,6 +273,16 @@ def conv_samples(x: np.ndarray, weight: np.ndarray, geom: ConvGeometry, out: np.
 
     with one_blas_thread():
         _run_tiles(run, plan.tiles, _threads_for(geom, x.shape[-1], threads))
+
+
+def _kept(store: dict | None, dtype, make, weight: np.ndarray) -> np.ndarray:
+    """``make(weight)``, kept in ``store`` by dtype for the next products (where given)."""
+    if store is None:
+        return make(weight)
+    blocks = store.get(dtype.char)
+    if blocks is None:
+        blocks = store[dtype.char] = make(weight)
+    return blocks
 
 
 def channel_chunks(geom: ConvGeometry, tiles: int) -> list[tuple[int, int]]:
@@ -319,7 +338,7 @@ def _landing(geom: ConvGeometry, lattice: tuple[int, ...], samples: int) -> list
 
 
 def conv_transpose_samples(y: np.ndarray, weight: np.ndarray, geom: ConvGeometry,
-                           out: np.ndarray, threads: int) -> None:
+                           out: np.ndarray, threads: int, blocks: dict | None = None) -> None:
     """``out[..., b] = conv_transpose(y[..., b])``: ``y`` (C_out, *O, B) into ``out`` (C_in, *L, B).
 
     The adjoint of :func:`conv_samples` (no conjugation), on the same tiles.
@@ -337,7 +356,19 @@ def conv_transpose_samples(y: np.ndarray, weight: np.ndarray, geom: ConvGeometry
     The GEMMs of a few tiles (in chunks of channels, :func:`channel_chunks`)
     run at once, then this thread adds their windows, in tile order: the
     order of every sum depends on the tiles alone.
+
+    Deep panels (:func:`.panels.panels_apply`) run as one GEMM per tap of the
+    classes instead (:func:`.panels.conv_transpose_by_panels`; ``blocks``,
+    where given, keeps their blocks by dtype).
     """
+    if panels_apply(geom, y.dtype, y.shape[-1]):
+        panel = panel_plan(geom)
+        frame = _scratch("sums", (geom.in_channels, *_padded_size(geom), y.shape[-1]), y.dtype)
+        with one_blas_thread():
+            conv_transpose_by_panels(y, _kept(blocks, y.dtype, panel.transposed_weights, weight),
+                                     panel, frame, threads)
+        _fold_into(frame, geom, out)
+        return
     g = geom.groups
     opg, cpg = geom.out_channels // g, geom.in_channels // g
     samples = y.shape[-1]
@@ -482,6 +513,10 @@ class StructuredForm(ProductForm):
         self.transposed = transposed
         self.matrix = None  # no scipy matrix: the operator's CSR is built when read
         self.adjoint = gathered_adjoint(geometry, weight) if transposed else None
+        # panel blocks (the weight rearranged per tap, see .panels), by dtype, made
+        # by the first product that runs on them: W @ x, the gathered W.T @ y, or
+        # W.T @ y by classes
+        self.blocks: dict[str, dict] = {"forward": {}, "adjoint": {}, "transposed": {}}
 
     @staticmethod
     def applies(geometry) -> bool:
@@ -514,7 +549,8 @@ class StructuredForm(ProductForm):
         return sum(a.nbytes for a in self._arrays())
 
     def _arrays(self):
-        return [self.weight] + ([] if self.adjoint is None else [self.adjoint[1]])
+        kept = [b for store in self.blocks.values() for b in store.values()]
+        return [self.weight] + ([] if self.adjoint is None else [self.adjoint[1]]) + kept
 
     def _apply(self, v: np.ndarray, threads: int, transposed: bool) -> np.ndarray:
         geom = self.geometry
@@ -531,20 +567,22 @@ class StructuredForm(ProductForm):
             samples = v.reshape((*in_shape, columns))
             out = result.reshape((*out_shape, columns))
             if not transposed:
-                conv_samples(samples, self.weight.astype(dtype, copy=False), geom, out, threads)
+                conv_samples(samples, self.weight.astype(dtype, copy=False), geom, out, threads,
+                             self.blocks["forward"])
             elif self.adjoint is None:
                 conv_transpose_samples(samples, self.weight.astype(dtype, copy=False), geom, out,
-                                       threads)
+                                       threads, self.blocks["transposed"])
             else:
                 adjoint, weight, frame = self.adjoint
                 weight = weight.astype(dtype, copy=False)
                 if frame:
                     padded = _scratch("sums", (geom.in_channels, *_padded_size(geom), columns),
                                       dtype)
-                    conv_samples(samples, weight, adjoint, padded, threads)
+                    conv_samples(samples, weight, adjoint, padded, threads,
+                                 self.blocks["adjoint"])
                     _fold_into(padded, geom, out)
                 else:
-                    conv_samples(samples, weight, adjoint, out, threads)
+                    conv_samples(samples, weight, adjoint, out, threads, self.blocks["adjoint"])
         return result.reshape(-1) if v.ndim == 1 else result
 
     def multiply(self, x, threads):
