@@ -127,7 +127,7 @@ def _capsule_pointer(capsule) -> int:
 def _load_gemm(char: str):
     try:
         from scipy.linalg import cython_blas
-        capsules: Any = cython_blas.__pyx_capi__  # type: ignore[attr-defined]
+        capsules: Any = cython_blas.__pyx_capi__
         capsule = capsules[_GEMM_NAMES[char]]
         pointer = _capsule_pointer(capsule)
     except Exception:  # noqa: BLE001 - any failure: no panel GEMMs, numpy's path instead
