@@ -77,5 +77,11 @@ def shrink_tiles(monkeypatch, panel_gemms: bool | None = None) -> None:
     """
     for module, name, value in SMALL_TILES:
         monkeypatch.setattr(module, name, value)
-    if panel_gemms is not None:
-        monkeypatch.setattr(panels, "_MIN_PANEL_DEPTH", 1 if panel_gemms else 1 << 62)
+    huge = 1 << 62
+    if panel_gemms:  # every geometry, however thin its blocks or many its taps
+        for name, value in [("_MIN_PANEL_DEPTH", 1), ("_MIN_TRANSPOSED_DEPTH", 1),
+                            ("_MAX_PANEL_TAPS", huge), ("_MAX_WASTE", huge)]:
+            monkeypatch.setattr(panels, name, value)
+    elif panel_gemms is not None:  # no geometry
+        monkeypatch.setattr(panels, "_MIN_PANEL_DEPTH", huge)
+        monkeypatch.setattr(panels, "_MIN_TRANSPOSED_DEPTH", huge)

@@ -48,17 +48,17 @@ def test_no_panel_gemm_for_other_dtypes():
     assert not panel_gemm_available(np.dtype(np.float16))
 
 
-# (weight shape, input shape, settings): wide enough (32 channels a side, or 8
-# times 4 classes) that the form picks panels by itself
+# (weight shape, input shape, settings) of stride 1, wide enough (32 input
+# channels per group, 9 taps at most) that the form picks panels by itself
 LAYERS = [
     ((32, 40, 3, 3), (40, 9, 8), dict(padding=1)),
-    ((36, 32, 3, 3), (32, 11, 9), dict(padding=(2, 1), stride=2)),
-    ((32, 8, 4, 4), (8, 12, 11), dict(padding=1, stride=2)),
-    ((40, 33, 3, 2), (33, 10, 9), dict(padding=2, dilation=(2, 3), stride=(1, 2))),
-    ((32, 32, 3, 3), (32, 11, 10), dict(padding=2, dilation=2, stride=2)),
+    ((36, 32, 3, 3), (32, 11, 9), dict(padding=(2, 1))),
+    ((32, 40, 2, 3), (40, 12, 11), dict(padding=1)),
+    ((40, 33, 3, 2), (33, 10, 9), dict(padding=2, dilation=(2, 3))),
+    ((32, 32, 3, 1), (32, 11, 10), dict(padding=2, dilation=2)),
     ((64, 32, 3, 3), (64, 8, 9), dict(padding=1, groups=2)),
-    ((33, 32, 5), (32, 30), dict(padding=2, stride=3)),
-    ((32, 32, 3, 3, 3), (32, 5, 6, 4), dict(padding=1, stride=(1, 2, 1))),
+    ((33, 32, 5), (32, 30), dict(padding=2)),
+    ((32, 32, 2, 2, 2), (32, 5, 6, 4), dict(padding=1)),
 ]
 MODES = ["zeros", "reflect", "replicate", "circular"]
 
@@ -67,12 +67,22 @@ def _operator(weight, shape, settings, mode, threads):
     return ConvOperator(weight, shape, padding_mode=mode, threads=threads, **settings)
 
 
+def _split(monkeypatch, pieces: bool) -> None:
+    """``pieces``: cut the product into many pieces of columns that the library's
+    threads share; else as the form does (for these layers: two pieces or one)."""
+    if pieces:
+        monkeypatch.setattr(panels, "_MIN_PARALLEL_MACS", 0)
+        monkeypatch.setattr(panels, "_PIECE_MACS", 1)
+
+
+@pytest.mark.parametrize("pieces", [False, True])
 @pytest.mark.parametrize("threads", [1, 2])
 @pytest.mark.parametrize("mode", MODES)
 @pytest.mark.parametrize("layer", range(len(LAYERS)))
-def test_wide_layers_run_as_panels_and_equal_the_csr_matrix(layer, mode, threads, monkeypatch):
+def test_wide_layers_run_as_panels_and_equal_the_csr_matrix(layer, mode, threads, pieces,
+                                                            monkeypatch):
     weight_shape, shape, settings = LAYERS[layer]
-    monkeypatch.setattr(panels, "_MIN_PARALLEL_MACS", 0)  # two pieces even for these
+    _split(monkeypatch, pieces)
     rng = np.random.default_rng(layer)
     weight = rng.standard_normal(weight_shape)
     op = _operator(weight, shape, settings, mode, threads)
@@ -94,30 +104,46 @@ def test_wide_layers_run_as_panels_and_equal_the_csr_matrix(layer, mode, threads
     np.testing.assert_allclose(op.conv(x), expected, rtol=1e-10, atol=1e-10 * abs(expected).max())
 
 
+# transposed layers (weight (C_in, C_out/g, *k), input shape, settings) whose
+# W.T @ y the form runs by classes: 8 channels of y or more, blocks of 32 rows
+# (C_in/g times the classes) or more, at most 2 blocks per kernel tap
+TRANSPOSED = [
+    ((8, 32, 4, 4), (8, 6, 5), dict(stride=2, padding=1)),
+    ((16, 12, 3, 3), (16, 5, 6), dict(stride=2, padding=(1, 0))),
+    ((8, 12, 3), (8, 9), dict(stride=3, padding=1)),
+    ((12, 32, 3, 3), (12, 5, 4), dict(stride=2, dilation=2, padding=1)),
+    ((10, 6, 3, 4), (10, 4, 5), dict(stride=(3, 2), dilation=(1, 3), padding=(2, 1))),
+    ((8, 16, 2, 2, 2), (8, 3, 4, 3), dict(stride=(1, 2, 1), padding=1)),
+    ((16, 8, 4, 4), (16, 5, 5), dict(stride=2, padding=1, groups=2)),
+]
+
+
+@pytest.mark.parametrize("pieces", [False, True])
 @pytest.mark.parametrize("threads", [1, 2])
-@pytest.mark.parametrize("layer", [1, 2, 4, 6, 7])
-def test_wide_transposed_layers_equal_torch(layer, threads, monkeypatch):
-    """ConvTransposeOperator of the layers above: conv_transpose by classes (depth-to-space)."""
-    weight_shape, shape, settings = LAYERS[layer]
-    monkeypatch.setattr(panels, "_MIN_PARALLEL_MACS", 0)
+@pytest.mark.parametrize("layer", range(len(TRANSPOSED)))
+def test_transposed_products_by_classes_equal_torch_and_the_csr(layer, threads, pieces,
+                                                                monkeypatch):
+    weight_shape, shape, settings = TRANSPOSED[layer]
+    _split(monkeypatch, pieces)
     rng = np.random.default_rng(10 + layer)
-    weight = rng.standard_normal(weight_shape[1::-1] + weight_shape[2:])  # (C_in, C_out/g, *k)
+    weight = rng.standard_normal(weight_shape)
+    op = ConvTransposeOperator(weight, shape, threads=threads, **settings)
     groups = settings.get("groups", 1)
-    assert groups == 1
+    geom = conv_geometry(weight_shape, op.output_shape, stride=settings["stride"],
+                         padding=settings["padding"], dilation=settings.get("dilation", 1),
+                         groups=groups)
+    assert panels.panels_apply(geom, np.dtype(np.float64), 1, transposed=True)
+    y = rng.standard_normal(shape)
     ndim = len(shape) - 1
-    padding = settings.get("padding", 0)
+    padding = settings["padding"]
     padding = padding if isinstance(padding, tuple) else (padding,) * ndim
-    kwargs = dict(stride=settings.get("stride", 1), padding=padding,
-                  dilation=settings.get("dilation", 1))
-    y = rng.standard_normal((weight.shape[0], *[n // 2 + 2 for n in shape[1:]]))
-    op = ConvTransposeOperator(weight, y.shape, threads=threads, **kwargs)
-    expected = torch_conv_transpose(y, weight, kwargs["stride"], padding, 0,
-                                     kwargs["dilation"], 1)
+    expected = torch_conv_transpose(y, weight, settings["stride"], padding, 0,
+                                     settings.get("dilation", 1), groups)
     np.testing.assert_allclose(op.conv_transpose(y), expected, rtol=1e-10,
                                atol=1e-10 * abs(expected).max())
-    x = rng.standard_normal(op.shape[0])
-    np.testing.assert_allclose(op.H @ x, op.matrix.T @ x, rtol=1e-10,
-                               atol=1e-10 * abs(op.matrix.T @ x).max())
+    Y = rng.standard_normal((op.shape[1], 3))
+    np.testing.assert_allclose(op @ Y, op.matrix @ Y, rtol=1e-10,
+                               atol=1e-10 * abs(op.matrix @ Y).max())
 
 
 @pytest.mark.parametrize("dtype", [np.float32, np.complex64, np.complex128])
@@ -133,13 +159,19 @@ def test_wide_layers_in_other_dtypes_equal_the_csr(dtype):
     assert np.all(np.abs(op.H @ y - A.conj().T @ y) <= RTOL[dtype] * (bound.T @ abs(y)))
 
 
-def test_the_rule_takes_panels_for_wide_layers_only():
+def test_the_rule_takes_panels_where_they_were_measured_faster():
     f64 = np.dtype(np.float64)
-    stem = conv_geometry((64, 3, 7, 7), (3, 224, 224), stride=2, padding=3)
-    assert not panels.panels_apply(stem, f64, 1)  # 3 x 4 classes: thin GEMMs
     wide = conv_geometry((64, 64, 3, 3), (64, 56, 56), padding=1)
-    assert panels.panels_apply(wide, f64, 1)
+    assert panels.panels_apply(wide, f64, 1) and panels.panels_apply(wide, f64, 1, True)
+    assert not panels.panels_apply(conv_geometry((64, 16, 3, 3), (16, 56, 56), padding=1),
+                                   f64, 1)  # thin blocks
+    assert not panels.panels_apply(conv_geometry((64, 64, 5, 5), (64, 28, 28), padding=2),
+                                   f64, 1)  # many taps
+    stem = conv_geometry((64, 3, 7, 7), (3, 224, 224), stride=2, padding=3)
+    assert not panels.panels_apply(stem, f64, 1)  # strided W @ x: im2col
+    assert not panels.panels_apply(stem, f64, 1, True)  # blocks of 3 x 4 rows
     upsample = conv_geometry((64, 32, 4, 4), (32, 56, 56), stride=2, padding=1)
-    assert panels.panels_apply(upsample, f64, 1)  # 32 channels x 4 classes
+    assert panels.panels_apply(upsample, f64, 1, True)  # W.T @ y by classes
     assert not panels.panels_apply(wide, np.dtype(np.int64), 1)
     assert not panels.panels_apply(wide, f64, 2**31 // 58 // 58)  # rows past BLAS's C ints
+    assert not panels.panels_apply(upsample, f64, 2**31 // 58 // 58, True)

@@ -10,24 +10,22 @@ rows, the positions past each output row's end included), each tap's GEMM
 adding onto the last; the output is then cut out of it.  im2col copies
 ``C * taps`` values per output position before its GEMM; this copies none.
 
-A stride ``s`` splits the frame into its classes modulo the stride
-(space-to-depth: ``C * P`` channels of frame positions ``p s + r`` for the
-classes ``r`` that taps reach, on a lattice of ``ceil(Lp / s)`` per
-dimension).  Tap ``t`` lands in class ``r`` at lattice offset ``q``, for
-``q, r = divmod(t d, s)``, so the convolution is a stride-1 one over the
-lattices, with taps ``q`` whose ``(C_out, C * P)`` blocks gather the weight's
-taps by class (zeros for the classes a ``q`` lacks).  The transposed product
-(:func:`conv_transpose_by_panels`) is the same construction read backwards
-(depth-to-space): ``y``, widened by zeros, convolved with the flipped
-per-class blocks gives every class of the frame at once, the classes are
-interleaved into the frame, and the frame folded back (``P.T``).
+The transposed product of a strided layer (:func:`conv_transpose_by_panels`)
+works on the frame's classes modulo the stride (depth-to-space): tap ``t``
+sends output ``o`` to frame position ``o s + t d = (o + q) s + r`` for
+``q, r = divmod(t d, s)``, so frame class ``r`` at lattice position ``p``
+sums ``W_t.T y[p - q]`` over the taps of that class.  ``y``, widened by
+zeros, is convolved (stride 1, panels) with blocks that stack the classes'
+taps of each ``q`` (zeros where a class has no tap at that ``q``): one GEMM
+per ``q`` gives every class at once, the classes are interleaved into the
+frame, and the frame is folded back (``P.T``).  This replaces adding every
+tap's windows into the frame one numpy call at a time.
 
-One GEMM per tap multiplies a ``(C_out/g) x (C_in/g * P)`` block: where that
-depth is small (a 3-channel stem) the GEMMs are thin and slow, and im2col,
-which gathers every tap into one deep GEMM, runs instead
-(:func:`panels_apply`).  The columns are cut into pieces, fixed by the
-geometry and the number of samples alone, which the threads share: a piece's
-columns are computed by the same calls on whichever thread runs it.
+Where the blocks are thin or the taps many, im2col, which gathers every tap
+into one deep GEMM, is faster (:func:`panels_apply` says which runs).  The
+columns are cut into pieces, fixed by the geometry and the number of samples
+alone, which the threads share: a piece's columns are computed by the same
+calls on whichever thread runs it.
 """
 
 from __future__ import annotations
@@ -40,22 +38,31 @@ from typing import Any
 import numpy as np
 from numpy.lib.stride_tricks import as_strided
 
-from .._blas import _INT_MAX, panel_gemm, panel_gemm_available
+from .._blas import _INT_MAX, one_blas_thread, panel_gemm, panel_gemm_available
 from .._geometry import ConvGeometry
 from ..direct import _padded_size
 
 __all__ = ["panels_apply", "conv_by_panels", "conv_transpose_by_panels", "PanelPlan", "panel_plan"]
 
-# The least depth (rows of each tap's panel: C_in/g times the classes) for
-# which one GEMM per tap is chosen over im2col.  Measured on 2 threads,
-# float64: (c) 64->64 3x3 at 56² ... (set from the bench, see performance.md).
+# When panels run instead of im2col (see panels_apply): for a stride-1
+# product, the least depth of a tap's block and the most taps; for a strided
+# W.T @ y, the least channels of y per group, the least rows (C_in/g times
+# the classes, as _MIN_PANEL_DEPTH) and the most blocks (taps times classes)
+# per kernel tap.
 _MIN_PANEL_DEPTH = 32
+_MAX_PANEL_TAPS = 9
+_MIN_TRANSPOSED_DEPTH = 8
+_MAX_WASTE = 2.0
 
-# Multiply-adds per piece of columns: a product of fewer runs as one piece (one
-# thread); larger ones as up to _MAX_PIECES pieces.  Fewer, wider GEMMs run
-# faster (the 64->64 3x3 layer at 56², 2 threads: 2.0 ms in two pieces, 2.3
-# in four), so a piece is large.
-_PIECE_MACS = 1 << 26
+# Multiply-adds per piece of columns, at least two pieces, at most
+# _MAX_PIECES, a power of two (even shares).  Fewer, wider GEMMs run faster
+# (the 64->64 3x3 layer at 56², 2 threads: 2.0 ms in two pieces, 2.3 in
+# four), so a piece is large.  A product of fewer than _MIN_PARALLEL_MACS is
+# one piece, on one thread (as the tiles').  BLAS runs on one thread: letting
+# OpenBLAS thread one piece's GEMMs instead was faster on small layers (0.85
+# against 0.95-1.0 ms on the transposed 64->32 4x4 stride-2 layer at 28²), but
+# its threads change the last bits of the products.
+_PIECE_MACS = 1 << 25
 _MAX_PIECES = 16
 _MIN_PARALLEL_MACS = 1 << 22
 
@@ -93,12 +100,9 @@ class PanelPlan:
                      for q in itertools.product(*(range(e) for e in self.extent))
                      if any((q, r) in where for r in combos)]
 
-    @property
-    def strided(self) -> bool:
-        return any(s != 1 for s in self.geom.stride)
-
     def forward_weights(self, weight: np.ndarray) -> np.ndarray:
-        """``(taps, g, C_out/g, C_in/g * P)`` blocks (columns: channel, then class)."""
+        """``(taps, g, C_out/g, C_in/g * P)`` blocks (columns: channel, then class); for
+        stride 1 (one class) the weight's taps, each a ``(C_out/g, C_in/g)`` block."""
         geom = self.geom
         g = geom.groups
         opg, cpg = geom.out_channels // g, geom.in_channels // g
@@ -111,39 +115,70 @@ class PanelPlan:
         return blocks.reshape(len(self.taps), g, opg, cpg * self.count)
 
     def transposed_weights(self, weight: np.ndarray) -> np.ndarray:
-        """``(taps, g, C_in/g * P, C_out/g)``: the forward blocks transposed, in the
-        order of :meth:`transposed_offsets` (tap ``q`` reads ``y`` at ``p - q``)."""
+        """``(taps, g, C_in/g * P, C_out/g)``: the forward blocks transposed (rows:
+        channel, then class), for :func:`conv_transpose_by_panels`."""
         blocks = self.forward_weights(weight)
         return np.ascontiguousarray(blocks.transpose(0, 1, 3, 2))
 
 
-def panels_apply(geom: ConvGeometry, dtype, samples: int) -> bool:
-    """Whether the products of ``geom`` in ``dtype`` run as panel GEMMs.
+def panels_apply(geom: ConvGeometry, dtype, samples: int, transposed: bool = False) -> bool:
+    """Whether ``W @ x`` (or, ``transposed``, ``W.T @ y``) of ``geom`` runs as panel GEMMs.
 
-    Each tap's GEMM multiplies a block of ``C_out/g`` rows by ``C_in/g * P``
-    columns (``W @ x``; for ``W.T @ y``, ``C_in/g * P`` rows by ``C_out/g``):
-    both at least :data:`_MIN_PANEL_DEPTH`; a BLAS that takes panels; and
-    rows of the flat arrays (``samples`` columns each) that fit BLAS's C ints.
+    Measured against im2col on 2 threads, float64, 8 to 128 channels a side
+    (see the performance page).  ``W @ x`` of stride 1: panels win (0.8-0.95x
+    im2col's time) where the taps are few (25 taps of a 5x5 kernel: 1.1-2x
+    slower) and each tap's block deep (:data:`_MIN_PANEL_DEPTH` input
+    channels per group; 16: 1.1-1.25x slower).  With a stride, over the
+    classes, they gained nothing (0.8-1.1x with a 4x4 kernel, 1.3-1.6x
+    slower with 3x3, whose 2x2 taps over 4 classes leave 7 of 16 blocks
+    empty): im2col runs.  ``W.T @ y`` of a strided layer replaces the adds
+    of every tap's windows, which cost more: panels win from
+    :data:`_MIN_TRANSPOSED_DEPTH` channels of ``y`` per group (4x4 kernel,
+    stride 2: 0.5-0.8x; 3x3: 0.7-1.0x, 1.1x with 128 channels), up to
+    :data:`_MAX_WASTE` blocks per kernel tap, where the blocks have
+    :data:`_MIN_PANEL_DEPTH` rows (``C_in/g * P``; the 3->64 7x7 stem's 12
+    rows ran 1.5x slower).  Also needed: a BLAS that
+    takes panels, and rows of the flat arrays (``samples`` columns each)
+    that fit its C ints.
     """
     if not panel_gemm_available(np.dtype(dtype)):
         return False
     g = geom.groups
-    classes = math.prod(len({u * d % s for u in range(k)})
-                        for k, d, s in zip(geom.kernel_size, geom.dilation, geom.stride))
-    thin = min(geom.out_channels // g, geom.in_channels // g * classes)
+    per_dim = [[divmod(u * d, s) for u in range(k)]
+               for k, d, s in zip(geom.kernel_size, geom.dilation, geom.stride)]
+    classes = math.prod(len({r for _, r in dim}) for dim in per_dim)
+    taps = math.prod(len({q for q, _ in dim}) for dim in per_dim)  # offsets that hold taps
+    strided = any(s > 1 for s in geom.stride)
+    if strided and transposed:
+        deep = (geom.out_channels // g >= _MIN_TRANSPOSED_DEPTH
+                and geom.in_channels // g * classes >= _MIN_PANEL_DEPTH
+                and taps * classes <= _MAX_WASTE * math.prod(geom.kernel_size))
+    else:
+        depth = geom.out_channels // g if transposed else geom.in_channels // g
+        deep = not strided and depth >= _MIN_PANEL_DEPTH and taps <= _MAX_PANEL_TAPS
     # (the widest row: the frame, or y widened by the kernel's reach)
     row = math.prod(n + k * d for n, k, d in
                     zip(_padded_size(geom), geom.kernel_size, geom.dilation)) * samples
-    return thin >= _MIN_PANEL_DEPTH and row < _INT_MAX
+    return deep and row < _INT_MAX
 
 
 def _pieces(columns: int, rows: int, row_length: int, macs: int) -> list[tuple[int, int]]:
     """Column ranges ``[c0, c1)`` of a wide product: whole rows of its first
     dimension, as many pieces as its work calls for (the geometry decides)."""
-    count = 1 if macs < _MIN_PARALLEL_MACS else max(2, min(_MAX_PIECES, macs // _PIECE_MACS))
-    count = min(count, rows)
+    count = max(2, min(_MAX_PIECES, macs // _PIECE_MACS))
+    count = min(1 << (count.bit_length() - 1), rows)  # a power of two: even shares
     cuts = [rows * k // count * row_length for k in range(count)] + [columns]
     return [(a, b) for a, b in zip(cuts[:-1], cuts[1:]) if b > a]
+
+
+def _run_pieces(source, blocks, offsets, wide, rows: int, row_length: int, threads: int):
+    """:func:`_multiply_panels` on the product's pieces, on ``threads`` threads (BLAS on one)."""
+    width = wide.shape[1]
+    macs = width * blocks.shape[1] * blocks.shape[2] * blocks.shape[3] * len(offsets)
+    pieces = ([(0, width)] if macs < _MIN_PARALLEL_MACS
+              else _pieces(width, rows, row_length, macs))
+    with one_blas_thread():
+        _multiply_panels(source, blocks, offsets, wide, pieces, threads)
 
 
 def _multiply_panels(source: np.ndarray, blocks: np.ndarray, offsets: list[int],
@@ -180,50 +215,24 @@ def _scratch(slot, shape, dtype):
 
 def conv_by_panels(frame: np.ndarray, blocks: np.ndarray, plan: PanelPlan, out: np.ndarray,
                    threads: int) -> None:
-    """``out = conv(frame)`` (the padded frame ``(C_in, *Lp, B)``) by panel GEMMs.
+    """``out = conv(frame)`` (the padded frame ``(C_in, *Lp, B)``) by panel GEMMs, stride 1.
 
     ``blocks`` from :meth:`PanelPlan.forward_weights` in the frame's dtype.
     """
     geom = plan.geom
     samples = frame.shape[-1]
-    if plan.strided:
-        source = _space_to_depth(frame, plan)
-        shape = plan.lattice
-    else:
-        source, shape = frame, tuple(frame.shape[1:-1])
+    shape = tuple(frame.shape[1:-1])
     strides = _flat_strides(shape, samples)
-    source = source.reshape(-1, math.prod(shape) * samples)
+    source = frame.reshape(geom.in_channels, -1)
     offsets = [sum(q * f for q, f in zip(qs, strides)) for qs, _ in plan.taps]
     width = sum((o - 1) * f for o, f in zip(geom.output_size, strides)) + samples
     wide = _scratch("wide", (geom.out_channels, width), frame.dtype)
-    macs = width * geom.out_channels * blocks.shape[3] * len(offsets)
-    pieces = _pieces(width, geom.output_size[0], strides[0], macs)
-    _multiply_panels(source, blocks, offsets, wide, pieces, threads)
+    _run_pieces(source, blocks, offsets, wide, geom.output_size[0], strides[0], threads)
     itemsize = wide.itemsize
     view = as_strided(wide, (geom.out_channels, *geom.output_size, samples),
                       (wide.strides[0], *(f * itemsize for f in strides), itemsize),
                       writeable=False)
     np.copyto(out, view)
-
-
-def _space_to_depth(frame: np.ndarray, plan: PanelPlan) -> np.ndarray:
-    """The frame's classes that taps reach, ``(C, P, *lattice, B)``: element
-    ``(c, r, p)`` is frame position ``p s + r`` (zero past the frame)."""
-    geom = plan.geom
-    samples = frame.shape[-1]
-    lattices = _scratch("classes", (frame.shape[0], plan.count, *plan.lattice, samples),
-                        frame.dtype)
-    for index, r in enumerate(itertools.product(*plan.classes)):
-        target = lattices[:, index]
-        source = frame[(slice(None), *(slice(c, None, s) for c, s in zip(r, geom.stride)))]
-        inside = tuple(slice(0, n) for n in source.shape[1:-1])
-        target[(slice(None), *inside)] = source
-        for d, n in enumerate(source.shape[1:-1]):
-            if n < plan.lattice[d]:
-                where = [slice(None)] * target.ndim
-                where[1 + d] = slice(n, None)
-                target[tuple(where)] = 0
-    return lattices
 
 
 def conv_transpose_by_panels(y: np.ndarray, blocks: np.ndarray, plan: PanelPlan,
@@ -250,10 +259,8 @@ def conv_transpose_by_panels(y: np.ndarray, blocks: np.ndarray, plan: PanelPlan,
     width = sum((n - 1) * f for n, f in zip(plan.lattice, strides)) + samples
     rows = geom.in_channels * plan.count
     wide = _scratch("wide", (rows, width), y.dtype)
-    macs = width * rows * blocks.shape[3] * len(offsets)
-    pieces = _pieces(width, plan.lattice[0], strides[0], macs)
-    _multiply_panels(padded.reshape(geom.out_channels, -1), blocks, offsets, wide, pieces,
-                     threads)
+    _run_pieces(padded.reshape(geom.out_channels, -1), blocks, offsets, wide, plan.lattice[0],
+                strides[0], threads)
     itemsize = wide.itemsize
     classes = as_strided(wide, (geom.in_channels, plan.count, *plan.lattice, samples),
                          (plan.count * wide.strides[0], wide.strides[0],

@@ -240,9 +240,8 @@ def conv_samples(x: np.ndarray, weight: np.ndarray, geom: ConvGeometry, out: np.
     frame = _pad_frame(x, geom)
     if panels_apply(geom, x.dtype, x.shape[-1]):
         panel = panel_plan(geom)
-        with one_blas_thread():
-            conv_by_panels(frame, _kept(blocks, x.dtype, panel.forward_weights, weight), panel,
-                           out, threads)
+        conv_by_panels(frame, _kept(blocks, x.dtype, panel.forward_weights, weight), panel, out,
+                       _threads_for(geom, x.shape[-1], threads))
         return
     g = geom.groups
     opg, cpg = geom.out_channels // g, geom.in_channels // g
@@ -361,12 +360,11 @@ def conv_transpose_samples(y: np.ndarray, weight: np.ndarray, geom: ConvGeometry
     classes instead (:func:`.panels.conv_transpose_by_panels`; ``blocks``,
     where given, keeps their blocks by dtype).
     """
-    if panels_apply(geom, y.dtype, y.shape[-1]):
+    if panels_apply(geom, y.dtype, y.shape[-1], transposed=True):
         panel = panel_plan(geom)
         frame = _scratch("sums", (geom.in_channels, *_padded_size(geom), y.shape[-1]), y.dtype)
-        with one_blas_thread():
-            conv_transpose_by_panels(y, _kept(blocks, y.dtype, panel.transposed_weights, weight),
-                                     panel, frame, threads)
+        conv_transpose_by_panels(y, _kept(blocks, y.dtype, panel.transposed_weights, weight),
+                                 panel, frame, _threads_for(geom, y.shape[-1], threads))
         _fold_into(frame, geom, out)
         return
     g = geom.groups
