@@ -80,7 +80,8 @@ def shrink_tiles(monkeypatch, panel_gemms: bool | None = None) -> None:
     huge = 1 << 62
     if panel_gemms:  # every geometry, however thin its blocks or many its taps
         for name, value in [("_MIN_PANEL_DEPTH", 1), ("_MIN_TRANSPOSED_DEPTH", 1),
-                            ("_MAX_PANEL_TAPS", huge), ("_MAX_WASTE", huge)]:
+                            ("_MAX_PANEL_TAPS", huge), ("_MAX_WASTE", huge),
+                            ("_PANEL_DTYPES", "fdFD")]:
             monkeypatch.setattr(panels, name, value)
     elif panel_gemms is not None:  # no geometry
         monkeypatch.setattr(panels, "_MIN_PANEL_DEPTH", huge)

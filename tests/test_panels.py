@@ -146,14 +146,16 @@ def test_transposed_products_by_classes_equal_torch_and_the_csr(layer, threads, 
                                atol=1e-10 * abs(op.matrix @ Y).max())
 
 
+@pytest.mark.parametrize("stride", [(1, 1), (2, 1)])
 @pytest.mark.parametrize("dtype", [np.float32, np.complex64, np.complex128])
-def test_wide_layers_in_other_dtypes_equal_the_csr(dtype):
+def test_wide_layers_in_other_dtypes_equal_the_csr(dtype, stride, monkeypatch):
+    monkeypatch.setattr(panels, "_PANEL_DTYPES", "fdFD")  # (float64 only, by default)
     rng = np.random.default_rng(5)
     weight = random_array(rng, (32, 32, 3, 3), dtype)
-    op = ConvOperator(weight, (32, 7, 6), padding=1, stride=(2, 1), padding_mode="reflect")
+    op = ConvOperator(weight, (32, 7, 6), padding=1, stride=stride, padding_mode="reflect")
     A = op.matrix
     x, y = random_array(rng, A.shape[1], dtype), random_array(rng, A.shape[0], dtype)
-    bound = abs(ConvOperator(np.abs(weight), (32, 7, 6), padding=1, stride=(2, 1),
+    bound = abs(ConvOperator(np.abs(weight), (32, 7, 6), padding=1, stride=stride,
                              padding_mode="reflect").matrix)
     assert np.all(np.abs(op @ x - A @ x) <= RTOL[dtype] * (bound @ abs(x)))
     assert np.all(np.abs(op.H @ y - A.conj().T @ y) <= RTOL[dtype] * (bound.T @ abs(y)))
@@ -173,5 +175,7 @@ def test_the_rule_takes_panels_where_they_were_measured_faster():
     upsample = conv_geometry((64, 32, 4, 4), (32, 56, 56), stride=2, padding=1)
     assert panels.panels_apply(upsample, f64, 1, True)  # W.T @ y by classes
     assert not panels.panels_apply(wide, np.dtype(np.int64), 1)
+    assert not panels.panels_apply(wide, np.dtype(np.float32), 1)  # SGEMM: im2col
+    assert panels.panels_apply(upsample, np.dtype(np.float32), 1, True)
     assert not panels.panels_apply(wide, f64, 2**31 // 58 // 58)  # rows past BLAS's C ints
     assert not panels.panels_apply(upsample, f64, 2**31 // 58 // 58, True)

@@ -45,12 +45,13 @@ from ..direct import _padded_size
 __all__ = ["panels_apply", "conv_by_panels", "conv_transpose_by_panels", "PanelPlan", "panel_plan"]
 
 # When panels run instead of im2col (see panels_apply): for a stride-1
-# product, the least depth of a tap's block and the most taps; for a strided
+# product, the least depth of a tap's block, the most taps, the dtypes; for a strided
 # W.T @ y, the least channels of y per group, the least rows (C_in/g times
 # the classes, as _MIN_PANEL_DEPTH) and the most blocks (taps times classes)
 # per kernel tap.
 _MIN_PANEL_DEPTH = 32
 _MAX_PANEL_TAPS = 9
+_PANEL_DTYPES = "d"  # float64 (dtype.char)
 _MIN_TRANSPOSED_DEPTH = 8
 _MAX_WASTE = 2.0
 
@@ -124,11 +125,13 @@ class PanelPlan:
 def panels_apply(geom: ConvGeometry, dtype, samples: int, transposed: bool = False) -> bool:
     """Whether ``W @ x`` (or, ``transposed``, ``W.T @ y``) of ``geom`` runs as panel GEMMs.
 
-    Measured against im2col on 2 threads, float64, 8 to 128 channels a side
-    (see the performance page).  ``W @ x`` of stride 1: panels win (0.8-0.95x
+    Measured against im2col on 2 threads, 8 to 128 channels a side (see the
+    performance page).  ``W @ x`` of stride 1: panels win in float64 (0.8-0.95x
     im2col's time) where the taps are few (25 taps of a 5x5 kernel: 1.1-2x
     slower) and each tap's block deep (:data:`_MIN_PANEL_DEPTH` input
-    channels per group; 16: 1.1-1.25x slower).  With a stride, over the
+    channels per group; 16: 1.1-1.25x slower); not in float32 (1.0-1.2x
+    slower from 48 channels: SGEMM runs twice as fast, so im2col's gather
+    weighs less against its deeper GEMM) nor complex (1.0-1.2x).  With a stride, over the
     classes, they gained nothing (0.8-1.1x with a 4x4 kernel, 1.3-1.6x
     slower with 3x3, whose 2x2 taps over 4 classes leave 7 of 16 blocks
     empty): im2col runs.  ``W.T @ y`` of a strided layer replaces the adds
@@ -155,7 +158,8 @@ def panels_apply(geom: ConvGeometry, dtype, samples: int, transposed: bool = Fal
                 and taps * classes <= _MAX_WASTE * math.prod(geom.kernel_size))
     else:
         depth = geom.out_channels // g if transposed else geom.in_channels // g
-        deep = not strided and depth >= _MIN_PANEL_DEPTH and taps <= _MAX_PANEL_TAPS
+        deep = (not strided and np.dtype(dtype).char in _PANEL_DTYPES
+                and depth >= _MIN_PANEL_DEPTH and taps <= _MAX_PANEL_TAPS)
     # (the widest row: the frame, or y widened by the kernel's reach)
     row = math.prod(n + k * d for n, k, d in
                     zip(_padded_size(geom), geom.kernel_size, geom.dilation)) * samples
