@@ -175,22 +175,27 @@ def _pieces(columns: int, rows: int, row_length: int, macs: int) -> list[tuple[i
     return [(a, b) for a, b in zip(cuts[:-1], cuts[1:]) if b > a]
 
 
-def _run_pieces(source, blocks, offsets, wide, rows: int, row_length: int, threads: int):
-    """:func:`_multiply_panels` on the product's pieces, on ``threads`` threads (BLAS on one)."""
+def _run_pieces(source, blocks, offsets, wide, rows: int, row_length: int, threads: int,
+                after=None):
+    """:func:`_multiply_panels` on the product's pieces, on ``threads`` threads (BLAS on one);
+    then ``after(r0, r1)``, where given, on the thread of the piece of rows ``[r0, r1)``."""
     width = wide.shape[1]
     macs = width * blocks.shape[1] * blocks.shape[2] * blocks.shape[3] * len(offsets)
     pieces = ([(0, width)] if macs < _MIN_PARALLEL_MACS
               else _pieces(width, rows, row_length, macs))
+    finish = None if after is None else (
+        lambda c0, c1: after(c0 // row_length, -(-c1 // row_length)))
     with one_blas_thread():
-        _multiply_panels(source, blocks, offsets, wide, pieces, threads)
+        _multiply_panels(source, blocks, offsets, wide, pieces, threads, finish)
 
 
 def _multiply_panels(source: np.ndarray, blocks: np.ndarray, offsets: list[int],
-                     wide: np.ndarray, pieces, threads: int) -> None:
+                     wide: np.ndarray, pieces, threads: int, finish=None) -> None:
     """``wide[:, c0:c1] = sum_t blocks[t] @ source[:, offset_t + c0 : offset_t + c1]`` per group.
 
     ``source`` ``(g * K, F)``, ``blocks`` ``(taps, g, M, K)``, ``wide``
-    ``(g * M, Fw)``, all C-contiguous.  Each piece sums its taps in order.
+    ``(g * M, Fw)``, all C-contiguous.  Each piece sums its taps in order,
+    then calls ``finish(c0, c1)`` (where given) while its columns are in cache.
     """
     from .structured import _run_tiles  # (the tiles' runner: one share per thread)
 
@@ -203,6 +208,8 @@ def _multiply_panels(source: np.ndarray, blocks: np.ndarray, offsets: list[int],
                 for t, offset in enumerate(offsets):
                     panel_gemm(blocks[t, gi], source, gi * k * f + offset + c0, f,
                                wide, gi * m * fw + c0, fw, c1 - c0, t > 0)
+            if finish is not None:
+                finish(c0, c1)
 
     _run_tiles(run, pieces, threads)
 
@@ -231,12 +238,15 @@ def conv_by_panels(frame: np.ndarray, blocks: np.ndarray, plan: PanelPlan, out: 
     offsets = [sum(q * f for q, f in zip(qs, strides)) for qs, _ in plan.taps]
     width = sum((o - 1) * f for o, f in zip(geom.output_size, strides)) + samples
     wide = _scratch("wide", (geom.out_channels, width), frame.dtype)
-    _run_pieces(source, blocks, offsets, wide, geom.output_size[0], strides[0], threads)
     itemsize = wide.itemsize
     view = as_strided(wide, (geom.out_channels, *geom.output_size, samples),
                       (wide.strides[0], *(f * itemsize for f in strides), itemsize),
                       writeable=False)
-    np.copyto(out, view)
+
+    def crop(r0, r1):  # the output's rows out of the wide product's
+        np.copyto(out[:, r0:r1], view[:, r0:r1])
+
+    _run_pieces(source, blocks, offsets, wide, geom.output_size[0], strides[0], threads, crop)
 
 
 def conv_transpose_by_panels(y: np.ndarray, blocks: np.ndarray, plan: PanelPlan,
