@@ -175,41 +175,48 @@ def _pieces(columns: int, rows: int, row_length: int, macs: int) -> list[tuple[i
     return [(a, b) for a, b in zip(cuts[:-1], cuts[1:]) if b > a]
 
 
-def _run_pieces(source, blocks, offsets, wide, rows: int, row_length: int, threads: int,
-                after=None):
-    """:func:`_multiply_panels` on the product's pieces, on ``threads`` threads (BLAS on one);
-    then ``after(r0, r1)``, where given, on the thread of the piece of rows ``[r0, r1)``."""
-    width = wide.shape[1]
+def _run_pieces(source, blocks, offsets, width: int, rows: int, row_length: int, threads: int,
+                *, wide=None, crop=None) -> None:
+    """The product's ``width`` wide columns by :func:`_multiply_panels`, in pieces of
+    whole rows (``rows`` of ``row_length`` columns) on ``threads`` threads, BLAS on one.
+
+    Into ``wide`` where given; else each piece into a buffer of its thread's,
+    handed to ``crop(r0, r1, piece)`` for its rows ``[r0, r1)`` while in cache
+    (a large layer then holds a piece's columns per thread, not all of them).
+    """
     macs = width * blocks.shape[1] * blocks.shape[2] * blocks.shape[3] * len(offsets)
     pieces = ([(0, width)] if macs < _MIN_PARALLEL_MACS
               else _pieces(width, rows, row_length, macs))
-    finish = None if after is None else (
-        lambda c0, c1: after(c0 // row_length, -(-c1 // row_length)))
     with one_blas_thread():
-        _multiply_panels(source, blocks, offsets, wide, pieces, threads, finish)
+        _multiply_panels(source, blocks, offsets, pieces, threads, wide, crop, row_length)
 
 
-def _multiply_panels(source: np.ndarray, blocks: np.ndarray, offsets: list[int],
-                     wide: np.ndarray, pieces, threads: int, finish=None) -> None:
-    """``wide[:, c0:c1] = sum_t blocks[t] @ source[:, offset_t + c0 : offset_t + c1]`` per group.
+def _multiply_panels(source: np.ndarray, blocks: np.ndarray, offsets: list[int], pieces,
+                     threads: int, wide=None, crop=None, row_length: int = 1) -> None:
+    """``C[:, c0:c1] = sum_t blocks[t] @ source[:, offset_t + c0 : offset_t + c1]`` per group.
 
-    ``source`` ``(g * K, F)``, ``blocks`` ``(taps, g, M, K)``, ``wide``
-    ``(g * M, Fw)``, all C-contiguous.  Each piece sums its taps in order,
-    then calls ``finish(c0, c1)`` (where given) while its columns are in cache.
+    ``source`` ``(g * K, F)``, ``blocks`` ``(taps, g, M, K)``, all
+    C-contiguous; ``C`` is ``wide`` ``(g * M, width)``, or per piece a
+    ``(g * M, c1 - c0)`` buffer passed on to ``crop`` (see :func:`_run_pieces`).
+    Each piece sums its taps in order.
     """
     from .structured import _run_tiles  # (the tiles' runner: one share per thread)
 
     taps, g, m, k = blocks.shape
-    f, fw = source.shape[1], wide.shape[1]
+    f = source.shape[1]
 
     def run(share):
         for c0, c1 in share:
+            if wide is None:
+                target, ld, start = _scratch("piece", (g * m, c1 - c0), source.dtype), c1 - c0, 0
+            else:
+                target, ld, start = wide, wide.shape[1], c0
             for gi in range(g):
                 for t, offset in enumerate(offsets):
                     panel_gemm(blocks[t, gi], source, gi * k * f + offset + c0, f,
-                               wide, gi * m * fw + c0, fw, c1 - c0, t > 0)
-            if finish is not None:
-                finish(c0, c1)
+                               target, gi * m * ld + start, ld, c1 - c0, t > 0)
+            if crop is not None:
+                crop(c0 // row_length, -(-c1 // row_length), target)
 
     _run_tiles(run, pieces, threads)
 
@@ -237,16 +244,16 @@ def conv_by_panels(frame: np.ndarray, blocks: np.ndarray, plan: PanelPlan, out: 
     source = frame.reshape(geom.in_channels, -1)
     offsets = [sum(q * f for q, f in zip(qs, strides)) for qs, _ in plan.taps]
     width = sum((o - 1) * f for o, f in zip(geom.output_size, strides)) + samples
-    wide = _scratch("wide", (geom.out_channels, width), frame.dtype)
-    itemsize = wide.itemsize
-    view = as_strided(wide, (geom.out_channels, *geom.output_size, samples),
-                      (wide.strides[0], *(f * itemsize for f in strides), itemsize),
-                      writeable=False)
+    itemsize = frame.itemsize
 
-    def crop(r0, r1):  # the output's rows out of the wide product's
-        np.copyto(out[:, r0:r1], view[:, r0:r1])
+    def crop(r0, r1, piece):  # the output's rows out of the piece's wide ones
+        view = as_strided(piece, (geom.out_channels, r1 - r0, *geom.output_size[1:], samples),
+                          (piece.strides[0], *(f * itemsize for f in strides), itemsize),
+                          writeable=False)
+        np.copyto(out[:, r0:r1], view)
 
-    _run_pieces(source, blocks, offsets, wide, geom.output_size[0], strides[0], threads, crop)
+    _run_pieces(source, blocks, offsets, width, geom.output_size[0], strides[0], threads,
+                crop=crop)
 
 
 def conv_transpose_by_panels(y: np.ndarray, blocks: np.ndarray, plan: PanelPlan,
@@ -273,8 +280,8 @@ def conv_transpose_by_panels(y: np.ndarray, blocks: np.ndarray, plan: PanelPlan,
     width = sum((n - 1) * f for n, f in zip(plan.lattice, strides)) + samples
     rows = geom.in_channels * plan.count
     wide = _scratch("wide", (rows, width), y.dtype)
-    _run_pieces(padded.reshape(geom.out_channels, -1), blocks, offsets, wide, plan.lattice[0],
-                strides[0], threads)
+    _run_pieces(padded.reshape(geom.out_channels, -1), blocks, offsets, width, plan.lattice[0],
+                strides[0], threads, wide=wide)
     itemsize = wide.itemsize
     classes = as_strided(wide, (geom.in_channels, plan.count, *plan.lattice, samples),
                          (plan.count * wide.strides[0], wide.strides[0],
