@@ -106,13 +106,13 @@ def test_wide_layers_run_as_panels_and_equal_the_csr_matrix(layer, mode, threads
 
 # transposed layers (weight (C_in, C_out/g, *k), input shape, settings) whose
 # W.T @ y the form runs by classes: 8 channels of y or more, blocks of 32 rows
-# (C_in/g times the classes) or more, at most 2 blocks per kernel tap
+# (C_in/g times the classes) or more, none empty
 TRANSPOSED = [
     ((8, 32, 4, 4), (8, 6, 5), dict(stride=2, padding=1)),
-    ((16, 12, 3, 3), (16, 5, 6), dict(stride=2, padding=(1, 0))),
+    ((16, 12, 3, 2), (16, 5, 6), dict(stride=(3, 2), padding=(1, 0))),
     ((8, 12, 3), (8, 9), dict(stride=3, padding=1)),
     ((12, 32, 3, 3), (12, 5, 4), dict(stride=2, dilation=2, padding=1)),
-    ((10, 6, 3, 4), (10, 4, 5), dict(stride=(3, 2), dilation=(1, 3), padding=(2, 1))),
+    ((10, 12, 3, 4), (10, 4, 5), dict(stride=(3, 2), dilation=(1, 2), padding=(2, 1))),
     ((8, 16, 2, 2, 2), (8, 3, 4, 3), dict(stride=(1, 2, 1), padding=1)),
     ((16, 8, 4, 4), (16, 5, 5), dict(stride=2, padding=1, groups=2)),
 ]
@@ -174,6 +174,8 @@ def test_the_rule_takes_panels_where_they_were_measured_faster():
     assert not panels.panels_apply(stem, f64, 1, True)  # blocks of 3 x 4 rows
     upsample = conv_geometry((64, 32, 4, 4), (32, 56, 56), stride=2, padding=1)
     assert panels.panels_apply(upsample, f64, 1, True)  # W.T @ y by classes
+    downsample = conv_geometry((64, 64, 3, 3), (64, 56, 56), stride=2, padding=1)
+    assert not panels.panels_apply(downsample, f64, 1, True)  # 7 of 16 blocks empty
     assert not panels.panels_apply(wide, np.dtype(np.int64), 1)
     assert not panels.panels_apply(wide, np.dtype(np.float32), 1)  # SGEMM: im2col
     assert panels.panels_apply(upsample, np.dtype(np.float32), 1, True)

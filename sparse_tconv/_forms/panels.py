@@ -53,7 +53,7 @@ _MIN_PANEL_DEPTH = 32
 _MAX_PANEL_TAPS = 9
 _PANEL_DTYPES = "d"  # float64 (dtype.char)
 _MIN_TRANSPOSED_DEPTH = 8
-_MAX_WASTE = 2.0
+_MAX_WASTE = 1.0
 
 # Multiply-adds per piece of columns, at least two pieces, at most
 # _MAX_PIECES, a power of two (even shares).  Fewer, wider GEMMs run faster
@@ -137,8 +137,9 @@ def panels_apply(geom: ConvGeometry, dtype, samples: int, transposed: bool = Fal
     empty): im2col runs.  ``W.T @ y`` of a strided layer replaces the adds
     of every tap's windows, which cost more: panels win from
     :data:`_MIN_TRANSPOSED_DEPTH` channels of ``y`` per group (4x4 kernel,
-    stride 2: 0.5-0.8x; 3x3: 0.7-1.0x, 1.1x with 128 channels), up to
-    :data:`_MAX_WASTE` blocks per kernel tap, where the blocks have
+    stride 2: 0.5-0.9x) where no block is empty (:data:`_MAX_WASTE` blocks
+    per kernel tap; 3x3, stride 2, 7 of 16 empty: 0.7-1.05x up to 64
+    channels, 1.1-1.4x slower at 128) and the blocks have
     :data:`_MIN_PANEL_DEPTH` rows (``C_in/g * P``; the 3->64 7x7 stem's 12
     rows ran 1.5x slower).  Also needed: a BLAS that
     takes panels, and rows of the flat arrays (``samples`` columns each)
