@@ -181,10 +181,10 @@ def test_the_form_stores_the_weight_only():
     weight = np.random.default_rng(0).standard_normal((64, 64, 3, 3))
     op = ConvOperator(weight, (64, 56, 56), padding=1)
     assert op.product_form.name == "structured"
-    assert op.nbytes <= 2 * weight.nbytes  # the weight and its flipped copy (stride 1)
+    assert op.nbytes == 2 * weight.nbytes  # the weight and its per-tap blocks
     _ = op @ np.ones(op.shape[1]), op.H @ np.ones(op.shape[0])
-    # and each one's per-tap blocks, made by the first panel product in each direction
-    assert op.nbytes <= 4 * weight.nbytes
+    # and the form of W.T, built by the first W.T @ y: the flipped weight and its blocks
+    assert op.nbytes == 4 * weight.nbytes
     assert op._matrix_slot.built is None
     x = np.random.default_rng(1).standard_normal(op.shape[1])
     _ = op @ x, op.H @ op @ x

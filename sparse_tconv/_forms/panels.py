@@ -101,6 +101,11 @@ class PanelPlan:
                      for q in itertools.product(*(range(e) for e in self.extent))
                      if any((q, r) in where for r in combos)]
 
+    @property
+    def block_count(self) -> int:
+        """Blocks in :meth:`forward_weights` (taps times classes) per group."""
+        return len(self.taps) * self.count
+
     def forward_weights(self, weight: np.ndarray) -> np.ndarray:
         """``(taps, g, C_out/g, C_in/g * P)`` blocks (columns: channel, then class); for
         stride 1 (one class) the weight's taps, each a ``(C_out/g, C_in/g)`` block."""

@@ -439,23 +439,11 @@ def _interleave(lattices: np.ndarray, geom: ConvGeometry, out: np.ndarray) -> No
         _fold_into(frame, geom, out)
 
 
-def gathered_adjoint(geom: ConvGeometry, weight: np.ndarray):
-    """The transposed product of a stride-1 geometry as a convolution, or None.
-
-    With stride 1, ``W.T`` is the correlation of ``y`` with the flipped
-    kernel, channels swapped, over the whole padded frame (zeros beyond
-    ``y``), followed by the fold ``P.T``: a convolution that
-    :func:`conv_samples` runs on gathered windows, as fast as ``W @ x``,
-    instead of adding every tap's windows into the frame.  Under zeros
-    padding the fold is a crop, computed only where it keeps something.
-    Returns ``(geometry, weight, frame)`` (``frame``: whether the result is
-    the padded frame, to fold) for ``weight`` in the form's layout
-    ``(groups, C_out/g, C_in/g * taps)``.
-    """
+def adjoint_geometry(geom: ConvGeometry):
+    """``(geometry, frame)`` of :func:`gathered_adjoint` (stride 1), or None."""
     if any(s != 1 for s in geom.stride):
         return None
-    g, ndim = geom.groups, geom.ndim
-    opg, cpg = geom.out_channels // g, geom.in_channels // g
+    ndim = geom.ndim
     reach = [(k - 1) * d for k, d in zip(geom.kernel_size, geom.dilation)]
     # The frame's last elements that no output reads (a transposed convolution's
     # output_padding): zeros of the transposed product, read off y's zeros.
@@ -476,9 +464,31 @@ def gathered_adjoint(geom: ConvGeometry, weight: np.ndarray):
     # (every output position of the adjoint reads inside its padded input)
     assert all(o + lo + hi - r == n for o, (lo, hi), r, n in
                zip(geom.output_size, padding, reach, output_size))
+    return adjoint, not crop
+
+
+def gathered_adjoint(geom: ConvGeometry, weight: np.ndarray):
+    """The transposed product of a stride-1 geometry as a convolution, or None.
+
+    With stride 1, ``W.T`` is the correlation of ``y`` with the flipped
+    kernel, channels swapped, over the whole padded frame (zeros beyond
+    ``y``), followed by the fold ``P.T``: a convolution that
+    :func:`conv_samples` runs on gathered windows, as fast as ``W @ x``,
+    instead of adding every tap's windows into the frame.  Under zeros
+    padding the fold is a crop, computed only where it keeps something.
+    Returns ``(geometry, weight, frame)`` (``frame``: whether the result is
+    the padded frame, to fold) for ``weight`` in the form's layout
+    ``(groups, C_out/g, C_in/g * taps)``.
+    """
+    found = adjoint_geometry(geom)
+    if found is None:
+        return None
+    adjoint, frame = found
+    g, ndim = geom.groups, geom.ndim
+    opg, cpg = geom.out_channels // g, geom.in_channels // g
     w = weight.reshape(g, opg, cpg, *geom.kernel_size)
     w = np.flip(w, axis=tuple(range(3, 3 + ndim))).swapaxes(1, 2)
-    return adjoint, np.ascontiguousarray(w).reshape(g, cpg, -1), not crop
+    return adjoint, np.ascontiguousarray(w).reshape(g, cpg, -1), frame
 
 
 def _rows_are_contiguous(target: np.ndarray) -> bool:
@@ -511,10 +521,32 @@ class StructuredForm(ProductForm):
         self.transposed = transposed
         self.matrix = None  # no scipy matrix: the operator's CSR is built when read
         self.adjoint = gathered_adjoint(geometry, weight) if transposed else None
-        # panel blocks (the weight rearranged per tap, see .panels), by dtype, made
-        # by the first product that runs on them: W @ x, the gathered W.T @ y, or
-        # W.T @ y by classes
+        # panel blocks (the weight rearranged per tap, see .panels) by dtype, for
+        # W @ x, the gathered W.T @ y, or W.T @ y by classes: those of the form's
+        # own direction (multiply) made here for the weight's dtype, the others by
+        # the first product that needs them
         self.blocks: dict[str, dict] = {"forward": {}, "adjoint": {}, "transposed": {}}
+        role, plan = self._own_blocks(geometry, weight.dtype, transposed)
+        if role == "forward":
+            self.blocks[role][weight.dtype.char] = plan.forward_weights(weight)
+        elif role == "adjoint" and self.adjoint is not None:
+            self.blocks[role][weight.dtype.char] = plan.forward_weights(self.adjoint[1])
+        elif role == "transposed":
+            self.blocks[role][weight.dtype.char] = plan.transposed_weights(weight)
+
+    @staticmethod
+    def _own_blocks(geometry, dtype, transposed):
+        """``(role, plan)`` of the panel blocks of the form's own products (``multiply``:
+        W @ x, or W.T @ y for the form of W.T), or ``(None, None)`` where none run."""
+        if not transposed:
+            if panels_apply(geometry, dtype, 1):
+                return "forward", panel_plan(geometry)
+        elif (adjoint := adjoint_geometry(geometry)) is not None:
+            if panels_apply(adjoint[0], dtype, 1):
+                return "adjoint", panel_plan(adjoint[0])
+        elif panels_apply(geometry, dtype, 1, transposed=True):
+            return "transposed", panel_plan(geometry)
+        return None, None
 
     @staticmethod
     def applies(geometry) -> bool:
@@ -525,9 +557,19 @@ class StructuredForm(ProductForm):
 
     @classmethod
     def predict_nbytes(cls, geometry, dtype, *, transposed) -> int:
-        # the weight, and for W.T of stride 1 its flipped copy (gathered_adjoint)
+        """The weight, for W.T of stride 1 its flipped copy (:func:`gathered_adjoint`),
+        and the panel blocks of the form's own products: what it holds when built.
+        A form that also serves the other direction (``keep_transpose=False``)
+        adds that direction's blocks, as large as the weight, at its first
+        product there."""
+        dtype = np.dtype(dtype)
+        per_tap = math.prod(geometry.weight_shape[:2]) * dtype.itemsize
         copies = 2 if transposed and all(s == 1 for s in geometry.stride) else 1
-        return copies * math.prod(geometry.weight_shape) * np.dtype(dtype).itemsize
+        nbytes = copies * math.prod(geometry.kernel_size) * per_tap
+        _, plan = cls._own_blocks(geometry, dtype, transposed)
+        if plan is not None:
+            nbytes += plan.block_count * per_tap
+        return nbytes
 
     @classmethod
     def lean_transposed(cls, geometry, transposed) -> bool:
