@@ -84,7 +84,8 @@ def test_a_layer_past_any_csr_is_an_operator_of_its_weight():
     for cls in (ConvOperator, ConvTransposeOperator):
         op = cls(weight, (64, 512, 512), padding=1, max_bytes=1 << 20)
         assert op.product_form.name == "structured"
-        assert op.nbytes <= 2 * weight.nbytes
+        # the weight, for W.T its flipped copy, and the panel blocks of its products
+        assert op.nbytes <= 3 * weight.nbytes
 
 
 @pytest.mark.parametrize("method", ["svds", "power"])

@@ -323,12 +323,12 @@ def product_log(monkeypatch):
     for name in ("conv_samples", "conv_transpose_samples"):
         real_conv = getattr(_structured, name)
 
-        def counting_conv(x, weight, geom, out, threads, real_conv=real_conv):
+        def counting_conv(x, weight, geom, out, threads, *rest, real_conv=real_conv):
             macs = (x.shape[-1] * math.prod(geom.output_size) * geom.out_channels
                     * (geom.in_channels // geom.groups) * math.prod(geom.kernel_size))
             log["products"].append((macs >= _structured._MIN_PARALLEL_MACS, threads,
                                     x.dtype == weight.dtype))
-            return real_conv(x, weight, geom, out, threads)
+            return real_conv(x, weight, geom, out, threads, *rest)
 
         monkeypatch.setattr(_structured, name, counting_conv)
     for module, name in ((_csr, "run_parallel"), (_structured, "run_parallel")):

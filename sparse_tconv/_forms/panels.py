@@ -41,6 +41,7 @@ from numpy.lib.stride_tricks import as_strided
 from .._blas import _INT_MAX, one_blas_thread, panel_gemm, panel_gemm_available
 from .._geometry import ConvGeometry
 from ..direct import _padded_size
+from .scratch import scratch as _scratch
 
 __all__ = ["panels_apply", "conv_by_panels", "conv_transpose_by_panels", "PanelPlan", "panel_plan"]
 
@@ -182,7 +183,7 @@ def _pieces(columns: int, rows: int, row_length: int, macs: int) -> list[tuple[i
 
 
 def _run_pieces(source, blocks, offsets, width: int, rows: int, row_length: int, threads: int,
-                *, wide=None, crop=None) -> None:
+                run_shares, *, wide=None, crop=None) -> None:
     """The product's ``width`` wide columns by :func:`_multiply_panels`, in pieces of
     whole rows (``rows`` of ``row_length`` columns) on ``threads`` threads, BLAS on one.
 
@@ -194,11 +195,13 @@ def _run_pieces(source, blocks, offsets, width: int, rows: int, row_length: int,
     pieces = ([(0, width)] if macs < _MIN_PARALLEL_MACS
               else _pieces(width, rows, row_length, macs))
     with one_blas_thread():
-        _multiply_panels(source, blocks, offsets, pieces, threads, wide, crop, row_length)
+        _multiply_panels(source, blocks, offsets, pieces, threads, run_shares, wide, crop,
+                         row_length)
 
 
 def _multiply_panels(source: np.ndarray, blocks: np.ndarray, offsets: list[int], pieces,
-                     threads: int, wide=None, crop=None, row_length: int = 1) -> None:
+                     threads: int, run_shares, wide=None, crop=None,
+                     row_length: int = 1) -> None:
     """``C[:, c0:c1] = sum_t blocks[t] @ source[:, offset_t + c0 : offset_t + c1]`` per group.
 
     ``source`` ``(g * K, F)``, ``blocks`` ``(taps, g, M, K)``, all
@@ -206,8 +209,6 @@ def _multiply_panels(source: np.ndarray, blocks: np.ndarray, offsets: list[int],
     ``(g * M, c1 - c0)`` buffer passed on to ``crop`` (see :func:`_run_pieces`).
     Each piece sums its taps in order.
     """
-    from .structured import _run_tiles  # (the tiles' runner: one share per thread)
-
     taps, g, m, k = blocks.shape
     f = source.shape[1]
 
@@ -224,7 +225,7 @@ def _multiply_panels(source: np.ndarray, blocks: np.ndarray, offsets: list[int],
             if crop is not None:
                 crop(c0 // row_length, -(-c1 // row_length), target)
 
-    _run_tiles(run, pieces, threads)
+    run_shares(run, pieces, threads)
 
 
 def _flat_strides(shape: tuple[int, ...], samples: int) -> list[int]:
@@ -232,16 +233,13 @@ def _flat_strides(shape: tuple[int, ...], samples: int) -> list[int]:
     return [math.prod(shape[d + 1:]) * samples for d in range(len(shape))]
 
 
-def _scratch(slot, shape, dtype):
-    from .structured import _scratch as scratch
-    return scratch(slot, shape, dtype)
-
-
 def conv_by_panels(frame: np.ndarray, blocks: np.ndarray, plan: PanelPlan, out: np.ndarray,
-                   threads: int) -> None:
+                   threads: int, run_shares) -> None:
     """``out = conv(frame)`` (the padded frame ``(C_in, *Lp, B)``) by panel GEMMs, stride 1.
 
-    ``blocks`` from :meth:`PanelPlan.forward_weights` in the frame's dtype.
+    ``blocks`` from :meth:`PanelPlan.forward_weights` in the frame's dtype;
+    ``run_shares(run, pieces, threads)`` runs ``run`` on shares of the pieces
+    on the threads (the form's tile runner).
     """
     geom = plan.geom
     samples = frame.shape[-1]
@@ -259,14 +257,15 @@ def conv_by_panels(frame: np.ndarray, blocks: np.ndarray, plan: PanelPlan, out: 
         np.copyto(out[:, r0:r1], view)
 
     _run_pieces(source, blocks, offsets, width, geom.output_size[0], strides[0], threads,
-                crop=crop)
+                run_shares, crop=crop)
 
 
 def conv_transpose_by_panels(y: np.ndarray, blocks: np.ndarray, plan: PanelPlan,
-                             frame: np.ndarray, threads: int) -> None:
+                             frame: np.ndarray, threads: int, run_shares) -> None:
     """``frame = C.T y``: the transposed convolution onto the padded frame ``(C_in, *Lp, B)``.
 
-    ``blocks`` from :meth:`PanelPlan.transposed_weights`.  Frame class ``r``
+    ``blocks`` from :meth:`PanelPlan.transposed_weights`; ``run_shares`` as
+    for :func:`conv_by_panels`.  Frame class ``r``
     at lattice position ``p`` sums ``blocks[q] y[p - q]`` over the taps:
     ``y`` is widened by ``Q - 1`` zeros before it (and zeros after, up to the
     lattice), the panels of every tap give every class at once, and the
@@ -287,7 +286,7 @@ def conv_transpose_by_panels(y: np.ndarray, blocks: np.ndarray, plan: PanelPlan,
     rows = geom.in_channels * plan.count
     wide = _scratch("wide", (rows, width), y.dtype)
     _run_pieces(padded.reshape(geom.out_channels, -1), blocks, offsets, width, plan.lattice[0],
-                strides[0], threads, wide=wide)
+                strides[0], threads, run_shares, wide=wide)
     itemsize = wide.itemsize
     classes = as_strided(wide, (geom.in_channels, plan.count, *plan.lattice, samples),
                          (plan.count * wide.strides[0], wide.strides[0],

@@ -45,7 +45,6 @@ from __future__ import annotations
 import dataclasses
 import itertools
 import math
-import threading
 from typing import Any
 
 import numpy as np
@@ -58,6 +57,7 @@ from .._validation import cast_if_safe
 from ..direct import _padded_index, _padded_size
 from .base import ProductForm
 from .panels import conv_by_panels, conv_transpose_by_panels, panel_plan, panels_apply
+from .scratch import scratch as _scratch
 
 __all__ = ["StructuredForm", "conv_samples", "conv_transpose_samples", "Tiling", "tiling",
            "channel_chunks"]
@@ -78,12 +78,6 @@ _MIN_TILES = 4
 # were strided: 8.8 ms with 1 MB tiles, 5.7 ms with 4 MB).
 _SCATTER_TILE_BYTES = 1 << 22
 
-# The largest scratch array (a frame, a tile's buffer) a thread keeps per slot
-# between products (see _scratch).  A thread that runs products holds at most
-# four frame-sized slots ("frame", "sums", "lattices", "widened": 256 MB) and
-# its tiles' buffers; the pool's threads hold only tile buffers.
-_SCRATCH_BYTES = 1 << 26
-_local = threading.local()
 
 # Below this many multiply-adds a product runs on one thread: handing tiles
 # to a pool thread costs about 0.1 ms (as _parallel.MIN_PARALLEL_NNZ).
@@ -124,29 +118,6 @@ def tiling(geom: ConvGeometry, samples: int, itemsize: int, budget: int | None =
 
 def _interior(geom: ConvGeometry) -> tuple[slice, ...]:
     return tuple(slice(lo, lo + n) for n, (lo, _) in zip(geom.input_size, geom.padding))
-
-
-def _scratch(slot: str, shape: tuple[int, ...], dtype) -> np.ndarray:
-    """An uninitialised array for ``slot`` of this thread, kept for its next products.
-
-    Memory freed and mapped again is slow to touch on these VMs (page faults
-    on every product): allocating the frame and the tiles' buffers afresh
-    cost 1.0 of 4.2 ms on the 64->64 3x3 layer at 56x56.  Each thread keeps
-    one buffer per slot, up to ``_SCRATCH_BYTES``; larger ones are allocated
-    for the product alone.  A slot's array is never returned to the caller.
-    """
-    dtype = np.dtype(dtype)
-    nbytes = math.prod(shape) * dtype.itemsize
-    if nbytes > _SCRATCH_BYTES:
-        return np.empty(shape, dtype=dtype)
-    store = getattr(_local, "buffers", None)
-    if store is None:
-        store = _local.buffers = {}
-    buffer = store.get(slot)
-    if buffer is None or buffer.nbytes < nbytes:
-        # (float64 elements: aligned for any dtype numpy multiplies)
-        buffer = store[slot] = np.empty(-(-nbytes // 8), dtype=np.float64)
-    return buffer.view(np.uint8)[:nbytes].view(dtype).reshape(shape)
 
 
 def _pad_frame(x: np.ndarray, geom: ConvGeometry) -> np.ndarray:
@@ -241,7 +212,7 @@ def conv_samples(x: np.ndarray, weight: np.ndarray, geom: ConvGeometry, out: np.
     if panels_apply(geom, x.dtype, x.shape[-1]):
         panel = panel_plan(geom)
         conv_by_panels(frame, _kept(blocks, x.dtype, panel.forward_weights, weight), panel, out,
-                       _threads_for(geom, x.shape[-1], threads))
+                       _threads_for(geom, x.shape[-1], threads), _run_tiles)
         return
     g = geom.groups
     opg, cpg = geom.out_channels // g, geom.in_channels // g
@@ -364,7 +335,8 @@ def conv_transpose_samples(y: np.ndarray, weight: np.ndarray, geom: ConvGeometry
         panel = panel_plan(geom)
         frame = _scratch("sums", (geom.in_channels, *_padded_size(geom), y.shape[-1]), y.dtype)
         conv_transpose_by_panels(y, _kept(blocks, y.dtype, panel.transposed_weights, weight),
-                                 panel, frame, _threads_for(geom, y.shape[-1], threads))
+                                 panel, frame, _threads_for(geom, y.shape[-1], threads),
+                                 _run_tiles)
         _fold_into(frame, geom, out)
         return
     g = geom.groups
