@@ -78,7 +78,6 @@ _MIN_TILES = 4
 # were strided: 8.8 ms with 1 MB tiles, 5.7 ms with 4 MB).
 _SCATTER_TILE_BYTES = 1 << 22
 
-
 # Below this many multiply-adds a product runs on one thread: handing tiles
 # to a pool thread costs about 0.1 ms (as _parallel.MIN_PARALLEL_NNZ).
 _MIN_PARALLEL_MACS = 1 << 22
@@ -203,10 +202,10 @@ def conv_samples(x: np.ndarray, weight: np.ndarray, geom: ConvGeometry, out: np.
 
     The samples are the last axis (the columns of the operators' products).
     ``weight`` is ``(groups, C_out/g, C_in/g * taps)`` in the dtype of ``x``;
-    ``blocks``, where given, keeps its panel blocks by dtype (:mod:`.panels`).  Deep panels
-    run as one GEMM per tap (:func:`.panels.conv_by_panels`), others as tiled
-    im2col; pieces or tiles run on ``threads`` threads (BLAS on one), each
-    computed the same way whatever thread runs it.
+    ``blocks``, where given, keeps its panel blocks by dtype (:mod:`.panels`).
+    Deep panels run as one GEMM per tap (:func:`.panels.conv_by_panels`),
+    others as tiled im2col; pieces or tiles run on ``threads`` threads (BLAS
+    on one), each computed the same way whatever thread runs it.
     """
     frame = _pad_frame(x, geom)
     if panels_apply(geom, x.dtype, x.shape[-1]):
