@@ -67,8 +67,10 @@ __all__ = ["StructuredForm", "conv_samples", "conv_transpose_samples", "Tiling",
 # Fewer, larger GEMMs cost less per flop than the cache they spill (measured
 # on the bench's layers, 2 threads: (c) 3.2-3.5 ms with 1 MB tiles, 2.8 with
 # 8 MB; (b) 3.0-3.2 and 2.7), while a few tiles per thread keep both busy (a
-# 64->32 4x4 stride-2 layer: 0.96 ms with 1 MB tiles, 1.1 with 4 MB).
-_TILE_BYTES = 1 << 20
+# 32->64 4x4 stride-2 layer at 56x56, 3.2 MB of windows: 1.1 ms in one tile,
+# 0.94-1.01 in four of 1 MB, 0.85-0.87 in two of 2 MB; a 64->128 3x3
+# stride-2 one, 3.6 MB: 1.51-1.55 ms in four, 1.36-1.44 in two).
+_TILE_BYTES = 1 << 21
 _MAX_TILE_BYTES = 1 << 23
 _MIN_TILES = 4
 
