@@ -137,27 +137,24 @@ def panels_apply(geom: ConvGeometry, dtype, samples: int, transposed: bool = Fal
     slower) and each tap's block deep (:data:`_MIN_PANEL_DEPTH` input
     channels per group; 16: 1.1-1.25x slower); not in float32 (1.0-1.2x
     slower from 48 channels: SGEMM runs twice as fast, so im2col's gather
-    weighs less against its deeper GEMM) nor complex (1.0-1.2x).  With a stride, over the
-    classes, they gained nothing (0.8-1.1x with a 4x4 kernel, 1.3-1.6x
-    slower with 3x3, whose 2x2 taps over 4 classes leave 7 of 16 blocks
-    empty): im2col runs.  ``W.T @ y`` of a strided layer replaces the adds
+    weighs less against its deeper GEMM) nor complex (1.0-1.2x).  With a
+    stride, over the classes, they gained nothing (0.8-1.1x with a 4x4
+    kernel, 1.3-1.6x slower with 3x3, whose 2x2 taps over 4 classes leave 7
+    of 16 blocks empty): im2col runs.  ``W.T @ y`` of a strided layer replaces the adds
     of every tap's windows, which cost more: panels win from
     :data:`_MIN_TRANSPOSED_DEPTH` channels of ``y`` per group (4x4 kernel,
     stride 2: 0.5-0.9x) where no block is empty (:data:`_MAX_WASTE` blocks
     per kernel tap; 3x3, stride 2, 7 of 16 empty: 0.7-1.05x up to 64
     channels, 1.1-1.4x slower at 128) and the blocks have
     :data:`_MIN_PANEL_DEPTH` rows (``C_in/g * P``; the 3->64 7x7 stem's 12
-    rows ran 1.5x slower).  Also needed: a BLAS that
-    takes panels, and rows of the flat arrays (``samples`` columns each)
-    that fit its C ints.
+    rows ran 1.5x slower).  Also needed: a BLAS that takes panels, and rows
+    of the flat arrays (``samples`` columns each) that fit its C ints.
     """
     if not panel_gemm_available(np.dtype(dtype)):
         return False
     g = geom.groups
-    per_dim = [[divmod(u * d, s) for u in range(k)]
-               for k, d, s in zip(geom.kernel_size, geom.dilation, geom.stride)]
-    classes = math.prod(len({r for _, r in dim}) for dim in per_dim)
-    taps = math.prod(len({q for q, _ in dim}) for dim in per_dim)  # offsets that hold taps
+    plan = panel_plan(geom)  # (kept: this runs on every product)
+    classes, taps = plan.count, len(plan.taps)
     strided = any(s > 1 for s in geom.stride)
     if strided and transposed:
         deep = (geom.out_channels // g >= _MIN_TRANSPOSED_DEPTH
