@@ -63,8 +63,8 @@ def _kwargs(g):
 # output row (im2col) or pieces of a few columns (panel GEMMs) and two threads
 # even for tiny products, so that small layers take the code paths (many
 # tiles, threads splitting them, phases) large ones do.
-SMALL_TILES = [(structured, "_TILE_BYTES", 1), (structured, "_MAX_TILE_BYTES", 1),
-               (structured, "_SCATTER_TILE_BYTES", 1), (structured, "_MIN_PARALLEL_MACS", 0),
+SMALL_TILES = [(structured, "_TILE_ELEMENTS", 1), (structured, "_MAX_TILE_ELEMENTS", 1),
+               (structured, "_SCATTER_TILE_ELEMENTS", 1), (structured, "_MIN_PARALLEL_MACS", 0),
                (panels, "_MIN_PARALLEL_MACS", 0), (panels, "_PIECE_MACS", 1)]
 
 

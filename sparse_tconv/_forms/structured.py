@@ -62,23 +62,27 @@ from .scratch import scratch as _scratch
 __all__ = ["StructuredForm", "conv_samples", "conv_transpose_samples", "Tiling", "tiling",
            "channel_chunks"]
 
-# Bytes of one tile's gathered windows (the im2col matrix): at least
-# _TILE_BYTES, at most _MAX_TILE_BYTES, else a _MIN_TILES-th of the product's.
-# Fewer, larger GEMMs cost less per flop than the cache they spill (measured
-# on the bench's layers, 2 threads: (c) 3.2-3.5 ms with 1 MB tiles, 2.8 with
-# 8 MB; (b) 3.0-3.2 and 2.7), while a few tiles per thread keep both busy (a
-# 32->64 4x4 stride-2 layer at 56x56, 3.2 MB of windows: 1.1 ms in one tile,
-# 0.94-1.01 in four of 1 MB, 0.85-0.87 in two of 2 MB; a 64->128 3x3
-# stride-2 one, 3.6 MB: 1.51-1.55 ms in four, 1.36-1.44 in two).
-_TILE_BYTES = 1 << 21
-_MAX_TILE_BYTES = 1 << 23
+# Elements of one tile's gathered windows (the im2col matrix): at least
+# _TILE_ELEMENTS, at most _MAX_TILE_ELEMENTS, else a _MIN_TILES-th of the
+# product's.  Fewer, larger GEMMs cost less per flop than the cache they spill
+# (measured on the bench's layers in float64, 2 threads: (c) 3.2-3.5 ms with
+# tiles of 1 MB, 2.8 with 8 MB; (b) 3.0-3.2 and 2.7), while a few tiles per
+# thread keep both busy (a 32->64 4x4 stride-2 layer at 56x56, 3.2 MB of
+# windows: 1.1 ms in one tile, 0.94-1.01 in four of 1 MB, 0.85-0.87 in two of
+# 2 MB; a 64->128 3x3 stride-2 one, 3.6 MB: 1.51-1.55 ms in four, 1.36-1.44
+# in two).  The bounds count elements, not bytes: a float32 tile of as many
+# elements is as much work, and cutting by bytes left the float32 products of
+# the bench's smaller layers in one tile, on one thread ((g)'s W.T @ y:
+# 0.60-0.65 ms in one tile, 0.57-0.59 in two; (b)'s W.T @ y 2.4-2.5 -> 2.2 ms).
+_TILE_ELEMENTS = 1 << 18
+_MAX_TILE_ELEMENTS = 1 << 20
 _MIN_TILES = 4
 
 # The transposed product's tiles (windows added tap by tap) are larger: each
 # tap's add is one numpy call, whose cost (some 4 us) a small tile pays for
-# every tap (measured on the bench's 3->64 7x7 stride-2 layer, when the adds
-# were strided: 8.8 ms with 1 MB tiles, 5.7 ms with 4 MB).
-_SCATTER_TILE_BYTES = 1 << 22
+# every tap (measured on the bench's 3->64 7x7 stride-2 layer in float64,
+# when the adds were strided: 8.8 ms with 1 MB tiles, 5.7 ms with 4 MB).
+_SCATTER_TILE_ELEMENTS = 1 << 19
 
 # Below this many multiply-adds a product runs on one thread: handing tiles
 # to a pool thread costs about 0.1 ms (as _parallel.MIN_PARALLEL_NNZ).
@@ -98,19 +102,20 @@ class Tiling:
         self.tiles, self.rows, self.samples = tiles, rows, samples
 
 
-def tiling(geom: ConvGeometry, samples: int, itemsize: int, budget: int | None = None) -> Tiling:
+def tiling(geom: ConvGeometry, samples: int, budget: int | None = None) -> Tiling:
     """The tiles of a product over ``samples`` samples: ranges of output rows of every sample.
 
-    Each holds about ``budget`` bytes of windows; by default a quarter of
+    Each holds about ``budget`` elements of windows; by default a quarter of
     them (``_MIN_TILES`` tiles, for the threads to share), but no less than
-    ``_TILE_BYTES`` and no more than ``_MAX_TILE_BYTES``.  Equal ranges, at
-    least one row each.  The geometry and the number of samples alone decide.
+    ``_TILE_ELEMENTS`` and no more than ``_MAX_TILE_ELEMENTS``.  Equal ranges,
+    at least one row each.  The geometry and the number of samples alone
+    decide (not the dtype).
     """
     out_rows = geom.output_size[0]
     taps = math.prod(geom.kernel_size)
-    per_row = geom.in_channels * taps * math.prod(geom.output_size[1:]) * itemsize * samples
+    per_row = geom.in_channels * taps * math.prod(geom.output_size[1:]) * samples
     if budget is None:
-        budget = min(_MAX_TILE_BYTES, max(_TILE_BYTES, per_row * out_rows // _MIN_TILES))
+        budget = min(_MAX_TILE_ELEMENTS, max(_TILE_ELEMENTS, per_row * out_rows // _MIN_TILES))
     count = -(-out_rows // max(1, min(out_rows, budget // per_row)))
     rows = -(-out_rows // count)
     tiles = [(0, samples, r, min(r + rows, out_rows)) for r in range(0, out_rows, rows)]
@@ -218,7 +223,7 @@ def conv_samples(x: np.ndarray, weight: np.ndarray, geom: ConvGeometry, out: np.
     g = geom.groups
     opg, cpg = geom.out_channels // g, geom.in_channels // g
     depth = weight.shape[2]
-    plan = tiling(geom, x.shape[-1], x.dtype.itemsize)
+    plan = tiling(geom, x.shape[-1])
     width = plan.samples * plan.rows * math.prod(geom.output_size[1:])
 
     def run(share):
@@ -355,7 +360,7 @@ def conv_transpose_samples(y: np.ndarray, weight: np.ndarray, geom: ConvGeometry
     landing = _landing(geom, lattice, samples)
     values = _widened(y, geom)
     flipped = weight.transpose(0, 2, 1)  # (g, cpg * taps, opg), a view
-    plan = tiling(geom, samples, y.dtype.itemsize, _SCATTER_TILE_BYTES)
+    plan = tiling(geom, samples, _SCATTER_TILE_ELEMENTS)
     chunks = channel_chunks(geom, len(plan.tiles))
 
     def windows_of(tile, chunk, windows):  # a chunk of the tile's windows: one GEMM
