@@ -7,7 +7,7 @@ import json
 import numpy as np
 import pytest
 
-from sparse_tconv import conv_matrix_nnz
+from sparse_tconv import ConvOperator, conv_matrix_nnz
 from sparse_tconv.tools import perf
 
 
@@ -64,6 +64,11 @@ def test_quick_run_labels_figures_as_a_smoke_run(tmp_path, capsys):
         d = by_name["d"]  # peer and operator timed in alternating rounds
         assert d["torch_csr_over_matvec"] == pytest.approx(
             d["torch_csr_matvec_s"] / d["torch_csr_paired_matvec_s"])
+        g = by_name["g"]  # the structured form's limits: its layer's GEMM over torch's time
+        assert g["structured_gemm_s"] > 0 and g["structured_f32_gemm_s"] > 0
+        assert g["structured_f32_rmatvec_over_torch_bound"] == pytest.approx(
+            g["structured_f32_gemm_s"] / g["torch_f32_adjoint_s"])
+        assert "flops as one GEMM per group" in out
     assert "float32 products" in out and "sparse peers on the same matrix" in out
 
 
@@ -86,3 +91,13 @@ def test_single_form_figures_are_skipped_while_unsupported(monkeypatch):
     x = np.zeros(int(np.prod(config.input_shape)))
     r = perf._single_form_figures(config, weight, x, x, threads=1, repeat=1)
     assert r == {"skipped": {"single_form": "skipped: ConvOperator has no keep_transpose option"}}
+
+
+def test_layer_gemm_restores_the_blas_threads():
+    from sparse_tconv import _blas
+    from sparse_tconv.tools import timing
+
+    geometry = ConvOperator(np.ones((4, 2, 3, 3)), (2, 8, 8), padding=1).convolution.geometry
+    before = [get() for get, _ in _blas._find_controls()]
+    assert timing.measure_layer_gemm(geometry, np.float32, 1) > 0
+    assert [get() for get, _ in _blas._find_controls()] == before

@@ -7,6 +7,7 @@ what this machine's memory or BLAS can do at best, measured here.
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import math
 import os
@@ -15,6 +16,7 @@ from typing import NamedTuple
 
 import numpy as np
 
+from .. import _blas
 from .._parallel import run_parallel
 
 __all__ = [
@@ -27,6 +29,7 @@ __all__ = [
     "settle",
     "measure_fresh_write",
     "measure_block_gemm_rate",
+    "measure_layer_gemm",
 ]
 
 
@@ -175,3 +178,51 @@ def measure_block_gemm_rate(op, n_vecs: int, threads: int, blocks: int = 256) ->
     seconds = best_time(lambda: run_parallel(lambda i: np.matmul(a[i], b[i]), range(threads),
                                              threads), 5)
     return 2.0 * blocks * r * c * n_vecs * threads / seconds
+
+
+# The most elements of the windows matrix measure_layer_gemm multiplies (a
+# larger layer's GEMM is timed on this many columns and scaled: the rate of a
+# GEMM this wide no longer grows with its width).
+_LAYER_GEMM_ELEMENTS = 1 << 22
+
+
+def measure_layer_gemm(geometry, dtype, threads: int) -> float:
+    """Seconds of a layer's multiply-adds as one GEMM per group, BLAS on ``threads`` threads.
+
+    ``(C_out/g) x (C_in/g * taps)`` weight times ``(C_in/g * taps) x
+    positions`` windows, as numpy's ``matmul``, on data already in memory:
+    the time a product that runs the layer's flops as GEMMs at this
+    machine's best BLAS rate takes, with nothing gathered and nothing
+    added: no product that multiplies every weight by every window through
+    this BLAS (im2col, panels) can be faster.  OpenBLAS threads its GEMM itself here,
+    unlike the structured form's products (one BLAS thread per tile, so that
+    results do not depend on the thread count), which makes this a strict
+    bound.  A wide layer's GEMM is timed on ``_LAYER_GEMM_ELEMENTS``
+    elements of windows and scaled to all its positions.
+    """
+    g = geometry.groups
+    rows = geometry.out_channels // g
+    depth = geometry.in_channels // g * math.prod(geometry.kernel_size)
+    positions = math.prod(geometry.output_size)
+    width = max(1, min(positions, _LAYER_GEMM_ELEMENTS // (g * depth)))
+    rng = np.random.default_rng(3)
+    a = rng.standard_normal((g, rows, depth)).astype(dtype)
+    b = rng.standard_normal((g, depth, width)).astype(dtype)
+    out = np.empty((g, rows, width), dtype=dtype)
+    with _blas_threads(threads):
+        seconds = best_time(lambda: np.matmul(a, b, out=out), 5)
+    return seconds * positions / width
+
+
+@contextlib.contextmanager
+def _blas_threads(threads: int):
+    """Every loaded OpenBLAS on ``threads`` threads inside the block (restored after)."""
+    controls = _blas._find_controls()
+    saved = [(set_, get()) for get, set_ in controls]
+    for set_, _ in saved:
+        set_(threads)
+    try:
+        yield
+    finally:
+        for set_, before in saved:
+            set_(before)
