@@ -79,13 +79,24 @@ def time_stats(func, repeat: int = 5, min_time: float = 0.05) -> Timing:
     return Timing(min(rounds), float(np.median(rounds)), max(rounds), len(rounds))
 
 
+# How long each function of paired_stats runs untimed before its timed calls in
+# a round: what ran before it may still hold a core.  torch's OpenMP threads
+# spin for some milliseconds after each of its parallel products (GNU OpenMP's
+# default wait policy): the 64->64 3x3 layer's product at 56x56 took 5.4 ms
+# right after torch's, 2.8 ms next, 2.6 ms from then on (medians of 30).
+_SETTLE_S = 0.01
+
+
 def paired_stats(funcs, repeat: int = 5, min_time: float = 0.05) -> list[Timing]:
     """:func:`time_stats` of several functions measured in alternating rounds.
 
     Round after round each function runs once in turn, so that the ratio of
     two of them compares calls made under the same conditions: on a shared
     machine the load changes from second to second, and two functions timed
-    one after the other can see different machines.
+    one after the other can see different machines.  In each round a
+    function first runs untimed for ``_SETTLE_S`` (the previous one's threads
+    may still be spinning), then its timed calls: each is timed in its own
+    steady state.
     """
     numbers = []
     for func in funcs:
@@ -97,11 +108,20 @@ def paired_stats(funcs, repeat: int = 5, min_time: float = 0.05) -> list[Timing]
     rounds: list[list[float]] = [[] for _ in funcs]
     for _ in range(max(1, repeat)):
         for func, number, times in zip(funcs, numbers, rounds):
+            _settle_into(func)
             start = time.perf_counter()
             for _ in range(number):
                 func()
             times.append((time.perf_counter() - start) / number)
     return [Timing(min(t), float(np.median(t)), max(t), len(t)) for t in rounds]
+
+
+def _settle_into(func) -> None:
+    """``func()``, untimed, until ``_SETTLE_S`` has passed (at least once)."""
+    end = time.perf_counter() + _SETTLE_S
+    func()
+    while time.perf_counter() < end:
+        func()
 
 
 def best_time(func, repeat: int = 5, min_time: float = 0.05) -> float:
