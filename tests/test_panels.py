@@ -59,6 +59,11 @@ LAYERS = [
     ((64, 32, 3, 3), (64, 8, 9), dict(padding=1, groups=2)),
     ((33, 32, 5), (32, 30), dict(padding=2)),
     ((32, 32, 2, 2, 2), (32, 5, 6, 4), dict(padding=1)),
+    # unpadded: the input is the frame; a 1x1 kernel (and a 3x1 one, padded
+    # along the first dimension alone) writes the output with nothing to crop
+    ((32, 32, 3, 3), (32, 8, 9), {}),
+    ((40, 32, 1, 1), (32, 7, 9), {}),
+    ((32, 34, 3, 1), (34, 9, 8), dict(padding=(1, 0))),
 ]
 MODES = ["zeros", "reflect", "replicate", "circular"]
 
@@ -102,6 +107,21 @@ def test_wide_layers_run_as_panels_and_equal_the_csr_matrix(layer, mode, threads
     expected = torch_conv(x, weight, kwargs["stride"], kwargs["padding"], kwargs["dilation"],
                           kwargs["groups"], mode)
     np.testing.assert_allclose(op.conv(x), expected, rtol=1e-10, atol=1e-10 * abs(expected).max())
+
+
+@pytest.mark.parametrize("order", ["C", "F"])
+@pytest.mark.parametrize("kernel", [(1, 1), (3, 3)])
+def test_unpadded_layers_read_the_input_as_it_lies_and_leave_it_alone(kernel, order):
+    rng = np.random.default_rng(7)
+    weight = rng.standard_normal((32, 48, *kernel))
+    op = ConvOperator(weight, (48, 7, 6))
+    A = op.matrix
+    X = np.asarray(rng.standard_normal((A.shape[1], 3)), order=order)
+    before = X.copy()
+    for got, expected in [(op @ X, A @ X), (op @ X[:, 1], A @ X[:, 1]),
+                          (op.matvec(X[::1, 2]), A @ X[:, 2])]:
+        np.testing.assert_allclose(got, expected, rtol=1e-12, atol=1e-12 * abs(expected).max())
+    np.testing.assert_array_equal(X, before)
 
 
 # transposed layers (weight (C_in, C_out/g, *k), input shape, settings) whose

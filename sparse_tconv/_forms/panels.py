@@ -253,6 +253,12 @@ def conv_by_panels(frame: np.ndarray, blocks: np.ndarray, plan: PanelPlan, out: 
                           writeable=False)
         np.copyto(out[:, r0:r1], view)
 
+    if shape[1:] == geom.output_size[1:] and out.flags.c_contiguous:
+        # the wide output is the output (a 1x1 kernel, or one tap wide with
+        # nothing padded after the first dimension): nothing to crop
+        _run_pieces(source, blocks, offsets, width, geom.output_size[0], strides[0], threads,
+                    run_shares, wide=out.reshape(geom.out_channels, -1))
+        return
     _run_pieces(source, blocks, offsets, width, geom.output_size[0], strides[0], threads,
                 run_shares, crop=crop)
 

@@ -214,7 +214,9 @@ def conv_samples(x: np.ndarray, weight: np.ndarray, geom: ConvGeometry, out: np.
     others as tiled im2col; pieces or tiles run on ``threads`` threads (BLAS
     on one), each computed the same way whatever thread runs it.
     """
-    frame = _pad_frame(x, geom)
+    unpadded = all(lo == hi == 0 for lo, hi in geom.padding)
+    # (without padding the frame is x itself: the products only read it)
+    frame = x if unpadded and x.flags.c_contiguous else _pad_frame(x, geom)
     if panels_apply(geom, x.dtype, x.shape[-1]):
         panel = panel_plan(geom)
         conv_by_panels(frame, _kept(blocks, x.dtype, panel.forward_weights, weight), panel, out,
