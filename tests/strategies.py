@@ -65,19 +65,29 @@ def _kwargs(g):
 # tiles, threads splitting them, phases) large ones do.
 SMALL_TILES = [(structured, "_TILE_ELEMENTS", 1), (structured, "_MAX_TILE_ELEMENTS", 1),
                (structured, "_SCATTER_TILE_ELEMENTS", 1), (structured, "_MIN_PARALLEL_MACS", 0),
-               (panels, "_MIN_PARALLEL_MACS", 0), (panels, "_PIECE_MACS", 1)]
+               (panels, "_MIN_PARALLEL_MACS", 0), (panels, "_PIECE_MACS", 1),
+               (panels, "_MIN_PIECE_COLUMNS", 0)]
+
+# How shrink_tiles runs the structured products: im2col, or panel GEMMs in
+# pieces of columns or in two ranges of output channels.
+PANEL_CHOICES = [False, "columns", "channels"]
 
 
 def shrink_tiles(monkeypatch, panel_gemms: bool | None = None) -> None:
     """Apply :data:`SMALL_TILES` for the test (pytest's ``monkeypatch``).
 
-    ``panel_gemms``: True runs every structured product as panel GEMMs (one
-    per tap, :mod:`sparse_tconv._forms.panels`), False as im2col, None as
-    the form chooses (the thin channels of small test layers: im2col).
+    ``panel_gemms``: True or "columns" runs every structured product as
+    panel GEMMs (one per tap, :mod:`sparse_tconv._forms.panels`) in pieces
+    of a few columns, "channels" in two ranges of output channels (where
+    there are two), False as im2col, None as the form chooses (the thin
+    channels of small test layers: im2col).
     """
     for module, name, value in SMALL_TILES:
         monkeypatch.setattr(module, name, value)
     huge = 1 << 62
+    if panel_gemms == "channels":
+        monkeypatch.setattr(panels, "_MIN_PIECE_COLUMNS", huge)
+        monkeypatch.setattr(panels, "_MIN_PIECE_CHANNELS", 1)
     if panel_gemms:  # every geometry, however thin its blocks or many its taps
         for name, value in [("_MIN_PANEL_DEPTH", 1), ("_MIN_TRANSPOSED_DEPTH", 1),
                             ("_MAX_PANEL_TAPS", huge), ("_MAX_WASTE", huge),

@@ -72,15 +72,21 @@ def _operator(weight, shape, settings, mode, threads):
     return ConvOperator(weight, shape, padding_mode=mode, threads=threads, **settings)
 
 
-def _split(monkeypatch, pieces: bool) -> None:
-    """``pieces``: cut the product into many pieces of columns that the library's
-    threads share; else as the form does (for these layers: two pieces or one)."""
+def _split(monkeypatch, pieces) -> None:
+    """``pieces``: "columns" cuts the product into many pieces of columns that
+    the library's threads share, "channels" into two ranges of output
+    channels; None as the form does (for these small layers: one piece)."""
     if pieces:
         monkeypatch.setattr(panels, "_MIN_PARALLEL_MACS", 0)
+    if pieces == "columns":
         monkeypatch.setattr(panels, "_PIECE_MACS", 1)
+        monkeypatch.setattr(panels, "_MIN_PIECE_COLUMNS", 0)
+    elif pieces == "channels":
+        monkeypatch.setattr(panels, "_MIN_PIECE_COLUMNS", 1 << 62)
+        monkeypatch.setattr(panels, "_MIN_PIECE_CHANNELS", 1)
 
 
-@pytest.mark.parametrize("pieces", [False, True])
+@pytest.mark.parametrize("pieces", [None, "columns", "channels"])
 @pytest.mark.parametrize("threads", [1, 2])
 @pytest.mark.parametrize("mode", MODES)
 @pytest.mark.parametrize("layer", range(len(LAYERS)))
@@ -138,7 +144,7 @@ TRANSPOSED = [
 ]
 
 
-@pytest.mark.parametrize("pieces", [False, True])
+@pytest.mark.parametrize("pieces", [None, "columns", "channels"])
 @pytest.mark.parametrize("threads", [1, 2])
 @pytest.mark.parametrize("layer", range(len(TRANSPOSED)))
 def test_transposed_products_by_classes_equal_torch_and_the_csr(layer, threads, pieces,

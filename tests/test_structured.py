@@ -29,7 +29,7 @@ from sparse_tconv._forms import StructuredForm, form_for
 from sparse_tconv._geometry import conv_geometry
 
 from reference import random_array, torch_conv
-from strategies import _kwargs, geometries, shrink_tiles
+from strategies import PANEL_CHOICES, _kwargs, geometries, shrink_tiles
 
 DTYPES = [np.float32, np.float64, np.complex128]
 RTOL = {np.float32: 1e-5, np.float64: 1e-12, np.complex128: 1e-12}
@@ -56,7 +56,8 @@ def _assert_close(actual, expected, magnitude, rtol):
 
 @settings(max_examples=60, deadline=None)
 @given(g=geometries().filter(_is_structured), transposed=st.booleans(),
-       dtype=st.sampled_from(DTYPES), seed=st.integers(0, 2**32 - 1), panel_gemms=st.booleans())
+       dtype=st.sampled_from(DTYPES), seed=st.integers(0, 2**32 - 1),
+       panel_gemms=st.sampled_from(PANEL_CHOICES))
 def test_products_equal_the_csr_matrix_and_do_not_depend_on_threads(g, transposed, dtype, seed,
                                                                      panel_gemms):
     rng = np.random.default_rng(seed)
@@ -106,7 +107,7 @@ def test_products_equal_the_csr_matrix_and_do_not_depend_on_threads(g, transpose
 
 @settings(max_examples=40, deadline=None)
 @given(g=geometries().filter(_is_structured), seed=st.integers(0, 2**32 - 1),
-       threads=st.sampled_from([1, 2]), panel_gemms=st.booleans())
+       threads=st.sampled_from([1, 2]), panel_gemms=st.sampled_from(PANEL_CHOICES))
 def test_conv_equals_torch(g, seed, threads, panel_gemms):
     rng = np.random.default_rng(seed)
     weight = rng.standard_normal(g["weight_shape"])
@@ -122,7 +123,8 @@ def test_conv_equals_torch(g, seed, threads, panel_gemms):
 
 @settings(max_examples=40, deadline=None)
 @given(g=geometries().map(_symmetric_zeros).filter(_is_structured),
-       seed=st.integers(0, 2**32 - 1), threads=st.sampled_from([1, 2]), panel_gemms=st.booleans())
+       seed=st.integers(0, 2**32 - 1), threads=st.sampled_from([1, 2]),
+       panel_gemms=st.sampled_from(PANEL_CHOICES))
 def test_conv_transpose_equals_torch(g, seed, threads, panel_gemms):
     from reference import torch_conv_transpose
 
@@ -212,7 +214,7 @@ def _transposed_layers(draw):
 
 @settings(max_examples=60, deadline=None)
 @given(layer=_transposed_layers(), seed=st.integers(0, 2**32 - 1),
-       threads=st.sampled_from([1, 2]), panel_gemms=st.booleans())
+       threads=st.sampled_from([1, 2]), panel_gemms=st.sampled_from(PANEL_CHOICES))
 def test_transposed_layers_with_output_padding_equal_torch(layer, seed, threads, panel_gemms):
     """output_padding leaves input elements of W that no output reads (with stride 1 too):
     the products must give their zeros, as torch and the CSR matrix do."""
