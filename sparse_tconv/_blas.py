@@ -26,7 +26,7 @@ import threading
 from collections.abc import Iterator
 from typing import Any
 
-__all__ = ["one_blas_thread", "panel_gemm", "panel_gemm_available"]
+__all__ = ["one_blas_thread", "panel_gemm", "panel_gemm_available", "PanelGemms"]
 
 # (get, set) symbol names: scipy-openblas (numpy's and scipy's wheels, 64- and
 # 32-bit integers) and a plain OpenBLAS
@@ -164,17 +164,44 @@ def panel_gemm(a, b, b_offset: int, ldb: int, c, c_offset: int, ldc: int, n: int
     and ``C`` the ``(m, n)`` panel of ``c`` at ``c_offset`` with rows
     ``ldc`` apart (``b``, ``c`` C-contiguous, of ``a``'s dtype, which
     :func:`panel_gemm_available` accepts).  With ``accumulate`` the product
-    is added onto ``C``, else it replaces it.  A row-major product is the
-    column-major ``C.T = B.T a.T``: BLAS is called with the operands swapped.
+    is added onto ``C``, else it replaces it.  (:class:`PanelGemms` makes
+    many calls of one shape.)
     """
-    function, scalar = _gemms[a.dtype.char]
     m, k = a.shape
     size = a.dtype.itemsize
-    one = scalar(1) if a.dtype.kind == "f" else scalar(1, 0)
-    beta = scalar(1 if accumulate else 0) if a.dtype.kind == "f" else scalar(int(accumulate), 0)
-    no = ctypes.c_char(b"N")
-    r = ctypes.byref
-    function(r(no), r(no), r(ctypes.c_int(n)), r(ctypes.c_int(m)), r(ctypes.c_int(k)),
-             r(one), b.ctypes.data + b_offset * size, r(ctypes.c_int(ldb)),
-             a.ctypes.data, r(ctypes.c_int(k)), r(beta),
-             c.ctypes.data + c_offset * size, r(ctypes.c_int(ldc)))
+    gemms = PanelGemms(a.dtype, m, k, ldb, ldc, n)
+    gemms(a.ctypes.data, b.ctypes.data + b_offset * size, c.ctypes.data + c_offset * size,
+          accumulate)
+
+
+class PanelGemms:
+    """Panel GEMMs of one shape (see :func:`panel_gemm`), on addresses.
+
+    ``gemms(a, b, c, accumulate)`` runs ``C (+)= A @ B`` for the ``(m, k)``
+    C-contiguous ``A`` at address ``a``, the ``(k, n)`` panel ``B`` at ``b``
+    (rows ``ldb`` elements apart) and the ``(m, n)`` panel ``C`` at ``c``
+    (rows ``ldc`` apart), in ``dtype``.  The call's constant arguments are
+    made once: a call through ``ctypes`` that builds them takes some 7 us, as
+    long as the GEMM of a 64x64 block by a few dozen columns.  A row-major
+    product is the column-major ``C.T = B.T A.T``: BLAS is called with the
+    operands swapped.  The caller keeps the arrays alive during the call.
+    """
+
+    __slots__ = ("_function", "_head", "_ldb", "_lda", "_betas", "_ldc", "_kept")
+
+    def __init__(self, dtype, m: int, k: int, ldb: int, ldc: int, n: int):
+        function, scalar = _gemms[dtype.char]
+        complex_ = dtype.kind == "c"
+        one, zero = (scalar(1, 0), scalar(0, 0)) if complex_ else (scalar(1), scalar(0))
+        no = ctypes.c_char(b"N")
+        n_, m_, k_, ldb_, ldc_ = (ctypes.c_int(v) for v in (n, m, k, ldb, ldc))
+        self._kept = (one, zero, no, n_, m_, k_, ldb_, ldc_)  # alive while referenced
+        r = ctypes.byref
+        self._function = function
+        self._head = (r(no), r(no), r(n_), r(m_), r(k_), r(one))
+        self._ldb, self._lda, self._ldc = r(ldb_), r(k_), r(ldc_)
+        self._betas = (r(zero), r(one))
+
+    def __call__(self, a: int, b: int, c: int, accumulate: bool) -> None:
+        self._function(*self._head, b, self._ldb, a, self._lda, self._betas[accumulate], c,
+                       self._ldc)

@@ -4,7 +4,7 @@ Flatten the padded frame ``(C, *Lp, B)`` to ``(C, F)``.  For stride 1, the
 windows of tap ``t`` are then the frame's *panel* of columns starting at the
 tap's offset ``sum_d t_d d_d f_d`` (``f_d``: the frame's element strides):
 a ``(C, n)`` matrix with the frame's row length as leading dimension, which
-BLAS multiplies in place (:func:`.._blas.panel_gemm`).  The output is
+BLAS multiplies in place (:func:`.._blas.panel_gemm`, :class:`.._blas.PanelGemms`).  The output is
 computed *wide*, at every frame position (``n`` columns run over the frame's
 rows, the positions past each output row's end included), each tap's GEMM
 adding onto the last; the output is then cut out of it.  im2col copies
@@ -38,7 +38,7 @@ from typing import Any
 import numpy as np
 from numpy.lib.stride_tricks import as_strided
 
-from .._blas import _INT_MAX, one_blas_thread, panel_gemm, panel_gemm_available
+from .._blas import _INT_MAX, PanelGemms, one_blas_thread, panel_gemm_available
 from .._geometry import ConvGeometry
 from ..direct import _padded_size
 from .scratch import scratch as _scratch
@@ -237,6 +237,10 @@ def _multiply_panels(source: np.ndarray, blocks: np.ndarray, offsets: list[int],
     """
     taps, g, m, k = blocks.shape
     f = source.shape[1]
+    size = source.itemsize
+    # (addresses: the BLAS calls take them, with their constant arguments made
+    # once per piece, see PanelGemms)
+    source_at, blocks_at = source.ctypes.data, blocks.ctypes.data
 
     def run(share):
         for m0, m1, c0, c1 in share:
@@ -244,10 +248,13 @@ def _multiply_panels(source: np.ndarray, blocks: np.ndarray, offsets: list[int],
                 target, ld, start = _scratch("piece", (g * m, c1 - c0), source.dtype), c1 - c0, 0
             else:
                 target, ld, start = wide, wide.shape[1], c0
+            gemms = PanelGemms(source.dtype, m1 - m0, k, f, ld, c1 - c0)
+            target_at = target.ctypes.data
             for gi in range(g):
+                c = target_at + ((gi * m + m0) * ld + start) * size
                 for t, offset in enumerate(offsets):
-                    panel_gemm(blocks[t, gi, m0:m1], source, gi * k * f + offset + c0, f,
-                               target, (gi * m + m0) * ld + start, ld, c1 - c0, t > 0)
+                    gemms(blocks_at + ((t * g + gi) * m + m0) * k * size,
+                          source_at + (gi * k * f + offset + c0) * size, c, t > 0)
             if crop is not None:
                 crop(c0 // row_length, -(-c1 // row_length), target)
 
