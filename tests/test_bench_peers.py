@@ -271,12 +271,33 @@ def test_time_stats_orders_its_rounds():
     assert len(calls) == 2 + 4  # warm-up, the calibration call, one call per round
 
 
-def test_paired_stats_alternate_their_rounds():
+def test_paired_stats_alternate_their_rounds(monkeypatch):
+    from sparse_tconv.tools import timing
+
+    monkeypatch.setattr(timing, "_SETTLE_S", 0)  # one untimed call before each timed one
     calls = []
     a, b = paired_stats([lambda: calls.append("a"), lambda: calls.append("b")], repeat=3,
                         min_time=0)
-    assert calls == ["a", "a", "b", "b"] + ["a", "b"] * 3  # warm-up and calibration, then rounds
+    # warm-up and calibration, then rounds: settle, timed call
+    assert calls == ["a", "a", "b", "b"] + ["a", "a", "b", "b"] * 3
     assert a.rounds == b.rounds == 3 and a.min <= a.median <= a.max
+
+
+def test_paired_stats_settle_each_function_before_timing_it(monkeypatch):
+    import time
+
+    from sparse_tconv.tools import timing
+
+    monkeypatch.setattr(timing, "_SETTLE_S", 0.01)
+    calls = []
+
+    def slow():  # at least 4 ms a call: at least 3 untimed calls fill 10 ms
+        calls.append("s")
+        time.sleep(0.004)
+
+    paired_stats([slow, lambda: calls.append("f")], repeat=1, min_time=0)
+    rounds = "".join(calls)[4:]  # after warm-up and calibration
+    assert rounds.startswith("sss") and rounds.endswith("f") and rounds.count("f") >= 2
 
 
 # --- the command -----------------------------------------------------------------------------
