@@ -4,10 +4,11 @@ Flatten the padded frame ``(C, *Lp, B)`` to ``(C, F)``.  For stride 1, the
 windows of tap ``t`` are then the frame's *panel* of columns starting at the
 tap's offset ``sum_d t_d d_d f_d`` (``f_d``: the frame's element strides):
 a ``(C, n)`` matrix with the frame's row length as leading dimension, which
-BLAS multiplies in place (:func:`.._blas.panel_gemm`, :class:`.._blas.PanelGemms`).  The output is
-computed *wide*, at every frame position (``n`` columns run over the frame's
-rows, the positions past each output row's end included), each tap's GEMM
-adding onto the last; the output is then cut out of it.  im2col copies
+BLAS multiplies in place (:func:`.._blas.panel_gemm`; :class:`.._blas.PanelGemms`
+makes the calls).  The output is computed *wide*, at every frame position
+(``n`` columns run over the frame's rows, the positions past each output
+row's end included), each tap's GEMM adding onto the last; the output is
+then cut out of it.  im2col copies
 ``C * taps`` values per output position before its GEMM; this copies none.
 
 The transposed product of a strided layer (:func:`conv_transpose_by_panels`)

@@ -554,11 +554,10 @@ def _structured_lines(results) -> list[str]:
     for r in rows:
         if "structured_gemm_s" not in r:
             continue
-        cells = [f"{r['config']:<4}{r['structured_gemm_s'] * 1e3:8.2f}"]
+        cells = [f"{r['config']:<4}"]
         for name, width in (("", 8), ("f32_", 9)):
             gemm = r[f"structured_{name}gemm_s"]
-            if name:
-                cells.append(f"{gemm * 1e3:{width}.2f}")
+            cells.append(f"{gemm * 1e3:{width}.2f}")
             for key in (f"structured_{name}matvec_s", f"structured_{name}rmatvec_s",
                         f"torch_{name or 'f64_'}conv_s"):
                 cells.append(f"{r[key] / gemm:7.2f}" if key in r else f"{'-':>7}")
