@@ -289,15 +289,19 @@ def test_paired_stats_settle_each_function_before_timing_it(monkeypatch):
     from sparse_tconv.tools import timing
 
     monkeypatch.setattr(timing, "_SETTLE_S", 0.01)
-    calls = []
+    starts, fast = [], []
 
-    def slow():  # at least 4 ms a call: at least 3 untimed calls fill 10 ms
-        calls.append("s")
-        time.sleep(0.004)
+    def slow():
+        starts.append(time.perf_counter())
+        time.sleep(0.002)
 
-    paired_stats([slow, lambda: calls.append("f")], repeat=1, min_time=0)
-    rounds = "".join(calls)[4:]  # after warm-up and calibration
-    assert rounds.startswith("sss") and rounds.endswith("f") and rounds.count("f") >= 2
+    paired_stats([slow, lambda: fast.append(1)], repeat=1, min_time=0)
+    # after warm-up and calibration: untimed calls for 10 ms, then the timed one
+    # (which starts 10 ms after the first untimed call, less the few us
+    # between reading the clock and that call)
+    rounds = starts[2:]
+    assert len(rounds) >= 2 and rounds[-1] - rounds[0] >= 0.009
+    assert len(fast) >= 4  # warm-up, calibration, at least one untimed, the timed
 
 
 # --- the command -----------------------------------------------------------------------------
