@@ -8,8 +8,8 @@ BLAS multiplies in place (:func:`.._blas.panel_gemm`; :class:`.._blas.PanelGemms
 makes the calls).  The output is computed *wide*, at every frame position
 (``n`` columns run over the frame's rows, the positions past each output
 row's end included), each tap's GEMM adding onto the last; the output is
-then cut out of it.  im2col copies
-``C * taps`` values per output position before its GEMM; this copies none.
+then cut out of it.  im2col copies ``C * taps`` values per output position
+before its GEMM; this copies none.
 
 The transposed product of a strided layer (:func:`conv_transpose_by_panels`)
 works on the frame's classes modulo the stride (depth-to-space): tap ``t``
@@ -208,21 +208,20 @@ def _run_pieces(source, blocks, offsets, width: int, rows: int, row_length: int,
     """
     _, g, m, k = blocks.shape
     macs = width * g * m * k * len(offsets)
+    crop_once = None
     if _channel_split(width, m, macs):
-        half = m // 2
-        pieces = [(0, half, 0, width), (half, m, 0, width)]
-        target = wide if wide is not None else _scratch("wide", (g * m, width), source.dtype)
-        with one_blas_thread():
-            _multiply_panels(source, blocks, offsets, pieces, threads, run_shares, target)
-        if wide is None:
-            crop(0, rows, target)
-        return
-    pieces = [(0, m, c0, c1) for c0, c1 in
-              ([(0, width)] if macs < _MIN_PARALLEL_MACS
-               else _pieces(width, rows, row_length, macs))]
+        pieces = [(0, m // 2, 0, width), (m // 2, m, 0, width)]
+        if wide is None:  # (every piece spans all columns: one buffer, cropped after)
+            wide, crop_once, crop = _scratch("wide", (g * m, width), source.dtype), crop, None
+    else:
+        pieces = [(0, m, c0, c1) for c0, c1 in
+                  ([(0, width)] if macs < _MIN_PARALLEL_MACS
+                   else _pieces(width, rows, row_length, macs))]
     with one_blas_thread():
         _multiply_panels(source, blocks, offsets, pieces, threads, run_shares, wide, crop,
                          row_length)
+    if crop_once is not None:
+        crop_once(0, rows, wide)
 
 
 def _multiply_panels(source: np.ndarray, blocks: np.ndarray, offsets: list[int], pieces,
